@@ -1,0 +1,25 @@
+"""memory_ext: product-key memory layers for PyTorch.
+
+Importing loads the compiled operator library (``torch.ops.memory.*``), then the Python
+side of the ops (fake kernels, autograd), then the public API. It never initialises CUDA.
+"""
+from memory_ext import _C  # noqa: F401  (registers torch.ops.memory.*)
+from memory_ext import ops
+from memory_ext.ops import embedding_bag, embedding_bag_backward, pk_topk, rows_to_dense
+
+__version__ = "0.1.0"
+
+
+def cuda_kernels_built() -> bool:
+    """True when this build compiled the CUDA kernels (independent of a visible GPU)."""
+    return bool(_C.with_cuda)
+
+
+__all__ = [
+    "ops",
+    "embedding_bag",
+    "embedding_bag_backward",
+    "pk_topk",
+    "rows_to_dense",
+    "cuda_kernels_built",
+]

@@ -1,0 +1,148 @@
+"""Typed wrappers of ``torch.ops.memory.*``, with their fake kernels and autograd.
+
+The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda; this module
+adds what ``torch.compile`` (fake kernels) and autograd need. Gradients are computed by
+the library's own atomic-free kernels, so they are bitwise reproducible.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["embedding_bag", "embedding_bag_backward", "rows_to_dense", "pk_topk"]
+
+_ops = torch.ops.memory
+
+
+def embedding_bag(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """Weighted bag of rows: out[t] = sum_j weights[t, j] * values[indices[t, j]].
+
+    values: (rows, dim) float32/bfloat16/float16/float64; indices: (tokens, bag) int64 or
+    int32; weights: (tokens, bag) float32 or values' dtype -> (tokens, dim) values' dtype.
+    Accumulates in float32 (float64 for float64). Differentiable in values and weights.
+    """
+    return _ops.embedding_bag(values, indices, weights)
+
+
+def embedding_bag_backward(
+    grad_out: Tensor, values: Tensor, indices: Tensor, weights: Tensor, need_weights_grad: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sparse backward of embedding_bag in one pass over the touched rows.
+
+    grad_out: (tokens, dim) -> rows: (U,) int64 unique touched rows, ascending;
+    rows_grad: (U, dim) values' dtype; weights_grad: (tokens, bag) weights' dtype, or (0,)
+    when need_weights_grad is False.
+    """
+    return _ops.embedding_bag_backward(grad_out, values, indices, weights, need_weights_grad)
+
+
+def rows_to_dense(rows: Tensor, rows_grad: Tensor, n_rows: int) -> Tensor:
+    """Dense (n_rows, dim) tensor with rows_grad[u] at row rows[u] and zeros elsewhere."""
+    return _ops.rows_to_dense(rows, rows_grad, n_rows)
+
+
+def pk_topk(query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact product-key top-k.
+
+    query: (tokens, heads, 2 * half); keys: (heads, 2, n_keys, half); 1 <= k <= n_keys ->
+    scores: (tokens, heads, k) float32 (float64 for float64 inputs), descending, each
+    q1 . K1[i] + q2 . K2[j]; indices: (tokens, heads, k) int64, i * n_keys + j.
+    Differentiable in query and keys through the selected pairs.
+    """
+    return _ops.pk_topk(query, keys, k)
+
+
+# ---------------------------------------------------------------------------------------
+# Fake kernels: shapes and dtypes only, for torch.compile and meta tensors.
+
+
+@torch.library.register_fake("memory::embedding_bag")
+def _embedding_bag_fake(values, indices, weights):
+    torch._check(values.dim() == 2, lambda: "memory.embedding_bag: values must be 2-D")
+    torch._check(indices.dim() == 2, lambda: "memory.embedding_bag: indices must be 2-D")
+    return values.new_empty((indices.shape[0], values.shape[1]))
+
+
+@torch.library.register_fake("memory::embedding_bag_backward")
+def _embedding_bag_backward_fake(grad_out, values, indices, weights, need_weights_grad):
+    n_unique = torch.library.get_ctx().new_dynamic_size()
+    rows = indices.new_empty((n_unique,), dtype=torch.int64)
+    rows_grad = values.new_empty((n_unique, values.shape[1]))
+    if need_weights_grad:
+        weights_grad = weights.new_empty(indices.shape)
+    else:
+        weights_grad = weights.new_empty((0,))
+    return rows, rows_grad, weights_grad
+
+
+@torch.library.register_fake("memory::rows_to_dense")
+def _rows_to_dense_fake(rows, rows_grad, n_rows):
+    return rows_grad.new_empty((n_rows, rows_grad.shape[1]))
+
+
+@torch.library.register_fake("memory::pk_topk")
+def _pk_topk_fake(query, keys, k):
+    torch._check(query.dim() == 3, lambda: "memory.pk_topk: query must be 3-D")
+    score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    shape = (query.shape[0], query.shape[1], k)
+    return query.new_empty(shape, dtype=score_dtype), query.new_empty(shape, dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd.
+
+
+def _embedding_bag_setup(ctx, inputs, output):
+    values, indices, weights = inputs
+    ctx.save_for_backward(values, indices, weights)
+
+
+def _embedding_bag_grad(ctx, grad_out):
+    values, indices, weights = ctx.saved_tensors
+    need_values, _, need_weights = ctx.needs_input_grad
+    rows, rows_grad, weights_grad = _ops.embedding_bag_backward(
+        grad_out, values, indices, weights, need_weights
+    )
+    grad_values = _ops.rows_to_dense(rows, rows_grad, values.shape[0]) if need_values else None
+    return grad_values, None, weights_grad if need_weights else None
+
+
+torch.library.register_autograd(
+    "memory::embedding_bag", _embedding_bag_grad, setup_context=_embedding_bag_setup
+)
+
+
+def _pk_topk_setup(ctx, inputs, output):
+    query, keys, _ = inputs
+    _, indices = output
+    ctx.save_for_backward(query, keys, indices)
+
+
+def _pk_topk_grad(ctx, grad_scores, _grad_indices):
+    # score = q1 . K1[i] + q2 . K2[j] is itself a bag of two sub-key rows, so both
+    # gradients are embedding-bag kernels over the sub-key table (heads * 2 * n_keys, half):
+    # grad_query is a weighted gather of the selected sub-keys, grad_keys the atomic-free,
+    # deterministic scatter of the queries.
+    query, keys, indices = ctx.saved_tensors
+    tokens, heads, k = indices.shape
+    n_keys, half = keys.shape[2], keys.shape[3]
+    table = keys.reshape(heads * 2 * n_keys, half)
+    head_base = (torch.arange(heads, device=indices.device) * (2 * n_keys)).view(1, heads, 1)
+    idx1 = head_base + torch.div(indices, n_keys, rounding_mode="floor")
+    idx2 = head_base + n_keys + torch.remainder(indices, n_keys)
+    bag_idx = torch.stack((idx1, idx2), dim=2).reshape(tokens * heads * 2, k)
+    weight_dtype = torch.float32 if keys.dtype != torch.float64 else torch.float64
+    bag_w = grad_scores.to(weight_dtype).unsqueeze(2).expand(tokens, heads, 2, k)
+    bag_w = bag_w.reshape(tokens * heads * 2, k)
+    grad_query = grad_keys = None
+    if ctx.needs_input_grad[0]:
+        grad_query = _ops.embedding_bag(table, bag_idx, bag_w).view(tokens, heads, 2 * half)
+    if ctx.needs_input_grad[1]:
+        rows, rows_grad, _ = _ops.embedding_bag_backward(
+            query.reshape(tokens * heads * 2, half), table, bag_idx, bag_w, False
+        )
+        grad_keys = _ops.rows_to_dense(rows, rows_grad, table.shape[0]).view(keys.shape)
+    return grad_query, grad_keys, None
+
+
+torch.library.register_autograd("memory::pk_topk", _pk_topk_grad, setup_context=_pk_topk_setup)
