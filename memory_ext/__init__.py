@@ -3,6 +3,8 @@
 Importing loads the compiled operator library (``torch.ops.memory.*``), then the Python
 side of the ops (fake kernels, autograd), then the public API. It never initialises CUDA.
 """
+import torch  # noqa: F401  (loads libc10/libtorch before our library)
+
 from memory_ext import _C  # noqa: F401  (registers torch.ops.memory.*)
 from memory_ext import ops
 from memory_ext.ops import embedding_bag, embedding_bag_backward, pk_topk, rows_to_dense
