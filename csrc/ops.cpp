@@ -28,4 +28,9 @@ TORCH_LIBRARY(memory, m) {
   // half). scores: (tokens, heads, k) float32 descending, q1.K1[i] + q2.K2[j];
   // indices: (tokens, heads, k) int64, i * n_keys + j.
   m.def("pk_topk(Tensor query, Tensor keys, int k) -> (Tensor scores, Tensor indices)");
+
+  // Index validation on devices where it costs a host synchronisation (CUDA); on by
+  // default. Off, out-of-range lookups are skipped instead (csrc/index_checks.cpp).
+  m.def("set_index_checks(bool enabled) -> ()");
+  m.def("index_checks_enabled() -> bool");
 }

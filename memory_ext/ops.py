@@ -6,10 +6,21 @@ the library's own atomic-free kernels, so they are bitwise reproducible.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
-__all__ = ["embedding_bag", "embedding_bag_backward", "rows_to_dense", "pk_topk"]
+__all__ = [
+    "embedding_bag",
+    "embedding_bag_backward",
+    "rows_to_dense",
+    "pk_topk",
+    "set_index_checks",
+    "index_checks_enabled",
+    "index_checks",
+]
 
 _ops = torch.ops.memory
 
@@ -50,6 +61,33 @@ def pk_topk(query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Differentiable in query and keys through the selected pairs.
     """
     return _ops.pk_topk(query, keys, k)
+
+
+def set_index_checks(enabled: bool) -> None:
+    """Turn index validation on devices where it costs a host sync (CUDA) on or off.
+
+    On (the default), an out-of-range index raises an error naming the op, the index and
+    the row count. Off, CUDA kernels skip the synchronisation and treat an out-of-range
+    lookup as absent (it adds nothing and gets a zero weight gradient); they still never
+    read out of bounds. Process-wide; the CPU kernels always check.
+    """
+    _ops.set_index_checks(bool(enabled))
+
+
+def index_checks_enabled() -> bool:
+    """Whether index validation is on (see set_index_checks)."""
+    return bool(_ops.index_checks_enabled())
+
+
+@contextlib.contextmanager
+def index_checks(enabled: bool) -> Iterator[None]:
+    """Context manager: index validation on or off inside the block, restored after."""
+    previous = index_checks_enabled()
+    set_index_checks(enabled)
+    try:
+        yield
+    finally:
+        set_index_checks(previous)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+// CUDA ops of the embedding_bag family: argument checks, output allocation, index
+// reports, the dense form of a sparse row gradient, and the registration for the CUDA
+// dispatch key. The kernels of the forward and backward live next to this file.
+//
+// Index validation: kernels never read out of bounds; an out-of-range lookup adds nothing
+// and gets a zero weight gradient. With index checks on (the default, see
+// memory_ext/index_checks.h) the kernels also record the lowest bad position on the
+// device and the op raises the same error as the CPU kernel, at the cost of one host
+// synchronisation in the forward (the backward synchronises anyway to size its outputs).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "embedding_bag_cuda.h"
+#include "memory_ext/checks.h"
+#include "memory_ext/cuda_utils.cuh"
+#include "memory_ext/index_checks.h"
+
+namespace memory_ext {
+namespace {
+
+using cuda::ceil_div;
+using cuda::grid_for;
+
+// Raises the CPU kernels' error for the lookup at flat position `pos` (error path only:
+// it reads the bad value back from the device).
+[[noreturn]] void fail_index(const char* op, const at::Tensor& indices, int64_t pos, int64_t rows) {
+  const int64_t bag = indices.size(1);
+  const int64_t value = indices.reshape({-1})[pos].item<int64_t>();
+  TORCH_CHECK(false, "memory.", op, ": index out of range: indices[", pos / bag, ", ", pos % bag,
+              "] = ", value, " but values has ", rows, " rows");
+}
+
+at::Tensor embedding_bag_cuda(const at::Tensor& values_, const at::Tensor& indices_,
+                              const at::Tensor& weights_) {
+  check_embedding_bag_args("embedding_bag", values_, indices_, weights_);
+  const c10::cuda::CUDAGuard guard(values_.device());
+  const auto values = values_.contiguous();
+  const auto indices = indices_.contiguous();
+  const auto weights = weights_.contiguous();
+  auto out = at::empty({indices.size(0), values.size(1)}, values.options());
+  if (out.numel() == 0) return out;
+
+  const bool check = index_checks_enabled();
+  at::Tensor first_bad;
+  if (check) first_bad = at::full({1}, -1, values.options().dtype(at::kLong));
+  cuda::ForwardArgs a{};
+  a.values = values.const_data_ptr();
+  a.indices = indices.const_data_ptr();
+  a.weights = weights.const_data_ptr();
+  a.out = out.mutable_data_ptr();
+  a.tokens = indices.size(0);
+  a.bag = indices.size(1);
+  a.rows = values.size(0);
+  a.dim = values.size(1);
+  a.idx64 = indices.scalar_type() == at::kLong;
+  a.w_f32 = weights.scalar_type() == at::kFloat;
+  a.first_bad = check ? reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>()) : nullptr;
+  cuda::launch_embedding_bag(values.scalar_type(), a, c10::cuda::getCurrentCUDAStream());
+  if (check) {
+    const int64_t bad = first_bad.item<int64_t>();  // the one synchronisation
+    if (bad >= 0) fail_index("embedding_bag", indices, bad, a.rows);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cuda(
+    const at::Tensor& grad_out_, const at::Tensor& values_, const at::Tensor& indices_,
+    const at::Tensor& weights_, bool need_weights_grad) {
+  check_embedding_bag_args("embedding_bag_backward", values_, indices_, weights_);
+  check_grad_out("embedding_bag_backward", grad_out_, values_, indices_);
+  TORCH_CHECK(indices_.numel() < (int64_t(1) << 32) && values_.size(0) < (int64_t(1) << 32),
+              "memory.embedding_bag_backward: more than 2^32 lookups or rows are not supported, got ",
+              indices_.numel(), " lookups and ", values_.size(0), " rows");
+  const c10::cuda::CUDAGuard guard(values_.device());
+  const auto values = values_.contiguous();
+  const auto indices = indices_.contiguous();
+  const auto weights = weights_.contiguous();
+  const auto grad_out = grad_out_.to(values.scalar_type()).contiguous();
+  const int64_t dim = values.size(1);
+  at::Tensor weights_grad = need_weights_grad ? at::empty(indices.sizes(), weights.options())
+                                              : at::empty({0}, weights.options());
+  const auto long_opts = indices.options().dtype(at::kLong);
+  if (indices.numel() == 0)
+    return {at::empty({0}, long_opts), at::empty({0, dim}, values.options()), weights_grad};
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cuda::RowGroups g = cuda::group_by_row(indices, values.size(0), stream);
+  if (g.first_bad >= 0) {
+    if (index_checks_enabled()) fail_index("embedding_bag_backward", indices, g.first_bad, values.size(0));
+    // Bad lookups are skipped: their weight gradient is zero.
+    if (need_weights_grad) weights_grad.zero_();
+  }
+
+  at::Tensor rows = at::empty({g.n_runs}, long_opts);
+  at::Tensor rows_grad = at::empty({g.n_runs, dim}, values.options());
+  const auto acc_type = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partial, long_runs;
+  if (g.n_long_slots > 0) {
+    partial = at::empty({g.n_long_slots, dim}, values.options().dtype(acc_type));
+    long_runs = at::empty({g.n_long_runs}, indices.options().dtype(at::kInt));
+  }
+  cuda::BackwardArgs a{};
+  a.grad_out = grad_out.const_data_ptr();
+  a.values = values.const_data_ptr();
+  a.weights = weights.const_data_ptr();
+  a.weights_grad = need_weights_grad ? weights_grad.mutable_data_ptr() : nullptr;
+  a.keys = reinterpret_cast<const uint32_t*>(g.keys.const_data_ptr<int32_t>());
+  a.positions = reinterpret_cast<const uint32_t*>(g.positions.const_data_ptr<int32_t>());
+  a.run_begin = reinterpret_cast<const uint32_t*>(g.run_begin.const_data_ptr<int32_t>());
+  a.plan = reinterpret_cast<const cuda::RunPlan*>(g.plan.const_data_ptr());
+  a.rows_out = rows.mutable_data_ptr<int64_t>();
+  a.rows_grad = rows_grad.mutable_data_ptr();
+  a.partial = partial.defined() ? partial.mutable_data_ptr() : nullptr;
+  a.long_runs = long_runs.defined() ? reinterpret_cast<uint32_t*>(long_runs.mutable_data_ptr<int32_t>()) : nullptr;
+  a.bag = indices.size(1);
+  a.dim = dim;
+  a.n_runs = g.n_runs;
+  a.n_segments = g.n_segments;
+  a.n_long_runs = g.n_long_runs;
+  a.w_f32 = weights.scalar_type() == at::kFloat;
+  cuda::launch_embedding_bag_backward(values.scalar_type(), a, stream);
+  return {rows, rows_grad, weights_grad};
+}
+
+// ---------------------------------------------------------------------------------------
+// rows_to_dense: each block owns kDenseRows consecutive output rows. It finds the sparse
+// rows that fall in its range by two binary searches, maps them into shared memory, and
+// writes every one of its rows exactly once: a copy of its gradient or zeros.
+
+constexpr int kDenseBlock = 256;
+constexpr int kDenseRows = 32;
+
+__device__ __forceinline__ int64_t lower_bound(const int64_t* a, int64_t n, int64_t v) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (a[mid] < v) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+template <typename W>
+__global__ void __launch_bounds__(kDenseBlock) rows_to_dense_kernel(const int64_t* __restrict__ rows,
+                                                                    int64_t n_unique, const W* __restrict__ src,
+                                                                    W* __restrict__ dst, int64_t n_rows,
+                                                                    int64_t units) {
+  __shared__ long long slot[kDenseRows];  // sparse index of each row of the block, or -1
+  __shared__ int64_t range[2];
+  constexpr int kWarps = kDenseBlock / cuda::kWarpSize;
+  const int warp = threadIdx.x / cuda::kWarpSize, lane = threadIdx.x % cuda::kWarpSize;
+  for (int64_t r0 = int64_t(blockIdx.x) * kDenseRows; r0 < n_rows; r0 += int64_t(gridDim.x) * kDenseRows) {
+    if (threadIdx.x < 2) range[threadIdx.x] = lower_bound(rows, n_unique, r0 + threadIdx.x * kDenseRows);
+    if (threadIdx.x < kDenseRows) slot[threadIdx.x] = -1;
+    __syncthreads();
+    // Strictly ascending rows put at most kDenseRows in range; the clamp bounds the work
+    // when unchecked input is not sorted.
+    const int64_t u0 = range[0];
+    const int64_t u1_raw = range[1] > u0 ? range[1] : u0;
+    const int64_t u1 = u1_raw < u0 + kDenseRows ? u1_raw : u0 + kDenseRows;
+    for (int64_t i = threadIdx.x; i < u1 - u0; i += kDenseBlock) {
+      const int64_t r = rows[u0 + i];
+      // atomicMax only matters for duplicate rows (unchecked bad input): it keeps the
+      // result independent of scheduling.
+      if (r >= r0 && r < r0 + kDenseRows) atomicMax(&slot[r - r0], static_cast<long long>(u0 + i));
+    }
+    __syncthreads();
+    for (int i = warp; i < kDenseRows && r0 + i < n_rows; i += kWarps) {
+      const long long s = slot[i];
+      W* d = dst + (r0 + i) * units;
+      if (s >= 0) {
+        const W* sp = src + s * units;
+#pragma unroll 4
+        for (int64_t x = lane; x < units; x += cuda::kWarpSize) d[x] = sp[x];
+      } else {
+        W zero;
+        memset(&zero, 0, sizeof(zero));
+#pragma unroll 4
+        for (int64_t x = lane; x < units; x += cuda::kWarpSize) d[x] = zero;
+      }
+    }
+    __syncthreads();  // slot[] and range[] are rewritten by the next iteration
+  }
+}
+
+// Lowest u whose row is out of range or not above rows[u - 1] (the CPU kernel's order of
+// checks), via atomicMin.
+__global__ void __launch_bounds__(kDenseBlock) check_rows_kernel(const int64_t* __restrict__ rows, int64_t n,
+                                                                 int64_t n_rows, unsigned long long* first_bad) {
+  for (int64_t u = int64_t(blockIdx.x) * kDenseBlock + threadIdx.x; u < n; u += int64_t(gridDim.x) * kDenseBlock) {
+    const int64_t r = rows[u];
+    if (r < 0 || r >= n_rows || (u > 0 && r <= rows[u - 1])) atomicMin(first_bad, static_cast<unsigned long long>(u));
+  }
+}
+
+template <typename W>
+void launch_dense(const at::Tensor& rows, const at::Tensor& rows_grad, at::Tensor& out, cudaStream_t stream) {
+  const int64_t n_rows = out.size(0);
+  const int64_t units = out.size(1) * out.element_size() / int64_t(sizeof(W));
+  rows_to_dense_kernel<W><<<grid_for(n_rows, kDenseRows), kDenseBlock, 0, stream>>>(
+      rows.const_data_ptr<int64_t>(), rows.size(0), static_cast<const W*>(rows_grad.const_data_ptr()),
+      static_cast<W*>(out.mutable_data_ptr()), n_rows, units);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_grad_, int64_t n_rows) {
+  check_rows_to_dense_args(rows_, rows_grad_, n_rows);
+  const c10::cuda::CUDAGuard guard(rows_grad_.device());
+  const auto rows = rows_.contiguous();
+  const auto rows_grad = rows_grad_.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n_unique = rows.size(0);
+  if (n_unique > 0 && index_checks_enabled()) {
+    at::Tensor first_bad = at::full({1}, -1, rows.options());
+    check_rows_kernel<<<grid_for(n_unique, kDenseBlock), kDenseBlock, 0, stream>>>(
+        rows.const_data_ptr<int64_t>(), n_unique, n_rows,
+        reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t u = first_bad.item<int64_t>();  // the one synchronisation
+    if (u >= 0) {
+      const at::Tensor near = rows.narrow(0, std::max<int64_t>(u - 1, 0), u > 0 ? 2 : 1).cpu();
+      const int64_t r = near[u > 0 ? 1 : 0].item<int64_t>();
+      TORCH_CHECK(r >= 0 && r < n_rows, "memory.rows_to_dense: rows[", u, "] = ", r,
+                  " is out of range for n_rows = ", n_rows);
+      TORCH_CHECK(false, "memory.rows_to_dense: rows must be strictly ascending, but rows[", u - 1,
+                  "] = ", near[0].item<int64_t>(), " and rows[", u, "] = ", r);
+    }
+  }
+  auto out = at::empty({n_rows, rows_grad.size(1)}, rows_grad.options());
+  if (out.numel() == 0) return out;
+  // Copy unit: the widest of 16/8/4/2/1 bytes that divides a row and both base addresses
+  // (rows_to_dense moves bytes, so any dtype works).
+  const int64_t row_bytes = out.size(1) * out.element_size();
+  const void* src = rows_grad.const_data_ptr();
+  const void* dst = out.const_data_ptr();
+  auto fits = [&](int64_t w) { return row_bytes % w == 0 && cuda::is_aligned(src, w) && cuda::is_aligned(dst, w); };
+  if (fits(16))
+    launch_dense<uint4>(rows, rows_grad, out, stream);
+  else if (fits(8))
+    launch_dense<unsigned long long>(rows, rows_grad, out, stream);
+  else if (fits(4))
+    launch_dense<unsigned int>(rows, rows_grad, out, stream);
+  else if (fits(2))
+    launch_dense<unsigned short>(rows, rows_grad, out, stream);
+  else
+    launch_dense<unsigned char>(rows, rows_grad, out, stream);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memory, CUDA, m) {
+  m.impl("embedding_bag", &embedding_bag_cuda);
+  m.impl("embedding_bag_backward", &embedding_bag_backward_cuda);
+  m.impl("rows_to_dense", &rows_to_dense_cuda);
+}
+
+}  // namespace memory_ext
