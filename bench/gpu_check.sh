@@ -49,6 +49,7 @@ step() {
   rc=$?
   case $rc in
     0) status="ok" ;;
+    5) if [[ "$name" == tests_* ]]; then status="ok (no tests)"; rc=0; else status="FAIL (rc 5)"; FAILED=1; fi ;;
     124|137) status="TIMEOUT (${limit}s)"; FAILED=1 ;;
     *) status="FAIL (rc $rc)"; FAILED=1 ;;
   esac
@@ -66,10 +67,10 @@ print_table() {
   {
     echo
     echo "== gpu_check summary ($(elapsed)s, logs in $OUT) =="
-    printf '%-22s %-26s %6s\n' "step" "status" "secs"
+    printf '%-28s %-32s %6s\n' "step" "status" "secs"
     for row in "${SUMMARY[@]}"; do
       IFS='|' read -r n s t <<< "$row"
-      printf '%-22s %-26s %6s\n' "$n" "$s" "$t"
+      printf '%-28s %-32s %6s\n' "$n" "$s" "$t"
     done
     # Key numbers, when the runs produced them.
     for t in tests_cuda tests_rest; do
@@ -129,12 +130,13 @@ fi
 step tests_rest 120 "$PY" -m pytest tests -x -q -rs $IGNORE --junitxml="$OUT/junit.xml"
 
 # --- compute-sanitizer on every CUDA kernel ---------------------------------------------
-if command -v compute-sanitizer > /dev/null; then
+SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+if [ -x "$SANITIZER" ]; then
   # No caching allocator: each tensor is its own allocation, so memcheck sees overruns
   # that would otherwise land inside a cached block.
-  step memcheck 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+  step memcheck 100 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
     --error-exitcode 3 "$PY" bench/sanitize_cases.py
-  step racecheck 100 compute-sanitizer --tool racecheck --error-exitcode 3 "$PY" bench/sanitize_cases.py
+  step racecheck 100 "$SANITIZER" --tool racecheck --error-exitcode 3 "$PY" bench/sanitize_cases.py
 else
   missing memcheck "no compute-sanitizer"
 fi

@@ -155,6 +155,15 @@ def test_forward_unaligned_and_strided_inputs():
     vc, ic, wc = _cuda(base, indices, weights)
     out = ops.embedding_bag(vc[1:].view(65, 96), ic, wc)
     _assert_close(out, embedding_bag_ref(values, indices, weights), torch.bfloat16)
+    # The backward with an unaligned table and grad_out (scalar loads).
+    g_base = torch.randn(17 * 96 + 1, dtype=torch.bfloat16)
+    grad_out = g_base[1:].view(17, 96)
+    ref = embedding_bag_backward_ref(grad_out, values, indices, weights, True)
+    gc = _cuda(g_base)[0][1:].view(17, 96)
+    rows, rows_grad, wg = ops.embedding_bag_backward(gc, vc[1:].view(65, 96), ic, wc, True)
+    assert torch.equal(rows.cpu(), ref[0])
+    _assert_close(rows_grad, ref[1], torch.bfloat16)
+    _assert_close(wg, ref[2], torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------
