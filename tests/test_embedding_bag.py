@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import memory_ext
 from memory_ext import ops
-from reference import embedding_bag_backward_ref, embedding_bag_ref
+from memory_ext.reference import embedding_bag_backward_ref, embedding_bag_ref
 from conftest import TOL
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

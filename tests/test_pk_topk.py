@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import memory_ext
 from memory_ext import ops
-from reference import half_scores, pk_topk_bruteforce
+from memory_ext.reference import half_scores, pk_topk_bruteforce
 
 # Half-scores are float32 dot products: allow their rounding (grows with half width).
 SCORE_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-3, torch.float16: 1e-3}

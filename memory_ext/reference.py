@@ -1,4 +1,4 @@
-"""Plain-PyTorch oracles for every op, computed in float64."""
+"""Plain-PyTorch oracles for every op (float64), used by the tests and the benchmarks."""
 import torch
 
 
