@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-GROUP_TIMEOUT = timedelta(seconds=30)
+GROUP_TIMEOUT = timedelta(seconds=120)
 
 
 @contextmanager
@@ -33,12 +33,14 @@ def case(results: dict, name: str):
         results[name] = "ok"
 
 
-def _worker(rank: int, world: int, store_path: str, out_dir: str, fn, args) -> None:
+def _worker(rank: int, world: int, store_path: str, out_dir: str, backend: str, fn, args) -> None:
     torch.set_num_threads(1)  # several ranks share two cores
     results: dict = {}
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world, timeout=GROUP_TIMEOUT
+            backend, init_method=f"file://{store_path}", rank=rank, world_size=world, timeout=GROUP_TIMEOUT
         )
         fn(rank, world, results, *args)
     except Exception:  # noqa: BLE001
@@ -51,13 +53,13 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str, fn, args) -> N
     os._exit(0)
 
 
-def run_job(world: int, fn, *args, deadline_s: float = 120.0) -> list[dict]:
+def run_job(world: int, fn, *args, deadline_s: float = 300.0, backend: str = "gloo") -> list[dict]:
     """Run fn(rank, world, results, *args) on ``world`` processes; per-rank result dicts."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="memdist_") as tmp:
         store = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_worker, args=(r, world, store, tmp, fn, args), daemon=True) for r in range(world)
+            ctx.Process(target=_worker, args=(r, world, store, tmp, backend, fn, args), daemon=True) for r in range(world)
         ]
         for p in procs:
             p.start()

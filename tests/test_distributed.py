@@ -100,6 +100,22 @@ def test_checkpoint_reshards_4_2_3_1_exactly(jobs):
         assert torch.equal(m.weight, expect[k]), k
 
 
+def _nccl_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no GPU visible"
+    if not memory_ext.cuda_kernels_built():
+        return "the CUDA kernels were not built (CPU-only build)"
+    return None
+
+
+@pytest.mark.skipif(_nccl_skip_reason() is not None, reason=f"NCCL test: {_nccl_skip_reason()}")
+def test_world_1_on_nccl():
+    # One GPU cannot host several NCCL ranks; world size 1 still runs every collective.
+    results = run_job(1, W.nccl_job, backend="nccl")
+    _assert_cases(results, "lookup/", {f"lookup/{c}" for c in LOOKUP_CASES})
+    _assert_cases(results, "ckpt/", {"ckpt/state_dict_is_dtensor"})
+
+
 # ---------------------------------------------------------------------------------------
 # Single-process checks of the split rule and the initialisation.
 

@@ -8,13 +8,14 @@ of whole output rows as with a row-sharded table.
 
 Entry points: init_sharded_values (turn a module into a rank's slice), sharded_lookup
 (its forward), full_table / load_full_ (whole-table views), as_dtensor (its checkpoint
-form), new_memory_groups / exclude_from_ddp / sync_replica_grads (combining with data
-parallelism), count_comm (bytes moved).
+form), new_memory_groups / exclude_from_ddp / sync_replica_grads / sharded_grad_norm (combining
+with data parallelism and gradient clipping), count_comm (bytes moved).
 """
 from memory_ext.distributed.comm import CommStats, count_comm
 from memory_ext.distributed.groups import (
     exclude_from_ddp,
     new_memory_groups,
+    sharded_grad_norm,
     sharded_parameter_names,
     sync_replica_grads,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "sharded_parameter_names",
     "exclude_from_ddp",
     "sync_replica_grads",
+    "sharded_grad_norm",
     "count_comm",
     "CommStats",
 ]

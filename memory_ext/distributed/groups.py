@@ -17,7 +17,13 @@ from torch import nn
 from memory_ext.distributed.comm import _wait
 from memory_ext.distributed.layout import is_sharded
 
-__all__ = ["new_memory_groups", "sharded_parameter_names", "exclude_from_ddp", "sync_replica_grads"]
+__all__ = [
+    "new_memory_groups",
+    "sharded_parameter_names",
+    "exclude_from_ddp",
+    "sync_replica_grads",
+    "sharded_grad_norm",
+]
 
 
 def new_memory_groups(
@@ -95,3 +101,30 @@ def sync_replica_grads(
         _wait(work, timeout, "sync_replica_grads")
         if average:
             grad.div_(size)
+
+
+@torch.no_grad()
+def sharded_grad_norm(model: nn.Module, *, timeout: timedelta | None = None) -> torch.Tensor:
+    """L2 norm of the sharded tables' whole gradients (all columns), the same on every rank of a group.
+
+    A collective over each table's memory group. Use it to clip value gradients: a norm
+    of the local slice alone would differ between ranks and clip them differently.
+    Returns a float32 scalar on the tables' device (0 when there is no gradient).
+    """
+    total = None
+    seen = set()
+    for _, module in _sharded_modules(model):
+        if id(module.weight) in seen:
+            continue
+        seen.add(id(module.weight))
+        grad = module.weight.grad
+        local = torch.zeros((), dtype=torch.float32, device=module.weight.device)
+        if grad is not None:
+            local = grad.float().pow(2).sum()
+        shard = module.memory_shard
+        work = dist.all_reduce(local, group=shard.group, async_op=True)
+        _wait(work, timeout if timeout is not None else shard.timeout, "sharded_grad_norm")
+        total = local if total is None else total + local
+    if total is None:
+        return torch.zeros(())
+    return total.sqrt()

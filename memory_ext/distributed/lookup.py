@@ -131,8 +131,8 @@ def _check(shard: ColumnShard, rows: list[list[int]], my_detail: str) -> None:
         )
     for p, r in enumerate(rows):
         if r[_F_ERROR]:
-            detail = f" ({my_detail})" if p == me else ""
-            raise ValueError(f"memory.sharded_lookup: group rank {p}: {_ERRORS[r[_F_ERROR]]}, got{detail or ' bad inputs there'}")
+            got = my_detail if p == me else "other inputs on that rank (its own error shows them)"
+            raise ValueError(f"memory.sharded_lookup: group rank {p}: {_ERRORS[r[_F_ERROR]]}, got {got}")
     _disagree(rows, _F_GROUP, "the process group (group members differ)")
     _disagree(rows, _F_CALL, "the number of lookups so far (a rank skipped or added a call)")
     _disagree(rows, _F_N_ROWS, "the table's number of rows")

@@ -138,7 +138,8 @@ def local_columns(module: nn.Module, table) -> Tensor:
         if same_split:
             return table.to_local()
         table = table.full_tensor()
-    return table[:, shard.start : shard.start + shard.size]
+    # contiguous: load_state_dict(assign=True) makes this the parameter itself.
+    return table[:, shard.start : shard.start + shard.size].contiguous()
 
 
 def _state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
