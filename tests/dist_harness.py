@@ -59,7 +59,8 @@ def run_job(world: int, fn, *args, deadline_s: float = 300.0, backend: str = "gl
     with tempfile.TemporaryDirectory(prefix="memdist_") as tmp:
         store = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_worker, args=(r, world, store, tmp, backend, fn, args), daemon=True) for r in range(world)
+            ctx.Process(target=_worker, args=(r, world, store, tmp, backend, fn, args), daemon=True)
+            for r in range(world)
         ]
         for p in procs:
             p.start()

@@ -6,7 +6,6 @@ checkpoint chain goes 1 (plain table, this process) -> 4 -> 2 -> 3 -> 1 (plain t
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -169,7 +168,9 @@ def test_shard_of_rejects_plain_modules():
 HAS_LAYERS = hasattr(memory_ext, "MemoryValues") and hasattr(memory_ext, "ProductKeyMemory")
 
 
-@pytest.mark.skipif(not HAS_LAYERS, reason="memory_ext.MemoryValues / ProductKeyMemory not in this build (layers branch)")
+@pytest.mark.skipif(
+    not HAS_LAYERS, reason="memory_ext.MemoryValues / ProductKeyMemory not in this build (layers branch)"
+)
 def test_memory_model_with_memory_parallel_2_matches_unsharded(jobs):
     # Run inside the world-2 job (dist_model_job.model_job) to save a process launch.
     _assert_cases(jobs[0][2], "model/", {"model/loss_matches", "model/values_match"})

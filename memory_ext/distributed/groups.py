@@ -68,10 +68,16 @@ def exclude_from_ddp(model: nn.Module) -> list[str]:
     must neither broadcast nor all-reduce them; use sync_replica_grads instead.
     """
     names = sharded_parameter_names(model)
+    # A shared table has one name per sharing layer; list them all, whichever DDP meets first.
+    aliases = [
+        f"{name}.weight" if name else "weight"
+        for name, m in model.named_modules(remove_duplicate=False)
+        if is_sharded(m)
+    ]
     # DDP reads this attribute of the module it wraps (what its own helper
     # _set_params_and_buffers_to_ignore_for_model sets); keep any names already there.
     present = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    model._ddp_params_and_buffers_to_ignore = present + [n for n in names if n not in present]
+    model._ddp_params_and_buffers_to_ignore = present + [n for n in aliases if n not in present]
     return names
 
 
