@@ -94,8 +94,19 @@ def index_checks(enabled: bool) -> Iterator[None]:
 # Fake kernels: shapes and dtypes only, for torch.compile and meta tensors.
 
 
+def _check_same_device(op: str, **tensors: Tensor) -> None:
+    (first_name, first), *rest = tensors.items()
+    for name, t in rest:
+        torch._check(
+            t.device == first.device,
+            lambda: f"memory.{op}: {first_name} and {name} must be on the same device, "
+            f"got {first.device} and {t.device}",
+        )
+
+
 @torch.library.register_fake("memory::embedding_bag")
 def _embedding_bag_fake(values, indices, weights):
+    _check_same_device("embedding_bag", values=values, indices=indices, weights=weights)
     torch._check(values.dim() == 2, lambda: "memory.embedding_bag: values must be 2-D")
     torch._check(indices.dim() == 2, lambda: "memory.embedding_bag: indices must be 2-D")
     return values.new_empty((indices.shape[0], values.shape[1]))
@@ -103,6 +114,7 @@ def _embedding_bag_fake(values, indices, weights):
 
 @torch.library.register_fake("memory::embedding_bag_backward")
 def _embedding_bag_backward_fake(grad_out, values, indices, weights, need_weights_grad):
+    _check_same_device("embedding_bag_backward", values=values, indices=indices, weights=weights, grad_out=grad_out)
     n_unique = torch.library.get_ctx().new_dynamic_size()
     rows = indices.new_empty((n_unique,), dtype=torch.int64)
     rows_grad = values.new_empty((n_unique, values.shape[1]))
@@ -115,11 +127,13 @@ def _embedding_bag_backward_fake(grad_out, values, indices, weights, need_weight
 
 @torch.library.register_fake("memory::rows_to_dense")
 def _rows_to_dense_fake(rows, rows_grad, n_rows):
+    _check_same_device("rows_to_dense", rows=rows, rows_grad=rows_grad)
     return rows_grad.new_empty((n_rows, rows_grad.shape[1]))
 
 
 @torch.library.register_fake("memory::pk_topk")
 def _pk_topk_fake(query, keys, k):
+    _check_same_device("pk_topk", query=query, keys=keys)
     torch._check(query.dim() == 3, lambda: "memory.pk_topk: query must be 3-D")
     score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     shape = (query.shape[0], query.shape[1], k)

@@ -28,26 +28,24 @@ void select_block(const S* scores, int64_t block, int64_t heads, int64_t n_keys,
                   S* out_scores, int64_t* out_indices) {
   // scores: (heads, 2, block, n_keys); outputs: (block, heads, k)
   at::parallel_for(0, block * heads, 4, [&](int64_t r0, int64_t r1) {
-    cpu::TopK<S> top(k);
-    std::vector<cpu::Scored<S>> half[2];
+    // Per-thread buffers, sized once: each half's candidates, then the pair candidates
+    // (fewer than k * (1 + ln k) of them).
+    std::vector<cpu::Scored<S>> half0(n_keys), half1(n_keys), cand;
+    std::vector<S> scratch;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r / heads, h = r % heads;
-      for (int x = 0; x < 2; ++x) {
-        const S* row = scores + ((h * 2 + x) * block + t) * n_keys;
-        top.clear();
-        for (int64_t i = 0; i < n_keys; ++i) top.push(row[i], i);
-        half[x] = top.sorted();
-      }
-      top.clear();
+      cpu::select_top(scores + ((h * 2) * block + t) * n_keys, n_keys, k, half0.data(), scratch);
+      cpu::select_top(scores + ((h * 2 + 1) * block + t) * n_keys, n_keys, k, half1.data(), scratch);
+      cand.clear();
       for (int64_t a = 0; a < k; ++a)
         for (int64_t b = 0; (a + 1) * (b + 1) <= k; ++b)
-          top.push(half[0][a].score + half[1][b].score, half[0][a].index * n_keys + half[1][b].index);
-      const auto& best = top.sorted();
+          cand.push_back({half0[a].score + half1[b].score, half0[a].index * n_keys + half1[b].index});
+      cpu::keep_best(cand.data(), static_cast<int64_t>(cand.size()), k);
       S* os = out_scores + r * k;
       int64_t* oi = out_indices + r * k;
       for (int64_t j = 0; j < k; ++j) {
-        os[j] = best[j].score;
-        oi[j] = best[j].index;
+        os[j] = cand[j].score;
+        oi[j] = cand[j].index;
       }
     }
   });

@@ -1,0 +1,516 @@
+// Fused product-key scoring + exact top-k: the work of one CTA.
+//
+// A CTA owns 16 * nwarps tokens of one head; warp w owns tokens 16w..16w+15 of the block
+// from the first score to the last output. For each half of the query the CTA streams the
+// head's sub-keys in tiles of 64, scores the tile on tensor cores (bf16/fp16, fp32
+// accumulation) or with FMAs (fp32/fp64), and each warp folds its 16 x 64 score tile into
+// a running top list per token: one comparison with the current k-th best rejects most
+// scores; survivors go to a per-token buffer in shared memory that is sorted and merged
+// into the list when it fills. No score leaves the SM. Finally each warp combines the two
+// sorted half lists of each of its tokens over the pairs with rank product <= k and writes
+// the k best.
+//
+// The primitives (lane_id, warp_sync, block_sync, warp_ballot, warp_any, popc,
+// lanemask_lt, lds_u32, sts_f2, half_bits_to_float, mma_16816, cp_async_*) come from
+// pk_topk_device.cuh on the GPU, or from the CPU emulation in tests/pk_topk_emulate.cpp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "pk_topk_common.cuh"
+
+namespace memory_ext::pk {
+
+// ---------------------------------------------------------------------------------------
+// Input element kinds. bf16/fp16 stay raw 16-bit patterns until they reach a tensor core
+// or a conversion, so the kernel needs no half-precision arithmetic types.
+
+struct InF32 {
+  using Raw = float;
+  using Score = float;
+};
+struct InF64 {
+  using Raw = double;
+  using Score = double;
+};
+struct InBF16 {
+  using Raw = uint16_t;
+  using Score = float;
+};
+struct InF16 {
+  using Raw = uint16_t;
+  using Score = float;
+};
+
+template <class In>
+PK_FN typename In::Score to_score(typename In::Raw v) {
+  if constexpr (std::is_same_v<In, InBF16>) {
+    return bits_float(static_cast<uint32_t>(v) << 16);
+  } else if constexpr (std::is_same_v<In, InF16>) {
+    return half_bits_to_float(v);
+  } else {
+    return v;
+  }
+}
+
+PK_FN float madd(float a, float b, float c) { return fmaf(a, b, c); }
+PK_FN double madd(double a, double b, double c) { return fma(a, b, c); }
+
+template <typename S>
+PK_FN S negative_infinity() {
+  if constexpr (std::is_same_v<S, float>) {
+    return bits_float(0xFF800000u);
+  } else {
+    return bits_double(0xFFF0000000000000ull);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Warp-cooperative sorting of keys in shared memory. Every lane runs every stage; a stage
+// touches disjoint pairs, and warp_sync orders the stages.
+
+// Index of the lower element of compare-exchange pair p at distance j (j a power of two):
+// p with a zero bit inserted at bit log2(j).
+PK_HD int pair_low(int p, int j) { return ((p & ~(j - 1)) << 1) | (p & (j - 1)); }
+
+// Sorts a[0..n) in descending key order; n is a power of two.
+template <typename Key>
+PK_FN void bitonic_sort_desc(Key* a, int n) {
+  const int lane = lane_id();
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int j = size >> 1; j > 0; j >>= 1) {
+      for (int p = lane; p < n / 2; p += kWarp) {
+        const int i = pair_low(p, j);
+        const Key x = a[i], y = a[i + j];
+        const bool descending = (i & size) == 0;
+        if (descending ? (y > x) : (x > y)) {
+          a[i] = y;
+          a[i + j] = x;
+        }
+      }
+      warp_sync();
+    }
+  }
+}
+
+// Sorts a bitonic sequence a[0..n) in descending order; n is a power of two.
+template <typename Key>
+PK_FN void bitonic_merge_desc(Key* a, int n) {
+  const int lane = lane_id();
+  for (int j = n >> 1; j > 0; j >>= 1) {
+    for (int p = lane; p < n / 2; p += kWarp) {
+      const int i = pair_low(p, j);
+      const Key x = a[i], y = a[i + j];
+      if (y > x) {
+        a[i] = y;
+        a[i + j] = x;
+      }
+    }
+    warp_sync();
+  }
+}
+
+// Folds buf[0..count) into the descending list[0..kp), keeping the kp best. The buffer is
+// padded to a power of two and sorted; then list[i] = max(list[i], buf[kp - 1 - i]) holds
+// the kp best of both and is bitonic (descending, then ascending), so one bitonic merge
+// sorts it.
+template <typename Key>
+PK_FN void flush_buffer(Key* list, Key* buf, int count, int kp) {
+  const int lane = lane_id();
+  const int n = next_pow2(count);
+  for (int i = count + lane; i < n; i += kWarp) buf[i] = Key::sentinel();
+  warp_sync();  // candidates appended by every lane are visible
+  bitonic_sort_desc(buf, n);
+  for (int i = lane; i < kp; i += kWarp) {
+    const int m = kp - 1 - i;
+    if (m < n) {
+      const Key b = buf[m];
+      if (b > list[i]) list[i] = b;
+    }
+  }
+  warp_sync();
+  bitonic_merge_desc(list, kp);
+}
+
+// Running top-k of one token row, driven by its warp 32 candidates at a time.
+template <typename Key>
+struct RowSelect {
+  using S = typename Key::Score;
+  Key* list;  // kp keys, descending; list[k - 1] is the k-th best so far
+  Key* buf;   // kBufCap keys
+  int k;
+  int kp;
+  int count;  // keys waiting in buf (same value in every lane)
+  Key thr;
+  S thr_score;
+
+  PK_FN void refresh() {
+    thr = list[k - 1];
+    thr_score = thr.empty() ? negative_infinity<S>() : thr.score();
+  }
+
+  // Each lane offers one candidate (ignored when !valid). Warp-collective.
+  PK_FN void offer(bool valid, S score, uint32_t index) {
+    if (count > kBufCap - kWarp) {
+      flush_buffer(list, buf, count, kp);
+      count = 0;
+      refresh();
+    }
+    // The float comparison rejects almost everything once the list is full; it is
+    // written so that NaN and ties fall through to the exact key comparison.
+    const bool maybe = valid && !(score < thr_score);
+    if (!warp_any(maybe)) return;
+    const Key key = Key::make(score, index);
+    const bool pass = maybe && key > thr;
+    const uint32_t mask = warp_ballot(pass);
+    if (pass) buf[count + popc(mask & lanemask_lt())] = key;
+    count += popc(mask);
+  }
+
+  PK_FN void finish() {
+    if (count > 0) {
+      flush_buffer(list, buf, count, kp);
+      count = 0;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Per-token state in shared memory: [list of half 0 | list of half 1 | buffer].
+
+template <typename Key>
+PK_FN Key* row_state(const Params& p, char* smem, int row) {
+  return reinterpret_cast<Key*>(smem + p.layout.off_state + row * p.layout.row_bytes);
+}
+
+PK_FN int* row_counts(const Params& p, char* smem) {
+  return reinterpret_cast<int*>(smem + p.layout.off_count);
+}
+
+template <typename Key>
+PK_FN void init_rows(const Params& p, char* smem, int warp) {
+  const int lane = lane_id();
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    Key* s = row_state<Key>(p, smem, warp * kRowsPerWarp + r);
+    for (int i = lane; i < 2 * p.kp; i += kWarp) s[i] = Key::sentinel();
+  }
+  if (lane < kRowsPerWarp) row_counts(p, smem)[warp * kRowsPerWarp + lane] = 0;
+  warp_sync();
+}
+
+// Folds the warp's tile of scores (16 rows x kTileKeys, row stride kScratchStride) for
+// sub-keys n0.. into the running lists of half x.
+template <typename Key>
+PK_FN void select_tile(const Params& p, char* smem, const typename Key::Score* scratch,
+                       int warp, int x, int n0, int64_t t0) {
+  const int lane = lane_id();
+  int* counts = row_counts(p, smem);
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int row = warp * kRowsPerWarp + r;
+    if (t0 + row >= p.tokens) break;  // rows past the last token are never filled
+    Key* s = row_state<Key>(p, smem, row);
+    RowSelect<Key> sel{s + x * p.kp, s + 2 * p.kp, p.k, p.kp, counts[row], Key::sentinel(), 0};
+    sel.refresh();
+    const typename Key::Score* scores = scratch + r * kScratchStride;
+    PK_UNROLL
+    for (int c = 0; c < kTileKeys / kWarp; ++c) {
+      const int j = c * kWarp + lane;
+      sel.offer(n0 + j < p.n_keys, scores[j], static_cast<uint32_t>(n0 + j));
+    }
+    warp_sync();  // every lane has read counts[row]
+    if (lane == 0) counts[row] = sel.count;
+  }
+  warp_sync();  // the scratch tile may be overwritten; counts are visible
+}
+
+// Flushes what is left in each row's buffer: the list of half x is then final.
+template <typename Key>
+PK_FN void finish_rows(const Params& p, char* smem, int warp, int x, int64_t t0) {
+  const int lane = lane_id();
+  int* counts = row_counts(p, smem);
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int row = warp * kRowsPerWarp + r;
+    if (t0 + row >= p.tokens) break;
+    Key* s = row_state<Key>(p, smem, row);
+    RowSelect<Key> sel{s + x * p.kp, s + 2 * p.kp, p.k, p.kp, counts[row], Key::sentinel(), 0};
+    sel.finish();
+    warp_sync();
+    if (lane == 0) counts[row] = 0;
+  }
+  warp_sync();
+}
+
+// The (a, b) half-rank pairs with (a + 1)(b + 1) <= k, a in the low 16 bits; written into
+// the stage region, which is free once both halves are scanned.
+PK_FN void build_pair_table(const Params& p, char* smem, int tid, int nthreads) {
+  auto* table = reinterpret_cast<uint32_t*>(smem);
+  uint32_t* first = table + p.npairs;  // first[a]: where row a of the table starts
+  if (tid == 0) {
+    uint32_t o = 0;
+    for (int a = 0; a < p.k; ++a) {
+      first[a] = o;
+      o += static_cast<uint32_t>(p.k / (a + 1));
+    }
+    first[p.k] = o;
+  }
+  block_sync();
+  for (int a = tid; a < p.k; a += nthreads) {
+    const int nb = p.k / (a + 1);
+    for (int b = 0; b < nb; ++b) table[first[a] + b] = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+  }
+  block_sync();
+}
+
+// Exact combine of each of the warp's tokens and the write of its k results.
+template <typename Key>
+PK_FN void combine_rows(const Params& p, char* smem, int warp, int h, int64_t t0) {
+  using S = typename Key::Score;
+  const int lane = lane_id();
+  const auto* table = reinterpret_cast<const uint32_t*>(smem);
+  Key* list = reinterpret_cast<Key*>(smem + p.layout.off_scratch + warp * p.layout.scratch_bytes);
+  Key* buf = list + p.kp;
+  auto* out_scores = static_cast<S*>(p.scores);
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int row = warp * kRowsPerWarp + r;
+    const int64_t t = t0 + row;
+    if (t >= p.tokens) break;
+    for (int i = lane; i < p.kp; i += kWarp) list[i] = Key::sentinel();
+    warp_sync();
+    const Key* half0 = row_state<Key>(p, smem, row);
+    const Key* half1 = half0 + p.kp;
+    RowSelect<Key> sel{list, buf, p.k, p.kp, 0, Key::sentinel(), 0};
+    sel.refresh();
+    for (int q0 = 0; q0 < p.npairs; q0 += kWarp) {
+      const int q = q0 + lane;
+      const bool valid = q < p.npairs;
+      S score = 0;
+      uint32_t index = 0;
+      if (valid) {
+        const uint32_t e = table[q];
+        const Key a = half0[e & 0xFFFFu], b = half1[e >> 16];
+        score = a.score() + b.score();  // in the score dtype, like the CPU kernel
+        index = a.index() * static_cast<uint32_t>(p.n_keys) + b.index();
+      }
+      sel.offer(valid, score, index);
+    }
+    sel.finish();
+    warp_sync();
+    const int64_t o = (t * p.heads + h) * p.k;
+    for (int j = lane; j < p.k; j += kWarp) {
+      const Key e = list[j];
+      out_scores[o + j] = e.score();
+      p.indices[o + j] = static_cast<int64_t>(e.index());
+    }
+    warp_sync();  // the list is reset for the next token
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core path (bf16 / fp16). The warp's query rows live in registers as mma A
+// fragments for the whole half (kHk k16-steps, half <= 16 * kHk); sub-key chunks of
+// 64 keys x 64 dims stream through a 3-stage cp.async pipeline shared by the CTA.
+
+PK_FN uint32_t load_query_bits(const uint16_t* q, bool valid, int64_t base, int d, const Params& p,
+                               int x) {
+  return (valid && d < p.half) ? q[base + static_cast<int64_t>(x * p.half + d) * p.q_stride_d] : 0u;
+}
+
+template <bool kBf16, int kHk>
+PK_FN void mma_block(const Params& p, int bx, int h, int tid, char* smem) {
+  using Key = KeyF;
+  static_assert(kHk % 4 == 0, "k16-steps come in chunks of 64 dims");
+  const int nthreads = p.nwarps * kWarp;
+  const int warp = tid / kWarp, lane = tid % kWarp;
+  const int g = lane >> 2, c = lane & 3;
+  const int64_t t0 = static_cast<int64_t>(bx) * (p.nwarps * kRowsPerWarp);
+  auto* stages = reinterpret_cast<uint16_t*>(smem);
+  auto* scratch = reinterpret_cast<float*>(smem + p.layout.off_scratch + warp * p.layout.scratch_bytes);
+  constexpr int kStageElems = kTileKeys * kMmaChunkStride;
+
+  init_rows<Key>(p, smem, warp);
+
+  const int hk = (p.half + 15) / 16;
+  const int nch = (p.half + kMmaChunk - 1) / kMmaChunk;
+  const int ntiles = (p.n_keys + kTileKeys - 1) / kTileKeys;
+  const int total = ntiles * nch;
+  const auto* q = static_cast<const uint16_t*>(p.query);
+  // This lane's A-fragment rows: tokens g and g + 8 of the warp.
+  const int64_t ta = t0 + warp * kRowsPerWarp + g, tb = ta + 8;
+  const bool va = ta < p.tokens, vb = tb < p.tokens;
+  const int64_t qa = (va ? ta : 0) * p.q_stride_t + static_cast<int64_t>(h) * p.q_stride_h;
+  const int64_t qb = (vb ? tb : 0) * p.q_stride_t + static_cast<int64_t>(h) * p.q_stride_h;
+
+  for (int x = 0; x < 2; ++x) {
+    const auto* kx = static_cast<const uint16_t*>(p.keys) +
+                     (static_cast<int64_t>(h) * 2 + x) * p.n_keys * p.half;
+
+    uint32_t a[kHk][4];
+    PK_UNROLL
+    for (int s = 0; s < kHk; ++s) {
+      const int d = s * 16 + 2 * c;
+      a[s][0] = load_query_bits(q, va, qa, d, p, x) | (load_query_bits(q, va, qa, d + 1, p, x) << 16);
+      a[s][1] = load_query_bits(q, vb, qb, d, p, x) | (load_query_bits(q, vb, qb, d + 1, p, x) << 16);
+      a[s][2] = load_query_bits(q, va, qa, d + 8, p, x) | (load_query_bits(q, va, qa, d + 9, p, x) << 16);
+      a[s][3] = load_query_bits(q, vb, qb, d + 8, p, x) | (load_query_bits(q, vb, qb, d + 9, p, x) << 16);
+    }
+
+    // Load number i: tile i / nch, chunk i % nch, into stage i % kStages. Keys and dims
+    // past the end are zero-filled: zero A columns times garbage could still give NaN.
+    auto load_stage = [&](int i) {
+      const int tile = i / nch, ch = i - tile * nch;
+      const int n0 = tile * kTileKeys, d0 = ch * kMmaChunk;
+      uint16_t* dst = stages + (i % kStages) * kStageElems;
+      if (p.vector_keys) {
+        constexpr int kPieces = kMmaChunk / 8;  // 16-byte pieces per key row
+        for (int e = tid; e < kTileKeys * kPieces; e += nthreads) {
+          const int r = e / kPieces, d = (e % kPieces) * 8;
+          const bool ok = n0 + r < p.n_keys && d0 + d < p.half;
+          const uint16_t* src = ok ? kx + static_cast<int64_t>(n0 + r) * p.half + d0 + d : kx;
+          cp_async_16(dst + r * kMmaChunkStride + d, src, ok ? 16 : 0);
+        }
+      } else {
+        for (int e = tid; e < kTileKeys * kMmaChunk; e += nthreads) {
+          const int r = e / kMmaChunk, d = e % kMmaChunk;
+          const bool ok = n0 + r < p.n_keys && d0 + d < p.half;
+          dst[r * kMmaChunkStride + d] = ok ? kx[static_cast<int64_t>(n0 + r) * p.half + d0 + d] : uint16_t{0};
+        }
+      }
+    };
+
+    // Invariant: when load i is consumed, loads 0..i+kStages-2 have been committed as one
+    // group each (empty groups past the end), so waiting until at most kStages-2 groups are
+    // pending completes load i; the block_sync that follows also guarantees that every
+    // warp is done with stage (i - 1) % kStages, which load i + kStages - 1 overwrites.
+    int issued = 0, consumed = 0;
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (issued < total) load_stage(issued);
+      cp_async_commit();
+      ++issued;
+    }
+    for (int tile = 0; tile < ntiles; ++tile) {
+      float acc[kTileKeys / 8][4];
+      PK_UNROLL
+      for (int nt = 0; nt < kTileKeys / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+
+      PK_UNROLL
+      for (int ch = 0; ch < kHk / 4; ++ch) {
+        if (ch < nch) {  // uniform across the CTA
+          cp_async_wait<kStages - 2>();
+          block_sync();
+          if (issued < total) load_stage(issued);
+          cp_async_commit();
+          ++issued;
+          const uint16_t* st = stages + (consumed % kStages) * kStageElems;
+          ++consumed;
+          PK_UNROLL
+          for (int s = 0; s < 4; ++s) {
+            if (ch * 4 + s < hk) {
+              PK_UNROLL
+              for (int nt = 0; nt < kTileKeys / 8; ++nt) {
+                // B[kk][n] = sub-key n, dim kk: b0 = dims 2c, 2c+1 and b1 = dims 2c+8, 2c+9
+                // of key nt*8 + g (contiguous pairs in the key row).
+                const uint16_t* bp = st + (nt * 8 + g) * kMmaChunkStride + s * 16 + 2 * c;
+                mma_16816<kBf16>(acc[nt], a[ch * 4 + s], lds_u32(bp), lds_u32(bp + 8));
+              }
+            }
+          }
+        }
+      }
+
+      // D[g][2c..2c+1] and D[g+8][2c..2c+1] of each 8-key slice.
+      PK_UNROLL
+      for (int nt = 0; nt < kTileKeys / 8; ++nt) {
+        sts_f2(scratch + g * kScratchStride + nt * 8 + 2 * c, acc[nt][0], acc[nt][1]);
+        sts_f2(scratch + (g + 8) * kScratchStride + nt * 8 + 2 * c, acc[nt][2], acc[nt][3]);
+      }
+      warp_sync();
+      select_tile<Key>(p, smem, scratch, warp, x, tile * kTileKeys, t0);
+    }
+    cp_async_wait<0>();
+    block_sync();  // no warp reads a stage any more: the next half may refill them
+    finish_rows<Key>(p, smem, warp, x, t0);
+  }
+
+  build_pair_table(p, smem, tid, nthreads);
+  combine_rows<Key>(p, smem, warp, h, t0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Plain path (fp32, fp64; bf16/fp16 where tensor cores cannot serve): query and sub-key
+// chunks of 32 dims in shared memory, converted to the score type; lane l scores keys l and
+// l + 32 of the tile against the warp's 16 tokens with FMAs in dimension order.
+
+template <class In>
+PK_FN void plain_block(const Params& p, int bx, int h, int tid, char* smem) {
+  using S = typename In::Score;
+  using Raw = typename In::Raw;
+  using Key = typename KeyOf<S>::type;
+  static_assert(kTileKeys == 2 * kWarp, "each lane scores two keys of a tile");
+  const int nthreads = p.nwarps * kWarp;
+  const int rows = p.nwarps * kRowsPerWarp;
+  const int warp = tid / kWarp, lane = tid % kWarp;
+  const int64_t t0 = static_cast<int64_t>(bx) * rows;
+  S* qs = reinterpret_cast<S*>(smem);        // [rows][kPlainStride]
+  S* ks = qs + rows * kPlainStride;          // [kTileKeys][kPlainStride]
+  auto* scratch = reinterpret_cast<S*>(smem + p.layout.off_scratch + warp * p.layout.scratch_bytes);
+
+  init_rows<Key>(p, smem, warp);
+
+  const auto* q = static_cast<const Raw*>(p.query);
+  const int ntiles = (p.n_keys + kTileKeys - 1) / kTileKeys;
+  for (int x = 0; x < 2; ++x) {
+    const auto* kx = static_cast<const Raw*>(p.keys) + (static_cast<int64_t>(h) * 2 + x) * p.n_keys * p.half;
+    for (int tile = 0; tile < ntiles; ++tile) {
+      const int n0 = tile * kTileKeys;
+      S acc[kRowsPerWarp][2];
+      PK_UNROLL
+      for (int r = 0; r < kRowsPerWarp; ++r) acc[r][0] = acc[r][1] = S(0);
+      for (int d0 = 0; d0 < p.half; d0 += kPlainChunk) {
+        block_sync();  // every warp is done with the previous chunk
+        for (int e = tid; e < rows * kPlainChunk; e += nthreads) {
+          const int r = e / kPlainChunk, d = e % kPlainChunk;
+          const int64_t t = t0 + r;
+          S v = S(0);
+          if (t < p.tokens && d0 + d < p.half)
+            v = to_score<In>(q[t * p.q_stride_t + static_cast<int64_t>(h) * p.q_stride_h +
+                               static_cast<int64_t>(x * p.half + d0 + d) * p.q_stride_d]);
+          qs[r * kPlainStride + d] = v;
+        }
+        for (int e = tid; e < kTileKeys * kPlainChunk; e += nthreads) {
+          const int r = e / kPlainChunk, d = e % kPlainChunk;
+          S v = S(0);
+          if (n0 + r < p.n_keys && d0 + d < p.half) v = to_score<In>(kx[static_cast<int64_t>(n0 + r) * p.half + d0 + d]);
+          ks[r * kPlainStride + d] = v;
+        }
+        block_sync();
+        const int dims = p.half - d0 < kPlainChunk ? p.half - d0 : kPlainChunk;
+        const S* qw = qs + warp * kRowsPerWarp * kPlainStride;
+        for (int d = 0; d < dims; ++d) {
+          const S k0 = ks[lane * kPlainStride + d], k1 = ks[(lane + kWarp) * kPlainStride + d];
+          PK_UNROLL
+          for (int r = 0; r < kRowsPerWarp; ++r) {
+            const S qv = qw[r * kPlainStride + d];
+            acc[r][0] = madd(qv, k0, acc[r][0]);
+            acc[r][1] = madd(qv, k1, acc[r][1]);
+          }
+        }
+      }
+      PK_UNROLL
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        scratch[r * kScratchStride + lane] = acc[r][0];
+        scratch[r * kScratchStride + lane + kWarp] = acc[r][1];
+      }
+      warp_sync();
+      select_tile<Key>(p, smem, scratch, warp, x, n0, t0);
+    }
+    finish_rows<Key>(p, smem, warp, x, t0);
+  }
+
+  block_sync();  // the chunk buffers become the pair table
+  build_pair_table(p, smem, tid, nthreads);
+  combine_rows<Key>(p, smem, warp, h, t0);
+}
+
+}  // namespace memory_ext::pk

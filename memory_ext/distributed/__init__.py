@@ -1,0 +1,52 @@
+"""Column-sharded value tables on torch.distributed (PAPER.md section 2).
+
+A memory group of P ranks shares one (n_rows, dim) table: each rank holds all rows and
+a contiguous slice of the columns (torch.chunk split, as DTensor Shard(1)). A lookup
+takes each rank's own (indices, weights) and returns its own full-width rows; traffic
+per call is the group's indices and weights plus one slice of each output row, instead
+of whole output rows as with a row-sharded table.
+
+Entry points: init_sharded_values (turn a module into a rank's slice), sharded_lookup
+(its forward), full_table / load_full_ (whole-table views), as_dtensor (its checkpoint
+form), new_memory_groups / exclude_from_ddp / sync_replica_grads / sharded_grad_norm (combining
+with data parallelism and gradient clipping), count_comm (bytes moved).
+"""
+from memory_ext.distributed.comm import CommStats, count_comm
+from memory_ext.distributed.groups import (
+    exclude_from_ddp,
+    new_memory_groups,
+    sharded_grad_norm,
+    sharded_parameter_names,
+    sync_replica_grads,
+)
+from memory_ext.distributed.layout import ColumnShard, column_split, is_sharded, shard_of
+from memory_ext.distributed.lookup import sharded_lookup
+from memory_ext.distributed.table import (
+    as_dtensor,
+    full_table,
+    init_sharded_values,
+    load_full_,
+    local_columns,
+    seeded_normal_columns_,
+)
+
+__all__ = [
+    "init_sharded_values",
+    "sharded_lookup",
+    "full_table",
+    "load_full_",
+    "local_columns",
+    "as_dtensor",
+    "seeded_normal_columns_",
+    "column_split",
+    "ColumnShard",
+    "shard_of",
+    "is_sharded",
+    "new_memory_groups",
+    "sharded_parameter_names",
+    "exclude_from_ddp",
+    "sync_replica_grads",
+    "sharded_grad_norm",
+    "count_comm",
+    "CommStats",
+]

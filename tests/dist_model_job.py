@@ -1,0 +1,82 @@
+"""Job of the model-level test: a small memory model trained with memory parallelism 2.
+
+Both ranks form one memory group; the model's other parameters are data-parallel (DDP)
+and the shared value table is column-sharded with average_grads, so one step equals a
+step of the unsharded model on both ranks' batches with the mean loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+import memory_ext
+from memory_ext import distributed as md
+from dist_harness import case
+
+VOCAB, DIM, N_KEYS, HEADS, K, TOKENS, STEPS, LR = 50, 16, 6, 2, 4, 24, 4, 1.0
+
+
+class TinyMemoryModel(nn.Module):
+    """Embedding -> residual ProductKeyMemory layers sharing one value pool -> logits."""
+
+    def __init__(self, process_group=None):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.values = memory_ext.MemoryValues(N_KEYS * N_KEYS, DIM, process_group=process_group)
+        self.memories = nn.ModuleList(
+            memory_ext.ProductKeyMemory(DIM, n_keys=N_KEYS, heads=HEADS, k=K, values=self.values) for _ in range(2)
+        )
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for memory in self.memories:
+            x = x + memory(x)
+        return self.head(x)
+
+
+def model_job(rank, world, results):
+    """Train the sharded model and the unsharded one side by side; losses and tables must agree."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    reference = TinyMemoryModel()
+    sharded = TinyMemoryModel(process_group=dist.group.WORLD)
+    with case(results, "model/values_match"):
+        assert md.is_sharded(sharded.values)
+        sharded.load_state_dict(reference.state_dict())  # the plain full table is split on load
+        sharded.values.memory_shard.average_grads = True
+        assert torch.equal(md.full_table(sharded.values), reference.values.weight)
+
+    g = torch.Generator().manual_seed(1)
+    # One batch, seen every step: the loss must fall, so the comparison covers real updates.
+    batches = [torch.randint(0, VOCAB, (world, TOKENS + 1), generator=g)] * STEPS
+    md.exclude_from_ddp(sharded)
+    ddp = DDP(sharded)
+    # Plain SGD: unlike Adam, its step depends on the gradient's scale, so a wrong
+    # value-gradient factor (sum instead of mean over the group) shows in the loss.
+    opt = torch.optim.SGD(sharded.parameters(), lr=LR)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
+    with case(results, "model/loss_matches"):
+        losses = []
+        for step, batch in enumerate(batches):
+            inp, tgt = batch[:, :-1], batch[:, 1:]
+            loss = F.cross_entropy(ddp(inp[rank]), tgt[rank])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            mean_loss /= world
+
+            ref_loss = F.cross_entropy(reference(inp.reshape(-1)), tgt.reshape(-1))
+            ref_opt.zero_grad()
+            ref_loss.backward()
+            ref_opt.step()
+            assert_close(mean_loss, ref_loss.detach(), rtol=1e-5, atol=1e-6, msg=f"step {step}")
+            losses.append(ref_loss.item())
+        assert losses[-1] < losses[0] - 0.05, f"the model did not train: {losses}"
+        assert_close(md.full_table(sharded.values), reference.values.weight.detach(), rtol=1e-4, atol=1e-5)
