@@ -8,7 +8,7 @@
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS,
 # GPU_CHECK_BUDGET_S (default 450: every step's timeout is cut to what is left of it, so
 # the whole run ends inside 8 minutes). C++ benchmarks (build/gpu_check_cmake/bench/*)
-# are called with --json FILE.
+# are called with one argument, the JSON file to write.
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
@@ -82,10 +82,17 @@ print_table() {
       "$PY" - "$f" <<'EOF' 2>/dev/null
 import json, sys
 d = json.load(open(sys.argv[1]))
-print(f"{sys.argv[1].rsplit('/', 1)[-1]}: {d.get('device', '?')}, copy {d.get('copy_gbps', 0):.0f} GB/s")
-for r in d.get("results", []):
-    print(f"  {r['op']:<22} dim {r['dim']:>5} tokens {r['tokens']:>6}: {r['ms']:8.3f} ms "
-          f"{r['gbps']:7.0f} GB/s ({100 * r['fraction_of_copy']:.0f}% of copy)")
+name = sys.argv[1].rsplit("/", 1)[-1]
+if "results" in d:  # bench_embedding_bag
+    print(f"{name}: {d.get('device', '?')}, copy {d.get('copy_gbps', 0):.0f} GB/s")
+    for r in d["results"]:
+        print(f"  {r['op']:<22} dim {r['dim']:>5} tokens {r['tokens']:>6}: {r['ms']:8.3f} ms "
+              f"{r['gbps']:7.0f} GB/s ({100 * r['fraction_of_copy']:.0f}% of copy)")
+else:  # any other: its timed entries
+    print(f"{name}: {d.get('device', '?')}")
+    for key, val in d.items():
+        if isinstance(val, dict) and "median_ms" in val:
+            print(f"  {key:<30} {val['median_ms']:8.3f} ms")
 EOF
     done
   } | tee "$OUT/summary.txt"
@@ -166,7 +173,7 @@ if [ "$rc" -eq 0 ]; then
     [ -x "$exe" ] || continue
     found=1
     name=$(basename "$exe")
-    step "cpp_$name" 120 "$exe" --json "$OUT/cpp_$name.json"
+    step "cpp_$name" 120 "$exe" "$OUT/cpp_$name.json"
   done
   [ "$found" -eq 1 ] || missing cpp_benchmarks "none built"
 else

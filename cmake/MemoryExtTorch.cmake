@@ -48,6 +48,17 @@ find_package(Torch REQUIRED)
 unset(CMAKE_CUDA_STANDARD)
 set(CMAKE_CUDA_STANDARD_REQUIRED OFF)
 
+# ATen's CUDA headers include cuBLAS/cuSPARSE, which a runtime-only toolkit has only in
+# torch's pip dependencies (setup.py adds the same directory).
+set(MEMORY_EXT_EXTRA_CUDA_INCLUDES "")
+if(MEMORY_EXT_TORCH_HAS_CUDA)
+  execute_process(
+    COMMAND "${Python3_EXECUTABLE}" -c
+            "import os, sys; print(next((p for p in (os.path.join(s, 'nvidia', 'cu13', 'include') for s in sys.path) if os.path.isdir(p)), ''))"
+    OUTPUT_VARIABLE MEMORY_EXT_EXTRA_CUDA_INCLUDES
+    OUTPUT_STRIP_TRAILING_WHITESPACE)
+endif()
+
 # Targets to link: the CPU libraries only, or with torch's CUDA libraries. (TORCH_LIBRARIES
 # also names nvrtc, which a runtime-only toolkit lacks and this code never uses.)
 set(MEMORY_EXT_TORCH_CPU_LIBS torch_cpu c10)

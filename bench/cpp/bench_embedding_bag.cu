@@ -10,7 +10,7 @@
 //             read, row gradients written) + lookups * (i + w + w) (indices, weights,
 //             weight gradients) + unique * 8 (row ids)
 //
-//   bench_embedding_bag [--rows N] [--dims 1024,4096] [--bag 128]
+//   bench_embedding_bag [out.json] [--rows N] [--dims 1024,4096] [--bag 128]
 //                       [--tokens 16384,32768,65536] [--iters 20] [--warmup 3] [--json FILE]
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -66,6 +66,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--iters") o.iters = std::stoi(next());
     else if (a == "--warmup") o.warmup = std::stoi(next());
     else if (a == "--json") o.json = next();
+    else if (a.rfind("--", 0) != 0 && o.json.empty()) o.json = a;  // like bench_pk_topk: out.json first
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       std::exit(2);
