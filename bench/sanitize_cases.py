@@ -42,11 +42,13 @@ def _bag_inputs(tokens, bag, rows, dim, dtype, idx_dtype=torch.int64, hot=False,
 
 # Row widths per dtype reaching each launch shape of the forward and backward kernels.
 _SHAPES = [
-    # (dtype, dim): bf16 8 = one vector (sub-warp), 96 warp, 1000 warp x4, 4096 block,
-    # 5000 tiled; 3 and 1001 take the scalar path; float64 uses 2-element vectors.
-    (torch.bfloat16, 8), (torch.bfloat16, 96), (torch.bfloat16, 1000), (torch.bfloat16, 4096),
-    (torch.bfloat16, 5000), (torch.bfloat16, 3), (torch.float16, 1001), (torch.float32, 64),
-    (torch.float64, 24), (torch.float64, 3000),
+    # (dtype, dim) -> 16-byte vectors per row: bf16 8 -> 1, fp32 32 -> 8, bf16 96 -> 12,
+    # bf16 256 -> 32, bf16 1000 -> 125, bf16 4096 -> 512, bf16 5000 -> 625 (tiled);
+    # float64 uses 2-element vectors; odd widths (3, 17, 101, 1001) take the scalar path.
+    (torch.bfloat16, 8), (torch.float32, 32), (torch.bfloat16, 96), (torch.bfloat16, 256),
+    (torch.bfloat16, 1000), (torch.bfloat16, 4096), (torch.bfloat16, 5000), (torch.float64, 24),
+    (torch.float64, 3000), (torch.bfloat16, 3), (torch.float32, 17), (torch.float16, 101),
+    (torch.float16, 1001),
 ]
 
 

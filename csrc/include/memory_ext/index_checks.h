@@ -2,8 +2,10 @@
 // synchronisation (CUDA). On by default: an out-of-range index raises a clear error. Off,
 // kernels never read out of bounds but treat an out-of-range lookup as absent (it adds
 // nothing to a bag and gets a zero weight gradient), so callers who validated their
-// indices elsewhere skip the per-call synchronisation. The CPU kernels always check: it
-// costs them nothing.
+// indices elsewhere skip the per-call synchronisation. rows_to_dense likewise skips rows
+// outside [0, n_rows); rows that are not strictly ascending give an unspecified (but
+// in-bounds and deterministic) result. The CPU kernels always check: it costs them
+// nothing.
 #pragma once
 
 namespace memory_ext {
