@@ -4,7 +4,7 @@ import json
 from memory_ext import demo
 
 TINY = ["--steps", "3", "--entities", "12", "--dim", "32", "--layers", "3", "--heads", "2", "--n-keys", "8",
-        "--mem-heads", "2", "--topk", "4", "--batch", "2", "--seq", "16", "--eval-every", "2", "--eval-subset", "8"]
+        "--mem-heads", "2", "--topk", "4", "--batch", "2", "--seq", "16", "--eval-every", "2", "--eval-subset", "8", "--timing-rounds", "2"]
 
 
 def test_demo_smoke(tmp_path, capsys):
@@ -16,7 +16,7 @@ def test_demo_smoke(tmp_path, capsys):
     assert 0.5 < mem["flops_per_token"] / dense["flops_per_token"] < 1.5
     assert 1.5 < big["flops_per_token"] / dense["flops_per_token"] < 2.5
     for r in (dense, mem, big):
-        assert r["steps"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and r["nll"] > 0
+        assert r["steps"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and r["nll"] > 0 and r["step_ms"] > 0
         assert [p["step"] for p in r["curve"]] == [2, 3]
     assert mem["curve"][-1]["rows_read"] > 0 and mem["memory_usage_last_window"]
     out = capsys.readouterr()
