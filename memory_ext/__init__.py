@@ -8,6 +8,14 @@ import torch  # noqa: F401  (loads libc10/libtorch before our library)
 from memory_ext import _C  # noqa: F401  (registers torch.ops.memory.*)
 from memory_ext import ops
 from memory_ext.ops import embedding_bag, embedding_bag_backward, pk_topk, rows_to_dense
+from memory_ext.nn import (
+    MemoryValues,
+    ProductKeyMemory,
+    clip_grad_norms,
+    memory_usage,
+    param_groups,
+    track_usage,
+)
 
 __version__ = "0.1.0"
 
@@ -24,4 +32,10 @@ __all__ = [
     "pk_topk",
     "rows_to_dense",
     "cuda_kernels_built",
+    "MemoryValues",
+    "ProductKeyMemory",
+    "param_groups",
+    "clip_grad_norms",
+    "track_usage",
+    "memory_usage",
 ]

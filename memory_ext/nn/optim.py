@@ -1,0 +1,78 @@
+"""The paper's training recipe for value tables: own learning rate, own gradient clipping."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from memory_ext.nn.values import MemoryValues
+
+__all__ = ["value_parameters", "param_groups", "clip_grad_norms"]
+
+
+def value_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of every MemoryValues in model, each once (a shared pool counts once)."""
+    return [p for m in model.modules() if isinstance(m, MemoryValues) for p in m.parameters()]
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    *,
+    weight_decay: float = 0.1,
+    values_lr_scale: float = 10.0,
+    values_weight_decay: float = 0.0,
+) -> list[dict]:
+    """Optimizer groups: "decay" (matrices), "no_decay" (biases, gains), "values" (lr * values_lr_scale).
+
+    A schedule that scales every group's lr by the same factor keeps the values on the
+    same schedule at their own rate. Empty groups are left out.
+    """
+    values = value_parameters(model)
+    is_value = {id(p) for p in values}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in is_value:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
+        {"name": "values", "params": values, "lr": lr * values_lr_scale, "weight_decay": values_weight_decay},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _clip_(params: Iterable[nn.Parameter], max_norm: float, groups: dict) -> Tensor:
+    """Scale the grads of params so their joint L2 norm is <= max_norm; returns the norm before.
+
+    groups maps id(param) -> process group of a column-sharded table, whose squared norm is
+    summed over its ranks so that every rank clips by the same factor.
+    """
+    grads = [(p.grad, groups.get(id(p))) for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    sq = torch.zeros((), dtype=torch.float32, device=grads[0][0].device)
+    for g, pg in grads:
+        part = torch.linalg.vector_norm(g, dtype=torch.float32).square()
+        if pg is not None:
+            torch.distributed.all_reduce(part, group=pg)
+        sq = sq + part
+    norm = sq.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g, _ in grads:
+        g.mul_(coef)  # a 0-d factor keeps each grad's dtype
+    return norm
+
+
+@torch.no_grad()
+def clip_grad_norms(model: nn.Module, max_norm: float = 1.0, values_max_norm: float | None = None) -> tuple[Tensor, Tensor]:
+    """Clip value-table and other gradients separately -> (other norm, values norm), 0-d device tensors."""
+    sharded = {
+        id(p): m.process_group for m in model.modules() if isinstance(m, MemoryValues) and m.sharded for p in m.parameters()
+    }
+    values = value_parameters(model)
+    is_value = {id(p) for p in values}
+    others = [p for p in model.parameters() if id(p) not in is_value]
+    values_max_norm = max_norm if values_max_norm is None else values_max_norm
+    return _clip_(others, max_norm, {}), _clip_(values, values_max_norm, sharded)

@@ -1,0 +1,164 @@
+"""MemoryValues: the lookup against a plain-PyTorch bag, gradients, and exact state_dict
+round trips with and without a shared pool."""
+import io
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+import memory_ext
+from memory_ext import MemoryValues, ProductKeyMemory
+
+
+def bag_ref(table, indices, weights):
+    """(rows, dim), (tokens, bag), (tokens, bag) -> (tokens, dim), float64."""
+    return (table.double()[indices.long()] * weights.double().unsqueeze(-1)).sum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_lookup_matches_reference(dtype, index_dtype):
+    torch.manual_seed(0)
+    values = MemoryValues(97, 24, dtype=dtype)
+    indices = torch.randint(0, 97, (13, 7), dtype=index_dtype)
+    weights = torch.rand(13, 7)
+    out = values(indices, weights)
+    assert out.shape == (13, 24) and out.dtype == dtype
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.double(), bag_ref(values.weight, indices, weights), atol=tol, rtol=tol)
+
+
+def test_weights_of_another_dtype_are_accepted():
+    values = MemoryValues(10, 8)
+    indices = torch.randint(0, 10, (4, 3))
+    weights = torch.rand(4, 3, dtype=torch.float16)
+    torch.testing.assert_close(values(indices, weights), values(indices, weights.float()))
+
+
+def test_init_and_attributes():
+    torch.manual_seed(0)
+    values = MemoryValues(4096, 64)
+    assert (values.n_rows, values.dim, values.process_group, values.sharded) == (4096, 64, None, False)
+    assert values.weight.shape == (4096, 64)
+    assert abs(values.weight.std().item() - 64**-0.5) < 0.01
+    with pytest.raises(ValueError, match="n_rows and dim must be positive"):
+        MemoryValues(0, 8)
+
+
+def test_gradients_match_reference():
+    torch.manual_seed(1)
+    values = MemoryValues(31, 16, dtype=torch.float64)
+    indices = torch.randint(0, 31, (9, 5))
+    weights = torch.rand(9, 5, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(9, 16, dtype=torch.float64)
+    values(indices, weights).backward(grad_out)
+    table = values.weight.detach().clone().requires_grad_()
+    w_ref = weights.detach().clone().requires_grad_()
+    bag_ref(table, indices, w_ref).backward(grad_out)
+    torch.testing.assert_close(values.weight.grad, table.grad)
+    torch.testing.assert_close(weights.grad, w_ref.grad)
+
+
+class ThreeLayers(nn.Module):
+    """Three memory layers, sharing one pool or each with its own."""
+
+    def __init__(self, shared: bool, value_dtype=torch.float32):
+        super().__init__()
+        pool = MemoryValues(16 * 16, 32, dtype=value_dtype) if shared else None
+        self.layers = nn.ModuleList(
+            ProductKeyMemory(32, n_keys=16, heads=2, k=4, values=pool, value_dtype=value_dtype) for _ in range(3)
+        )
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def _round_trip(model, fresh):
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    size = buffer.tell()
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    return size
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
+def test_shared_pool_round_trip_into_fresh_model(value_dtype):
+    torch.manual_seed(0)
+    model = ThreeLayers(shared=True, value_dtype=value_dtype)
+    # The pool is one module under three names; the state_dict keys all view one table.
+    keys = [k for k in model.state_dict() if k.endswith("values.weight")]
+    assert len(keys) == 3
+    assert len({model.state_dict()[k].data_ptr() for k in keys}) == 1
+    with torch.no_grad():  # move away from the init so a no-op load would be caught
+        model.layers[0].values.weight.add_(1.0)
+    torch.manual_seed(123)
+    fresh = ThreeLayers(shared=True, value_dtype=value_dtype)
+    size = _round_trip(model, fresh)
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    table = model.layers[0].values.weight
+    assert size < sum(unique.values()) + table.numel() * table.element_size()  # the table is stored once
+    assert fresh.layers[0].values is fresh.layers[1].values is fresh.layers[2].values
+    for (name, p), (fname, q) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert name == fname and p.dtype == q.dtype and torch.equal(p, q), name
+    x = torch.randn(5, 32)
+    assert torch.equal(model(x), fresh(x))
+
+
+def test_unshared_round_trip_and_shared_into_unshared():
+    torch.manual_seed(0)
+    model = ThreeLayers(shared=False)
+    fresh = ThreeLayers(shared=False)
+    _round_trip(model, fresh)
+    for p, q in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(p, q)
+    # A shared checkpoint loads into a model whose layers have their own tables.
+    shared = ThreeLayers(shared=True)
+    _round_trip(shared, fresh)
+    for layer in fresh.layers:
+        assert torch.equal(layer.values.weight, shared.layers[0].values.weight)
+
+
+def test_no_class_level_state():
+    a, b = MemoryValues(8, 4), MemoryValues(8, 4)
+    assert a.weight is not b.weight
+    assert not any(isinstance(v, torch.Tensor) for v in vars(MemoryValues).values())
+
+
+class FakeGroup:
+    def __init__(self, n):
+        self.n = n
+
+    def size(self):
+        return self.n
+
+
+def test_process_group_of_one_rank_is_a_plain_table():
+    values = MemoryValues(10, 6, process_group=FakeGroup(1))
+    assert not values.sharded and values.weight.shape == (10, 6)
+
+
+def test_process_group_delegates_to_distributed(monkeypatch):
+    calls = []
+
+    def init_sharded_values(module, n_rows, dim, *, dtype, device, process_group):
+        calls.append(("init", n_rows, dim, dtype, process_group.size()))
+        module.weight = nn.Parameter(torch.zeros(n_rows, dim // process_group.size(), dtype=dtype))
+
+    def sharded_lookup(module, indices, weights):
+        calls.append(("lookup", tuple(indices.shape)))
+        return torch.zeros(indices.shape[0], module.dim)
+
+    fake = types.ModuleType("memory_ext.distributed")
+    fake.init_sharded_values, fake.sharded_lookup = init_sharded_values, sharded_lookup
+    monkeypatch.setitem(sys.modules, "memory_ext.distributed", fake)
+    monkeypatch.setattr(memory_ext, "distributed", fake, raising=False)
+    values = MemoryValues(12, 8, dtype=torch.bfloat16, process_group=FakeGroup(2))
+    assert values.sharded and (values.n_rows, values.dim) == (12, 8) and values.weight.shape == (12, 4)
+    out = values(torch.zeros(3, 5, dtype=torch.long), torch.ones(3, 5))
+    assert out.shape == (3, 8)
+    assert calls == [("init", 12, 8, torch.bfloat16, 2), ("lookup", (3, 5))]
