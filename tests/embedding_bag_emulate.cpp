@@ -373,7 +373,8 @@ Lookups make_lookups(int64_t tokens, int64_t bag, int64_t rows, double hot, int 
 // Forward.
 
 template <typename T, int VEC>
-void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f32, int n_bad, bool report_bad) {
+void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f32, int n_bad, bool report_bad,
+                  int64_t max_blocks = 3) {
   const int64_t rows = 23;
   Lookups L = make_lookups(tokens, bag, rows, 0.0, n_bad);
   std::vector<T> values(rows * dim);
@@ -407,7 +408,7 @@ void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f
   with_forward_shape<VEC>(dim / VEC, [&]<int G, int VPL>() {
     shape = "G" + std::to_string(G) + "xVPL" + std::to_string(VPL);
     const int64_t items = tokens * ceil_div(dim, int64_t(G) * VPL * VEC);
-    const int64_t blocks = std::min<int64_t>(3, ceil_div(items, kForwardBlock / G));
+    const int64_t blocks = std::min<int64_t>(max_blocks, ceil_div(items, kForwardBlock / G));
     launch(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kForwardBlock, &embedding_bag_kernel<T, VEC, G, VPL>, a);
   });
 
@@ -430,9 +431,10 @@ void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f
     if (got != want) bad = "first_bad " + std::to_string(got) + ", want " + std::to_string(want);
   }
   char name[160];
-  std::snprintf(name, sizeof name, "forward %s vec%d %s dim %lld tokens %lld bag %lld idx%s w%s bad %d%s", type_name<T>(),
-                VEC, shape.c_str(), (long long)dim, (long long)tokens, (long long)bag, idx64 ? "64" : "32",
-                w_f32 ? "f32" : type_name<T>(), n_bad, report_bad ? " reported" : "");
+  std::snprintf(name, sizeof name, "forward %s vec%d %s dim %lld tokens %lld bag %lld idx%s w%s bad %d%s%s",
+                type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)tokens, (long long)bag,
+                idx64 ? "64" : "32", w_f32 ? "f32" : type_name<T>(), n_bad, report_bad ? " reported" : "",
+                max_blocks == 1 ? " one block" : "");
   report(bad.empty(), name, bad);
 }
 
@@ -444,9 +446,11 @@ void forward_cases() {
     for (int64_t bag : {0, 1, 9, 33}) {
       const bool idx64 = (k % 2) == 0, w_f32 = std::is_same_v<T, float> || (k % 3) != 0;
       const int n_bad = (k % 4 == 1) ? 3 : 0;
-      forward_case<T, V>(n * V, 5, bag, idx64, w_f32, n_bad, (k % 8) == 1);
+      // One block in every other case, so the grid-stride loop takes several rounds.
+      forward_case<T, V>(n * V, 5, bag, idx64, w_f32, n_bad, (k % 8) == 1, (k % 2) ? 1 : 3);
       ++k;
     }
+  forward_case<T, V>(V, 150, 3, true, true, 0, false, 1);  // 150 items for 64 groups of 4 lanes
   for (int64_t dim : {1, 3, 5, 31, 33, 130})
     for (int64_t bag : {1, 33}) {
       forward_case<T, 1>(dim, 4, bag, (k % 2) == 0, true, (k % 3) == 0 ? 2 : 0, (k % 3) == 0);
