@@ -116,11 +116,11 @@ if ! step build 300 "$PY" setup.py build_ext --inplace; then
 fi
 step built_with_cuda 60 "$PY" -c "import torch, memory_ext; assert memory_ext.cuda_kernels_built(), 'no CUDA kernels built'; assert torch.cuda.is_available(), 'no GPU visible'; print('ok', torch.cuda.get_device_name(0))"
 
-# The CMake build (C++ benchmarks) compiles on the CPUs while the tests use the GPU.
-(
-  cmake -S "$ROOT" -B "$CMAKE_BUILD" -G Ninja -DMEMORY_EXT_CUDA=ON -DPython3_EXECUTABLE="$(command -v "$PY")" &&
-    cmake --build "$CMAKE_BUILD" -j "$MAX_JOBS"
-) > "$OUT/cmake_build.log" 2>&1 &
+# The CMake build (C++ benchmarks) compiles on the CPUs while the tests use the GPU; in its
+# own process group, so it can be stopped as a whole if the budget runs out.
+setsid bash -c "cmake -S '$ROOT' -B '$CMAKE_BUILD' -G Ninja -DMEMORY_EXT_CUDA=ON \
+  -DPython3_EXECUTABLE='$(command -v "$PY")' && cmake --build '$CMAKE_BUILD' -j '$MAX_JOBS'" \
+  > "$OUT/cmake_build.log" 2>&1 &
 CMAKE_PID=$!
 
 # --- tests: the CUDA files in full, then the rest of the suite ----------------------------
@@ -164,7 +164,7 @@ if timeout "$left" tail --pid="$CMAKE_PID" -f /dev/null; then
   wait "$CMAKE_PID"
   rc=$?
 else
-  kill "$CMAKE_PID" 2> /dev/null
+  kill -- "-$CMAKE_PID" 2> /dev/null
   rc=124
 fi
 if [ "$rc" -eq 0 ]; then
