@@ -5,9 +5,16 @@ Covers what only the CUDA kernels can get wrong: launch shapes for every row wid
 whose runs are split into segments, bitwise determinism, outputs fully written (poisoned
 allocator cache), index validation on and off, empty inputs, the current stream and int64
 offsets. Every test skips, with the reason, when no GPU is visible or the library was
-built without its CUDA kernels.
+built without its CUDA kernels, except one: test_kernel_emulation_on_cpu runs the kernel
+source itself on the CPU (tests/embedding_bag_emulate.cpp) wherever a C++20 compiler
+exists.
 """
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -24,7 +31,9 @@ def _skip_reason() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+# Every test but the emulation needs a GPU and the CUDA kernels.
+cuda_only = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEV = "cuda"
 VALUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -117,6 +126,7 @@ def _poison_cache(*shapes_dtypes):
 # Forward.
 
 
+@cuda_only
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("bag", [1, 128])
 @pytest.mark.parametrize("dtype", VALUE_DTYPES)
@@ -131,6 +141,7 @@ def test_forward_matches_reference(dim, bag, dtype, idx_dtype):
     _assert_close(out, ops.embedding_bag(values, indices, weights), dtype)  # the CPU kernel
 
 
+@cuda_only
 @pytest.mark.parametrize("bag", [0, 1, 5, 31, 33, 200])
 def test_forward_any_bag(bag):
     values, indices, weights, _ = _random_case(9, bag, 50, 64, torch.float32, torch.int64, torch.float32)
@@ -139,12 +150,14 @@ def test_forward_any_bag(bag):
     _assert_close(out, embedding_bag_ref(values, indices, weights), torch.float32)
 
 
+@cuda_only
 def test_forward_many_tokens():
     values, indices, weights, _ = _random_case(300_000, 2, 1000, 8, torch.float32, torch.int32, torch.float32)
     out = ops.embedding_bag(*_cuda(values, indices, weights))
     _assert_close(out, embedding_bag_ref(values, indices, weights), torch.float32)
 
 
+@cuda_only
 def test_forward_unaligned_and_strided_inputs():
     # A values view starting one element into its storage forces the scalar path; a
     # transposed weights tensor is not contiguous.
@@ -193,6 +206,7 @@ def _check_backward(values, indices, weights, grad_out, need_wg, dtype):
     return rows, rows_grad, wg
 
 
+@cuda_only
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("bag", [1, 128])
 @pytest.mark.parametrize("dtype", VALUE_DTYPES)
@@ -203,6 +217,7 @@ def test_backward_matches_reference(dim, bag, dtype, idx_dtype):
     _check_backward(values, indices, weights, grad_out, True, dtype)
 
 
+@cuda_only
 @pytest.mark.parametrize("dim", [3, 96, 1000, 4096, 5000, 1001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("need_wg", [True, False])
@@ -215,11 +230,13 @@ def test_backward_hot_rows(dim, dtype, need_wg):
     _check_backward(values, indices, weights, grad_out, need_wg, dtype)
 
 
+@cuda_only
 def test_backward_grad_out_dtype_differs():
     values, indices, weights, grad_out = _random_case(16, 8, 40, 32, torch.bfloat16, torch.int64, torch.float32)
     _check_backward(values, indices, weights, grad_out.float(), True, torch.bfloat16)
 
 
+@cuda_only
 def test_backward_bitwise_deterministic():
     values, indices, weights, grad_out = _random_case(96, 128, 2000, 1024, torch.bfloat16, torch.int64,
                                                       torch.float32, hot=0.3, seed=3)
@@ -233,6 +250,7 @@ def test_backward_bitwise_deterministic():
     assert torch.equal(fwd, ops.embedding_bag(*args[1:]))
 
 
+@cuda_only
 @pytest.mark.parametrize("dim", [1, 3, 96, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.uint8])
 def test_rows_to_dense(dim, dtype):
@@ -248,12 +266,14 @@ def test_rows_to_dense(dim, dtype):
     assert torch.equal(dense.cpu(), ops.rows_to_dense(rows, rows_grad, n_rows))
 
 
+@cuda_only
 def test_rows_to_dense_empty():
     rows = torch.empty(0, dtype=torch.int64, device=DEV)
     assert torch.equal(ops.rows_to_dense(rows, torch.empty(0, 5, device=DEV), 4).cpu(), torch.zeros(4, 5))
     assert ops.rows_to_dense(rows, torch.empty(0, 5, device=DEV), 0).shape == (0, 5)
 
 
+@cuda_only
 def test_autograd_matches_cpu():
     values, indices, weights, grad_out = _random_case(40, 16, 100, 96, torch.float32, torch.int64, torch.float32,
                                                       hot=0.2)
@@ -271,6 +291,7 @@ def test_autograd_matches_cpu():
 # Index validation.
 
 
+@cuda_only
 def test_bad_index_raises_clear_error():
     values, indices, weights, grad_out = _random_case(4, 5, 50, 16, torch.float32, torch.int64, torch.float32)
     indices[2, 3] = 1000
@@ -289,6 +310,7 @@ def test_bad_index_raises_clear_error():
     assert torch.isfinite(ops.embedding_bag(v, i.clamp(0, 49), w)).all()
 
 
+@cuda_only
 def test_bad_rows_raise_clear_error():
     rg = torch.randn(3, 4, device=DEV)
     with pytest.raises(RuntimeError, match=r"memory\.rows_to_dense: rows\[2\] = 9 is out of range for n_rows = 9"):
@@ -297,6 +319,7 @@ def test_bad_rows_raise_clear_error():
         ops.rows_to_dense(torch.tensor([4, 4, 5], device=DEV), rg, 9)
 
 
+@cuda_only
 def test_index_checks_off_skips_bad_lookups():
     values, indices, weights, grad_out = _random_case(6, 7, 30, 24, torch.float32, torch.int32, torch.float32)
     bad = torch.zeros_like(indices, dtype=torch.bool)
@@ -330,6 +353,7 @@ def test_index_checks_off_skips_bad_lookups():
 # Shapes at the edges, streams, offsets past 2^31, opcheck.
 
 
+@cuda_only
 def test_empty_inputs():
     v = torch.randn(10, 8, device=DEV)
     for tokens, bag in [(0, 4), (3, 0), (0, 0)]:
@@ -348,6 +372,7 @@ def test_empty_inputs():
     assert (wg == 0).all()
 
 
+@cuda_only
 def test_runs_on_current_stream():
     # The side stream is busy (sleep) before it produces the inputs; a kernel launched on
     # any other stream would read them unwritten.
@@ -372,6 +397,7 @@ def test_runs_on_current_stream():
     _assert_close(dense, expected, torch.float32)
 
 
+@cuda_only
 def test_offsets_past_int32():
     # rows * dim > 2^31: row offsets must be 64-bit. Lookups touch the last rows only.
     rows, dim = 2**20 + 8, 2048
@@ -398,6 +424,7 @@ def test_offsets_past_int32():
     del values, dense
 
 
+@cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     values, indices, weights, grad_out = _random_case(8, 5, 20, 16, dtype, torch.int64, torch.float32)
@@ -408,9 +435,49 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.memory.rows_to_dense.default, (rows, rows_grad, 20))
 
 
+@cuda_only
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_second_device():
     values, indices, weights, _ = _random_case(8, 5, 20, 16, torch.float32, torch.int64, torch.float32)
     out = ops.embedding_bag(values.to("cuda:1"), indices.to("cuda:1"), weights.to("cuda:1"))
     assert out.device == torch.device("cuda:1")
     _assert_close(out, embedding_bag_ref(values, indices, weights), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# The kernels on the CPU.
+
+
+def _cxx() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build_emulation(cxx: str, exe: str) -> subprocess.CompletedProcess:
+    base = [cxx, "-std=c++20", "-O2", "-pthread", "-I", os.path.join(ROOT, "csrc", "include"),
+            "-I", os.path.join(ROOT, "csrc", "cuda"), os.path.join(ROOT, "tests", "embedding_bag_emulate.cpp"),
+            "-o", exe]
+    # AddressSanitizer turns any out-of-bounds access of a kernel into a failure; without
+    # it (a compiler lacking the runtime) the values are still checked.
+    build = subprocess.run(base[:1] + ["-fsanitize=address"] + base[1:], capture_output=True, text=True)
+    if build.returncode != 0:
+        build = subprocess.run(base, capture_output=True, text=True)
+    return build
+
+
+@pytest.mark.skipif(_cxx() is None, reason="no C++ compiler to build the kernel emulation")
+def test_kernel_emulation_on_cpu():
+    """Runs the CUDA kernel headers of this family with one host thread per CUDA thread
+    (see tests/embedding_bag_emulate.cpp) over every launch shape, dtype and index path;
+    every case must equal an exact reference, with no out-of-bounds access."""
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "embedding_bag_emulate")
+        build = _build_emulation(_cxx(), exe)
+        if build.returncode != 0 and "c++20" in build.stderr.lower():
+            pytest.skip(f"the compiler lacks C++20: {build.stderr[:200]}")
+        assert build.returncode == 0, build.stderr
+        run = subprocess.run([exe], capture_output=True, text=True, timeout=1800)
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+        assert "MISMATCH" not in run.stdout and run.stdout.count(": ok") >= 300, run.stdout[-2000:]

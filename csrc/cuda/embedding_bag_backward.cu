@@ -1,274 +1,35 @@
-// CUDA backward of embedding_bag over the row groups of embedding_bag_sort.cu.
-//
-// One group of G threads per segment (a run of one row's lookups, cut at kSegment
-// positions). The group holds its slice of values[row] in registers, walks the segment's
-// positions in sorted (= input) order with R grad_out rows in flight, and in that one pass
-//   - sums w * grad_out[t] in float32 (float64 for float64), and
-//   - takes each position's weight gradient <grad_out[t], values[row]> (group-wide sum).
-// A run of one segment writes its row gradient directly; longer runs write float32
-// partial rows that a second kernel folds in segment order. No atomics, no locks, no
-// order that depends on scheduling: results are bitwise reproducible.
+// Launcher of the CUDA embedding_bag backward (kernels in
+// embedding_bag_backward_kernel.cuh).
 #include <c10/cuda/CUDAException.h>
 
+#include "embedding_bag_backward_kernel.cuh"
 #include "embedding_bag_cuda.h"
 #include "memory_ext/cuda_utils.cuh"
 
 namespace memory_ext::cuda {
-namespace {
-
-template <typename T>
-__device__ __forceinline__ acc_t<T> load_weight(const void* p, bool w_f32, int64_t i) {
-  return w_f32 ? static_cast<acc_t<T>>(static_cast<const float*>(p)[i])
-               : to_acc(static_cast<const T*>(p)[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store_weight_grad(void* p, bool w_f32, int64_t i, acc_t<T> v) {
-  if (w_f32)
-    static_cast<float*>(p)[i] = static_cast<float>(v);
-  else
-    static_cast<T*>(p)[i] = from_acc<T>(v);
-}
-
-// G threads per segment (a power of two; above 32 the group is the whole block), VEC
-// elements per access, VPT accesses per thread and row, R positions in flight. TILED
-// groups loop over column tiles of G * VPT * VEC for rows wider than one tile, keeping
-// the weight-gradient partial sums of the segment in shared memory between tiles.
-template <typename T, int VEC, int G, int VPT, int R, bool TILED>
-__global__ void __launch_bounds__(G > 32 ? G : 128) embedding_bag_backward_kernel(const BackwardArgs a) {
-  using A = acc_t<T>;
-  using VecT = Vec<T, VEC>;
-  constexpr int kBlock = G > 32 ? G : 128;
-  constexpr int W = G < kWarpSize ? G : kWarpSize;  // lanes that shuffle together
-  constexpr int kWarps = G > kWarpSize ? G / kWarpSize : 1;
-  constexpr int64_t kTile = int64_t(G) * VPT * VEC;
-  static_assert(R <= W, "each position of a chunk is loaded by its own lane");
-  static_assert(!TILED || G > kWarpSize, "tiling keeps per-segment sums in block-shared memory");
-  // G > 32: each warp's share of every position's weight gradient (summed over tiles
-  // when tiled), folded across warps in warp order once the segment is done. Warps never
-  // wait for each other inside a segment, so their loads overlap freely.
-  __shared__ A warp_dots[G > kWarpSize ? kWarps : 1][G > kWarpSize ? kSegment : 1];
-
-  const int lane = threadIdx.x % G;
-  const int wl = threadIdx.x % W;
-  const unsigned mask = group_mask<W>();
-  const bool need_wg = a.weights_grad != nullptr;
-  const T* GO = static_cast<const T*>(a.grad_out);
-  const auto bag = static_cast<uint32_t>(a.bag);  // bag <= lookups < 2^32
-
-  // Grid-stride over segments; the segment is uniform per group and, for G > 32, the
-  // group is the block, so every barrier below is reached by all of its threads.
-  for (int64_t seg = int64_t(blockIdx.x) * (kBlock / G) + threadIdx.x / G; seg < a.n_segments;
-       seg += int64_t(gridDim.x) * (kBlock / G)) {
-    // The run of this segment: the last run whose first segment is <= seg.
-    int64_t lo = 0, hi = a.n_runs;
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (int64_t(a.plan[mid].seg) <= seg) lo = mid; else hi = mid;
-    }
-    const int64_t u = lo;
-    const int64_t run_b = a.run_begin[u], run_e = a.run_begin[u + 1];
-    const int64_t n_seg = ceil_div(run_e - run_b, kSegment);
-    const int64_t k = seg - a.plan[u].seg;
-    const int64_t pb = run_b + k * kSegment;
-    const int64_t pe = pb + kSegment < run_e ? pb + kSegment : run_e;
-    const int64_t row = a.keys[run_b];
-    if (k == 0 && threadIdx.x % G == 0) {
-      a.rows_out[u] = row;
-      if (n_seg > 1) a.long_runs[a.plan[u].long_rank] = static_cast<uint32_t>(u);
-    }
-    const T* V = static_cast<const T*>(a.values) + row * a.dim;
-    T* out_row = static_cast<T*>(a.rows_grad) + u * a.dim;
-    A* part_row = n_seg > 1 ? static_cast<A*>(a.partial) + (int64_t(a.plan[u].long_slot) + k) * a.dim : nullptr;
-
-    const int64_t n_tiles = TILED ? ceil_div(a.dim, kTile) : 1;
-    for (int64_t tile = 0; tile < n_tiles; ++tile) {
-      int64_t col[VPT];
-      bool in[VPT];
-      VecT v[VPT];
-#pragma unroll
-      for (int kv = 0; kv < VPT; ++kv) {
-        col[kv] = tile * kTile + int64_t(kv * G + lane) * VEC;
-        in[kv] = col[kv] < a.dim;  // dim % VEC == 0, so a vector is wholly in or out
-        v[kv] = (need_wg && in[kv]) ? load_nc<T, VEC>(V + col[kv]) : zero_vec<T, VEC>();
-      }
-      A acc[VPT][VEC];
-#pragma unroll
-      for (int kv = 0; kv < VPT; ++kv)
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[kv][e] = A(0);
-
-      for (int64_t c = pb; c < pe; c += R) {
-        // Lane r of each shuffle unit loads position c + r (and keeps it for the store of
-        // that position's weight gradient); its token and weight are broadcast.
-        uint32_t my_pos = 0, my_tok = 0;
-        A my_w = A(0);
-        const bool mine = wl < R && c + wl < pe;
-        if (mine) {
-          my_pos = a.positions[c + wl];
-          my_tok = my_pos / bag;
-          my_w = load_weight<T>(a.weights, a.w_f32, my_pos);
-        }
-        uint32_t tok[R];
-        A w[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          tok[r] = __shfl_sync(mask, my_tok, r, W);
-          w[r] = __shfl_sync(mask, my_w, r, W);
-        }
-        VecT g[R][VPT];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const T* go = GO + int64_t(tok[r]) * a.dim;
-#pragma unroll
-          for (int kv = 0; kv < VPT; ++kv)
-            g[r][kv] = (c + r < pe && in[kv]) ? load_nc<T, VEC>(go + col[kv]) : zero_vec<T, VEC>();
-        }
-        // One sweep per row: the row gradient, and (when needed) the row's dot with the
-        // value row, summed over the group. The dot order is fixed per lane, then the
-        // butterfly, then (G > 32) the warps in order: deterministic.
-        A d[R];
-        if (!need_wg) {
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int kv = 0; kv < VPT; ++kv) fma_vec(acc[kv], w[r], g[r][kv]);
-          continue;
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          d[r] = A(0);
-#pragma unroll
-          for (int kv = 0; kv < VPT; ++kv) fma_dot_vec(acc[kv], w[r], g[r][kv], v[kv], d[r]);
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) d[r] = group_sum<W>(mask, d[r]);
-        if constexpr (G <= kWarpSize) {
-          A mine_d = A(0);
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-            if (wl == r) mine_d = d[r];
-          if (mine) store_weight_grad<T>(a.weights_grad, a.w_f32, my_pos, mine_d);
-        } else if (wl == 0) {
-          // Lane 0 of each warp owns its warp's slots: across tiles the same thread adds.
-          const int wi = threadIdx.x / kWarpSize;
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            if (c + r < pe) {
-              A& slot = warp_dots[wi][c - pb + r];
-              slot = tile == 0 ? d[r] : slot + d[r];
-            }
-          }
-        }
-      }
-
-#pragma unroll
-      for (int kv = 0; kv < VPT; ++kv) {
-        if (!in[kv]) continue;
-        if (part_row != nullptr) {
-          Vec<A, VEC> o;
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) o.v[e] = acc[kv][e];
-          store_vec(part_row + col[kv], o);
-        } else {
-          VecT o;
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) o.v[e] = from_acc<T>(acc[kv][e]);
-          store_vec(out_row + col[kv], o);
-        }
-      }
-    }
-
-    if constexpr (G > kWarpSize) {
-      if (need_wg) {
-        __syncthreads();  // every warp's slots are written
-        for (int64_t i = threadIdx.x; i < pe - pb; i += kBlock) {
-          A total = warp_dots[0][i];
-#pragma unroll
-          for (int wi = 1; wi < kWarps; ++wi) total += warp_dots[wi][i];
-          store_weight_grad<T>(a.weights_grad, a.w_f32, a.positions[pb + i], total);
-        }
-        __syncthreads();  // the next segment rewrites the slots
-      }
-    }
-  }
-}
-
-constexpr int kReduceBlock = 256;
-
-// rows_grad[u] = sum of the run's partial rows, in segment order.
-template <typename T>
-__global__ void __launch_bounds__(kReduceBlock) embedding_bag_backward_reduce_kernel(const BackwardArgs a) {
-  using A = acc_t<T>;
-  const A* P = static_cast<const A*>(a.partial);
-  T* RG = static_cast<T*>(a.rows_grad);
-  const int64_t n_chunks = ceil_div(a.dim, kReduceBlock);
-  for (int64_t item = blockIdx.x; item < a.n_long_runs * n_chunks; item += gridDim.x) {
-    const int64_t u = a.long_runs[item / n_chunks];
-    const int64_t col = (item % n_chunks) * kReduceBlock + threadIdx.x;
-    if (col >= a.dim) continue;
-    const int64_t n_seg = ceil_div(int64_t(a.run_begin[u + 1]) - a.run_begin[u], kSegment);
-    const A* p = P + int64_t(a.plan[u].long_slot) * a.dim + col;
-    A s = p[0];
-    // Four loads in flight, added strictly in segment order.
-    int64_t i = 1;
-    for (; i + 4 <= n_seg; i += 4) {
-      const A x0 = p[i * a.dim], x1 = p[(i + 1) * a.dim], x2 = p[(i + 2) * a.dim], x3 = p[(i + 3) * a.dim];
-      s += x0;
-      s += x1;
-      s += x2;
-      s += x3;
-    }
-    for (; i < n_seg; ++i) s += p[i * a.dim];
-    RG[u * a.dim + col] = from_acc<T>(s);
-  }
-}
-
-template <typename T, int VEC, int G, int VPT, int R, bool TILED>
-void launch(const BackwardArgs& a, cudaStream_t stream) {
-  constexpr int kBlock = G > 32 ? G : 128;
-  embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>
-      <<<grid_for(a.n_segments, kBlock / G), kBlock, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Launch shape from the row length in accesses: sub-warps for short rows, a warp with four
-// accesses per lane up to 128 accesses (2 KiB), then a block per segment.
-template <typename T, int VEC>
-void launch_for_width(const BackwardArgs& a, cudaStream_t stream) {
-  const int64_t n = a.dim / VEC;
-  if (n <= 4) return launch<T, VEC, 4, 1, 4, false>(a, stream);
-  if constexpr (VEC > 1) {
-    if (n <= 8) return launch<T, VEC, 8, 1, 8, false>(a, stream);
-    if (n <= 16) return launch<T, VEC, 16, 1, 8, false>(a, stream);
-  }
-  if (n <= 32) return launch<T, VEC, 32, 1, 8, false>(a, stream);
-  if (n <= 128) return launch<T, VEC, 32, 4, 4, false>(a, stream);
-  if constexpr (VEC > 1) {
-    if (n <= 512) return launch<T, VEC, 128, 4, 4, false>(a, stream);
-  }
-  return launch<T, VEC, 256, 2, 4, true>(a, stream);
-}
-
-}  // namespace
 
 void launch_embedding_bag_backward(c10::ScalarType value_type, const BackwardArgs& a, cudaStream_t stream) {
   if (a.n_segments == 0) return;
   dispatch_value_type(value_type, "embedding_bag_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    constexpr int kV = kVec16<T>;
-    const bool vec_ok = (a.dim % kV) == 0 && is_aligned(a.values, 16) && is_aligned(a.grad_out, 16) &&
-                        is_aligned(a.rows_grad, 16) && is_aligned(a.partial, 16);
-    if (vec_ok)
-      launch_for_width<T, kV>(a, stream);
-    else
-      launch_for_width<T, 1>(a, stream);
-    if (a.n_long_runs > 0) {
-      const int64_t items = a.n_long_runs * ceil_div(a.dim, kReduceBlock);
-      if (items > 0) {
-        embedding_bag_backward_reduce_kernel<T><<<grid_for(items, 1), kReduceBlock, 0, stream>>>(a);
+    auto run = [&]<int VEC>() {
+      with_backward_shape<VEC>(a.dim / VEC, [&]<int G, int VPT, int R, bool TILED>() {
+        constexpr int kBlock = backward_block(G);
+        embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>
+            <<<grid_for(a.n_segments, kBlock / G), kBlock, 0, stream>>>(a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      });
+    };
+    constexpr int kV = kVec16<T>;
+    if ((a.dim % kV) == 0 && is_aligned(a.values, 16) && is_aligned(a.grad_out, 16) &&
+        is_aligned(a.rows_grad, 16) && is_aligned(a.partial, 16))
+      run.template operator()<kV>();
+    else
+      run.template operator()<1>();
+    const int64_t items = a.n_long_runs * ceil_div(a.dim, kReduceBlock);
+    if (items > 0) {
+      embedding_bag_backward_reduce_kernel<T><<<grid_for(items, 1), kReduceBlock, 0, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
 }

@@ -11,21 +11,12 @@
 
 #include <cstdint>
 
+#include "embedding_bag_params.h"
+
 namespace memory_ext::cuda {
 
 // ---------------------------------------------------------------------------------------
 // Forward.
-
-struct ForwardArgs {
-  const void* values;   // (rows, dim) value type
-  const void* indices;  // (tokens, bag) int32 or int64
-  const void* weights;  // (tokens, bag) float32 or value type
-  void* out;            // (tokens, dim) value type
-  int64_t tokens, bag, rows, dim;
-  bool idx64;           // indices are int64
-  bool w_f32;           // weights are float32 (else the value type)
-  unsigned long long* first_bad;  // lowest bad flat position (atomicMin), or null
-};
 
 // out[t] = sum_j w[t, j] * values[idx[t, j]]; an out-of-range index adds nothing (and is
 // reported through first_bad when that is set).
@@ -33,19 +24,6 @@ void launch_embedding_bag(c10::ScalarType value_type, const ForwardArgs& args, c
 
 // ---------------------------------------------------------------------------------------
 // Grouping of lookups by row (the sort step of the backward).
-
-// A run (all lookups of one row) is cut into segments of at most kSegment sorted
-// positions; each segment is one work unit of the backward, so a hot row is summed by many
-// units in parallel and its partial sums are folded in segment order afterwards. The cut
-// points depend only on the data, so the summation order does too.
-constexpr int64_t kSegment = 512;
-
-// Exclusive prefix sums over runs (one entry per run, plus a total at the end).
-struct RunPlan {
-  uint32_t seg;        // first segment of the run
-  uint32_t long_slot;  // first partial-sum slot of the run (runs of more than one segment)
-  uint32_t long_rank;  // rank of the run among runs of more than one segment
-};
 
 struct RowGroups {
   at::Tensor keys;       // (n,) uint32 in int32 storage: sorted rows; `rows` marks a bad index
@@ -65,23 +43,6 @@ RowGroups group_by_row(const at::Tensor& indices, int64_t rows, cudaStream_t str
 
 // ---------------------------------------------------------------------------------------
 // Backward over the groups.
-
-struct BackwardArgs {
-  const void* grad_out;  // (tokens, dim) value type
-  const void* values;    // (rows, dim) value type
-  const void* weights;   // (tokens, bag) float32 or value type
-  void* weights_grad;    // (tokens, bag) weights' dtype, or null when not needed
-  const uint32_t* keys;
-  const uint32_t* positions;
-  const uint32_t* run_begin;
-  const RunPlan* plan;
-  int64_t* rows_out;     // (n_runs,)
-  void* rows_grad;       // (n_runs, dim) value type
-  void* partial;         // (n_long_slots, dim) accumulator type
-  uint32_t* long_runs;   // (n_long_runs,)
-  int64_t bag, dim, n_runs, n_segments, n_long_runs;
-  bool w_f32;
-};
 
 void launch_embedding_bag_backward(c10::ScalarType value_type, const BackwardArgs& args,
                                    cudaStream_t stream);

@@ -23,89 +23,11 @@
 #include <algorithm>
 
 #include "embedding_bag_cuda.h"
+#include "embedding_bag_sort_kernels.cuh"
 #include "memory_ext/cuda_utils.cuh"
 
 namespace memory_ext::cuda {
 namespace {
-
-constexpr int kBlock = 256;
-
-// info[] slots, one int64 each, copied to the host in one transfer.
-enum Info { kFirstBad = 0, kRunsWithBad, kSegments, kLongSlots, kLongRuns, kInfoSize };
-
-__global__ void init_info_kernel(int64_t* info) {
-  if (threadIdx.x < kInfoSize) info[threadIdx.x] = threadIdx.x == kFirstBad ? -1 : 0;
-}
-
-template <typename index_t>
-__global__ void __launch_bounds__(kBlock) make_keys_kernel(const index_t* __restrict__ indices,
-                                                           int64_t n, int64_t rows, uint32_t* keys,
-                                                           uint32_t* positions, int64_t* info) {
-  for (int64_t p = int64_t(blockIdx.x) * kBlock + threadIdx.x; p < n; p += int64_t(gridDim.x) * kBlock) {
-    const int64_t r = indices[p];
-    const bool ok = r >= 0 && r < rows;
-    keys[p] = static_cast<uint32_t>(ok ? r : rows);
-    positions[p] = static_cast<uint32_t>(p);
-    // -1 is the largest unsigned value, so the minimum is the lowest bad position.
-    if (!ok) atomicMin(reinterpret_cast<unsigned long long*>(info + kFirstBad), static_cast<unsigned long long>(p));
-  }
-}
-
-__global__ void __launch_bounds__(kBlock) run_heads_kernel(const uint32_t* __restrict__ keys, int64_t n,
-                                                           uint32_t* heads) {
-  for (int64_t p = int64_t(blockIdx.x) * kBlock + threadIdx.x; p < n; p += int64_t(gridDim.x) * kBlock)
-    heads[p] = (p == 0 || keys[p] != keys[p - 1]) ? 1u : 0u;
-}
-
-// run_begin[run] = first position of the run; run_begin[n_runs] = n.
-__global__ void __launch_bounds__(kBlock) run_begin_kernel(const uint32_t* __restrict__ heads,
-                                                           const uint32_t* __restrict__ run_id, int64_t n,
-                                                           uint32_t* run_begin, int64_t* info) {
-  for (int64_t p = int64_t(blockIdx.x) * kBlock + threadIdx.x; p < n; p += int64_t(gridDim.x) * kBlock) {
-    if (heads[p]) run_begin[run_id[p]] = static_cast<uint32_t>(p);
-    if (p == n - 1) {
-      const uint32_t n_runs = run_id[p] + heads[p];
-      run_begin[n_runs] = static_cast<uint32_t>(n);
-      info[kRunsWithBad] = n_runs;
-    }
-  }
-}
-
-struct PlanSum {
-  __host__ __device__ RunPlan operator()(const RunPlan& a, const RunPlan& b) const {
-    return {a.seg + b.seg, a.long_slot + b.long_slot, a.long_rank + b.long_rank};
-  }
-};
-
-// Per-run counts (zero past the last run and for the run of bad indices), to be scanned.
-__global__ void __launch_bounds__(kBlock) run_counts_kernel(const uint32_t* __restrict__ keys,
-                                                            const uint32_t* __restrict__ run_begin,
-                                                            const int64_t* __restrict__ info,
-                                                            int64_t n_entries, int64_t rows,
-                                                            RunPlan* counts) {
-  const int64_t n_runs = info[kRunsWithBad];
-  for (int64_t u = int64_t(blockIdx.x) * kBlock + threadIdx.x; u < n_entries; u += int64_t(gridDim.x) * kBlock) {
-    RunPlan c{0, 0, 0};
-    if (u < n_runs) {
-      const uint32_t b = run_begin[u];
-      if (keys[b] != static_cast<uint32_t>(rows)) {
-        const uint32_t segs = static_cast<uint32_t>(ceil_div(int64_t(run_begin[u + 1]) - b, kSegment));
-        c = {segs, segs > 1 ? segs : 0u, segs > 1 ? 1u : 0u};
-      }
-    }
-    counts[u] = c;
-  }
-}
-
-// The exclusive scan over n + 1 entries ends with the totals (entry n counts nothing,
-// since there are at most n runs).
-__global__ void finish_info_kernel(const RunPlan* __restrict__ plan, int64_t n, int64_t* info) {
-  if (threadIdx.x == 0) {
-    info[kSegments] = plan[n].seg;
-    info[kLongSlots] = plan[n].long_slot;
-    info[kLongRuns] = plan[n].long_rank;
-  }
-}
 
 int bit_width(uint64_t v) {
   int b = 0;
@@ -142,15 +64,15 @@ RowGroups group_by_row(const at::Tensor& indices, int64_t rows, cudaStream_t str
   auto* cnt = reinterpret_cast<RunPlan*>(counts.mutable_data_ptr());
   auto* pl = reinterpret_cast<RunPlan*>(plan.mutable_data_ptr());
   int64_t* inf = info.mutable_data_ptr<int64_t>();
-  const unsigned grid = grid_for(n, kBlock);
-  const unsigned grid_entries = grid_for(n + 1, kBlock);
+  const unsigned grid = grid_for(n, kSortBlock);
+  const unsigned grid_entries = grid_for(n + 1, kSortBlock);
 
   init_info_kernel<<<1, 32, 0, stream>>>(inf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (indices.scalar_type() == at::kLong)
-    make_keys_kernel<<<grid, kBlock, 0, stream>>>(indices.const_data_ptr<int64_t>(), n, rows, k_a, p_a, inf);
+    make_keys_kernel<<<grid, kSortBlock, 0, stream>>>(indices.const_data_ptr<int64_t>(), n, rows, k_a, p_a, inf);
   else
-    make_keys_kernel<<<grid, kBlock, 0, stream>>>(indices.const_data_ptr<int32_t>(), n, rows, k_a, p_a, inf);
+    make_keys_kernel<<<grid, kSortBlock, 0, stream>>>(indices.const_data_ptr<int32_t>(), n, rows, k_a, p_a, inf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Temporary storage for the sort and both scans, sized once, from the caching allocator.
@@ -178,13 +100,13 @@ RowGroups group_by_row(const at::Tensor& indices, int64_t rows, cudaStream_t str
   // The alternate buffers are free after the sort: reuse them for the run heads.
   uint32_t* heads = kb.Alternate();
   uint32_t* run_id = vb.Alternate();
-  run_heads_kernel<<<grid, kBlock, 0, stream>>>(keys, n, heads);
+  run_heads_kernel<<<grid, kSortBlock, 0, stream>>>(keys, n, heads);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   bytes = sum_bytes;
   cub_check(memory_ext_cub::cub::DeviceScan::ExclusiveSum(tmp, bytes, heads, run_id, n32, stream), "scan");
-  run_begin_kernel<<<grid, kBlock, 0, stream>>>(heads, run_id, n, rb, inf);
+  run_begin_kernel<<<grid, kSortBlock, 0, stream>>>(heads, run_id, n, rb, inf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  run_counts_kernel<<<grid_entries, kBlock, 0, stream>>>(keys, rb, inf, n + 1, rows, cnt);
+  run_counts_kernel<<<grid_entries, kSortBlock, 0, stream>>>(keys, rb, inf, n + 1, rows, cnt);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   bytes = scan_bytes;
   cub_check(memory_ext_cub::cub::DeviceScan::ExclusiveScan(tmp, bytes, cnt, pl, PlanSum{}, RunPlan{0, 0, 0},

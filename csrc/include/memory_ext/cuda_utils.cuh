@@ -1,27 +1,16 @@
-// Small device helpers shared by the CUDA kernels: the value types the kernels see,
-// float accumulation, 16-byte vector loads and stores, sub-warp lane masks and launch
-// arithmetic. Header-only; include it from .cu files only.
+// Host helpers of the CUDA kernels: launch arithmetic and the dispatch from an ATen dtype
+// to the device value type. Include it from .cu files only; the device helpers live in
+// cuda_device.cuh.
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
+
+#include "memory_ext/cuda_device.cuh"
 
 namespace memory_ext::cuda {
-
-constexpr int kWarpSize = 32;
-
-// ---------------------------------------------------------------------------------------
-// Host-side arithmetic.
-
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid of at most `cap` blocks for `items` work units of `per_block` units each; kernels
 // that use it loop over the rest (grid-stride), so no item is lost when the cap bites.
@@ -34,10 +23,8 @@ inline bool is_aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
-// ---------------------------------------------------------------------------------------
-// Value types. ATen's bf16/fp16 are bit-compatible with CUDA's; the kernels use CUDA's so
-// that conversions are the hardware instructions (round to nearest even, like c10's).
-
+// ATen's bf16/fp16 are bit-compatible with CUDA's; the kernels use CUDA's so that
+// conversions are the hardware instructions (round to nearest even, like c10's).
 template <typename T> struct TypeTag { using type = T; };
 
 // Calls f(TypeTag<T>{}) with T the device type of a floating ATen dtype.
@@ -50,159 +37,6 @@ decltype(auto) dispatch_value_type(c10::ScalarType st, const char* op, F&& f) {
     case c10::ScalarType::Half: return f(TypeTag<__half>{});
     default: TORCH_CHECK(false, "memory.", op, ": unsupported dtype ", st);
   }
-}
-
-// float accumulation for every dtype but float64.
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v);
-template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-
-// ---------------------------------------------------------------------------------------
-// Vectors: N elements moved as one aligned access. The vector paths require the row
-// length in bytes and the base pointers to be multiples of the vector size; callers check
-// that and fall back to N == 1 otherwise.
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-// Elements per 16-byte access.
-template <typename T> constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
-
-template <int Bytes> struct RawWord;
-template <> struct RawWord<2> { using type = unsigned short; };
-template <> struct RawWord<4> { using type = unsigned int; };
-template <> struct RawWord<8> { using type = unsigned long long; };
-template <> struct RawWord<16> { using type = uint4; };
-
-// Read-only (non-coherent) load of an aligned vector: the data is never written while a
-// kernel runs, so the texture path is safe and keeps the L1 for reuse.
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> load_nc(const T* p) {
-  constexpr int kBytes = sizeof(T) * N;
-  static_assert(kBytes <= 16, "one load moves at most 16 bytes");
-  using W = typename RawWord<kBytes>::type;
-  const W w = __ldg(reinterpret_cast<const W*>(p));
-  Vec<T, N> out;
-  memcpy(&out, &w, kBytes);
-  return out;
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& v) {
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
-}
-
-template <typename T, int N>
-__device__ __forceinline__ Vec<T, N> zero_vec() {
-  Vec<T, N> out;
-  memset(&out, 0, sizeof(out));
-  return out;
-}
-
-// Widens element pairs of a bf16 vector word (low element first).
-__device__ __forceinline__ float bf16_lo(uint32_t word) { return __uint_as_float(word << 16); }
-__device__ __forceinline__ float bf16_hi(uint32_t word) { return __uint_as_float(word & 0xffff0000u); }
-
-// acc[e] += w * v[e]. bf16 widens by a shift of each 32-bit word (two elements), which
-// keeps the loaded words packed until used and so saves registers.
-template <typename T, int N>
-__device__ __forceinline__ void fma_vec(acc_t<T> (&acc)[N], acc_t<T> w, const Vec<T, N>& v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && N % 2 == 0) {
-    uint32_t words[N / 2];
-    memcpy(words, &v, sizeof(words));
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) {
-      acc[2 * i] = fmaf(w, bf16_lo(words[i]), acc[2 * i]);
-      acc[2 * i + 1] = fmaf(w, bf16_hi(words[i]), acc[2 * i + 1]);
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < N; ++e) acc[e] += w * to_acc(v.v[e]);
-  }
-}
-
-// acc + sum_e a[e] * b[e], in element order.
-template <typename T, int N>
-__device__ __forceinline__ acc_t<T> dot_vec(acc_t<T> acc, const Vec<T, N>& a, const Vec<T, N>& b) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && N % 2 == 0) {
-    uint32_t wa[N / 2], wb[N / 2];
-    memcpy(wa, &a, sizeof(wa));
-    memcpy(wb, &b, sizeof(wb));
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) {
-      acc = fmaf(bf16_lo(wa[i]), bf16_lo(wb[i]), acc);
-      acc = fmaf(bf16_hi(wa[i]), bf16_hi(wb[i]), acc);
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < N; ++e) acc += to_acc(a.v[e]) * to_acc(b.v[e]);
-  }
-  return acc;
-}
-
-// acc[e] += w * g[e] and dot += g[e] * v[e] in one sweep, so each widened element of g
-// dies right after its two uses (fewer live registers than two separate sweeps).
-template <typename T, int N>
-__device__ __forceinline__ void fma_dot_vec(acc_t<T> (&acc)[N], acc_t<T> w, const Vec<T, N>& g,
-                                            const Vec<T, N>& v, acc_t<T>& dot) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && N % 2 == 0) {
-    uint32_t wg[N / 2], wv[N / 2];
-    memcpy(wg, &g, sizeof(wg));
-    memcpy(wv, &v, sizeof(wv));
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) {
-      const float g0 = bf16_lo(wg[i]), g1 = bf16_hi(wg[i]);
-      acc[2 * i] = fmaf(w, g0, acc[2 * i]);
-      acc[2 * i + 1] = fmaf(w, g1, acc[2 * i + 1]);
-      dot = fmaf(g0, bf16_lo(wv[i]), dot);
-      dot = fmaf(g1, bf16_hi(wv[i]), dot);
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < N; ++e) {
-      const acc_t<T> ge = to_acc(g.v[e]);
-      acc[e] += w * ge;
-      dot += ge * to_acc(v.v[e]);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// Groups of G consecutive lanes (G a power of two <= 32) that work on one item. Shuffles
-// name only the group's own lanes, so groups of one warp may diverge freely.
-
-template <int G>
-__device__ __forceinline__ unsigned group_mask() {
-  static_assert(G >= 1 && G <= kWarpSize && (G & (G - 1)) == 0, "G must be a power of two <= 32");
-  if constexpr (G == kWarpSize) {
-    return 0xffffffffu;
-  } else {
-    const unsigned group = (threadIdx.x % kWarpSize) / G;
-    return ((1u << G) - 1u) << (group * G);
-  }
-}
-
-// Sum over the G lanes of a group; every lane gets the result. The butterfly order is
-// fixed, so the result depends only on the inputs.
-template <int G, typename A>
-__device__ __forceinline__ A group_sum(unsigned mask, A v) {
-#pragma unroll
-  for (int offset = G / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(mask, v, offset, G);
-  return v;
 }
 
 }  // namespace memory_ext::cuda

@@ -1,0 +1,51 @@
+// Plain parameter structs of the embedding_bag CUDA kernels, shared by the launchers and
+// the kernel headers. No torch types: the kernel headers stay compilable as host C++ for
+// the CPU emulation (tests/embedding_bag_emulate.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace memory_ext::cuda {
+
+struct ForwardArgs {
+  const void* values;   // (rows, dim) value type
+  const void* indices;  // (tokens, bag) int32 or int64
+  const void* weights;  // (tokens, bag) float32 or value type
+  void* out;            // (tokens, dim) value type
+  int64_t tokens, bag, rows, dim;
+  bool idx64;           // indices are int64
+  bool w_f32;           // weights are float32 (else the value type)
+  unsigned long long* first_bad;  // lowest bad flat position (atomicMin), or null
+};
+
+// A run (all lookups of one row) is cut into segments of at most kSegment sorted
+// positions; each segment is one work unit of the backward, so a hot row is summed by many
+// units in parallel and its partial sums are folded in segment order afterwards. The cut
+// points depend only on the data, so the summation order does too.
+constexpr int64_t kSegment = 512;
+
+// Exclusive prefix sums over runs (one entry per run, plus a total at the end).
+struct RunPlan {
+  uint32_t seg;        // first segment of the run
+  uint32_t long_slot;  // first partial-sum slot of the run (runs of more than one segment)
+  uint32_t long_rank;  // rank of the run among runs of more than one segment
+};
+
+struct BackwardArgs {
+  const void* grad_out;  // (tokens, dim) value type
+  const void* values;    // (rows, dim) value type
+  const void* weights;   // (tokens, bag) float32 or value type
+  void* weights_grad;    // (tokens, bag) weights' dtype, or null when not needed
+  const uint32_t* keys;
+  const uint32_t* positions;
+  const uint32_t* run_begin;
+  const RunPlan* plan;
+  int64_t* rows_out;     // (n_runs,)
+  void* rows_grad;       // (n_runs, dim) value type
+  void* partial;         // (n_long_slots, dim) accumulator type
+  uint32_t* long_runs;   // (n_long_runs,)
+  int64_t bag, dim, n_runs, n_segments, n_long_runs;
+  bool w_f32;
+};
+
+}  // namespace memory_ext::cuda
