@@ -40,7 +40,7 @@ VALUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # Row widths that reach every launch shape: sub-warp (1, 3, 8), warp (96, 1000), block
 # (4096 bf16), tiled (5000), and the scalar path (odd widths).
 DIMS = [1, 3, 8, 96, 1000, 4096, 5000]
-SEGMENT = 512  # positions per backward work unit (csrc/cuda/embedding_bag_cuda.h)
+SEGMENT = 512  # positions per backward work unit (kSegment, csrc/cuda/embedding_bag_params.h)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
 // Internal interface between the CUDA files of the embedding_bag family:
-//   embedding_bag.cu          ops (checks, allocation, index reports) and registration,
-//                             plus rows_to_dense;
+//   embedding_bag.cu          ops (checks, allocation, index reports), registration, and
+//                             the rows_to_dense launch;
 //   embedding_bag_forward.cu  the weighted gather;
 //   embedding_bag_sort.cu     grouping of lookups by row (radix sort, runs, segments);
 //   embedding_bag_backward.cu the one-pass sparse backward over those segments.
+// The kernels themselves live in torch-free headers (*_kernel.cuh, *_kernels.cuh) with
+// their parameter structs in embedding_bag_params.h, so the CPU emulation in
+// tests/embedding_bag_emulate.cpp compiles the same source.
 #pragma once
 
 #include <ATen/core/Tensor.h>
