@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import memory_ext
+from memory_ext import distributed as md
 from memory_ext.facts import FactSet
 from memory_ext.model import Decoder, DecoderConfig, flops_per_token, memory_placement
 from memory_ext.nn import clip_grad_norms, memory_usage, param_groups, track_usage, value_parameters
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-subset", type=int, default=512, help="questions scored during training")
     p.add_argument("--models", default="dense,memory+,dense-2x", help="comma-separated subset to train")
+    p.add_argument("--memory-parallel", type=int, default=1, metavar="P",
+                   help="column-shard the value table over memory groups of P ranks; launch with "
+                        "torchrun --nproc-per-node N (N a multiple of P); other weights are data-parallel")
     p.add_argument("--timing-rounds", type=int, default=10, help="interleaved steps timed per model at the end")
     return p.parse_args(argv)
 
@@ -61,7 +65,20 @@ def build(name: str, args: argparse.Namespace, vocab_size: int) -> Decoder:
         cfg.memory_layers = memory_placement(layers)
         cfg.memory = dict(n_keys=args.n_keys, heads=args.mem_heads, k=args.topk, qk_norm=args.qk_norm)
     torch.manual_seed(args.seed)
-    return Decoder(cfg).to(args.device)
+    if name == "memory+" and args.memory_group is not None:
+        # One pool for the three layers, its columns split over the memory group; average_grads
+        # makes its gradient the data-parallel mean, like DDP's for every other weight.
+        cfg.memory["values"] = memory_ext.MemoryValues(
+            args.n_keys**2, args.dim, device=args.device, process_group=args.memory_group
+        )
+        cfg.memory["values"].memory_shard.average_grads = True
+    model = Decoder(cfg).to(args.device)
+    if args.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        md.exclude_from_ddp(model)
+        model = DistributedDataParallel(model)
+    return model
 
 
 @torch.no_grad()
@@ -104,11 +121,16 @@ class Progress:
         print(("\r" if self.tty else "") + line, end="\n" if new_line else "", file=sys.stderr, flush=True)
 
 
-def train_step(model: Decoder, opt: torch.optim.Optimizer, batch: torch.Tensor) -> torch.Tensor:
-    """One step of next-token prediction on batch (batch, seq + 1); values and the rest clipped apart."""
+def train_step(model: Decoder, opt: torch.optim.Optimizer, batch: torch.Tensor, replica_group=None) -> torch.Tensor:
+    """One step of next-token prediction on batch (batch, seq + 1); values and the rest clipped apart.
+
+    With memory parallelism, sharded value slices are averaged over their replica group
+    (the ranks holding the same columns) before clipping."""
     loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1).float(), batch[:, 1:].flatten())
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if replica_group is not None:
+        md.sync_replica_grads(model, replica_group)
     clip_grad_norms(model, 1.0)
     opt.step()
     return loss.detach()
@@ -119,7 +141,7 @@ def train(name: str, model: Decoder, facts: FactSet, args: argparse.Namespace) -
     opt = torch.optim.AdamW(param_groups(model, args.lr, values_lr_scale=args.values_lr_scale), betas=(0.9, 0.95))
     base = [g["lr"] for g in opt.param_groups]
     subset = facts.questions()[:: max(1, len(facts.questions()) // args.eval_subset)][: args.eval_subset]
-    batches = facts.batches(args.batch, args.seq, seed=args.seed)
+    batches = facts.batches(args.batch, args.seq, seed=args.seed + args.rank)  # each rank its own data
     track_usage(model)
     curve, step_times, losses = [], [], []
     bar, t0, step = Progress(name), time.perf_counter(), 0
@@ -129,7 +151,7 @@ def train(name: str, model: Decoder, facts: FactSet, args: argparse.Namespace) -
         warm = min(1.0, (step + 1) / max(1, args.steps // 20))
         for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr * warm * max(0.1, 1.0 - frac)
-        losses.append(train_step(model, opt, next(batches).to(args.device)))
+        losses.append(train_step(model, opt, next(batches).to(args.device), args.replica_group))
         step += 1
         _sync(args.device)
         step_times.append(time.perf_counter() - ts)
@@ -156,7 +178,7 @@ def train(name: str, model: Decoder, facts: FactSet, args: argparse.Namespace) -
     return {
         "params": sum(p.numel() for p in model.parameters()) - n_values,
         "memory_params": n_values,
-        "flops_per_token": flops_per_token(model, args.seq),
+        "flops_per_token": flops_per_token(getattr(model, "module", model), args.seq),
         "steps": step,
         "seconds": time.perf_counter() - t0,
         "step_ms_in_training": 1000 * steady[len(steady) // 2],
@@ -173,7 +195,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(trained: dict, batch: torch.Tensor, device: str, rounds: int) -> dict[str, float]:
+def time_steps(trained: dict, batch: torch.Tensor, device: str, rounds: int, replica_group=None) -> dict[str, float]:
     """Median ms per training step, the models taking turns, so that load from other
     processes on a shared machine falls on all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in trained}
@@ -181,7 +203,7 @@ def time_steps(trained: dict, batch: torch.Tensor, device: str, rounds: int) -> 
         for name, (model, opt) in trained.items():
             _sync(device)
             start = time.perf_counter()
-            train_step(model, opt, batch)
+            train_step(model, opt, batch, replica_group)
             _sync(device)
             if r:  # round 0 warms up
                 times[name].append(1000 * (time.perf_counter() - start))
@@ -223,8 +245,28 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def setup_parallel(args: argparse.Namespace) -> None:
+    """Process groups for --memory-parallel (under torchrun); output from rank 0 only."""
+    args.world, args.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    args.memory_group = args.replica_group = None
+    if args.memory_parallel > 1 and args.world == 1:
+        raise SystemExit("--memory-parallel P needs P processes: torchrun --nproc-per-node P -m memory_ext.demo ...")
+    if args.world == 1:
+        return
+    import torch.distributed as dist
+
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    args.memory_group, args.replica_group = md.new_memory_groups(args.memory_parallel)
+    if args.rank != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    setup_parallel(args)
     facts = FactSet(args.entities, seed=args.seed)
     n_q = len(facts.questions())
     print(f"{args.entities} entities, {n_q} facts, vocabulary {len(facts.vocab)}; device {args.device}, "
@@ -237,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         trained[name] = (model, opt)
     # After the evaluations, so these extra steps change no reported accuracy.
     batch = next(facts.batches(args.batch, args.seq, seed=args.seed)).to(args.device)
-    for name, ms in time_steps(trained, batch, args.device, args.timing_rounds).items():
+    for name, ms in time_steps(trained, batch, args.device, args.timing_rounds, args.replica_group).items():
         results[name]["step_ms"] = ms
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -255,6 +297,9 @@ def main(argv: list[str] | None = None) -> dict:
     if {"dense", "memory+"} <= results.keys():
         report["memory_over_dense_step_time"] = results["memory+"]["step_ms"] / results["dense"]["step_ms"]
         print(f"Memory+ step time / dense step time: {report['memory_over_dense_step_time']:.2f}")
+    if args.rank != 0:
+        return report
+    report["config"] = {k: v for k, v in vars(args).items() if not k.endswith("_group")}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     if plot(results, out / "curves.png"):
         print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
