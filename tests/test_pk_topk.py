@@ -37,7 +37,8 @@ def check_topk(query, keys, k, scores, indices):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize(
     "tokens,heads,n_keys,half,k",
-    [(1, 1, 1, 1, 1), (7, 1, 5, 3, 5), (33, 4, 100, 16, 32), (20, 2, 64, 48, 7), (9, 3, 37, 8, 1), (5, 2, 300, 8, 256)],
+    [(1, 1, 1, 1, 1), (7, 1, 5, 3, 5), (33, 4, 100, 16, 32), (20, 2, 64, 48, 7), (9, 3, 37, 8, 1), (5, 2, 300, 8, 256),
+     (16, 2, 1024, 8, 32), (40, 4, 256, 16, 8), (24, 2, 128, 16, 16)],
 )
 def test_matches_bruteforce(device, dtype, tokens, heads, n_keys, half, k):
     query, keys = make_inputs(tokens, heads, n_keys, half, dtype, device)
@@ -52,6 +53,32 @@ def test_empty_tokens(device):
     query, keys = make_inputs(0, 4, 16, 8, torch.float32, device)
     scores, indices = ops.pk_topk(query, keys, 4)
     assert scores.shape == indices.shape == (0, 4, 4)
+
+
+@pytest.mark.parametrize("shape", ["heavy_tail", "outliers", "bimodal"])
+def test_skewed_score_distributions(device, shape):
+    # The CPU search guesses its filter bar from each row's mean and spread; rows far from
+    # normal must fall back to the exact bar and still give the exact top-k.
+    query, keys = make_inputs(64, 2, 256, 8, torch.float32, device, seed=3)
+    if shape == "heavy_tail":
+        keys = keys**3
+    elif shape == "outliers":
+        keys[:, :, ::37] *= 50
+    else:
+        keys[:, :, 128:] += 4 * query[0, :, :8].reshape(2, 1, 1, 8).sign()
+    scores, indices = ops.pk_topk(query, keys, 16)
+    check_topk(query, keys, 16, scores, indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_ranks_first_like_torch_topk(device, dtype):
+    query, keys = make_inputs(3, 2, 64, 8, dtype, device)
+    keys[1, 0, 5, 2] = float("nan")  # every pair (5, j) of head 1 scores NaN
+    scores, indices = ops.pk_topk(query, keys, 6)
+    assert torch.isnan(scores[:, 1]).all()
+    assert (indices[:, 1] // 64 == 5).all(), "the NaN pairs come first"
+    assert (indices[:, 1].diff(dim=-1) > 0).all(), "NaN ties are broken by lower index"
+    check_topk(query[:, :1], keys[:1], 6, scores[:, :1], indices[:, :1])
 
 
 def test_ties_are_broken_by_lower_index():

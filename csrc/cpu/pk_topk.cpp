@@ -10,6 +10,11 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
 #include "memory_ext/checks.h"
 #include "topk_select.h"
 
@@ -23,6 +28,7 @@ int64_t token_block(int64_t heads, int64_t n_keys) {
   return std::max<int64_t>(16, std::min<int64_t>(512, budget / std::max<int64_t>(1, 2 * heads * n_keys)));
 }
 
+// Generic path (float64 scores for gradcheck, or n_keys^2 beyond 32-bit indices).
 template <typename S>
 void select_block(const S* scores, int64_t block, int64_t heads, int64_t n_keys, int64_t k,
                   S* out_scores, int64_t* out_indices) {
@@ -51,6 +57,68 @@ void select_block(const S* scores, int64_t block, int64_t heads, int64_t n_keys,
   });
 }
 
+// A lower bound of the k-th best pair sum: the pairs (a, 0) and (0, b) are 2k - 1 distinct
+// candidates, and both runs of sums are non-increasing, so their k-th largest comes from a
+// two-pointer merge. -inf (no pruning) unless every half score is finite.
+float pair_bar(const float* s0, const float* s1, int64_t k) {
+  if (!std::isfinite(s0[0]) || !std::isfinite(s0[k - 1]) || !std::isfinite(s1[0]) || !std::isfinite(s1[k - 1]))
+    return -std::numeric_limits<float>::infinity();
+  int64_t a = 0, b = 1;
+  float kth = s0[0] + s1[0];
+  for (int64_t taken = 0; taken < k; ++taken) {
+    const float down = a < k ? s0[a] + s1[0] : -std::numeric_limits<float>::infinity();
+    const float right = b < k ? s0[0] + s1[b] : -std::numeric_limits<float>::infinity();
+    if (down >= right) {
+      kth = down;
+      ++a;
+    } else {
+      kth = right;
+      ++b;
+    }
+  }
+  return kth;
+}
+
+// float scores, n_keys^2 <= 2^32: packed 64-bit keys (topk_select.h), and the pair
+// candidates pruned by pair_bar before they are sorted.
+void select_block_packed(const float* scores, int64_t block, int64_t heads, int64_t n_keys, int64_t k,
+                         float* out_scores, int64_t* out_indices) {
+  at::parallel_for(0, block * heads, 4, [&](int64_t r0, int64_t r1) {
+    std::vector<uint64_t> half0(n_keys), half1(n_keys), cand;
+    std::vector<float> scratch, s0(k), s1(k);
+    std::vector<int64_t> i0(k), i1(k);
+    cand.reserve(static_cast<size_t>(k * (2 + std::log(double(k)))));
+    // Aim the guessed bar at ~1.3 k survivors; pointless when that is most of the row.
+    const double tail = 1.3 * double(k) / double(n_keys);
+    const float z_guess = tail < 0.25 ? cpu::upper_quantile(tail) : 0.0f;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t t = r / heads, h = r % heads;
+      cpu::select_top_packed(scores + ((h * 2) * block + t) * n_keys, n_keys, k, z_guess, half0.data(), scratch);
+      cpu::select_top_packed(scores + ((h * 2 + 1) * block + t) * n_keys, n_keys, k, z_guess, half1.data(), scratch);
+      for (int64_t j = 0; j < k; ++j) {
+        s0[j] = cpu::packed_score(half0[j]), i0[j] = cpu::packed_index(half0[j]) * n_keys;
+        s1[j] = cpu::packed_score(half1[j]), i1[j] = cpu::packed_index(half1[j]);
+      }
+      const float bar = pair_bar(s0.data(), s1.data(), k);
+      cand.clear();
+      for (int64_t a = 0; a < k; ++a) {
+        for (int64_t b = 0; (a + 1) * (b + 1) <= k; ++b) {
+          const float sum = s0[a] + s1[b];
+          if (sum < bar) break;  // sums fall along b
+          cand.push_back(cpu::pack_score(sum, uint32_t(i0[a] + i1[b])));
+        }
+      }
+      cpu::keep_best_packed(cand.data(), static_cast<int64_t>(cand.size()), k);
+      float* os = out_scores + r * k;
+      int64_t* oi = out_indices + r * k;
+      for (int64_t j = 0; j < k; ++j) {
+        os[j] = cpu::packed_score(cand[j]);
+        oi[j] = cpu::packed_index(cand[j]);
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at::Tensor& keys, int64_t k) {
   check_pk_topk_args(query, keys, k);
   const int64_t tokens = query.size(0), heads = query.size(1);
@@ -72,9 +140,17 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at
       const auto q = query.narrow(0, t0, bt).to(score_type).reshape({bt, heads * 2, half}).transpose(0, 1);
       auto s = buffer.narrow(0, 0, heads * 2 * bt * n_keys).view({heads * 2, bt, n_keys});
       at::bmm_out(s, q, keys_t);
-      select_block<scalar_t>(s.const_data_ptr<scalar_t>(), bt, heads, n_keys, k,
-                             scores.mutable_data_ptr<scalar_t>() + t0 * heads * k,
-                             indices.mutable_data_ptr<int64_t>() + t0 * heads * k);
+      scalar_t* out_scores = scores.mutable_data_ptr<scalar_t>() + t0 * heads * k;
+      int64_t* out_indices = indices.mutable_data_ptr<int64_t>() + t0 * heads * k;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (n_keys <= 65536) {
+          // (a no-op cast: this branch only runs for float, but it is compiled for every type)
+          select_block_packed(s.const_data_ptr<float>(), bt, heads, n_keys, k,
+                              reinterpret_cast<float*>(out_scores), out_indices);
+          continue;
+        }
+      }
+      select_block<scalar_t>(s.const_data_ptr<scalar_t>(), bt, heads, n_keys, k, out_scores, out_indices);
     }
   });
   return {scores, indices};
