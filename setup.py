@@ -56,14 +56,17 @@ def _sources(with_cuda):
 def _extension():
     with_cuda = _want_cuda()
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for in our kernels is an OpenMP pragma; without the flag it
+    # compiles to a serial loop and every CPU kernel runs on one thread.
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     define_macros = []
     if os.environ.get("MEMORY_EXT_DEBUG", "0") == "1":
-        cxx = ["-O0", "-g", "-std=c++20"]
+        cxx = ["-O0", "-g", "-std=c++20", "-fopenmp"]
     if not with_cuda:
         return cpp_extension.CppExtension(
             "memory_ext._C", _sources(False), include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx}, define_macros=define_macros)
+            extra_compile_args={"cxx": cxx}, extra_link_args=link, define_macros=define_macros)
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # torch's builder derives the arch list from the visible GPUs and fails without one.
@@ -81,7 +84,7 @@ def _extension():
             "-std=c++20"]
     return cpp_extension.CUDAExtension(
         "memory_ext._C", _sources(True), include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, define_macros=define_macros)
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link, define_macros=define_macros)
 
 
 setup(
