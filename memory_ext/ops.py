@@ -59,6 +59,11 @@ def pk_topk(query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
     scores: (tokens, heads, k) float32 (float64 for float64 inputs), descending, each
     q1 . K1[i] + q2 . K2[j]; indices: (tokens, heads, k) int64, i * n_keys + j.
     Differentiable in query and keys through the selected pairs.
+
+    Ties go to the lower index when the tied sums come from tied half-scores. Non-finite
+    half-scores: NaN ranks first (as in torch.topk), but which NaN pairs are returned, and
+    the order of sums equal only after rounding, are not specified; a +inf half-score met
+    by a -inf one is not reported as NaN.
     """
     return _ops.pk_topk(query, keys, k)
 
