@@ -9,4 +9,11 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  // The CPU kernels split work with at::parallel_for, an OpenMP pragma: compiled without
+  // OpenMP they would silently run on one thread.
+#ifdef _OPENMP
+  m.attr("with_openmp") = true;
+#else
+  m.attr("with_openmp") = false;
+#endif
 }

@@ -83,3 +83,10 @@ def test_import_does_not_initialise_cuda():
     code = "import torch, memory_ext; assert not torch.cuda.is_initialized(); print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_cpu_kernels_are_built_with_openmp():
+    # at::parallel_for is an OpenMP pragma: without OpenMP every CPU kernel is serial.
+    from memory_ext import _C
+
+    assert _C.with_openmp, "memory_ext was compiled without OpenMP; its CPU kernels would run on one thread"
