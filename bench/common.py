@@ -5,18 +5,15 @@ ceiling) and saves JSON with the machine, device, versions and commit.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from typing import Callable
 
 import torch
 
-import memory_ext
+from memory_ext.provenance import machine_info  # noqa: F401  (re-exported for the benchmarks)
 
 
 def sync(device: str) -> None:
@@ -52,47 +49,6 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
     ms = time_ms(lambda: dst.copy_(src), device, warmup=2, iters=9)
     del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def machine_info(device: str) -> dict:
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "memory_ext": memory_ext.__version__,
-        "cuda_kernels_built": memory_ext.cuda_kernels_built(),
-        "threads": torch.get_num_threads(),
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "device": device,
-        "commit": _commit(),
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -29,6 +28,7 @@ from memory_ext import distributed as md
 from memory_ext.facts import FactSet
 from memory_ext.model import Decoder, DecoderConfig, flops_per_token, memory_placement
 from memory_ext.nn import clip_grad_norms, memory_usage, param_groups, track_usage, value_parameters
+from memory_ext.provenance import machine_info
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -299,10 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     report = {
         "config": vars(args),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "memory_ext": memory_ext.__version__, "device": args.device,
-                    "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()},
+        "machine": machine_info(args.device),
         "questions": n_q,
         "models": results,
     }
