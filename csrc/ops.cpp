@@ -29,6 +29,15 @@ TORCH_LIBRARY(memory, m) {
   // indices: (tokens, heads, k) int64, i * n_keys + j.
   m.def("pk_topk(Tensor query, Tensor keys, int k) -> (Tensor scores, Tensor indices)");
 
+  // Lazy Adam(W) on the rows of a sparse gradient, in place (torch.optim.AdamW's update,
+  // applied only to rows[u]): param (n_rows, dim); exp_avg, exp_avg_sq (n_rows, dim)
+  // float32 (float64 for float64 params); rows (U,) int64 strictly ascending; rows_grad
+  // (U, dim) in param's dtype; step >= 1 is the optimizer step count for bias correction.
+  m.def(
+      "row_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, "
+      "Tensor rows_grad, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "int step) -> ()");
+
   // Index validation on devices where it costs a host synchronisation (CUDA); on by
   // default. Off, out-of-range lookups are skipped instead (csrc/index_checks.cpp).
   m.def("set_index_checks(bool enabled) -> ()");

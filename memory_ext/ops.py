@@ -17,6 +17,7 @@ __all__ = [
     "embedding_bag_backward",
     "rows_to_dense",
     "pk_topk",
+    "row_adam_",
     "set_index_checks",
     "index_checks_enabled",
     "index_checks",
@@ -66,6 +67,31 @@ def pk_topk(query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
     by a -inf one is not reported as NaN.
     """
     return _ops.pk_topk(query, keys, k)
+
+
+def row_adam_(
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    rows: Tensor,
+    rows_grad: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """In-place AdamW update of the rows of a sparse gradient (lazy Adam): only param rows
+    ``rows`` and their moments change.
+
+    param: (n_rows, dim); exp_avg, exp_avg_sq: (n_rows, dim) float32 (float64 for float64
+    params); rows: (U,) int64, strictly ascending; rows_grad: (U, dim) in param's dtype;
+    step >= 1 is the optimizer's step count (bias correction). torch.optim.AdamW's
+    per-element formula; no reductions, so results do not depend on threads.
+    """
+    _ops.row_adam_(param, exp_avg, exp_avg_sq, rows, rows_grad, lr, beta1, beta2, eps, weight_decay, step)
 
 
 def set_index_checks(enabled: bool) -> None:
@@ -134,6 +160,12 @@ def _embedding_bag_backward_fake(grad_out, values, indices, weights, need_weight
 def _rows_to_dense_fake(rows, rows_grad, n_rows):
     _check_same_device("rows_to_dense", rows=rows, rows_grad=rows_grad)
     return rows_grad.new_empty((n_rows, rows_grad.shape[1]))
+
+
+@torch.library.register_fake("memory::row_adam_")
+def _row_adam_fake(param, exp_avg, exp_avg_sq, rows, rows_grad, lr, beta1, beta2, eps, weight_decay, step):
+    _check_same_device("row_adam_", param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, rows=rows, rows_grad=rows_grad)
+    return None
 
 
 @torch.library.register_fake("memory::pk_topk")

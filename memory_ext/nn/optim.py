@@ -6,14 +6,46 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from memory_ext.nn.sparse_adam import SparseRowAdam
 from memory_ext.nn.values import MemoryValues
 
-__all__ = ["value_parameters", "param_groups", "clip_grad_norms"]
+__all__ = ["value_parameters", "param_groups", "clip_grad_norms", "sparse_value_optimizer"]
 
 
-def value_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of every MemoryValues in model, each once (a shared pool counts once)."""
-    return [p for m in model.modules() if isinstance(m, MemoryValues) for p in m.parameters()]
+def value_parameters(model: nn.Module, *, sparse: bool | None = None) -> list[nn.Parameter]:
+    """Parameters of every MemoryValues in model, each once (a shared pool counts once).
+
+    sparse=True keeps only tables built with sparse_grad=True, False only the others."""
+    params, seen = [], set()
+    for m in model.modules():
+        if isinstance(m, MemoryValues) and (sparse is None or m.sparse_grad == sparse):
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+    return params
+
+
+def sparse_value_optimizer(
+    model: nn.Module,
+    lr: float,
+    *,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> SparseRowAdam:
+    """A SparseRowAdam (lazy AdamW) over the value tables built with sparse_grad=True.
+
+    A step updates only the rows read in that step (their moments included), so its cost
+    follows the rows read, not the table size; rows not read keep their moments unchanged
+    instead of decaying them. No weight decay by default (the paper's values have none).
+    Use it next to an optimizer over ``param_groups(model, ...)``, which leaves these
+    tables out; scale its lr like the dense values group (10x by default) yourself.
+    """
+    params = value_parameters(model, sparse=True)
+    if not params:
+        raise ValueError("sparse_value_optimizer: the model has no MemoryValues built with sparse_grad=True")
+    return SparseRowAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def param_groups(
@@ -27,10 +59,12 @@ def param_groups(
     """Optimizer groups: "decay" (matrices), "no_decay" (biases, gains), "values" (lr * values_lr_scale).
 
     A schedule that scales every group's lr by the same factor keeps the values on the
-    same schedule at their own rate. Empty groups are left out.
+    same schedule at their own rate. Empty groups are left out. Tables built with
+    sparse_grad=True are left out entirely: dense optimizers cannot take their sparse
+    gradients (see sparse_value_optimizer).
     """
-    values = value_parameters(model)
-    is_value = {id(p) for p in values}
+    values = value_parameters(model, sparse=False)
+    is_value = {id(p) for p in value_parameters(model)}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad and id(p) not in is_value:
@@ -49,12 +83,17 @@ def _clip_(params: Iterable[nn.Parameter], max_norm: float, groups: dict) -> Ten
     groups maps id(param) -> process group of a column-sharded table, whose squared norm is
     summed over its ranks so that every rank clips by the same factor.
     """
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            # Layers sharing a pool add their sparse gradients by concatenation; the norm
+            # needs each row once.
+            p.grad = p.grad.coalesce()
     grads = [(p.grad, groups.get(id(p))) for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
     sq = torch.zeros((), dtype=torch.float32, device=grads[0][0].device)
     for g, pg in grads:
-        part = torch.linalg.vector_norm(g, dtype=torch.float32).square()
+        part = torch.linalg.vector_norm(g._values() if g.is_sparse else g, dtype=torch.float32).square()
         if pg is not None:
             torch.distributed.all_reduce(part, group=pg)
         sq = sq + part

@@ -19,6 +19,11 @@ class MemoryValues(nn.Module):
 
     With a ``process_group`` of more than one rank the table is split by columns over
     the group (``memory_ext.distributed``); ``dim`` stays the full width.
+
+    With ``sparse_grad=True`` the table's gradient is a sparse COO tensor holding only the
+    rows read in the step (what a table of millions of rows needs: no dense gradient is
+    ever written); train it with :func:`memory_ext.nn.sparse_value_optimizer`. That path
+    runs eagerly (not under ``torch.compile``) and not with a sharded table.
     """
 
     def __init__(
@@ -29,11 +34,15 @@ class MemoryValues(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         process_group=None,
+        sparse_grad: bool = False,
     ) -> None:
         super().__init__()
         if n_rows <= 0 or dim <= 0:
             raise ValueError(f"MemoryValues: n_rows and dim must be positive, got {n_rows} and {dim}")
         self.n_rows, self.dim, self.process_group = n_rows, dim, process_group
+        self.sparse_grad = bool(sparse_grad)
+        if self.sparse_grad and self.sharded:
+            raise ValueError("MemoryValues: sparse_grad is not supported for a table sharded over a process group")
         if self.sharded:
             from memory_ext import distributed
 
@@ -63,8 +72,37 @@ class MemoryValues(nn.Module):
         # The op takes float32 weights or the table's dtype; anything else goes via float32.
         if weights.dtype not in (torch.float32, self.weight.dtype):
             weights = weights.float()
+        if self.sparse_grad and torch.is_grad_enabled() and self.weight.requires_grad:
+            return _SparseGradBag.apply(self.weight, indices, weights)
         return ops.embedding_bag(self.weight, indices, weights)
 
     def extra_repr(self) -> str:
         group = "" if self.process_group is None else f", ranks={self.process_group.size()}"
-        return f"{self.n_rows}, {self.dim}, dtype={self.weight.dtype}{group}"
+        sparse = ", sparse_grad=True" if self.sparse_grad else ""
+        return f"{self.n_rows}, {self.dim}, dtype={self.weight.dtype}{group}{sparse}"
+
+
+class _SparseGradBag(torch.autograd.Function):
+    """embedding_bag whose table gradient is a coalesced sparse COO tensor of the touched rows.
+
+    The same kernels as the dense path (so the same bits per row); only rows_to_dense is
+    skipped. Layers sharing a pool get their sparse gradients summed by autograd."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(table, indices, weights)
+        return ops.embedding_bag(table, indices, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        table, indices, weights = ctx.saved_tensors
+        need_table, _, need_weights = ctx.needs_input_grad
+        rows, rows_grad, weights_grad = ops.embedding_bag_backward(
+            grad_out.contiguous(), table, indices, weights, need_weights
+        )
+        grad_table = None
+        if need_table:
+            grad_table = torch.sparse_coo_tensor(
+                rows.unsqueeze(0), rows_grad, table.shape, is_coalesced=True, check_invariants=False
+            )  # rows are unique, ascending and in range by construction
+        return grad_table, None, weights_grad if need_weights else None

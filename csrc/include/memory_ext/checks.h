@@ -67,6 +67,39 @@ inline void check_rows_to_dense_args(const at::Tensor& rows, const at::Tensor& r
   check_same_device("rows_to_dense", rows, "rows", rows_grad, "rows_grad");
 }
 
+// param (n_rows, dim) contiguous; moments like param in float32 (float64 for float64);
+// rows (U,) int64; rows_grad (U, dim) in param's dtype; all on one device.
+inline void check_row_adam_args(const at::Tensor& param, const at::Tensor& exp_avg,
+                                const at::Tensor& exp_avg_sq, const at::Tensor& rows,
+                                const at::Tensor& rows_grad, double beta1, double beta2,
+                                int64_t step) {
+  TORCH_CHECK(param.dim() == 2 && param.is_contiguous(),
+              "memory.row_adam_: param must be a contiguous 2-D tensor, got shape ", param.sizes());
+  TORCH_CHECK(at::isFloatingType(param.scalar_type()),
+              "memory.row_adam_: param must be floating point, got ", param.scalar_type());
+  const auto state_type = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&exp_avg, &exp_avg_sq}) {
+    TORCH_CHECK(t->sizes() == param.sizes() && t->is_contiguous() && t->scalar_type() == state_type,
+                "memory.row_adam_: exp_avg and exp_avg_sq must be contiguous ", state_type,
+                " tensors of param's shape ", param.sizes(), ", got ", t->scalar_type(), " ", t->sizes());
+    check_same_device("row_adam_", param, "param", *t, "optimizer state");
+  }
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong,
+              "memory.row_adam_: rows must be a 1-D int64 tensor, got ", rows.dim(), "-D ",
+              rows.scalar_type());
+  TORCH_CHECK(rows_grad.dim() == 2 && rows_grad.size(0) == rows.size(0) &&
+                  rows_grad.size(1) == param.size(1),
+              "memory.row_adam_: rows_grad must have shape (", rows.size(0), ", ", param.size(1),
+              "), got ", rows_grad.sizes());
+  TORCH_CHECK(rows_grad.scalar_type() == param.scalar_type(), "memory.row_adam_: rows_grad must have param's dtype ",
+              param.scalar_type(), ", got ", rows_grad.scalar_type());
+  check_same_device("row_adam_", param, "param", rows, "rows");
+  check_same_device("row_adam_", param, "param", rows_grad, "rows_grad");
+  TORCH_CHECK(0.0 <= beta1 && beta1 < 1.0 && 0.0 <= beta2 && beta2 < 1.0,
+              "memory.row_adam_: betas must be in [0, 1), got ", beta1, " and ", beta2);
+  TORCH_CHECK(step >= 1, "memory.row_adam_: step must be >= 1, got ", step);
+}
+
 // query (tokens, heads, 2 * half); keys (heads, 2, n_keys, half); 1 <= k <= n_keys.
 inline void check_pk_topk_args(const at::Tensor& query, const at::Tensor& keys, int64_t k) {
   TORCH_CHECK(query.dim() == 3, "memory.pk_topk: query must be 3-D (tokens, heads, 2 * half), got shape ",

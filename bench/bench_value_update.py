@@ -1,0 +1,99 @@
+"""One training step of a value table: lookup, backward, optimizer step.
+
+The step a memory layer's table takes every iteration, timed end to end: the weighted
+bag forward, its backward, and the optimizer update. memory_ext's dense path (the full
+table gradient and AdamW over every row) against its sparse path (MemoryValues with
+sparse_grad=True: a gradient of the rows read, and SparseRowAdam, lazy AdamW over those
+rows only in one fused pass), and torch's F.embedding_bag with AdamW or SparseAdam. Reported as tokens/s and as the
+bytes the step must move at least (rows read twice, their gradient and Adam state read
+and written once) per second, next to the copy bandwidth measured in the same run.
+
+    python bench/bench_value_update.py [--rows 1048576] [--dim 256] [--out bench/out/value_update.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import copy_bandwidth_gbs, machine_info, print_table, save_json, time_ms  # noqa: E402
+
+from memory_ext import MemoryValues  # noqa: E402
+from memory_ext.nn import SparseRowAdam  # noqa: E402
+
+
+def step_fn(lookup, table: torch.Tensor, optimizer: torch.optim.Optimizer, indices, weights, grad_out):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        lookup(table, indices, weights).backward(grad_out)
+        optimizer.step()
+
+    return step
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rows", type=int, default=1 << 20)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--bag", type=int, default=64, help="heads * k rows per token")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--out", default="bench/out/value_update.json")
+    args = p.parse_args()
+    dev = args.device
+    g = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, args.rows, (args.tokens, args.bag), generator=g).to(dev)
+    weights = torch.softmax(torch.randn(args.tokens, args.bag, generator=g), -1).to(dev)
+    grad_out = torch.randn(args.tokens, args.dim, generator=g).to(dev)
+    touched = int(indices.unique().numel())
+
+    info = machine_info(dev)
+    copy = copy_bandwidth_gbs(dev)
+    print(f"device {dev} ({info.get('gpu', info['cpu'])}), threads {info['threads']}, copy bandwidth {copy:.1f} GB/s; "
+          f"table {args.rows} x {args.dim} fp32, {args.tokens} tokens x {args.bag} rows, {touched} rows touched")
+    # Least bytes a step must move: the rows read in the forward and again in the backward,
+    # and for each touched row its gradient, parameter and two Adam moments read and written.
+    elem = 4
+    least_bytes = 2 * args.tokens * args.bag * args.dim * elem + touched * args.dim * elem * 7
+
+    def ours(sparse: bool):
+        values = MemoryValues(args.rows, args.dim, device=dev, sparse_grad=sparse)
+        return values, lambda table, i, w: values(i, w)
+
+    def torch_bag(sparse: bool):
+        table = torch.nn.Parameter(torch.randn(args.rows, args.dim, generator=g).to(dev) * args.dim**-0.5)
+        return table, lambda t, i, w: F.embedding_bag(i, t, mode="sum", per_sample_weights=w, sparse=sparse)
+
+    rows = []
+    for impl, make in (("memory_ext", ours), ("torch", torch_bag)):
+        for sparse in (True, False):
+            owner, lookup = make(sparse)
+            table = owner.weight if isinstance(owner, MemoryValues) else owner
+            if sparse and impl == "memory_ext":
+                opt = SparseRowAdam([table], lr=1e-3, betas=(0.9, 0.95))
+            elif sparse:
+                opt = torch.optim.SparseAdam([table], lr=1e-3, betas=(0.9, 0.95))
+            else:
+                opt = torch.optim.AdamW([table], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+            ms = time_ms(step_fn(lookup, table, opt, indices, weights, grad_out), dev, warmup=2, iters=args.iters)
+            rows.append(dict(impl=impl, update="sparse" if sparse else "dense", ms=ms,
+                             tokens_per_s=args.tokens / (ms * 1e-3), gbs=least_bytes / (ms * 1e-3) / 1e9,
+                             pct_copy=100 * least_bytes / (ms * 1e-3) / 1e9 / copy))
+            del owner, table, opt
+    ref = {(r["impl"], r["update"]): r["ms"] for r in rows}
+    for r in rows:
+        if r["impl"] == "memory_ext":
+            r["x_torch_same_update"] = ref[("torch", r["update"])] / r["ms"]
+            r["x_torch_dense"] = ref[("torch", "dense")] / r["ms"]
+    print_table(rows, ["impl", "update", "ms", "tokens_per_s", "gbs", "pct_copy", "x_torch_same_update", "x_torch_dense"])
+    save_json(args.out, dict(benchmark="value_update", machine=info, copy_gbs=copy, config=vars(args),
+                             touched_rows=touched, results=rows))
+
+
+if __name__ == "__main__":
+    main()
