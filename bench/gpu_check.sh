@@ -152,7 +152,7 @@ else
 fi
 
 # --- benchmarks ---------------------------------------------------------------------------
-for b in embedding_bag pk_topk; do
+for b in embedding_bag pk_topk value_update; do
   if [ -f "bench/bench_$b.py" ]; then
     step "py_bench_$b" 75 "$PY" "bench/bench_$b.py" --device cuda --out "$OUT/py_bench_$b.json"
   else
