@@ -57,12 +57,14 @@ def _extension():
     with_cuda = _want_cuda()
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # -fopenmp: at::parallel_for in our kernels is an OpenMP pragma; without the flag it
-    # compiles to a serial loop and every CPU kernel runs on one thread.
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
-    link = ["-fopenmp"]
+    # compiles to a serial loop and every CPU kernel runs on one thread. (GCC and clang on
+    # Linux; Apple's clang has no OpenMP, so macOS builds stay serial.)
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", *openmp]
+    link = list(openmp)
     define_macros = []
     if os.environ.get("MEMORY_EXT_DEBUG", "0") == "1":
-        cxx = ["-O0", "-g", "-std=c++20", "-fopenmp"]
+        cxx = ["-O0", "-g", "-std=c++20", *openmp]
     if not with_cuda:
         return cpp_extension.CppExtension(
             "memory_ext._C", _sources(False), include_dirs=include_dirs,
