@@ -89,9 +89,15 @@ def row_adam_(
     param: (n_rows, dim); exp_avg, exp_avg_sq: (n_rows, dim) float32 (float64 for float64
     params); rows: (U,) int64, strictly ascending; rows_grad: (U, dim) in param's dtype;
     step >= 1 is the optimizer's step count (bias correction). torch.optim.AdamW's
-    per-element formula; no reductions, so results do not depend on threads.
+    per-element formula; no reductions, so results do not depend on threads. Bumps the
+    version counters of the updated tensors (calling ``torch.ops.memory.row_adam_``
+    directly does not). The CPU kernel checks ``rows``; the CUDA kernel trusts them to be
+    unique (duplicates would race) and skips rows out of range.
     """
     _ops.row_adam_(param, exp_avg, exp_avg_sq, rows, rows_grad, lr, beta1, beta2, eps, weight_decay, step)
+    # Tell autograd the tensors changed, so that a graph which saved the table (a forward
+    # not yet backpropagated) raises instead of using the updated rows.
+    torch.autograd.graph.increment_version((param, exp_avg, exp_avg_sq))
 
 
 def set_index_checks(enabled: bool) -> None:

@@ -83,6 +83,7 @@ def _clip_(params: Iterable[nn.Parameter], max_norm: float, groups: dict) -> Ten
     groups maps id(param) -> process group of a column-sharded table, whose squared norm is
     summed over its ranks so that every rank clips by the same factor.
     """
+    params = list(params)
     for p in params:
         if p.grad is not None and p.grad.is_sparse:
             # Layers sharing a pool add their sparse gradients by concatenation; the norm

@@ -36,6 +36,22 @@ class SparseRowAdam(torch.optim.Optimizer):
             raise ValueError(f"SparseRowAdam: invalid lr {lr}, betas {betas}, eps {eps} or weight_decay {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the moments stay float32 (float64 for float64 tables): torch's
+        loader casts every state tensor to its parameter's dtype, which would round a bf16
+        table's moments to bf16 and stop the next step."""
+        moments = {
+            key: {name: value for name, value in state.items() if name in ("exp_avg", "exp_avg_sq")}
+            for key, state in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for key, saved in moments.items():
+            p = params[key]
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            for name, value in saved.items():
+                self.state[p][name] = value.to(device=p.device, dtype=dtype, copy=True)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
