@@ -262,3 +262,19 @@ def test_a_step_between_forward_and_backward_is_caught():
     opt.step()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_coalesced_skips_the_sort_only_when_rows_are_already_unique_and_ascending():
+    from memory_ext.nn.sparse_adam import coalesced
+
+    def sparse(rows):
+        rows = torch.tensor(rows)
+        return torch.sparse_coo_tensor(rows[None], torch.ones(len(rows), 2), (10, 2), check_invariants=True)
+
+    ordered = coalesced(sparse([1, 4, 7]))
+    assert ordered.is_coalesced() and ordered.indices()[0].tolist() == [1, 4, 7]
+    for rows in ([4, 1, 7], [1, 4, 4, 7]):  # unsorted; a repeated row
+        fixed = coalesced(sparse(rows))
+        assert fixed.is_coalesced()
+        assert torch.equal(fixed.to_dense(), sparse(rows).to_dense())
+        assert (fixed.indices()[0].diff() > 0).all()

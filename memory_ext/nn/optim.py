@@ -6,7 +6,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from memory_ext.nn.sparse_adam import SparseRowAdam
+from memory_ext.nn.sparse_adam import SparseRowAdam, coalesced
 from memory_ext.nn.values import MemoryValues
 
 __all__ = ["value_parameters", "param_groups", "clip_grad_norms", "sparse_value_optimizer"]
@@ -88,7 +88,7 @@ def _clip_(params: Iterable[nn.Parameter], max_norm: float, groups: dict) -> Ten
         if p.grad is not None and p.grad.is_sparse:
             # Layers sharing a pool add their sparse gradients by concatenation; the norm
             # needs each row once.
-            p.grad = p.grad.coalesce()
+            p.grad = coalesced(p.grad)
     grads = [(p.grad, groups.get(id(p))) for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())

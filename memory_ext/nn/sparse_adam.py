@@ -8,7 +8,23 @@ from torch import Tensor
 
 from memory_ext import ops
 
-__all__ = ["SparseRowAdam"]
+__all__ = ["SparseRowAdam", "coalesced"]
+
+
+def coalesced(grad: Tensor) -> Tensor:
+    """grad (sparse COO) with unique, ascending rows, without sorting when it has them already.
+
+    A table read by one layer gets a gradient whose rows are unique and ascending, but
+    autograd drops the tensor's coalesced flag when it stores it; checking the order costs
+    one pass over the row indices, where coalesce() would sort and copy every row."""
+    if grad.is_coalesced():
+        return grad
+    rows = grad._indices()[0]
+    if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+        return torch.sparse_coo_tensor(
+            grad._indices(), grad._values(), grad.shape, is_coalesced=True, check_invariants=False
+        )
+    return grad.coalesce()
 
 
 class SparseRowAdam(torch.optim.Optimizer):
@@ -67,7 +83,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                     raise ValueError(f"SparseRowAdam: parameters must be 2-D tables, got shape {tuple(p.shape)}")
                 grad = p.grad
                 if grad.is_sparse:
-                    grad = grad.coalesce()
+                    grad = coalesced(grad)
                     rows, rows_grad = grad.indices()[0], grad.values()
                 else:
                     rows, rows_grad = torch.arange(p.shape[0], device=p.device), grad
