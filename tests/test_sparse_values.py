@@ -278,3 +278,5 @@ def test_coalesced_skips_the_sort_only_when_rows_are_already_unique_and_ascendin
         assert fixed.is_coalesced()
         assert torch.equal(fixed.to_dense(), sparse(rows).to_dense())
         assert (fixed.indices()[0].diff() > 0).all()
+    with pytest.raises(ValueError, match="one sparse dimension"):
+        coalesced(torch.eye(3).to_sparse())

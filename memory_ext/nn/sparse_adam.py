@@ -17,6 +17,10 @@ def coalesced(grad: Tensor) -> Tensor:
     A table read by one layer gets a gradient whose rows are unique and ascending, but
     autograd drops the tensor's coalesced flag when it stores it; checking the order costs
     one pass over the row indices, where coalesce() would sort and copy every row."""
+    if grad.sparse_dim() != 1:
+        raise ValueError(
+            f"sparse row gradients must have one sparse dimension (the rows), got sparse_dim {grad.sparse_dim()}"
+        )
     if grad.is_coalesced():
         return grad
     rows = grad._indices()[0]
