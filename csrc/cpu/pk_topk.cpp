@@ -142,13 +142,12 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at
       at::bmm_out(s, q, keys_t);
       scalar_t* out_scores = scores.mutable_data_ptr<scalar_t>() + t0 * heads * k;
       int64_t* out_indices = indices.mutable_data_ptr<int64_t>() + t0 * heads * k;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (n_keys <= 65536) {
-          // (a no-op cast: this branch only runs for float, but it is compiled for every type)
-          select_block_packed(s.const_data_ptr<float>(), bt, heads, n_keys, k,
-                              reinterpret_cast<float*>(out_scores), out_indices);
-          continue;
-        }
+      // scalar_t is an alias inside the dispatch lambda, not a template parameter, so this
+      // branch is compiled for every type: the cast is a no-op where it runs (float).
+      if (std::is_same_v<scalar_t, float> && n_keys <= 65536) {
+        select_block_packed(s.const_data_ptr<float>(), bt, heads, n_keys, k,
+                            reinterpret_cast<float*>(out_scores), out_indices);
+        continue;
       }
       select_block<scalar_t>(s.const_data_ptr<scalar_t>(), bt, heads, n_keys, k, out_scores, out_indices);
     }

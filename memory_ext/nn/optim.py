@@ -16,14 +16,13 @@ def value_parameters(model: nn.Module, *, sparse: bool | None = None) -> list[nn
     """Parameters of every MemoryValues in model, each once (a shared pool counts once).
 
     sparse=True keeps only tables built with sparse_grad=True, False only the others."""
-    params, seen = [], set()
-    for m in model.modules():
-        if isinstance(m, MemoryValues) and (sparse is None or m.sparse_grad == sparse):
-            for p in m.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-    return params
+    # modules() yields a shared pool once, so each table appears once.
+    return [
+        p
+        for m in model.modules()
+        if isinstance(m, MemoryValues) and (sparse is None or m.sparse_grad == sparse)
+        for p in m.parameters()
+    ]
 
 
 def sparse_value_optimizer(
