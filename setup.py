@@ -15,6 +15,15 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _version():
+    # memory_ext/_version.py is the one home of the version; it is read, not imported,
+    # because importing memory_ext needs the library this script builds.
+    namespace = {}
+    with open(os.path.join(ROOT, "memory_ext", "_version.py")) as f:
+        exec(f.read(), namespace)
+    return namespace["__version__"]
+
+
 def _default_cuda_home():
     # torch guesses CUDA_HOME from the nvcc on PATH (/usr/local/bin -> /usr/local), which
     # breaks the link on machines where the toolkit lives in /usr/local/cuda.
@@ -91,7 +100,8 @@ def _extension():
 
 setup(
     name="memory_ext",
-    version="0.1.0",
+    version=_version(),
+    license="Apache-2.0",
     description="Fast, deterministic memory layers (product-key memory) for PyTorch",
     packages=find_packages(include=["memory_ext", "memory_ext.*"]),
     ext_modules=[_extension()],

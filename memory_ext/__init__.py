@@ -5,9 +5,11 @@ side of the ops (fake kernels, autograd), then the public API. It never initiali
 """
 import torch  # noqa: F401  (loads libc10/libtorch before our library)
 
-from memory_ext import _C  # noqa: F401  (registers torch.ops.memory.*)
-from memory_ext import ops
-from memory_ext.ops import embedding_bag, embedding_bag_backward, pk_topk, rows_to_dense
+from memory_ext import (
+    _C,  # noqa: F401  (registers torch.ops.memory.*)
+    ops,
+)
+from memory_ext._version import __version__
 from memory_ext.nn import (
     MemoryValues,
     ProductKeyMemory,
@@ -16,8 +18,7 @@ from memory_ext.nn import (
     param_groups,
     track_usage,
 )
-
-__version__ = "0.1.0"
+from memory_ext.ops import embedding_bag, embedding_bag_backward, pk_topk, rows_to_dense
 
 
 def cuda_kernels_built() -> bool:
@@ -26,6 +27,7 @@ def cuda_kernels_built() -> bool:
 
 
 __all__ = [
+    "__version__",
     "ops",
     "embedding_bag",
     "embedding_bag_backward",
