@@ -13,11 +13,12 @@ on one; a condition that is a plain bool raises ``InputError`` directly.
 """
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import sym_and, sym_eq, sym_or
 
 __all__ = [
     "InputError",
@@ -109,6 +110,22 @@ def _float(x: float) -> str:
     return f"{x:g}"
 
 
+# and / or / == that keep symbolic sizes symbolic (a Python `and` would guard on them);
+# on plain ints and bools they give plain bools.
+def _sym_and(*conds):
+    return functools.reduce(operator.and_, conds)
+
+
+def _sym_or(*conds):
+    return functools.reduce(operator.or_, conds)
+
+
+def _sym_eq(a, b):
+    if isinstance(a, tuple):
+        return len(a) == len(b) and _sym_and(True, *(x == y for x, y in zip(a, b, strict=True)))
+    return a == b
+
+
 def _require(cond, op: str, what: Callable[[], str]) -> None:
     if isinstance(cond, bool):
         if not cond:
@@ -141,7 +158,7 @@ def check_embedding_bag(
     )
     _require(indices.dim() == 2, op, lambda: f"indices must be 2-D (tokens, bag), got shape {_shape(indices.shape)}")
     _require(
-        sym_eq(tuple(weights.shape), tuple(indices.shape)), op,
+        _sym_eq(tuple(weights.shape), tuple(indices.shape)), op,
         lambda: f"weights must have the shape of indices {_shape(indices.shape)}, got {_shape(weights.shape)}",
     )
     _require(
@@ -159,7 +176,7 @@ def check_embedding_bag(
     _same_device(op, values, "values", indices, "indices")
     _same_device(op, values, "values", weights, "weights")
     _require(
-        sym_or(indices.shape[1] == 0, indices.shape[0] == 0, values.shape[0] > 0), op,
+        _sym_or(indices.shape[1] == 0, indices.shape[0] == 0, values.shape[0] > 0), op,
         lambda: "values has no rows but indices is not empty",
     )
 
@@ -170,7 +187,7 @@ def check_embedding_bag_backward(grad_out: Tensor, values: Tensor, indices: Tens
     op = "embedding_bag_backward"
     check_embedding_bag(op, values, indices, weights)
     _require(
-        grad_out.dim() == 2 and sym_and(grad_out.shape[0] == indices.shape[0], grad_out.shape[1] == values.shape[1]),
+        grad_out.dim() == 2 and _sym_and(grad_out.shape[0] == indices.shape[0], grad_out.shape[1] == values.shape[1]),
         op,
         lambda: f"grad_out must have shape (tokens, dim) = ({_int(indices.shape[0])}, {_int(values.shape[1])}), "
         f"got {_shape(grad_out.shape)}",
@@ -180,7 +197,7 @@ def check_embedding_bag_backward(grad_out: Tensor, values: Tensor, indices: Tens
     )
     _same_device(op, values, "values", grad_out, "grad_out")
     _require(
-        sym_and(indices.numel() < 2**32, values.shape[0] < 2**32), op,
+        _sym_and(indices.numel() < 2**32, values.shape[0] < 2**32), op,
         lambda: f"more than 2^32 lookups or rows are not supported, got {_int(indices.numel())} lookups and "
         f"{_int(values.shape[0])} rows",
     )
@@ -194,7 +211,7 @@ def check_rows_to_dense(rows: Tensor, rows_grad: Tensor, n_rows) -> None:
         lambda: f"rows must be a 1-D int64 tensor, got {rows.dim()}-D {dtype_name(rows.dtype)}",
     )
     _require(
-        rows_grad.dim() == 2 and sym_eq(rows_grad.shape[0], rows.shape[0]), op,
+        rows_grad.dim() == 2 and _sym_eq(rows_grad.shape[0], rows.shape[0]), op,
         lambda: f"rows_grad must have shape ({_int(rows.shape[0])}, dim), got {_shape(rows_grad.shape)}",
     )
     _require(n_rows >= 0, op, lambda: f"n_rows must be >= 0, got {_int(n_rows)}")
@@ -219,7 +236,7 @@ def check_row_adam(
     state = accumulation_dtype(param.dtype)
     for t in (exp_avg, exp_avg_sq):
         _require(
-            sym_and(sym_eq(tuple(t.shape), tuple(param.shape)), t.is_contiguous(), t.dtype == state), op,
+            _sym_and(_sym_eq(tuple(t.shape), tuple(param.shape)), t.is_contiguous(), t.dtype == state), op,
             lambda t=t: f"exp_avg and exp_avg_sq must be contiguous {dtype_name(state)} tensors of param's shape "
             f"{_shape(param.shape)}, got {dtype_name(t.dtype)} {_shape(t.shape)}",
         )
@@ -229,7 +246,7 @@ def check_row_adam(
         lambda: f"rows must be a 1-D int64 tensor, got {rows.dim()}-D {dtype_name(rows.dtype)}",
     )
     _require(
-        rows_grad.dim() == 2 and sym_and(rows_grad.shape[0] == rows.shape[0], rows_grad.shape[1] == param.shape[1]),
+        rows_grad.dim() == 2 and _sym_and(rows_grad.shape[0] == rows.shape[0], rows_grad.shape[1] == param.shape[1]),
         op,
         lambda: f"rows_grad must have shape ({_int(rows.shape[0])}, {_int(param.shape[1])}), "
         f"got {_shape(rows_grad.shape)}",
@@ -256,18 +273,18 @@ def check_pk_topk(query: Tensor, keys: Tensor, k: int) -> None:
         query.dim() == 3, op, lambda: f"query must be 3-D (tokens, heads, 2 * half), got shape {_shape(query.shape)}"
     )
     _require(
-        keys.dim() == 4 and sym_eq(keys.shape[1], 2), op,
+        keys.dim() == 4 and _sym_eq(keys.shape[1], 2), op,
         lambda: f"keys must be 4-D (heads, 2, n_keys, half), got shape {_shape(keys.shape)}",
     )
     _require(
         query.shape[2] % 2 == 0, op, lambda: f"query width must be even (two halves), got {_int(query.shape[2])}"
     )
     _require(
-        sym_eq(query.shape[1], keys.shape[0]), op,
+        _sym_eq(query.shape[1], keys.shape[0]), op,
         lambda: f"query has {_int(query.shape[1])} heads but keys has {_int(keys.shape[0])}",
     )
     _require(
-        sym_eq(query.shape[2] // 2, keys.shape[3]), op,
+        _sym_eq(query.shape[2] // 2, keys.shape[3]), op,
         lambda: f"query half width {_int(query.shape[2] // 2)} does not match the sub-key width {_int(keys.shape[3])}",
     )
     _require(
@@ -280,17 +297,17 @@ def check_pk_topk(query: Tensor, keys: Tensor, k: int) -> None:
     )
     _same_device(op, query, "query", keys, "keys")
     _require(
-        sym_and(k >= 1, k <= keys.shape[2]), op, lambda: f"k must be in [1, n_keys = {_int(keys.shape[2])}], got {_int(k)}"
+        _sym_and(k >= 1, k <= keys.shape[2]), op, lambda: f"k must be in [1, n_keys = {_int(keys.shape[2])}], got {_int(k)}"
     )
     if query.device.type == "cuda":
         # The CUDA kernel's own limits, checked after its early return for empty outputs.
         tokens, heads, n_keys, half = query.shape[0], query.shape[1], keys.shape[2], keys.shape[3]
-        empty = sym_or(tokens == 0, heads == 0)
+        empty = _sym_or(tokens == 0, heads == 0)
         _require(
-            sym_or(empty, n_keys <= 65536), op,
+            _sym_or(empty, n_keys <= 65536), op,
             lambda: f"the CUDA kernel supports n_keys <= 65536, got {_int(n_keys)}",
         )
         _require(
-            sym_or(empty, heads <= 65535), op, lambda: f"the CUDA kernel supports heads <= 65535, got {_int(heads)}"
+            _sym_or(empty, heads <= 65535), op, lambda: f"the CUDA kernel supports heads <= 65535, got {_int(heads)}"
         )
-        _require(sym_or(empty, half <= 2**24), op, lambda: f"half width too large, got {_int(half)}")
+        _require(_sym_or(empty, half <= 2**24), op, lambda: f"half width too large, got {_int(half)}")
