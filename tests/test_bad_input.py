@@ -200,17 +200,29 @@ def test_fake_kernel_rejects_alike(op, build, message, mode):
         assert _raised(compiled, *args) == message
 
 
-def test_mixed_devices_reach_the_cuda_kernels_alike():
+def _on_cuda(a):
+    # CPU tensors go to the GPU and meta ones become CPU tensors (zeros: valid indices).
+    if not isinstance(a, torch.Tensor):
+        return a
+    if a.device.type == "meta":
+        return torch.zeros(a.shape, dtype=a.dtype)
+    return a.cuda()
+
+
+@pytest.mark.parametrize("op,build,message", CASES)
+def test_cuda_kernel_rejects_like_the_fake_kernel(op, build, message):
+    # The CUDA kernels get the same checks; mixed-device cases become CUDA + CPU, where
+    # the real kernel (not the meta one) answers.
     from conftest import CUDA_SKIP
 
     if CUDA_SKIP is not None:
         pytest.skip(CUDA_SKIP)
-    values = torch.randn(10, 4, device="cuda")
-    indices = torch.randint(0, 10, (3, 2))
+    args = [_on_cuda(a) for a in build()]
     with FakeTensorMode() as fake:
-        fake_message = _raised(M.embedding_bag, fake.from_tensor(values), fake.from_tensor(indices), torch.rand(3, 2))
-    assert _raised(M.embedding_bag, values, indices, torch.rand(3, 2, device="cuda")) == fake_message
-    assert fake_message == "memory.embedding_bag: values and indices must be on the same device, got cuda:0 and cpu"
+        fake_message = _raised(getattr(M, op), *[fake.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    assert _raised(getattr(M, op), *args) == fake_message
+    if not _mixed_devices(build()):
+        assert fake_message == message
 
 
 @pytest.mark.parametrize(
