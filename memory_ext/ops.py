@@ -1,8 +1,10 @@
 """Typed wrappers of ``torch.ops.memory.*``, with their fake kernels and autograd.
 
 The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda; this module
-adds what ``torch.compile`` (fake kernels) and autograd need. Gradients are computed by
-the library's own atomic-free kernels, so they are bitwise reproducible.
+adds what ``torch.compile`` (fake kernels) and autograd need. The fake kernels run the
+ops' argument checks (memory_ext._checks), so a bad call fails while tracing with the
+message the kernel would give. Gradients are computed by the library's own atomic-free
+kernels, so they are bitwise reproducible.
 """
 from __future__ import annotations
 
