@@ -1,8 +1,10 @@
 """Typed wrappers of ``torch.ops.memory.*``, with their fake kernels and autograd.
 
 The schemas live in csrc/ops.cpp and the kernels in csrc/cpu and csrc/cuda; this module
-adds what ``torch.compile`` (fake kernels) and autograd need. Gradients are computed by
-the library's own atomic-free kernels, so they are bitwise reproducible.
+adds what ``torch.compile`` (fake kernels) and autograd need. The fake kernels run the
+ops' argument checks (memory_ext._checks), so a bad call fails while tracing with the
+message the kernel would give. Gradients are computed by the library's own atomic-free
+kernels, so they are bitwise reproducible.
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+
+from memory_ext import _checks
+from memory_ext._checks import accumulation_dtype
 
 __all__ = [
     "embedding_bag",
@@ -21,6 +26,7 @@ __all__ = [
     "set_index_checks",
     "index_checks_enabled",
     "index_checks",
+    "accumulation_dtype",
 ]
 
 _ops = torch.ops.memory
@@ -42,8 +48,9 @@ def embedding_bag_backward(
     """Sparse backward of embedding_bag in one pass over the touched rows.
 
     grad_out: (tokens, dim) -> rows: (U,) int64 unique touched rows, ascending;
-    rows_grad: (U, dim) values' dtype; weights_grad: (tokens, bag) weights' dtype, or (0,)
-    when need_weights_grad is False.
+    rows_grad: (U, dim) values' dtype, each row summed in input order in float32 (float64
+    for float64); weights_grad: (tokens, bag) weights' dtype, or (0,) when
+    need_weights_grad is False.
     """
     return _ops.embedding_bag_backward(grad_out, values, indices, weights, need_weights_grad)
 
@@ -118,7 +125,10 @@ def index_checks_enabled() -> bool:
 
 @contextlib.contextmanager
 def index_checks(enabled: bool) -> Iterator[None]:
-    """Context manager: index validation on or off inside the block, restored after."""
+    """Context manager: index validation on or off inside the block, restored after.
+
+    ``with memory_ext.ops.index_checks(False): out = memory_ext.ops.embedding_bag(...)``
+    """
     previous = index_checks_enabled()
     set_index_checks(enabled)
     try:
@@ -128,30 +138,20 @@ def index_checks(enabled: bool) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------
-# Fake kernels: shapes and dtypes only, for torch.compile and meta tensors.
-
-
-def _check_same_device(op: str, **tensors: Tensor) -> None:
-    (first_name, first), *rest = tensors.items()
-    for name, t in rest:
-        torch._check(
-            t.device == first.device,
-            lambda: f"memory.{op}: {first_name} and {name} must be on the same device, "
-            f"got {first.device} and {t.device}",
-        )
+# Fake kernels: shapes and dtypes only, for torch.compile and meta tensors. Each runs the
+# op's argument checks first (memory_ext._checks: the kernels' checks and messages), so
+# that a bad call fails at trace time with the error the real kernel would raise.
 
 
 @torch.library.register_fake("memory::embedding_bag")
 def _embedding_bag_fake(values, indices, weights):
-    _check_same_device("embedding_bag", values=values, indices=indices, weights=weights)
-    torch._check(values.dim() == 2, lambda: "memory.embedding_bag: values must be 2-D")
-    torch._check(indices.dim() == 2, lambda: "memory.embedding_bag: indices must be 2-D")
+    _checks.check_embedding_bag("embedding_bag", values, indices, weights)
     return values.new_empty((indices.shape[0], values.shape[1]))
 
 
 @torch.library.register_fake("memory::embedding_bag_backward")
 def _embedding_bag_backward_fake(grad_out, values, indices, weights, need_weights_grad):
-    _check_same_device("embedding_bag_backward", values=values, indices=indices, weights=weights, grad_out=grad_out)
+    _checks.check_embedding_bag_backward(grad_out, values, indices, weights)
     n_unique = torch.library.get_ctx().new_dynamic_size()
     rows = indices.new_empty((n_unique,), dtype=torch.int64)
     rows_grad = values.new_empty((n_unique, values.shape[1]))
@@ -164,23 +164,21 @@ def _embedding_bag_backward_fake(grad_out, values, indices, weights, need_weight
 
 @torch.library.register_fake("memory::rows_to_dense")
 def _rows_to_dense_fake(rows, rows_grad, n_rows):
-    _check_same_device("rows_to_dense", rows=rows, rows_grad=rows_grad)
+    _checks.check_rows_to_dense(rows, rows_grad, n_rows)
     return rows_grad.new_empty((n_rows, rows_grad.shape[1]))
 
 
 @torch.library.register_fake("memory::row_adam_")
 def _row_adam_fake(param, exp_avg, exp_avg_sq, rows, rows_grad, lr, beta1, beta2, eps, weight_decay, step):
-    _check_same_device("row_adam_", param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, rows=rows, rows_grad=rows_grad)
+    _checks.check_row_adam(param, exp_avg, exp_avg_sq, rows, rows_grad, beta1, beta2, step)
     return None
 
 
 @torch.library.register_fake("memory::pk_topk")
 def _pk_topk_fake(query, keys, k):
-    _check_same_device("pk_topk", query=query, keys=keys)
-    torch._check(query.dim() == 3, lambda: "memory.pk_topk: query must be 3-D")
-    score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    _checks.check_pk_topk(query, keys, k)
     shape = (query.shape[0], query.shape[1], k)
-    return query.new_empty(shape, dtype=score_dtype), query.new_empty(shape, dtype=torch.int64)
+    return query.new_empty(shape, dtype=accumulation_dtype(query.dtype)), query.new_empty(shape, dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,8 +224,7 @@ def _pk_topk_grad(ctx, grad_scores, _grad_indices):
     idx1 = head_base + torch.div(indices, n_keys, rounding_mode="floor")
     idx2 = head_base + n_keys + torch.remainder(indices, n_keys)
     bag_idx = torch.stack((idx1, idx2), dim=2).reshape(tokens * heads * 2, k)
-    weight_dtype = torch.float32 if keys.dtype != torch.float64 else torch.float64
-    bag_w = grad_scores.to(weight_dtype).unsqueeze(2).expand(tokens, heads, 2, k)
+    bag_w = grad_scores.to(accumulation_dtype(keys.dtype)).unsqueeze(2).expand(tokens, heads, 2, k)
     bag_w = bag_w.reshape(tokens * heads * 2, k)
     grad_query = grad_keys = None
     if ctx.needs_input_grad[0]:

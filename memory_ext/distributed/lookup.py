@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from memory_ext._checks import InputError, accumulation_dtype, check_embedding_bag
 from memory_ext.distributed.comm import all_gather_fixed, all_gather_rows, all_to_all_flat
 from memory_ext.distributed.layout import ColumnShard, shard_of
 
@@ -39,16 +40,6 @@ _DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.in
 ) = range(16)
 _N_FIELDS = 16
 
-# Local input problems, sent as codes so that every rank can raise, not only the bad one.
-_ERRORS = {
-    1: "indices must be 2-D (tokens, bag)",
-    2: "weights must have the shape of indices",
-    3: "indices must be int64 or int32",
-    4: "weights must be floating point",
-    5: "indices and weights must be on the table's device",
-}
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What every rank agreed on for one lookup."""
@@ -63,18 +54,20 @@ def _dtype_code(dtype: torch.dtype) -> int:
     return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
 
 
-def _local_error(weight: Tensor, indices: Tensor, weights: Tensor) -> tuple[int, str]:
-    if indices.dim() != 2:
-        return 1, f"indices {tuple(indices.shape)}"
-    if weights.shape != indices.shape:
-        return 2, f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)}"
-    if indices.dtype not in (torch.int64, torch.int32):
-        return 3, f"{indices.dtype}"
-    if not weights.is_floating_point():
-        return 4, f"{weights.dtype}"
-    if indices.device != weight.device or weights.device != weight.device:
-        return 5, f"table on {weight.device}, indices on {indices.device}, weights on {weights.device}"
-    return 0, ""
+def _local_error(weight: Tensor, indices: Tensor, weights: Tensor) -> tuple[int, tuple[bytes, torch.device]]:
+    """This rank's check of its own inputs: (length in bytes of its error message, 0 when the
+    inputs are valid; (the message in UTF-8, the device of the group's collectives)).
+
+    The inputs get embedding_bag's own argument checks, with the weights in the dtype the
+    local lookup sees (floating weights are converted to _compute_dtype first).
+    """
+    weights_dtype = _compute_dtype(weight) if weights.is_floating_point() else weights.dtype
+    try:
+        check_embedding_bag("sharded_lookup", weight, indices, weights, weights_dtype=weights_dtype)
+    except InputError as err:
+        message = err.what.encode()
+        return len(message), (message, weight.device)
+    return 0, (b"", weight.device)
 
 
 def _exchange_metadata(shard: ColumnShard, weight: Tensor, indices: Tensor, weights: Tensor) -> _Plan:
@@ -122,17 +115,24 @@ def _disagree(rows: list[list[int]], f: int, what: str, show=lambda v: v) -> Non
         raise ValueError(f"memory.sharded_lookup: ranks of the memory group disagree on {what}, got {per_rank}")
 
 
-def _check(shard: ColumnShard, rows: list[list[int]], my_detail: str) -> None:
-    me = shard.group_rank
+def _check(shard: ColumnShard, rows: list[list[int]], mine: tuple[bytes, torch.device]) -> None:
     if any(r[_F_MAGIC] != _MAGIC for r in rows):
         raise ValueError(
             "memory.sharded_lookup: a rank of the group joined this lookup from another collective, got "
             + ", ".join(f"rank {p}: {r[_F_MAGIC]:#x}" for p, r in enumerate(rows))
         )
-    for p, r in enumerate(rows):
-        if r[_F_ERROR]:
-            got = my_detail if p == me else "other inputs on that rank (its own error shows them)"
-            raise ValueError(f"memory.sharded_lookup: group rank {p}: {_ERRORS[r[_F_ERROR]]}, got {got}")
+    lengths = [r[_F_ERROR] for r in rows]
+    if any(lengths):
+        # Some rank's inputs failed their checks; the metadata carried the length of each
+        # rank's message, so one more gather (bounded by the shard's timeout) brings the
+        # messages themselves and every rank raises the first failing rank's own words.
+        message, device = mine
+        local = torch.tensor(list(message), dtype=torch.uint8, device=device)
+        gathered = bytes(all_gather_rows(local, lengths, shard.group, shard.timeout, "error_messages").tolist())
+        p = next(p for p, n in enumerate(lengths) if n)
+        start = sum(lengths[:p])
+        what = gathered[start : start + lengths[p]].decode(errors="replace")
+        raise ValueError(f"memory.sharded_lookup: group rank {p}: {what}")
     _disagree(rows, _F_GROUP, "the process group (group members differ)")
     _disagree(rows, _F_CALL, "the number of lookups so far (a rank skipped or added a call)")
     _disagree(rows, _F_N_ROWS, "the table's number of rows")
@@ -164,7 +164,7 @@ def _check(shard: ColumnShard, rows: list[list[int]], my_detail: str) -> None:
 def _compute_dtype(weight: Tensor) -> torch.dtype:
     # Partial weight gradients are summed across ranks, so they travel in the accumulation
     # dtype (float32, float64 for float64 tables) and are rounded once at the end.
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return accumulation_dtype(weight.dtype)
 
 
 class _ShardedLookup(torch.autograd.Function):

@@ -68,7 +68,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for key, saved in moments.items():
             p = params[key]
-            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            dtype = ops.accumulation_dtype(p.dtype)
             for name, value in saved.items():
                 self.state[p][name] = value.to(device=p.device, dtype=dtype, copy=True)
 
@@ -93,7 +93,7 @@ class SparseRowAdam(torch.optim.Optimizer):
                     rows, rows_grad = torch.arange(p.shape[0], device=p.device), grad
                 state = self.state[p]
                 if not state:
-                    moment_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+                    moment_dtype = ops.accumulation_dtype(p.dtype)
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros(p.shape, dtype=moment_dtype, device=p.device)
                     state["exp_avg_sq"] = torch.zeros(p.shape, dtype=moment_dtype, device=p.device)

@@ -1,0 +1,313 @@
+"""Argument checks of every op, once, in Python, with the messages of the C++ kernels.
+
+csrc/include/memory_ext/checks.h and the op prologues in csrc/cpu and csrc/cuda reject bad
+arguments of the real kernels; the functions here reject the same arguments with the same
+messages where no real kernel runs: in the fake kernels (torch.compile, FakeTensorMode,
+meta tensors) and in the sharded lookup's local validation. They read metadata only
+(shapes, dtypes, devices, contiguity); checks that need the data (index range, rows
+ascending) stay in the kernels.
+
+Sizes may be symbolic under a dynamic torch.compile, so a condition that involves a size
+goes through ``torch._check``, which neither guards on an unbacked size nor fails spuriously
+on one; a condition that is a plain bool raises ``InputError`` directly.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "InputError",
+    "accumulation_dtype",
+    "dtype_name",
+    "check_embedding_bag",
+    "check_embedding_bag_backward",
+    "check_rows_to_dense",
+    "check_row_adam",
+    "check_pk_topk",
+]
+
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# c10::ScalarType names (how the C++ kernels print a dtype) where they differ from the
+# capitalised Python name.
+_CPP_DTYPE_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+    torch.complex32: "ComplexHalf",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+    torch.qint8: "QInt8",
+    torch.quint8: "QUInt8",
+    torch.qint32: "QInt32",
+    torch.quint4x2: "QUInt4x2",
+    torch.quint2x4: "QUInt2x4",
+}
+
+
+class InputError(RuntimeError):
+    """A rejected argument: ``memory.<op>: <what>`` (a RuntimeError, as the kernels raise).
+
+    ``op`` and ``what`` are kept apart so that a caller can report the problem under its
+    own name (the sharded lookup does).
+    """
+
+    def __init__(self, op: str, what: str) -> None:
+        super().__init__(f"memory.{op}: {what}")
+        self.op = op
+        self.what = what
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in for ``dtype`` inputs: float64 for float64, else float32.
+
+    Also the dtype of pk_topk's scores, of row_adam_'s moments and of weights summed
+    across ranks by the sharded lookup.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``dtype`` as the C++ kernels print it (its c10::ScalarType name): Float, BFloat16, Long."""
+    name = _CPP_DTYPE_NAMES.get(dtype)
+    if name is not None:
+        return name
+    # float8_e4m3fn -> Float8_e4m3fn, uint16 -> UInt16, bcomplex32 -> BComplex32, int4 -> Int4
+    short = str(dtype).removeprefix("torch.")
+    for prefix, cpp in (("uint", "UInt"), ("bcomplex", "BComplex")):
+        if short.startswith(prefix):
+            return cpp + short[len(prefix):]
+    return short[:1].upper() + short[1:]
+
+
+def _int(v) -> str:
+    # A failing check prints the size it saw: the trace-time value of a backed symbol.
+    if isinstance(v, torch.SymInt):
+        hint = v.node.hint
+        return str(hint) if hint is not None else str(v)
+    return str(v)
+
+
+def _shape(shape: Sequence) -> str:
+    """A shape as c10 prints IntArrayRef: [3, 2]."""
+    return "[" + ", ".join(_int(s) for s in shape) + "]"
+
+
+def _float(x: float) -> str:
+    """A double as C++ streams print it (6 significant digits): 0.9, 1, 1e-08."""
+    return f"{x:g}"
+
+
+# and / or / == that keep symbolic sizes symbolic (a Python `and` would guard on them);
+# on plain ints and bools they give plain bools.
+def _sym_and(*conds):
+    return functools.reduce(operator.and_, conds)
+
+
+def _sym_or(*conds):
+    return functools.reduce(operator.or_, conds)
+
+
+def _sym_eq(a, b):
+    if isinstance(a, tuple):
+        return len(a) == len(b) and _sym_and(True, *(x == y for x, y in zip(a, b, strict=True)))
+    return a == b
+
+
+def _require(cond, op: str, what: Callable[[], str]) -> None:
+    if isinstance(cond, bool):
+        if not cond:
+            raise InputError(op, what())
+    else:
+        torch._check(cond, lambda: f"memory.{op}: {what()}")
+
+
+def _same_device(op: str, a: Tensor, a_name: str, b: Tensor, b_name: str) -> None:
+    _require(
+        a.device == b.device,
+        op,
+        lambda: f"{a_name} and {b_name} must be on the same device, got {a.device} and {b.device}",
+    )
+
+
+def check_embedding_bag(
+    op: str, values: Tensor, indices: Tensor, weights: Tensor, *, weights_dtype: torch.dtype | None = None
+) -> None:
+    """check_embedding_bag_args of checks.h: values (rows, dim) float; indices (tokens, bag)
+    int32/int64; weights (tokens, bag) float32 or the values' dtype; one device.
+
+    ``weights_dtype``: the dtype the kernel will see, for callers that convert the weights
+    first (default: weights.dtype).
+    """
+    w_dtype = weights.dtype if weights_dtype is None else weights_dtype
+    _require(
+        values.dim() == 2, op,
+        lambda: f"values must be 2-D (rows, dim), got {values.dim()}-D shape {_shape(values.shape)}",
+    )
+    _require(indices.dim() == 2, op, lambda: f"indices must be 2-D (tokens, bag), got shape {_shape(indices.shape)}")
+    _require(
+        _sym_eq(tuple(weights.shape), tuple(indices.shape)), op,
+        lambda: f"weights must have the shape of indices {_shape(indices.shape)}, got {_shape(weights.shape)}",
+    )
+    _require(
+        values.dtype in VALUE_DTYPES, op,
+        lambda: f"values must be float32, bfloat16, float16 or float64, got {dtype_name(values.dtype)}",
+    )
+    _require(
+        indices.dtype in (torch.int64, torch.int32), op,
+        lambda: f"indices must be int64 or int32, got {dtype_name(indices.dtype)}",
+    )
+    _require(
+        w_dtype in (torch.float32, values.dtype), op,
+        lambda: f"weights must be float32 or the values' dtype ({dtype_name(values.dtype)}), got {dtype_name(w_dtype)}",
+    )
+    _same_device(op, values, "values", indices, "indices")
+    _same_device(op, values, "values", weights, "weights")
+    _require(
+        _sym_or(indices.shape[1] == 0, indices.shape[0] == 0, values.shape[0] > 0), op,
+        lambda: "values has no rows but indices is not empty",
+    )
+
+
+def check_embedding_bag_backward(grad_out: Tensor, values: Tensor, indices: Tensor, weights: Tensor) -> None:
+    """The prologue of embedding_bag_backward: the forward's checks, grad_out (tokens, dim)
+    floating on the values' device, and at most 2^32 lookups and rows."""
+    op = "embedding_bag_backward"
+    check_embedding_bag(op, values, indices, weights)
+    _require(
+        grad_out.dim() == 2 and _sym_and(grad_out.shape[0] == indices.shape[0], grad_out.shape[1] == values.shape[1]),
+        op,
+        lambda: f"grad_out must have shape (tokens, dim) = ({_int(indices.shape[0])}, {_int(values.shape[1])}), "
+        f"got {_shape(grad_out.shape)}",
+    )
+    _require(
+        grad_out.dtype in VALUE_DTYPES, op, lambda: f"grad_out must be a floating dtype, got {dtype_name(grad_out.dtype)}"
+    )
+    _same_device(op, values, "values", grad_out, "grad_out")
+    _require(
+        _sym_and(indices.numel() < 2**32, values.shape[0] < 2**32), op,
+        lambda: f"more than 2^32 lookups or rows are not supported, got {_int(indices.numel())} lookups and "
+        f"{_int(values.shape[0])} rows",
+    )
+
+
+def check_rows_to_dense(rows: Tensor, rows_grad: Tensor, n_rows) -> None:
+    """check_rows_to_dense_args of checks.h: rows (U,) int64; rows_grad (U, dim); n_rows >= 0."""
+    op = "rows_to_dense"
+    _require(
+        rows.dim() == 1 and rows.dtype == torch.int64, op,
+        lambda: f"rows must be a 1-D int64 tensor, got {rows.dim()}-D {dtype_name(rows.dtype)}",
+    )
+    _require(
+        rows_grad.dim() == 2 and _sym_eq(rows_grad.shape[0], rows.shape[0]), op,
+        lambda: f"rows_grad must have shape ({_int(rows.shape[0])}, dim), got {_shape(rows_grad.shape)}",
+    )
+    _require(n_rows >= 0, op, lambda: f"n_rows must be >= 0, got {_int(n_rows)}")
+    _same_device(op, rows, "rows", rows_grad, "rows_grad")
+
+
+def check_row_adam(
+    param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, rows_grad: Tensor,
+    beta1: float, beta2: float, step: int,
+) -> None:
+    """check_row_adam_args of checks.h: param (n_rows, dim) contiguous floating; moments
+    contiguous, param's shape, in accumulation_dtype(param.dtype); rows (U,) int64;
+    rows_grad (U, dim) in param's dtype; one device; betas in [0, 1); step >= 1."""
+    op = "row_adam_"
+    _require(
+        param.dim() == 2 and param.is_contiguous(), op,
+        lambda: f"param must be a contiguous 2-D tensor, got shape {_shape(param.shape)}",
+    )
+    _require(
+        param.dtype.is_floating_point, op, lambda: f"param must be floating point, got {dtype_name(param.dtype)}"
+    )
+    state = accumulation_dtype(param.dtype)
+    for t in (exp_avg, exp_avg_sq):
+        _require(
+            _sym_and(_sym_eq(tuple(t.shape), tuple(param.shape)), t.is_contiguous(), t.dtype == state), op,
+            lambda t=t: f"exp_avg and exp_avg_sq must be contiguous {dtype_name(state)} tensors of param's shape "
+            f"{_shape(param.shape)}, got {dtype_name(t.dtype)} {_shape(t.shape)}",
+        )
+        _same_device(op, param, "param", t, "optimizer state")
+    _require(
+        rows.dim() == 1 and rows.dtype == torch.int64, op,
+        lambda: f"rows must be a 1-D int64 tensor, got {rows.dim()}-D {dtype_name(rows.dtype)}",
+    )
+    _require(
+        rows_grad.dim() == 2 and _sym_and(rows_grad.shape[0] == rows.shape[0], rows_grad.shape[1] == param.shape[1]),
+        op,
+        lambda: f"rows_grad must have shape ({_int(rows.shape[0])}, {_int(param.shape[1])}), "
+        f"got {_shape(rows_grad.shape)}",
+    )
+    _require(
+        rows_grad.dtype == param.dtype, op,
+        lambda: f"rows_grad must have param's dtype {dtype_name(param.dtype)}, got {dtype_name(rows_grad.dtype)}",
+    )
+    _same_device(op, param, "param", rows, "rows")
+    _same_device(op, param, "param", rows_grad, "rows_grad")
+    _require(
+        bool(0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0), op,
+        lambda: f"betas must be in [0, 1), got {_float(beta1)} and {_float(beta2)}",
+    )
+    _require(step >= 1, op, lambda: f"step must be >= 1, got {_int(step)}")
+
+
+def check_pk_topk(query: Tensor, keys: Tensor, k: int) -> None:
+    """check_pk_topk_args of checks.h (query (tokens, heads, 2 * half); keys (heads, 2,
+    n_keys, half), same float dtype and device; 1 <= k <= n_keys), and on CUDA the limits
+    of the CUDA kernel (n_keys <= 65536, heads <= 65535, half <= 2^24)."""
+    op = "pk_topk"
+    _require(
+        query.dim() == 3, op, lambda: f"query must be 3-D (tokens, heads, 2 * half), got shape {_shape(query.shape)}"
+    )
+    _require(
+        keys.dim() == 4 and _sym_eq(keys.shape[1], 2), op,
+        lambda: f"keys must be 4-D (heads, 2, n_keys, half), got shape {_shape(keys.shape)}",
+    )
+    _require(
+        query.shape[2] % 2 == 0, op, lambda: f"query width must be even (two halves), got {_int(query.shape[2])}"
+    )
+    _require(
+        _sym_eq(query.shape[1], keys.shape[0]), op,
+        lambda: f"query has {_int(query.shape[1])} heads but keys has {_int(keys.shape[0])}",
+    )
+    _require(
+        _sym_eq(query.shape[2] // 2, keys.shape[3]), op,
+        lambda: f"query half width {_int(query.shape[2] // 2)} does not match the sub-key width {_int(keys.shape[3])}",
+    )
+    _require(
+        query.dtype == keys.dtype, op,
+        lambda: f"query and keys must have the same dtype, got {dtype_name(query.dtype)} and {dtype_name(keys.dtype)}",
+    )
+    _require(
+        query.dtype in VALUE_DTYPES, op,
+        lambda: f"query must be float32, bfloat16, float16 or float64, got {dtype_name(query.dtype)}",
+    )
+    _same_device(op, query, "query", keys, "keys")
+    _require(
+        _sym_and(k >= 1, k <= keys.shape[2]), op, lambda: f"k must be in [1, n_keys = {_int(keys.shape[2])}], got {_int(k)}"
+    )
+    if query.device.type == "cuda":
+        # The CUDA kernel's own limits, checked after its early return for empty outputs.
+        tokens, heads, n_keys, half = query.shape[0], query.shape[1], keys.shape[2], keys.shape[3]
+        empty = _sym_or(tokens == 0, heads == 0)
+        _require(
+            _sym_or(empty, n_keys <= 65536), op,
+            lambda: f"the CUDA kernel supports n_keys <= 65536, got {_int(n_keys)}",
+        )
+        _require(
+            _sym_or(empty, heads <= 65535), op, lambda: f"the CUDA kernel supports heads <= 65535, got {_int(heads)}"
+        )
+        _require(_sym_or(empty, half <= 2**24), op, lambda: f"half width too large, got {_int(half)}")
