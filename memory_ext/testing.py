@@ -68,14 +68,15 @@ def tolerance(dtype: torch.dtype, *, terms: int = 1, scale: float = 1.0, rounded
     rtol is the rounding to ``dtype`` (one rounding: the unit roundoff; ``rounded_twice``:
     both sides rounded, e.g. two kernels compared, so one ulp). atol is the accumulation
     error: each partial sum is rounded, the partial sums of random-sign terms grow like
-    sqrt(i) * scale, so the error grows like terms * u_acc * scale; four times that.
+    sqrt(i) * scale, so the error grows like terms * u_acc * scale; eight times that (at
+    least four terms: products and the final rounding count too).
     A 16-bit result therefore gets its own rounding and a float32 accumulation error,
     never a 16-bit absolute error.
     """
     u_out = UNIT_ROUNDOFF[dtype]
     u_acc = UNIT_ROUNDOFF[accumulation_dtype(dtype)]
     rtol = (4.0 if rounded_twice else 2.0) * u_out
-    atol = 4.0 * max(1, terms) * u_acc * scale
+    atol = 8.0 * max(4, terms) * u_acc * scale
     return dict(rtol=rtol, atol=atol)
 
 
