@@ -53,7 +53,7 @@ def main():
     if args.quick:
         args.rows, args.dim, args.tokens, args.bag, args.iters = 8192, 64, 256, 16, 3
     dev = args.device
-    # Only the lookups of the sample are used (dim=1: no table drawn); each implementation
+    # Only the lookups of the sample are used (dim=1: a one-column table); each implementation
     # builds its own table below.
     s = sample_inputs("embedding_bag", dev, tokens=args.tokens, bag=args.bag, rows=args.rows, dim=1, seed=0)
     indices, grad_out = s["indices"], torch.randn(args.tokens, args.dim, generator=generator(dev, 1), device=dev)
