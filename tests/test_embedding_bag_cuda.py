@@ -22,7 +22,7 @@ from conftest import requires_cuda
 
 from memory_ext import ops
 from memory_ext.reference import embedding_bag_backward_sparse_ref as embedding_bag_backward_ref
-from memory_ext.reference import embedding_bag_ref
+from memory_ext.reference import embedding_bag_ref, rows_to_dense_ref
 from memory_ext.testing import BACKWARD_SEGMENT, sample_inputs, tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,14 +211,11 @@ def test_backward_bitwise_deterministic():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.uint8])
 def test_rows_to_dense(dim, dtype):
     n_rows = 777
-    gen = torch.Generator().manual_seed(dim)
-    rows = torch.randperm(n_rows, generator=gen)[:200].sort().values
-    rows_grad = (torch.randn(200, dim, generator=gen) * 50).to(dtype)
+    s = sample_inputs("rows_to_dense", "cpu", dtype, seed=dim, n_rows=n_rows, n_unique=200, dim=dim)
+    rows, rows_grad = s["rows"], s["rows_grad"]
     _poison_cache(((n_rows, dim), dtype))
     dense = ops.rows_to_dense(*_cuda(rows, rows_grad), n_rows)
-    expected = torch.zeros(n_rows, dim, dtype=dtype)
-    expected[rows] = rows_grad
-    assert torch.equal(dense.cpu(), expected)  # untouched rows are zeros, not poison
+    assert torch.equal(dense.cpu(), rows_to_dense_ref(rows, rows_grad, n_rows))  # untouched rows are zeros, not poison
     assert torch.equal(dense.cpu(), ops.rows_to_dense(rows, rows_grad, n_rows))
 
 
