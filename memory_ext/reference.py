@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from memory_ext.testing import accumulation_dtype
+
 __all__ = [
     "embedding_bag_ref",
     "embedding_bag_backward_ref",
@@ -76,7 +78,7 @@ def pair_scores(query: Tensor, keys: Tensor, indices: Tensor) -> Tensor:
     """Differentiable q1 . K1[i] + q2 . K2[j] of the pairs indices = i * n_keys + j, in
     float32 (float64 for float64 inputs), like the kernel: (tokens, heads, k)."""
     heads, half, n_keys = keys.shape[0], keys.shape[3], keys.shape[2]
-    dt = torch.float64 if query.dtype == torch.float64 else torch.float32
+    dt = accumulation_dtype(query.dtype)
     i, j = indices // n_keys, indices % n_keys
     h = torch.arange(heads, device=indices.device).view(1, heads, 1).expand_as(indices)
     k1, k2 = keys[h, 0, i].to(dt), keys[h, 1, j].to(dt)

@@ -23,6 +23,15 @@ def test_every_op_has_sample_inputs():
     assert kernels <= set(SAMPLE_OPS), f"no sample_inputs for {sorted(kernels - set(SAMPLE_OPS))}"
 
 
+@pytest.mark.parametrize("op", SAMPLE_OPS)
+def test_sample_inputs_are_seeded_and_drawn_on_the_device(device, op):
+    a, b, c = (sample_inputs(op, device, seed=seed) for seed in (0, 0, 1))
+    tensors = [name for name, t in a.items() if isinstance(t, torch.Tensor)]
+    assert all(a[name].device.type == device for name in tensors)
+    assert all(torch.equal(a[name], b[name]) for name in tensors)
+    assert any(not torch.equal(a[name], c[name]) for name in tensors)
+
+
 def test_opcheck_embedding_bag(device):
     for rg in (False, True):
         torch.library.opcheck(torch.ops.memory.embedding_bag.default, _eb_inputs(device, rg))

@@ -62,8 +62,7 @@ def check_topk(query, keys, k, scores, indices, exact=False):
 def test_matches_bruteforce(device, dtype, tokens, heads, n_keys, half, k):
     query, keys = make_inputs(tokens, heads, n_keys, half, dtype, device)
     scores, indices = ops.pk_topk(query, keys, k)
-    expect_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    assert scores.dtype == expect_dtype and indices.dtype == torch.int64
+    assert scores.dtype == accumulation_dtype(dtype) and indices.dtype == torch.int64
     assert scores.shape == indices.shape == (tokens, heads, k)
     check_topk(query, keys, k, scores, indices)
 

@@ -10,7 +10,7 @@ from memory_ext import MemoryValues, ProductKeyMemory, ops
 from memory_ext.model import Decoder, DecoderConfig
 from memory_ext.nn import SparseRowAdam, clip_grad_norms, param_groups, sparse_value_optimizer, value_parameters
 from memory_ext.reference import row_adam_ref
-from memory_ext.testing import UNIT_ROUNDOFF, op_args, sample_inputs
+from memory_ext.testing import UNIT_ROUNDOFF, accumulation_dtype, op_args, sample_inputs
 
 
 def shared_layers(sparse_grad, seed=0, dtype=torch.float32):
@@ -246,7 +246,7 @@ def test_row_adam_matches_reference(device, dtype):
     for got, old, ref in zip((s["param"], s["exp_avg"], s["exp_avg_sq"]), before, want, strict=True):
         assert torch.equal(got[untouched], old[untouched])
         u = UNIT_ROUNDOFF[got.dtype]
-        u_acc = UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
+        u_acc = UNIT_ROUNDOFF[accumulation_dtype(dtype)]
         # the parameter moves by about lr = 0.01 per step; its error is that of the update
         torch.testing.assert_close(got.double(), ref, rtol=2 * u + 16 * u_acc, atol=16 * u_acc)
 
@@ -264,7 +264,7 @@ def test_row_adam_on_each_device_matches_the_cpu_kernel(device, dtype):
     # Either side may contract multiply-adds into FMAs: a few float32 roundings apart, then
     # one rounding to the parameter's dtype each (one ulp of it).
     for ours, cpu in zip(results[1], results[0], strict=True):
-        u, u_acc = UNIT_ROUNDOFF[ours.dtype], UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
+        u, u_acc = UNIT_ROUNDOFF[ours.dtype], UNIT_ROUNDOFF[accumulation_dtype(dtype)]
         torch.testing.assert_close(ours.double(), cpu.double(), rtol=4 * u + 16 * u_acc, atol=16 * u_acc)
 
 
