@@ -203,20 +203,24 @@ def test_a_wrong_16_bit_result_fails_the_tolerance():
     assert TOL[torch.bfloat16]["atol"] < 1e-4
 
 
-# Hypothesis: sizes up to 64 x 160 lookups, so that "all_equal" and "hot" reach runs of more
-# than one backward segment (2048 positions on the CPU), and dyadic inputs checked exactly.
+# Hypothesis: random shapes, dtypes and index patterns; long_run forces a row with more
+# than long_run backward segments (2048 positions each on the CPU) of lookups, through
+# one repeated row (all_equal) or 90% of lookups on three rows (hot); dyadic inputs are
+# checked bit for bit.
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, 300),
     dim=st.integers(1, 70),
-    tokens=st.integers(0, 64),
-    bag=st.integers(1, 160),
+    tokens=st.integers(0, 40),
+    bag=st.integers(1, 50),
     dtype=st.sampled_from(DTYPES + [torch.float64]),
     pattern=st.sampled_from(["random", "all_equal", "distinct", "hot"]),
+    long_run=st.integers(0, 2),
     kind=st.sampled_from(["gaussian", "dyadic"]),
     seed=st.integers(0, 2**16),
 )
-def test_property_forward_backward(rows, dim, tokens, bag, dtype, pattern, kind, seed):
+def test_property_forward_backward(rows, dim, tokens, bag, dtype, pattern, long_run, kind, seed):
+    tokens, bag, pattern = long_run_shape(tokens, bag, pattern, long_run)
     hot = 0.9 if pattern == "hot" else 0.0
     inputs = backward_inputs("cpu", dtype, tokens=tokens, bag=bag, rows=rows, dim=dim, kind=kind, seed=seed,
                              pattern="random" if pattern == "hot" else pattern, hot=hot)
@@ -231,9 +235,23 @@ def test_property_forward_backward(rows, dim, tokens, bag, dtype, pattern, kind,
         check_backward(*inputs)
 
 
-def test_property_strategy_reaches_split_runs():
-    """The strategy above can produce runs longer than one segment."""
-    _, _, indices, _ = backward_inputs("cpu", torch.float32, tokens=64, bag=160, rows=300, dim=1, pattern="all_equal")
-    assert longest_run(indices) > BACKWARD_SEGMENT["cpu"]
-    _, _, indices, _ = backward_inputs("cpu", torch.float32, tokens=64, bag=160, rows=300, dim=1, hot=0.9)
-    assert longest_run(indices) > BACKWARD_SEGMENT["cpu"]
+def long_run_shape(tokens, bag, pattern, long_run):
+    """(tokens, bag, pattern) with enough lookups for a run of more than long_run segments."""
+    if not long_run:
+        return tokens, bag, pattern
+    pattern = pattern if pattern in ("all_equal", "hot") else "all_equal"
+    share = 1.0 if pattern == "all_equal" else 0.25  # 0.9 of the lookups over three rows, with margin
+    tokens = max(tokens, 1)
+    lookups = int((long_run * BACKWARD_SEGMENT["cpu"] + 1) / share) + 1
+    return tokens, max(bag, -(-lookups // tokens)), pattern
+
+
+@pytest.mark.parametrize("pattern", ["all_equal", "hot", "random"])
+@pytest.mark.parametrize("long_run", [1, 2])
+def test_property_strategy_reaches_split_runs(pattern, long_run):
+    """long_run in the strategy above does produce runs of more than long_run segments."""
+    for tokens, bag in [(0, 1), (1, 1), (40, 50), (7, 3)]:
+        t, b, p = long_run_shape(tokens, bag, pattern, long_run)
+        _, _, indices, _ = backward_inputs("cpu", torch.float32, tokens=t, bag=b, rows=300, dim=1,
+                                           pattern="random" if p == "hot" else p, hot=0.9 if p == "hot" else 0.0)
+        assert longest_run(indices) > long_run * BACKWARD_SEGMENT["cpu"]
