@@ -5,13 +5,19 @@ weights; the backward moves the same rows again (value rows for the weight gradi
 grad_out rows for the value gradient) plus the gradients it writes. Bandwidth is shown
 next to the copy bandwidth measured in the same run.
 
-    python bench/bench_embedding_bag.py [--device cpu|cuda] [--out bench/out/embedding_bag.json]
+Inputs are drawn on the device, once per (dtype, dim) for the largest token count; smaller
+token counts use the leading tokens. The JSON file is rewritten after every case
+("complete": false until the last), so a run stopped early keeps what it measured.
+
+    python bench/bench_embedding_bag.py [--device cpu|cuda] [--quick] [--out bench/out/embedding_bag.json]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import copy_bandwidth_gbs, machine_info, print_table, save_json, time_ms  # noqa: E402
 
 import memory_ext  # noqa: E402
+from memory_ext.testing import sample_inputs  # noqa: E402
+
+COLUMNS = ["impl", "op", "dtype", "dim", "tokens", "ms", "gbs", "pct_copy", "x_torch", "x_fbgemm"]
 
 
 def load_fbgemm():
@@ -34,127 +43,200 @@ def load_fbgemm():
         return None
 
 
-def bench_case(tokens, bag, rows, dim, dtype, device, iters, fbgemm):
-    g = torch.Generator().manual_seed(0)
-    values = torch.randn(rows, dim, generator=g).to(dtype).to(device)
-    indices = torch.randint(0, rows, (tokens, bag), generator=g).to(device)
-    weights = torch.rand(tokens, bag, generator=g).to(device)
-    grad_out = torch.randn(tokens, dim, generator=g).to(dtype).to(device)
-    elem = values.element_size()
-    fwd_bytes = tokens * bag * dim * elem + tokens * dim * elem + tokens * bag * (8 + 4)
-    n_unique = int(torch.unique(indices).numel())
+# ---------------------------------------------------------------------------------------
+# Inputs and traffic.
+
+
+def draw_inputs(max_tokens, bag, rows, dim, dtype, device) -> dict:
+    """values, indices, float32 weights and grad_out for max_tokens, drawn on device."""
+    return sample_inputs("embedding_bag_backward", device, dtype, tokens=max_tokens, bag=bag, rows=rows, dim=dim,
+                         weight_dtype=torch.float32)
+
+
+def leading_tokens(inputs: dict, tokens: int) -> dict:
+    """The case of the first ``tokens`` tokens (views; the table is shared)."""
+    return dict(values=inputs["values"], indices=inputs["indices"][:tokens], weights=inputs["weights"][:tokens],
+                grad_out=inputs["grad_out"][:tokens])
+
+
+def traffic_bytes(inp: dict) -> tuple[int, int]:
+    """Least bytes moved by the forward and by the sparse backward."""
+    tokens, bag = inp["indices"].shape
+    dim = inp["values"].shape[1]
+    elem = inp["values"].element_size()
+    fwd = tokens * bag * dim * elem + tokens * dim * elem + tokens * bag * (8 + 4)
+    n_unique = int(torch.unique(inp["indices"]).numel())
     # backward: read grad_out rows per lookup and each touched value row once, write the
     # touched gradient rows and the weight gradient.
-    bwd_bytes = tokens * bag * dim * elem + n_unique * dim * elem * 2 + tokens * bag * (8 + 4 + 4)
-    results = []
+    bwd = tokens * bag * dim * elem + n_unique * dim * elem * 2 + tokens * bag * (8 + 4 + 4)
+    return fwd, bwd
 
-    def add(impl, what, ms, nbytes):
-        results.append(dict(impl=impl, op=what, dtype=str(dtype).replace("torch.", ""), ms=ms,
-                            gbs=nbytes / (ms * 1e-3) / 1e9 if nbytes else None))
 
-    # -- memory_ext
-    add("memory_ext", "forward", time_ms(lambda: memory_ext.embedding_bag(values, indices, weights), device, iters=iters), fwd_bytes)
-    add("memory_ext", "backward (sparse)", time_ms(lambda: memory_ext.embedding_bag_backward(grad_out, values, indices, weights, True), device, iters=iters), bwd_bytes)
+# ---------------------------------------------------------------------------------------
+# Timed calls: each returns [(impl, op, ms, bytes or None)].
 
-    def ours_fwd_bwd_sparse():
-        memory_ext.embedding_bag(values, indices, weights)
-        memory_ext.embedding_bag_backward(grad_out, values, indices, weights, True)
 
-    add("memory_ext", "fwd+bwd sparse", time_ms(ours_fwd_bwd_sparse, device, iters=iters), fwd_bytes + bwd_bytes)
-    v_leaf = values.clone().requires_grad_(True)
-    w_leaf = weights.clone().requires_grad_(True)
+def fwd_bwd_step(lookup: Callable, table: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor) -> Callable:
+    """A call of lookup(table_leaf, weights_leaf).backward(grad_out) on fresh leaves' grads."""
+    table_leaf = table.clone().requires_grad_(True)
+    weights_leaf = weights.clone().requires_grad_(True)
 
-    def ours_fwd_bwd_dense():
-        v_leaf.grad = None
-        w_leaf.grad = None
-        memory_ext.embedding_bag(v_leaf, indices, w_leaf).backward(grad_out)
+    def step():
+        table_leaf.grad = None
+        weights_leaf.grad = None
+        lookup(table_leaf, weights_leaf).backward(grad_out)
 
-    add("memory_ext", "fwd+bwd dense", time_ms(ours_fwd_bwd_dense, device, iters=max(3, iters // 2)), None)
-    del v_leaf
+    return step
 
-    # -- torch: per-sample weights must have the table's dtype.
-    psw = weights.to(dtype)
-    add("torch", "forward", time_ms(lambda: F.embedding_bag(indices, values, mode="sum", per_sample_weights=psw), device, iters=iters), fwd_bytes)
+
+def _ours_lookup(indices, table, weights):
+    return memory_ext.embedding_bag(table, indices, weights)
+
+
+def _ours_fwd_then_bwd(inp):
+    memory_ext.embedding_bag(inp["values"], inp["indices"], inp["weights"])
+    memory_ext.embedding_bag_backward(inp["grad_out"], inp["values"], inp["indices"], inp["weights"], True)
+
+
+def _torch_lookup(indices, sparse, table, weights):
+    return F.embedding_bag(indices, table, mode="sum", per_sample_weights=weights, sparse=sparse)
+
+
+def time_memory_ext(inp: dict, device: str, iters: int, fwd_bytes: int, bwd_bytes: int) -> list[tuple]:
+    v, i, w, g = inp["values"], inp["indices"], inp["weights"], inp["grad_out"]
+    fwd = time_ms(functools.partial(memory_ext.embedding_bag, v, i, w), device, iters=iters)
+    bwd = time_ms(functools.partial(memory_ext.embedding_bag_backward, g, v, i, w, True), device, iters=iters)
+    both = time_ms(functools.partial(_ours_fwd_then_bwd, inp), device, iters=iters)
+    dense = time_ms(fwd_bwd_step(functools.partial(_ours_lookup, i), v, w, g), device, iters=max(3, iters // 2))
+    return [("memory_ext", "forward", fwd, fwd_bytes), ("memory_ext", "backward (sparse)", bwd, bwd_bytes),
+            ("memory_ext", "fwd+bwd sparse", both, fwd_bytes + bwd_bytes), ("memory_ext", "fwd+bwd dense", dense, None)]
+
+
+def time_torch(inp: dict, device: str, iters: int, fwd_bytes: int) -> list[tuple]:
+    # per-sample weights must have the table's dtype
+    v, i, g = inp["values"], inp["indices"], inp["grad_out"]
+    psw = inp["weights"].to(v.dtype)
+    out = [("torch", "forward", time_ms(functools.partial(_torch_lookup, i, False, v, psw), device, iters=iters),
+            fwd_bytes)]
     for sparse in (True, False):
-        t_leaf = values.clone().requires_grad_(True)
-        p_leaf = psw.clone().requires_grad_(True)
-
-        def torch_fwd_bwd():
-            t_leaf.grad = None
-            p_leaf.grad = None
-            F.embedding_bag(indices, t_leaf, mode="sum", per_sample_weights=p_leaf, sparse=sparse).backward(grad_out)
-
-        add("torch", f"fwd+bwd {'sparse' if sparse else 'dense'}", time_ms(torch_fwd_bwd, device, warmup=1, iters=max(3, iters // 2)), None)
-        del t_leaf
-
-    # -- FBGEMM (CPU table-batched embedding, float32 only)
-    if fbgemm is not None and device == "cpu" and dtype == torch.float32:
-        TBE, PoolingMode = fbgemm
-        tbe = TBE([(rows, dim)], pooling_mode=PoolingMode.SUM, use_cpu=True)
-        with torch.no_grad():
-            tbe.weights.copy_(values.reshape(-1))
-        flat = indices.reshape(-1)
-        offsets = torch.arange(0, tokens * bag + 1, bag)
-        flat_w = weights.reshape(-1).clone().requires_grad_(True)
-        add("fbgemm", "forward", time_ms(lambda: tbe(flat, offsets, per_sample_weights=flat_w.detach()), device, iters=iters), fwd_bytes)
-
-        def fbgemm_fwd_bwd():
-            tbe.weights.grad = None
-            flat_w.grad = None
-            tbe(flat, offsets, per_sample_weights=flat_w).backward(grad_out)
-
-        add("fbgemm", "fwd+bwd dense", time_ms(fbgemm_fwd_bwd, device, warmup=1, iters=max(3, iters // 2)), None)
-        del tbe
-    return results
+        step = fwd_bwd_step(functools.partial(_torch_lookup, i, sparse), v, psw, g)
+        ms = time_ms(step, device, warmup=1, iters=max(3, iters // 2))
+        out.append(("torch", f"fwd+bwd {'sparse' if sparse else 'dense'}", ms, None))
+    return out
 
 
-def main():
+def time_fbgemm(inp: dict, device: str, iters: int, fwd_bytes: int, fbgemm) -> list[tuple]:
+    """FBGEMM's CPU table-batched embedding (float32 only): forward and fwd+bwd dense."""
+    v, i, w, g = inp["values"], inp["indices"], inp["weights"], inp["grad_out"]
+    if fbgemm is None or device != "cpu" or v.dtype != torch.float32:
+        return []
+    tbe_class, pooling = fbgemm
+    rows, dim = v.shape
+    tokens, bag = i.shape
+    tbe = tbe_class([(rows, dim)], pooling_mode=pooling.SUM, use_cpu=True)
+    with torch.no_grad():
+        tbe.weights.copy_(v.reshape(-1))
+    flat = i.reshape(-1)
+    offsets = torch.arange(0, tokens * bag + 1, bag)
+    flat_w = w.reshape(-1).clone().requires_grad_(True)
+    fwd = time_ms(functools.partial(tbe, flat, offsets, per_sample_weights=flat_w.detach()), device, iters=iters)
+
+    def step():  # the table is the module's own parameter
+        tbe.weights.grad = None
+        flat_w.grad = None
+        tbe(flat, offsets, per_sample_weights=flat_w).backward(g)
+
+    both = time_ms(step, device, warmup=1, iters=max(3, iters // 2))
+    return [("fbgemm", "forward", fwd, fwd_bytes), ("fbgemm", "fwd+bwd dense", both, None)]
+
+
+# ---------------------------------------------------------------------------------------
+# Results.
+
+
+def case_rows(timings: list[tuple], case: dict, copy_gbs: float) -> list[dict]:
+    rows = []
+    for impl, op, ms, nbytes in timings:
+        gbs = nbytes / (ms * 1e-3) / 1e9 if nbytes else None
+        rows.append(dict(impl=impl, op=op, **case, ms=ms, gbs=gbs, pct_copy=100 * gbs / copy_gbs if gbs else None))
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speed-ups against the peers on the same case: each of our rows against the peer row
+    doing the same work (forward; fwd+bwd with a sparse or dense value gradient; FBGEMM's
+    CPU path has only the dense one)."""
+    peer_op = {"forward": ("forward", "forward"), "fwd+bwd sparse": ("fwd+bwd sparse", "fwd+bwd dense"),
+               "fwd+bwd dense": ("fwd+bwd dense", "fwd+bwd dense")}
+    ms = {(r["impl"], r["op"]): r["ms"] for r in rows}
+    for r in rows:
+        if r["impl"] != "memory_ext" or r["op"] not in peer_op:
+            continue
+        torch_op, fbgemm_op = peer_op[r["op"]]
+        if ("torch", torch_op) in ms:
+            r["x_torch"] = ms[("torch", torch_op)] / r["ms"]
+        if ("fbgemm", fbgemm_op) in ms:
+            r["x_fbgemm"] = ms[("fbgemm", fbgemm_op)] / r["ms"]
+
+
+def bench_case(inp: dict, device: str, iters: int, fbgemm, copy_gbs: float) -> list[dict]:
+    """Every implementation on one case: result rows with speed-ups."""
+    tokens, bag = inp["indices"].shape
+    rows, dim = inp["values"].shape
+    fwd_bytes, bwd_bytes = traffic_bytes(inp)
+    timings = (time_memory_ext(inp, device, iters, fwd_bytes, bwd_bytes) + time_torch(inp, device, iters, fwd_bytes)
+               + time_fbgemm(inp, device, iters, fwd_bytes, fbgemm))
+    case = dict(dtype=str(inp["values"].dtype).replace("torch.", ""), tokens=tokens, bag=bag, rows=rows, dim=dim)
+    out = case_rows(timings, case, copy_gbs)
+    add_speedups(out)
+    return out
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokens", type=int, nargs="+", default=None)
     p.add_argument("--bag", type=int, default=128)
-    p.add_argument("--rows", type=int, default=1 << 20)
+    p.add_argument("--rows", type=int, default=None, help="table rows (default 2^20; --quick: 4096)")
     p.add_argument("--dims", type=int, nargs="+", default=None)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--iters", type=int, default=7)
+    p.add_argument("--iters", type=int, default=None, help="timed calls per measurement (default 7; --quick: 3)")
+    p.add_argument("--quick", action="store_true", help="small shapes: a smoke run of a few seconds")
     p.add_argument("--out", default="bench/out/embedding_bag.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    tokens_list = args.tokens or ([16384, 65536] if cuda else [4096])
-    dims = args.dims or ([1024, 4096] if cuda else [512])
-    fbgemm = load_fbgemm() if not cuda else None
+    if args.quick:
+        args.tokens, args.dims = args.tokens or [256], args.dims or [64]
+        args.bag = min(args.bag, 32)
+    args.tokens = args.tokens or ([16384, 65536] if cuda else [4096])
+    args.dims = args.dims or ([1024, 4096] if cuda else [512])
+    args.rows = args.rows or (4096 if args.quick else 1 << 20)
+    args.iters = args.iters or (3 if args.quick else 7)
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    fbgemm = load_fbgemm() if not args.device.startswith("cuda") else None
     info = machine_info(args.device)
-    copy = copy_bandwidth_gbs(args.device)
+    copy = copy_bandwidth_gbs(args.device, nbytes=(1 << 26) if args.quick else (1 << 30))
     print(f"device {args.device} ({info.get('gpu', info['cpu'])}), threads {info['threads']}, "
           f"copy bandwidth {copy:.1f} GB/s")
-    rows = []
+    payload = dict(benchmark="embedding_bag", machine=info, copy_gbs=copy, config=vars(args), complete=False,
+                   results=[])
     for dtype_name in args.dtypes:
-        for dim in dims:
-            for tokens in tokens_list:
-                case = dict(tokens=tokens, bag=args.bag, rows=args.rows, dim=dim)
-                for r in bench_case(tokens, args.bag, args.rows, dim, getattr(torch, dtype_name), args.device, args.iters, fbgemm):
-                    r.update(case)
-                    r["pct_copy"] = 100 * r["gbs"] / copy if r["gbs"] else None
-                    rows.append(r)
-    # Speed-ups against the peers on the same case: each of our rows is compared with the
-    # peer row doing the same work (forward; fwd+bwd with a sparse or dense value gradient;
-    # FBGEMM's CPU path has only the dense one).
-    peer_op = {"forward": ("forward", "forward"), "fwd+bwd sparse": ("fwd+bwd sparse", "fwd+bwd dense"),
-               "fwd+bwd dense": ("fwd+bwd dense", "fwd+bwd dense")}
-    for r in rows:
-        if r["impl"] != "memory_ext" or r["op"] not in peer_op:
-            continue
-        same = {(q["impl"], q["op"]): q["ms"] for q in rows
-                if (q["dtype"], q["dim"], q["tokens"]) == (r["dtype"], r["dim"], r["tokens"])}
-        torch_op, fbgemm_op = peer_op[r["op"]]
-        if ("torch", torch_op) in same:
-            r["x_torch"] = same[("torch", torch_op)] / r["ms"]
-        if ("fbgemm", fbgemm_op) in same:
-            r["x_fbgemm"] = same[("fbgemm", fbgemm_op)] / r["ms"]
-    cols = ["impl", "op", "dtype", "dim", "tokens", "ms", "gbs", "pct_copy", "x_torch", "x_fbgemm"]
-    print_table(rows, cols)
-    save_json(args.out, dict(benchmark="embedding_bag", machine=info, copy_gbs=copy, results=rows))
+        for dim in args.dims:
+            inputs = draw_inputs(max(args.tokens), args.bag, args.rows, dim, getattr(torch, dtype_name), args.device)
+            for tokens in sorted(args.tokens):
+                rows = bench_case(leading_tokens(inputs, tokens), args.device, args.iters, fbgemm, copy)
+                payload["results"].extend(rows)
+                save_json(args.out, payload, quiet=True)
+                print_table(rows, COLUMNS)
+            del inputs
+    payload["complete"] = True
+    print("\nall cases:")
+    print_table(payload["results"], COLUMNS)
+    save_json(args.out, payload)
 
 
 if __name__ == "__main__":

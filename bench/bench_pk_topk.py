@@ -1,16 +1,17 @@
 """Product-key top-k: memory_ext's pk_topk vs the usual path (two matmuls into full score
 tensors, three torch.topk, a gather), with the peak extra memory of each.
 
-    python bench/bench_pk_topk.py [--device cpu|cuda] [--out bench/out/pk_topk.json]
+    python bench/bench_pk_topk.py [--device cpu|cuda] [--quick] [--out bench/out/pk_topk.json]
 
 Peak extra memory: on CUDA the caching allocator's peak above the inputs; on the CPU the
 growth of the resident set of a fresh process over one call, with malloc told never to
-return memory to the system (so the growth is the call's peak footprint).
+return memory to the system (so the growth is the call's peak footprint). The JSON file is rewritten after every case.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import multiprocessing as mp
 import os
 import sys
@@ -22,6 +23,7 @@ from common import machine_info, print_table, save_json, time_ms  # noqa: E402
 
 import memory_ext  # noqa: E402
 from memory_ext.reference import pk_topk_reference_path  # noqa: E402
+from memory_ext.testing import sample_inputs  # noqa: E402
 
 IMPLS = {
     "memory_ext": lambda q, k, top: memory_ext.pk_topk(q, k, top),
@@ -30,10 +32,9 @@ IMPLS = {
 
 
 def make_inputs(tokens, heads, n_keys, half, dtype, device):
-    g = torch.Generator().manual_seed(0)
-    query = torch.randn(tokens, heads, 2 * half, generator=g).to(dtype).to(device)
-    keys = torch.randn(heads, 2, n_keys, half, generator=g).to(dtype).to(device)
-    return query, keys
+    """query, keys drawn on device (the same on every call)."""
+    s = sample_inputs("pk_topk", device, dtype, tokens=tokens, heads=heads, n_keys=n_keys, half=half)
+    return s["query"], s["keys"]
 
 
 def _rss_bytes() -> int:
@@ -81,10 +82,15 @@ def main():
     p.add_argument("--half", type=int, default=None)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--dtypes", nargs="+", default=None)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=None, help="timed calls per measurement (default 5; --quick: 3)")
+    p.add_argument("--quick", action="store_true", help="small shapes: a smoke run of a few seconds")
     p.add_argument("--out", default="bench/out/pk_topk.json")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
+    if args.quick:
+        args.tokens, args.half = args.tokens or 256, args.half or 32
+        args.n_keys = min(args.n_keys, 128)
+    args.iters = args.iters or (3 if args.quick else 5)
     tokens = args.tokens or (65536 if cuda else 4096)
     half = args.half or (256 if cuda else 128)
     dtypes = args.dtypes or (["bfloat16"] if cuda else ["float32", "bfloat16"])
@@ -92,6 +98,7 @@ def main():
     print(f"device {args.device} ({info.get('gpu', info['cpu'])}), threads {info['threads']}")
 
     rows = []
+    payload = dict(benchmark="pk_topk", machine=info, config=vars(args), complete=False, results=rows)
     for dtype_name in dtypes:
         shape = (tokens, args.heads, args.n_keys, half)
         query, keys = make_inputs(*shape, getattr(torch, dtype_name), args.device)
@@ -102,7 +109,7 @@ def main():
         max_diff = (s_ours.float() - s_ref.float()).abs().max().item()
         flops = 2 * 2 * tokens * args.heads * args.n_keys * half
         for impl, fn in IMPLS.items():
-            ms = time_ms(lambda fn=fn: fn(query, keys, args.k), args.device, warmup=1, iters=args.iters)
+            ms = time_ms(functools.partial(fn, query, keys, args.k), args.device, warmup=1, iters=args.iters)
             peak = peak_extra_bytes(impl, query, keys, args.k, shape, dtype_name, args.device)
             rows.append(dict(impl=impl, **case, ms=ms, tokens_per_s=tokens / (ms * 1e-3),
                              score_gflops=flops / (ms * 1e-3) / 1e9,
@@ -112,9 +119,12 @@ def main():
         ours["x_reference"] = ref["ms"] / ours["ms"]
         if ours["peak_extra_mb"] and ref["peak_extra_mb"]:
             ours["memory_vs_reference"] = ours["peak_extra_mb"] / ref["peak_extra_mb"]
+        save_json(args.out, payload, quiet=True)
+        del query, keys, s_ours, s_ref
+    payload["complete"] = True
     print_table(rows, ["impl", "dtype", "tokens", "half", "ms", "tokens_per_s", "score_gflops", "peak_extra_mb",
                        "x_reference", "memory_vs_reference", "max_score_diff"])
-    save_json(args.out, dict(benchmark="pk_topk", machine=info, results=rows))
+    save_json(args.out, payload)
 
 
 if __name__ == "__main__":

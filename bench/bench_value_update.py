@@ -8,7 +8,10 @@ rows only in one fused pass), and torch's F.embedding_bag with AdamW or SparseAd
 bytes the step must move at least (rows read twice, their gradient and Adam state read
 and written once) per second, next to the copy bandwidth measured in the same run.
 
-    python bench/bench_value_update.py [--rows 1048576] [--dim 256] [--out bench/out/value_update.json]
+    python bench/bench_value_update.py [--device cpu|cuda] [--quick] [--rows 1048576] [--dim 256]
+        [--out bench/out/value_update.json]
+
+Inputs are drawn on the device; the JSON file is rewritten after every implementation.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from common import copy_bandwidth_gbs, machine_info, print_table, save_json, tim
 
 from memory_ext import MemoryValues  # noqa: E402
 from memory_ext.nn import SparseRowAdam  # noqa: E402
+from memory_ext.testing import generator, sample_inputs  # noqa: E402
 
 
 def step_fn(lookup, table: torch.Tensor, optimizer: torch.optim.Optimizer, indices, weights, grad_out):
@@ -43,17 +47,22 @@ def main():
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--bag", type=int, default=64, help="heads * k rows per token")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="small shapes: a smoke run of a few seconds")
     p.add_argument("--out", default="bench/out/value_update.json")
     args = p.parse_args()
+    if args.quick:
+        args.rows, args.dim, args.tokens, args.bag, args.iters = 8192, 64, 256, 16, 3
     dev = args.device
-    g = torch.Generator().manual_seed(0)
-    indices = torch.randint(0, args.rows, (args.tokens, args.bag), generator=g).to(dev)
-    weights = torch.softmax(torch.randn(args.tokens, args.bag, generator=g), -1).to(dev)
-    grad_out = torch.randn(args.tokens, args.dim, generator=g).to(dev)
+    # Only the lookups of the sample are used (dim=1: a one-column table); each implementation
+    # builds its own table below.
+    s = sample_inputs("embedding_bag", dev, tokens=args.tokens, bag=args.bag, rows=args.rows, dim=1, seed=0)
+    indices, grad_out = s["indices"], torch.randn(args.tokens, args.dim, generator=generator(dev, 1), device=dev)
+    weights = torch.softmax(s["weights"], -1)
+    g = generator(dev, 2)
     touched = int(indices.unique().numel())
 
     info = machine_info(dev)
-    copy = copy_bandwidth_gbs(dev)
+    copy = copy_bandwidth_gbs(dev, nbytes=(1 << 26) if args.quick else (1 << 30))
     print(f"device {dev} ({info.get('gpu', info['cpu'])}), threads {info['threads']}, copy bandwidth {copy:.1f} GB/s; "
           f"table {args.rows} x {args.dim} fp32, {args.tokens} tokens x {args.bag} rows, {touched} rows touched")
     # Least bytes a step must move: the rows read in the forward and again in the backward,
@@ -66,10 +75,12 @@ def main():
         return values, lambda table, i, w: values(i, w)
 
     def torch_bag(sparse: bool):
-        table = torch.nn.Parameter(torch.randn(args.rows, args.dim, generator=g).to(dev) * args.dim**-0.5)
+        table = torch.nn.Parameter(torch.randn(args.rows, args.dim, generator=g, device=dev) * args.dim**-0.5)
         return table, lambda t, i, w: F.embedding_bag(i, t, mode="sum", per_sample_weights=w, sparse=sparse)
 
     rows = []
+    payload = dict(benchmark="value_update", machine=info, copy_gbs=copy, config=vars(args), touched_rows=touched,
+                   complete=False, results=rows)
     for impl, make in (("memory_ext", ours), ("torch", torch_bag)):
         for sparse in (True, False):
             owner, lookup = make(sparse)
@@ -85,14 +96,15 @@ def main():
                              tokens_per_s=args.tokens / (ms * 1e-3), gbs=least_bytes / (ms * 1e-3) / 1e9,
                              pct_copy=100 * least_bytes / (ms * 1e-3) / 1e9 / copy))
             del owner, table, opt
+            save_json(args.out, payload, quiet=True)
     ref = {(r["impl"], r["update"]): r["ms"] for r in rows}
     for r in rows:
         if r["impl"] == "memory_ext":
             r["x_torch_same_update"] = ref[("torch", r["update"])] / r["ms"]
             r["x_torch_dense"] = ref[("torch", "dense")] / r["ms"]
     print_table(rows, ["impl", "update", "ms", "tokens_per_s", "gbs", "pct_copy", "x_torch_same_update", "x_torch_dense"])
-    save_json(args.out, dict(benchmark="value_update", machine=info, copy_gbs=copy, config=vars(args),
-                             touched_rows=touched, results=rows))
+    payload["complete"] = True
+    save_json(args.out, payload)
 
 
 if __name__ == "__main__":

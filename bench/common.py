@@ -5,11 +5,12 @@ ceiling) and saves JSON with the machine, device, versions and commit.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -46,16 +47,15 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
     """Large tensor copy, counted as bytes read + bytes written per second (GB/s)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, warmup=2, iters=9)
-    del src, dst
+    ms = time_ms(functools.partial(dst.copy_, src), device, warmup=2, iters=9)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for r in rows:
-        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths, strict=True)))
 
 
 def _fmt(v) -> str:
@@ -66,8 +66,13 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def save_json(path: str, payload: dict) -> None:
+def save_json(path: str, payload: dict, *, quiet: bool = False) -> None:
+    """Writes payload to path (through a temporary file: a run killed while writing
+    leaves the previous complete file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
-    print(f"results written to {path}")
+    os.replace(tmp, path)
+    if not quiet:
+        print(f"results written to {path}")

@@ -1,158 +1,235 @@
-"""Run every CUDA kernel of torch.ops.memory once, at small sizes, for compute-sanitizer.
+"""Run every kernel of torch.ops.memory once, at small sizes, for compute-sanitizer.
 
-    compute-sanitizer --tool memcheck python3 bench/sanitize_cases.py
+    compute-sanitizer --tool memcheck python3 bench/sanitize_cases.py [--report memcheck.json]
     compute-sanitizer --tool racecheck python3 bench/sanitize_cases.py
+    python3 bench/sanitize_cases.py --device cpu      # dry run of the same cases on the CPU
 
-Each op that has a CUDA kernel must have cases here; the cases pick shapes that reach
-every launch shape of the kernels (sub-warp, warp, block and tiled rows; vector and scalar
-loads; runs long enough to be split into segments) and the index-check paths (on, off,
-and a reported bad index). An op with a CUDA kernel but no cases fails the run, so a new
-kernel cannot slip past the sanitizer. Results are checked only for being finite: the
-tests check values.
+Inputs come from memory_ext.testing.sample_inputs, drawn on the device. The cases pick
+shapes that reach every launch shape of the kernels (sub-warp, warp, block and tiled rows;
+vector and scalar loads; runs long enough to be split into segments; tensor-core and plain
+top-k paths) and the index-check paths (on, off, and a reported bad index). Results are
+checked only for being finite: the tests check values.
+
+Every op with a kernel for the device must have cases here. One without is a finding:
+printed, recorded in the report, and listed in the last line, but not a failure of this
+script, whose exit status is about the cases that ran:
+  0  every case ran (the sanitizer's own errors come from its --error-exitcode);
+  1  a case raised or a check failed;
+  2  the device cannot run (no GPU visible, or no CUDA kernels built).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import traceback
 from collections.abc import Callable
 
 import torch
 
 import memory_ext
 from memory_ext import ops
+from memory_ext.testing import cuda_skip_reason, op_args, sample_inputs
 
-DEV = "cuda"
-
-
-def _finite(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise AssertionError("non-finite output")
-
-
-def _bag_inputs(tokens, bag, rows, dim, dtype, idx_dtype=torch.int64, hot=False, w_dtype=torch.float32):
-    values = torch.randn(rows, dim, device=DEV).to(dtype)
-    indices = torch.randint(0, rows, (tokens, bag), device=DEV)
-    if hot:  # one row takes most lookups: a run of several segments
-        indices[:, : bag - 1] = 1
-    weights = torch.randn(tokens, bag, device=DEV).to(w_dtype)
-    grad_out = torch.randn(tokens, dim, device=DEV).to(dtype)
-    return values, indices.to(idx_dtype), weights, grad_out
-
-
-# Row widths per dtype reaching each launch shape of the forward and backward kernels.
-_SHAPES = [
-    # (dtype, dim) -> 16-byte vectors per row: bf16 8 -> 1, fp32 32 -> 8, bf16 96 -> 12,
-    # bf16 256 -> 32, bf16 1000 -> 125, bf16 4096 -> 512, bf16 5000 -> 625 (tiled);
-    # float64 uses 2-element vectors; odd widths (3, 17, 101, 1001) take the scalar path.
+# Row widths per dtype reaching each launch shape of the forward and backward kernels:
+# 16-byte vectors per row: bf16 8 -> 1, fp32 32 -> 8, bf16 96 -> 12, bf16 256 -> 32,
+# bf16 1000 -> 125, bf16 4096 -> 512, bf16 5000 -> 625 (tiled); float64 uses 2-element
+# vectors; odd widths (3, 17, 101, 1001) take the scalar path.
+BAG_SHAPES = [
     (torch.bfloat16, 8), (torch.float32, 32), (torch.bfloat16, 96), (torch.bfloat16, 256),
     (torch.bfloat16, 1000), (torch.bfloat16, 4096), (torch.bfloat16, 5000), (torch.float64, 24),
     (torch.float64, 3000), (torch.bfloat16, 3), (torch.float32, 17), (torch.float16, 101),
     (torch.float16, 1001),
 ]
 
+# (dtype, half, n_keys, k) reaching each pk_topk path: tensor cores with 16- and 32-wide
+# key tiles (bf16/fp16, half <= 256 and <= 512), odd halves (element-wise loads), k ==
+# n_keys, the plain path for bf16 half > 512, float32 and float64.
+TOPK_SHAPES = [
+    (torch.bfloat16, 16, 16, 4), (torch.bfloat16, 16, 128, 32), (torch.float16, 40, 64, 64),
+    (torch.bfloat16, 37, 130, 5), (torch.bfloat16, 320, 200, 16), (torch.bfloat16, 520, 64, 3),
+    (torch.float32, 33, 80, 12), (torch.float64, 16, 128, 100),
+]
 
-def cases_embedding_bag() -> None:
-    for dtype, dim in _SHAPES:
-        v, i, w, _ = _bag_inputs(5, 33, 40, dim, dtype, idx_dtype=torch.int32, w_dtype=dtype)
-        _finite(ops.embedding_bag(v, i, w))
-    v, i, w, _ = _bag_inputs(3, 0, 40, 16, torch.float32)
-    _finite(ops.embedding_bag(v, i, w))  # empty bags
-    _bad_index_paths(lambda v, i, w, g: ops.embedding_bag(v, i, w))
+
+class CaseError(AssertionError):
+    pass
 
 
-def cases_embedding_bag_backward() -> None:
-    for dtype, dim in _SHAPES:
+def _finite(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CaseError("non-finite output")
+
+
+def _expect_error(call: Callable[[], object], needle: str, what: str) -> None:
+    try:
+        call()
+    except RuntimeError as e:
+        if needle not in str(e):
+            raise CaseError(f"{what}: unexpected message: {e}") from e
+    else:
+        raise CaseError(f"{what} was not reported")
+
+
+def cases_embedding_bag(device: str) -> int:
+    n = 0
+    for dtype, dim in BAG_SHAPES:
+        s = sample_inputs("embedding_bag", device, dtype, seed=n, tokens=5, bag=33, rows=40, dim=dim,
+                          index_dtype=torch.int32, weight_dtype=dtype)
+        _finite(ops.embedding_bag(**s))
+        n += 1
+    _finite(ops.embedding_bag(**sample_inputs("embedding_bag", device, tokens=3, bag=0, rows=40)))  # empty bags
+    return n + 1 + _bad_index_paths(device, lambda s: ops.embedding_bag(s["values"], s["indices"], s["weights"]))
+
+
+def cases_embedding_bag_backward(device: str) -> int:
+    n = 0
+    for dtype, dim in BAG_SHAPES:
         for need_wg in (True, False):
-            v, i, w, g = _bag_inputs(12, 100, 40, dim, dtype, hot=True)  # 1188 hits on row 1
-            _finite(*ops.embedding_bag_backward(g, v, i, w, need_wg))
-    _bad_index_paths(lambda v, i, w, g: ops.embedding_bag_backward(g, v, i, w, True))
+            # 2400 lookups, 95% on rows 0..2: runs of about 760 positions, split into segments.
+            s = sample_inputs("embedding_bag_backward", device, dtype, seed=n, tokens=24, bag=100, rows=40, dim=dim,
+                              hot=0.95, need_weights_grad=need_wg)
+            _finite(*ops.embedding_bag_backward(**s))
+            n += 1
+    return n + _bad_index_paths(device, lambda s: ops.embedding_bag_backward(*op_args(s)))
 
 
-def cases_rows_to_dense() -> None:
+def _bad_index_paths(device: str, call: Callable[[dict], object]) -> int:
+    s = sample_inputs("embedding_bag_backward", device, tokens=4, bag=6, rows=20, dim=32)
+    s["indices"][1, 2] = 20
+    s["indices"][3, 0] = -1
+    _expect_error(lambda: call(s), "index out of range", "a bad index")
+    with ops.index_checks(False):
+        if device == "cpu":  # the CPU kernels always check
+            _expect_error(lambda: call(s), "index out of range", "a bad index (checks off, CPU)")
+        else:  # skipped, never read out of bounds
+            out = call(s)
+            _finite(*(out if isinstance(out, tuple) else (out,)))
+    return 2
+
+
+def cases_rows_to_dense(device: str) -> int:
+    n = 0
     for dtype, dim in [(torch.bfloat16, 96), (torch.bfloat16, 3), (torch.float32, 1), (torch.float64, 5),
                        (torch.uint8, 7)]:
-        rows = torch.tensor([0, 5, 6, 40, 99], device=DEV)
-        rg = (torch.randn(5, dim, device=DEV) * 10).to(dtype)
-        _finite(ops.rows_to_dense(rows, rg, 100))
-    with ops.index_checks(False):  # bad rows are skipped, never written out of bounds
-        ops.rows_to_dense(torch.tensor([3, 1, 1, 500, -2], device=DEV), torch.randn(5, 8, device=DEV), 64)
-    try:
-        ops.rows_to_dense(torch.tensor([3, 1], device=DEV), torch.randn(2, 8, device=DEV), 64)
-    except RuntimeError:
-        pass
-    else:
-        raise AssertionError("unsorted rows were not reported")
-
-
-def cases_pk_topk() -> None:
-    for dtype in (torch.float32, torch.bfloat16):
-        for n_keys, k in ((16, 4), (128, 32)):
-            query = torch.randn(6, 2, 32, device=DEV, dtype=dtype, requires_grad=True)
-            keys = torch.randn(2, 2, n_keys, 16, device=DEV, dtype=dtype, requires_grad=True)
-            scores, idx = ops.pk_topk(query, keys, k)
-            _finite(scores)
-            scores.sum().backward()  # through the embedding_bag kernels
-
-
-def _bad_index_paths(call: Callable) -> None:
-    v, i, w, g = _bag_inputs(4, 6, 20, 32, torch.float32)
-    i[1, 2] = 20
-    i[3, 0] = -1
-    try:
-        call(v, i, w, g)
-    except RuntimeError as e:
-        assert "index out of range" in str(e), e
-    else:
-        raise AssertionError("bad index was not reported")
+        _finite(ops.rows_to_dense(**sample_inputs("rows_to_dense", device, dtype, seed=n, n_rows=100, n_unique=5,
+                                                  dim=dim)))
+        n += 1
+    bad_rows = torch.tensor([3, 1, 1, 500, -2], device=device)
     with ops.index_checks(False):
-        out = call(v, i, w, g)
-    _finite(*(out if isinstance(out, tuple) else (out,)))
+        if device == "cpu":
+            _expect_error(lambda: ops.rows_to_dense(bad_rows, torch.randn(5, 8, device=device), 64), "rows",
+                          "bad rows (checks off, CPU)")
+        else:  # bad rows are skipped, never written out of bounds
+            ops.rows_to_dense(bad_rows, torch.randn(5, 8, device=device), 64)
+    unsorted = torch.tensor([3, 1], device=device)
+    _expect_error(lambda: ops.rows_to_dense(unsorted, torch.randn(2, 8, device=device), 64), "strictly ascending",
+                  "unsorted rows")
+    return n + 2
 
 
-CASES: dict[str, Callable[[], None]] = {
+def cases_pk_topk(device: str) -> int:
+    n = 0
+    for dtype, half, n_keys, k in TOPK_SHAPES:
+        s = sample_inputs("pk_topk", device, dtype, seed=n, tokens=6, heads=2, n_keys=n_keys, half=half, k=k)
+        query, keys = s["query"].requires_grad_(True), s["keys"].requires_grad_(True)
+        scores, _ = ops.pk_topk(query, keys, k)
+        _finite(scores)
+        scores.sum().backward()  # through the embedding_bag kernels
+        n += 1
+    # Keys two elements into their storage: not 16-byte aligned, the element-wise loads.
+    s = sample_inputs("pk_topk", device, torch.bfloat16, tokens=6, heads=2, n_keys=64, half=32, k=8)
+    flat = torch.zeros(s["keys"].numel() + 2, device=device, dtype=torch.bfloat16)
+    flat[2:] = s["keys"].flatten()
+    _finite(ops.pk_topk(s["query"], flat[2:].view(s["keys"].shape), 8)[0])
+    return n + 1
+
+
+def cases_row_adam_(device: str) -> int:
+    n = 0
+    for dtype, dim in [(torch.float32, 16), (torch.bfloat16, 96), (torch.float16, 3), (torch.float64, 33),
+                       (torch.float32, 1001)]:
+        s = sample_inputs("row_adam_", device, dtype, seed=n, n_rows=200, dim=dim, n_unique=70)
+        ops.row_adam_(**s)
+        _finite(s["param"], s["exp_avg"], s["exp_avg_sq"])
+        n += 1
+    if device != "cpu":  # the CUDA kernel skips rows out of range (the CPU one rejects them)
+        s = sample_inputs("row_adam_", device, torch.float32, n_rows=50, dim=8, n_unique=3)
+        s["rows"] = torch.tensor([2, 49, 50], device=device)
+        ops.row_adam_(**s)
+        _finite(s["param"])
+        n += 1
+    return n
+
+
+CASES: dict[str, Callable[[str], int]] = {
     "embedding_bag": cases_embedding_bag,
     "embedding_bag_backward": cases_embedding_bag_backward,
     "rows_to_dense": cases_rows_to_dense,
     "pk_topk": cases_pk_topk,
+    "row_adam_": cases_row_adam_,
 }
 
 
-def cuda_ops() -> list[str]:
-    """Ops of the memory library that have a kernel for the CUDA dispatch key."""
-    names = []
+def ops_with_kernel(dispatch_key: str) -> list[str]:
+    """Ops of the memory library that have a kernel for the dispatch key (CUDA, CPU)."""
+    names = set()
     for schema in torch._C._jit_get_all_schemas():
-        if schema.name.startswith("memory::"):
-            name = schema.name.split("::", 1)[1]
-            if torch._C._dispatch_has_kernel_for_dispatch_key(schema.name, "CUDA"):
-                names.append(name)
-    return sorted(set(names))
+        if schema.name.startswith("memory::") and torch._C._dispatch_has_kernel_for_dispatch_key(schema.name,
+                                                                                                 dispatch_key):
+            names.add(schema.name.split("::", 1)[1])
+    return sorted(names)
 
 
-def main() -> int:
+def run(device: str, only: list[str] | None) -> dict:
+    """Runs the cases; returns the report (ran, errors, findings, no_kernel)."""
+    names = ops_with_kernel("CUDA" if device.startswith("cuda") else "CPU")
+    report = dict(device=device, torch=torch.__version__, memory_ext=memory_ext.__version__, ran={}, errors={},
+                  findings=[], no_kernel=sorted(set(CASES) - set(names)))
+    for name in names:
+        if only and name not in only:
+            continue
+        if name not in CASES:
+            finding = f"{name} has a {device} kernel but no cases here"
+            report["findings"].append(finding)
+            print(f"sanitize_cases: FINDING: {finding}", flush=True)
+            continue
+        try:
+            count = CASES[name](device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        except Exception as e:  # recorded, and the other ops still run
+            report["errors"][name] = f"{type(e).__name__}: {e}"
+            print(f"sanitize_cases: {name} FAILED", flush=True)
+            traceback.print_exc()
+            continue
+        report["ran"][name] = count
+        print(f"sanitize_cases: {name} ok ({count} cases)", flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
     parser.add_argument("--only", nargs="*", help="run only these ops")
-    args = parser.parse_args()
-    if not memory_ext.cuda_kernels_built() or not torch.cuda.is_available():
-        print("sanitize_cases: needs a GPU and the CUDA kernels", file=sys.stderr)
+    parser.add_argument("--report", help="write the report (ops run, errors, findings) as JSON here")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and cuda_skip_reason() is not None:
+        print(f"sanitize_cases: cannot run on {args.device}: {cuda_skip_reason()}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    names = cuda_ops()
-    missing = [n for n in names if n not in CASES]
-    status = 0
-    for name in names:
-        if name in missing or (args.only and name not in args.only):
-            continue
-        CASES[name]()
-        torch.cuda.synchronize()
-        print(f"sanitize_cases: {name} ok", flush=True)
-    for name in missing:
-        print(f"sanitize_cases: {name} has a CUDA kernel but no cases here", file=sys.stderr)
-        status = 1
-    not_cuda = sorted(set(CASES) - set(names))
-    if not_cuda:
-        print(f"sanitize_cases: no CUDA kernel (skipped): {', '.join(not_cuda)}")
-    return status
+    report = run(args.device, args.only)
+    if args.report:
+        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+    if report["no_kernel"]:
+        print(f"sanitize_cases: no {args.device} kernel (skipped): {', '.join(report['no_kernel'])}")
+    print(f"sanitize_cases: {len(report['ran'])} ops ok, {len(report['errors'])} failed, "
+          f"{len(report['findings'])} findings" + "".join(f"; FINDING: {f}" for f in report["findings"]), flush=True)
+    return 1 if report["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -1,32 +1,16 @@
-"""Shared test fixtures: the device grid and per-dtype tolerances.
+"""Shared test fixtures: the CUDA skip marker and the device grid.
 
 CUDA cases skip, saying why, when no GPU is visible or when this build of memory_ext did
-not compile its CUDA kernels.
+not compile its CUDA kernels (memory_ext.testing.cuda_skip_reason). Tolerances, inputs
+and references live in memory_ext.testing and memory_ext.reference.
 """
 import pytest
-import torch
 
-import memory_ext
+from memory_ext.testing import cuda_skip_reason
 
-
-def _cuda_skip_reason():
-    if not memory_ext.cuda_kernels_built():
-        return "memory_ext was built without its CUDA kernels"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible"
-    return None
-
-
-CUDA_SKIP = _cuda_skip_reason()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP)))]
-
-# Tolerances for a float32-accumulated result rounded to the output dtype.
-TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.float32: dict(atol=1e-4, rtol=1e-4),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-}
+CUDA_SKIP = cuda_skip_reason()
+requires_cuda = pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
 @pytest.fixture(params=DEVICES)

@@ -1,4 +1,10 @@
-"""embedding_bag, embedding_bag_backward and rows_to_dense against plain-PyTorch oracles."""
+"""embedding_bag, embedding_bag_backward and rows_to_dense against plain-PyTorch oracles.
+
+Gaussian inputs are compared with the float64 reference within memory_ext.testing's
+tolerance (one rounding to the output dtype plus a float32 accumulation error that grows
+with the number of terms); dyadic inputs make every float32 sum exact, so the kernels must
+equal the rounded reference bit for bit.
+"""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -6,24 +12,57 @@ from hypothesis import strategies as st
 
 import memory_ext
 from memory_ext import ops
-from memory_ext.reference import embedding_bag_backward_ref, embedding_bag_ref
-from conftest import TOL
+from memory_ext.reference import (
+    embedding_bag_backward_ref,
+    embedding_bag_backward_sparse_ref,
+    embedding_bag_ref,
+    rows_to_dense_ref,
+)
+from memory_ext.testing import BACKWARD_SEGMENT, TOL, sample_inputs, tolerance
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def make_inputs(rows, dim, tokens, bag, dtype, device, index_dtype=torch.int64, weight_dtype=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    values = torch.randn(rows, dim, generator=g).to(dtype)
-    indices = torch.randint(0, rows, (tokens, bag), generator=g).to(index_dtype)
-    weights = torch.rand(tokens, bag, generator=g).to(weight_dtype or torch.float32)
-    return values.to(device), indices.to(device), weights.to(device)
+def bag_inputs(device, dtype, *, seed=0, **shape):
+    """(values, indices, weights) of sample_inputs("embedding_bag", ...)."""
+    s = sample_inputs("embedding_bag", device, dtype, seed=seed, **shape)
+    return s["values"], s["indices"], s["weights"]
 
 
-def sparse_to_dense_ref(rows, rows_grad, n_rows):
-    dense = torch.zeros(n_rows, rows_grad.shape[1], dtype=torch.float64, device=rows.device)
-    dense[rows] = rows_grad.double()
-    return dense
+def backward_inputs(device, dtype, *, seed=0, **shape):
+    """(grad_out, values, indices, weights) of sample_inputs("embedding_bag_backward", ...)."""
+    s = sample_inputs("embedding_bag_backward", device, dtype, seed=seed, **shape)
+    return s["grad_out"], s["values"], s["indices"], s["weights"]
+
+
+def longest_run(indices):
+    return int(torch.bincount(indices.reshape(-1).long()).max()) if indices.numel() else 1
+
+
+def check_forward(values, indices, weights, msg=None):
+    out = ops.embedding_bag(values, indices, weights)
+    assert out.dtype == values.dtype and out.shape == (indices.shape[0], values.shape[1])
+    ref = embedding_bag_ref(values, indices, weights, rounded=False)
+    tol = tolerance(values.dtype, terms=indices.shape[1])
+    torch.testing.assert_close(out.double(), ref, **tol, msg=msg)
+    return out
+
+
+def check_backward(grad_out, values, indices, weights, need_weights_grad=True, msg=None):
+    """rows exact; rows_grad within the tolerance of a sum over the longest run; the
+    weight gradient within that of a sum over dim, in the weights' dtype."""
+    rows, rows_grad, weights_grad = ops.embedding_bag_backward(grad_out, values, indices, weights, need_weights_grad)
+    ref_rows, ref_rg, ref_wg = embedding_bag_backward_sparse_ref(grad_out, values, indices, weights, need_weights_grad,
+                                                                 rounded=False)
+    assert torch.equal(rows, ref_rows), msg
+    assert rows_grad.dtype == values.dtype and weights_grad.dtype == weights.dtype
+    torch.testing.assert_close(rows_grad.double(), ref_rg, **tolerance(values.dtype, terms=longest_run(indices)), msg=msg)
+    if need_weights_grad:
+        torch.testing.assert_close(weights_grad.double(), ref_wg, **tolerance(weights.dtype, terms=values.shape[1]),
+                                   msg=msg)
+    else:
+        assert weights_grad.shape == (0,)
+    return rows, rows_grad, weights_grad
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -31,17 +70,12 @@ def sparse_to_dense_ref(rows, rows_grad, n_rows):
 @pytest.mark.parametrize("bag", [1, 5, 128])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 def test_forward_matches_reference(device, dtype, dim, bag, index_dtype):
-    values, indices, weights = make_inputs(300, dim, 37, bag, dtype, device, index_dtype)
-    out = ops.embedding_bag(values, indices, weights)
-    assert out.dtype == dtype and out.shape == (37, dim)
-    torch.testing.assert_close(out, embedding_bag_ref(values, indices, weights), **TOL[dtype])
+    check_forward(*bag_inputs(device, dtype, tokens=37, bag=bag, rows=300, dim=dim, index_dtype=index_dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weights_in_values_dtype(device, dtype):
-    values, indices, weights = make_inputs(64, 24, 9, 6, dtype, device, weight_dtype=dtype)
-    out = ops.embedding_bag(values, indices, weights)
-    torch.testing.assert_close(out, embedding_bag_ref(values, indices, weights), **TOL[dtype])
+    check_forward(*bag_inputs(device, dtype, tokens=9, bag=6, rows=64, dim=24, weight_dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
@@ -50,64 +84,59 @@ def test_weights_in_values_dtype(device, dtype):
 def test_backward_matches_reference(device, dtype, dim, bag, rows, index_dtype):
     # (33, 4000, 3): 12000 lookups on 3 rows, runs longer than one backward segment.
     tokens = 3 if bag == 4000 else 29
-    weight_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    values, indices, weights = make_inputs(rows, dim, tokens, bag, dtype, device, index_dtype, weight_dtype)
-    grad_out = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
-    rows_t, rows_grad, weights_grad = ops.embedding_bag_backward(grad_out, values, indices, weights)
-    ref_gv, ref_gw = embedding_bag_backward_ref(grad_out, values, indices, weights)
-    expect_rows = torch.unique(indices.long())
-    assert torch.equal(rows_t, expect_rows)
-    assert rows_grad.dtype == dtype and weights_grad.dtype == weights.dtype
-    tol = dict(TOL[dtype])
-    if dtype != torch.float64:  # long sums: scale the tolerance with the summed magnitude
-        tol["atol"] *= max(1.0, (tokens * bag / max(rows, 1)) ** 0.5)
-    torch.testing.assert_close(rows_grad.double(), ref_gv[expect_rows], **tol)
-    torch.testing.assert_close(weights_grad.double(), ref_gw, **tol)
-    dense = ops.rows_to_dense(rows_t, rows_grad, rows)
-    assert torch.equal(dense.double(), sparse_to_dense_ref(rows_t, rows_grad, rows))
+    inputs = backward_inputs(device, dtype, tokens=tokens, bag=bag, rows=rows, dim=dim, index_dtype=index_dtype)
+    if bag == 4000:
+        assert longest_run(inputs[2]) > BACKWARD_SEGMENT["cpu"]
+    r, rg, _ = check_backward(*inputs)
+    dense = ops.rows_to_dense(r, rg, rows)
+    assert torch.equal(dense, rows_to_dense_ref(r, rg, rows))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("pattern,hot,tokens,bag", [("random", 0.0, 29, 128), ("all_equal", 0.0, 9, 1000),
+                                                    ("random", 0.9, 40, 200), ("distinct", 0.0, 16, 16)])
+@pytest.mark.parametrize("weights_in_values_dtype", [False, True])
+def test_dyadic_inputs_give_exact_results(device, dtype, pattern, hot, tokens, bag, weights_in_values_dtype):
+    """Integers / 32 and weights k / 8: every float32 partial sum is exact, in any order, so
+    the forward, the row gradients (runs of up to 9000 positions, several segments) and the
+    weight gradient equal the float64 reference rounded once, bit for bit."""
+    weight_dtype = dtype if weights_in_values_dtype else None
+    grad_out, values, indices, weights = backward_inputs(device, dtype, tokens=tokens, bag=bag, rows=4096, dim=40,
+                                                         pattern=pattern, hot=hot, kind="dyadic",
+                                                         weight_dtype=weight_dtype)
+    assert torch.equal(ops.embedding_bag(values, indices, weights), embedding_bag_ref(values, indices, weights))
+    rows, rows_grad, weights_grad = ops.embedding_bag_backward(grad_out, values, indices, weights, True)
+    ref_rows, ref_rg, ref_wg = embedding_bag_backward_sparse_ref(grad_out, values, indices, weights)
+    assert torch.equal(rows, ref_rows)
+    assert torch.equal(rows_grad, ref_rg)
+    assert torch.equal(weights_grad, ref_wg)
 
 
 def test_backward_without_weights_grad(device):
-    values, indices, weights = make_inputs(50, 8, 10, 4, torch.float32, device)
-    grad_out = torch.randn(10, 8, device=device)
-    rows, rows_grad, weights_grad = ops.embedding_bag_backward(grad_out, values, indices, weights, False)
-    assert weights_grad.shape == (0,)
+    grad_out, values, indices, weights = backward_inputs(device, torch.float32, tokens=10, bag=4, rows=50, dim=8)
+    rows, rows_grad, weights_grad = check_backward(grad_out, values, indices, weights, False)
     full = ops.embedding_bag_backward(grad_out, values, indices, weights, True)
     assert torch.equal(rows, full[0]) and torch.equal(rows_grad, full[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_autograd_matches_reference(device, dtype):
-    values, indices, weights = make_inputs(200, 40, 23, 9, dtype, device)
+    grad_out, values, indices, weights = backward_inputs(device, dtype, tokens=23, bag=9, rows=200, dim=40)
     values.requires_grad_(True)
     weights.requires_grad_(True)
-    grad_out = torch.randn(23, 40, device=device).to(dtype)
     memory_ext.embedding_bag(values, indices, weights).backward(grad_out)
     ref_gv, ref_gw = embedding_bag_backward_ref(grad_out, values.detach(), indices, weights.detach())
-    torch.testing.assert_close(values.grad.double(), ref_gv, **TOL[dtype])
-    torch.testing.assert_close(weights.grad.double(), ref_gw, **TOL[dtype])
+    torch.testing.assert_close(values.grad.double(), ref_gv, **tolerance(dtype, terms=longest_run(indices)))
+    torch.testing.assert_close(weights.grad.double(), ref_gw, **tolerance(weights.dtype, terms=40))
 
 
-def test_index_patterns(device):
-    """All-equal indices (one run), all-distinct indices, and one hot row among random ones."""
-    rows, dim, tokens, bag = 4096, 17, 64, 32
-    g = torch.Generator().manual_seed(3)
-    patterns = {
-        "all_equal": torch.full((tokens, bag), 7),
-        "all_distinct": torch.randperm(rows, generator=g)[: tokens * bag].view(tokens, bag),
-        "hot_row": torch.where(torch.rand(tokens, bag, generator=g) < 0.5, 11, torch.randint(0, rows, (tokens, bag), generator=g)),
-    }
-    values = torch.randn(rows, dim, generator=g).to(device)
-    weights = torch.randn(tokens, bag, generator=g).to(device)
-    grad_out = torch.randn(tokens, dim, generator=g).to(device)
-    for name, idx in patterns.items():
-        idx = idx.to(device)
-        torch.testing.assert_close(ops.embedding_bag(values, idx, weights), embedding_bag_ref(values, idx, weights), **TOL[torch.float32], msg=name)
-        r, rg, wg = ops.embedding_bag_backward(grad_out, values, idx, weights)
-        ref_gv, ref_gw = embedding_bag_backward_ref(grad_out, values, idx, weights)
-        assert torch.equal(r, torch.unique(idx)), name
-        torch.testing.assert_close(rg.double(), ref_gv[r], atol=1e-3, rtol=1e-4, msg=name)
-        torch.testing.assert_close(wg.double(), ref_gw, **TOL[torch.float32], msg=name)
+@pytest.mark.parametrize("pattern,hot", [("all_equal", 0.0), ("distinct", 0.0), ("random", 0.5)])
+def test_index_patterns(device, pattern, hot):
+    """One run, all-distinct rows, and hot rows among random ones."""
+    inputs = backward_inputs(device, torch.float32, tokens=64, bag=32, rows=4096, dim=17, pattern=pattern, hot=hot,
+                             seed=3)
+    check_forward(*inputs[1:], msg=pattern)
+    check_backward(*inputs, msg=pattern)
 
 
 def test_empty_batches(device):
@@ -124,18 +153,17 @@ def test_empty_batches(device):
 
 
 def test_non_contiguous_inputs(device):
-    values, indices, weights = make_inputs(100, 64, 20, 8, torch.float32, device)
+    values, indices, weights = bag_inputs(device, torch.float32, tokens=20, bag=8, rows=100, dim=64)
     v = values[:, ::2]
     idx = indices.t().contiguous().t()
     w = weights.t().contiguous().t()
     assert not v.is_contiguous() and not idx.is_contiguous()
-    torch.testing.assert_close(ops.embedding_bag(v, idx, w), embedding_bag_ref(v, idx, w), **TOL[torch.float32])
+    check_forward(v, idx, w)
 
 
 def test_backward_is_deterministic_across_runs_and_threads():
-    values, indices, weights = make_inputs(1000, 96, 300, 64, torch.float32, "cpu")
+    grad_out, values, indices, weights = backward_inputs("cpu", torch.float32, tokens=300, bag=64, rows=1000, dim=96)
     indices[:, :20] = 5  # one long run plus many short ones
-    grad_out = torch.randn(300, 96)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -147,7 +175,7 @@ def test_backward_is_deterministic_across_runs_and_threads():
         torch.set_num_threads(threads)
     for other in results[2:]:
         ref = results[0] if len(other) == 3 else results[1]
-        assert all(torch.equal(a, b) for a, b in zip(ref, other))
+        assert all(torch.equal(a, b) for a, b in zip(ref, other, strict=True))
 
 
 def test_rows_to_dense_rejects_bad_rows():
@@ -158,34 +186,72 @@ def test_rows_to_dense_rejects_bad_rows():
         ops.rows_to_dense(torch.tensor([1, 9]), grad, 5)
 
 
+def test_a_wrong_16_bit_result_fails_the_tolerance():
+    """The tolerance of a 16-bit result is its rounding (one ulp), not a 16-bit absolute
+    error: a result two ulps off, or one lookup short, must fail."""
+    values, indices, weights = bag_inputs("cpu", torch.bfloat16, tokens=37, bag=128, rows=300, dim=96)
+    out = ops.embedding_bag(values, indices, weights)
+    ref = embedding_bag_ref(values, indices, weights, rounded=False)
+    tol = tolerance(torch.bfloat16, terms=128)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    two_ulps = out.double() * (1 + 2**-6)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(two_ulps, ref, **tol)
+    one_short = ops.embedding_bag(values, indices[:, 1:], weights[:, 1:])
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(one_short.double(), ref, **tol)
+    assert TOL[torch.bfloat16]["atol"] < 1e-4
+
+
+# Hypothesis: random shapes, dtypes and index patterns; long_run forces a row with more
+# than long_run backward segments (2048 positions each on the CPU) of lookups, through
+# one repeated row (all_equal) or 90% of lookups on three rows (hot); dyadic inputs are
+# checked bit for bit.
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, 300),
     dim=st.integers(1, 70),
     tokens=st.integers(0, 40),
     bag=st.integers(1, 50),
-    dtype=st.sampled_from(DTYPES),
+    dtype=st.sampled_from(DTYPES + [torch.float64]),
     pattern=st.sampled_from(["random", "all_equal", "distinct", "hot"]),
+    long_run=st.integers(0, 2),
+    kind=st.sampled_from(["gaussian", "dyadic"]),
     seed=st.integers(0, 2**16),
 )
-def test_property_forward_backward(rows, dim, tokens, bag, dtype, pattern, seed):
-    g = torch.Generator().manual_seed(seed)
-    values = torch.randn(rows, dim, generator=g).to(dtype)
-    if pattern == "all_equal":
-        indices = torch.full((tokens, bag), int(torch.randint(0, rows, (1,), generator=g)))
-    elif pattern == "distinct":
-        indices = torch.randperm(max(rows, tokens * bag), generator=g)[: tokens * bag].remainder(rows).view(tokens, bag)
-    elif pattern == "hot":
-        indices = torch.where(torch.rand(tokens, bag, generator=g) < 0.7, 0, torch.randint(0, rows, (tokens, bag), generator=g))
+def test_property_forward_backward(rows, dim, tokens, bag, dtype, pattern, long_run, kind, seed):
+    tokens, bag, pattern = long_run_shape(tokens, bag, pattern, long_run)
+    hot = 0.9 if pattern == "hot" else 0.0
+    inputs = backward_inputs("cpu", dtype, tokens=tokens, bag=bag, rows=rows, dim=dim, kind=kind, seed=seed,
+                             pattern="random" if pattern == "hot" else pattern, hot=hot)
+    grad_out, values, indices, weights = inputs
+    if kind == "dyadic":
+        assert torch.equal(ops.embedding_bag(values, indices, weights), embedding_bag_ref(values, indices, weights))
+        got = ops.embedding_bag_backward(*inputs, True)
+        want = embedding_bag_backward_sparse_ref(*inputs, True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     else:
-        indices = torch.randint(0, rows, (tokens, bag), generator=g)
-    weights = torch.randn(tokens, bag, generator=g)
-    grad_out = torch.randn(tokens, dim, generator=g).to(dtype)
-    torch.testing.assert_close(ops.embedding_bag(values, indices, weights), embedding_bag_ref(values, indices, weights), **TOL[dtype])
-    r, rg, wg = ops.embedding_bag_backward(grad_out, values, indices, weights)
-    ref_gv, ref_gw = embedding_bag_backward_ref(grad_out, values, indices, weights)
-    assert torch.equal(r, torch.unique(indices))
-    scale = max(1.0, (tokens * bag) ** 0.5 / 4)
-    tol = {k: v * scale for k, v in TOL[dtype].items()}
-    torch.testing.assert_close(rg.double(), ref_gv[r], **tol)
-    torch.testing.assert_close(wg.double(), ref_gw, **tol)
+        check_forward(values, indices, weights)
+        check_backward(*inputs)
+
+
+def long_run_shape(tokens, bag, pattern, long_run):
+    """(tokens, bag, pattern) with enough lookups for a run of more than long_run segments."""
+    if not long_run:
+        return tokens, bag, pattern
+    pattern = pattern if pattern in ("all_equal", "hot") else "all_equal"
+    share = 1.0 if pattern == "all_equal" else 0.25  # 0.9 of the lookups over three rows, with margin
+    tokens = max(tokens, 1)
+    lookups = int((long_run * BACKWARD_SEGMENT["cpu"] + 1) / share) + 1
+    return tokens, max(bag, -(-lookups // tokens)), pattern
+
+
+@pytest.mark.parametrize("pattern", ["all_equal", "hot", "random"])
+@pytest.mark.parametrize("long_run", [1, 2])
+def test_property_strategy_reaches_split_runs(pattern, long_run):
+    """long_run in the strategy above does produce runs of more than long_run segments."""
+    for tokens, bag in [(0, 1), (1, 1), (40, 50), (7, 3)]:
+        t, b, p = long_run_shape(tokens, bag, pattern, long_run)
+        _, _, indices, _ = backward_inputs("cpu", torch.float32, tokens=t, bag=b, rows=300, dim=1,
+                                           pattern="random" if p == "hot" else p, hot=0.9 if p == "hot" else 0.0)
+        assert longest_run(indices) > long_run * BACKWARD_SEGMENT["cpu"]

@@ -18,21 +18,13 @@ import tempfile
 
 import pytest
 import torch
+from conftest import requires_cuda
 
-import memory_ext
 from memory_ext import ops
+from memory_ext.reference import embedding_bag_backward_sparse_ref as embedding_bag_backward_ref
+from memory_ext.reference import embedding_bag_ref, rows_to_dense_ref
+from memory_ext.testing import BACKWARD_SEGMENT, sample_inputs, tolerance
 
-
-def _skip_reason() -> str | None:
-    if not memory_ext.cuda_kernels_built():
-        return "memory_ext was built without its CUDA kernels (CPU-only build)"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU visible"
-    return None
-
-
-# Every test but the emulation needs a GPU and the CUDA kernels.
-cuda_only = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEV = "cuda"
@@ -40,65 +32,26 @@ VALUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # Row widths that reach every launch shape: sub-warp (1, 3, 8), warp (96, 1000), block
 # (4096 bf16), tiled (5000), and the scalar path (odd widths).
 DIMS = [1, 3, 8, 96, 1000, 4096, 5000]
-SEGMENT = 512  # positions per backward work unit (kSegment, csrc/cuda/embedding_bag_params.h)
+SEGMENT = BACKWARD_SEGMENT["cuda"]
 
 
-# ---------------------------------------------------------------------------------------
-# Plain-PyTorch references (float64 or float32 accumulation, like the kernels).
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def embedding_bag_ref(values, indices, weights):
-    """(rows, dim), (tokens, bag), (tokens, bag) -> (tokens, dim) in values' dtype."""
-    acc = _acc(values.dtype)
-    gathered = values.to(acc)[indices.long()]
-    return (gathered * weights.to(acc).unsqueeze(-1)).sum(1).to(values.dtype)
-
-
-def embedding_bag_backward_ref(grad_out, values, indices, weights, need_weights_grad):
-    """Sparse backward: (rows (U,), rows_grad (U, dim), weights_grad (tokens, bag) or (0,))."""
-    acc = _acc(values.dtype)
-    g = grad_out.to(values.dtype).to(acc)
-    flat = indices.reshape(-1).long()
-    bag = indices.shape[1]
-    contrib = g.repeat_interleave(bag, 0) * weights.reshape(-1, 1).to(acc)
-    dense = torch.zeros(values.shape, dtype=acc, device=values.device).index_add_(0, flat, contrib)
-    rows = torch.unique(flat)
-    rows_grad = dense[rows].to(values.dtype)
-    if need_weights_grad:
-        wg = (g.unsqueeze(1) * values.to(acc)[indices.long()]).sum(-1).to(weights.dtype)
-    else:
-        wg = weights.new_empty((0,))
-    return rows, rows_grad, wg
-
-
-def _tol(dtype: torch.dtype) -> dict:
-    # fp32 sums in a different order, then one rounding to the output dtype.
-    return {
-        torch.float64: dict(rtol=1e-9, atol=1e-9),
-        torch.float32: dict(rtol=1e-4, atol=1e-3),
-        torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2),
-        torch.float16: dict(rtol=2e-3, atol=2e-3),
-    }[dtype]
-
-
-def _assert_close(actual, expected, dtype):
-    torch.testing.assert_close(actual.cpu().double(), expected.cpu().double(), **_tol(dtype))
+def _assert_close(actual, expected, dtype, terms=128):
+    """Both sides rounded to dtype (a rounded reference or the CPU kernel), each a float32
+    (float64) sum of about ``terms`` products."""
+    tol = tolerance(dtype, terms=terms, rounded_twice=True)
+    torch.testing.assert_close(actual.cpu().double(), expected.cpu().double(), **tol)
 
 
 def _random_case(tokens, bag, rows, dim, dtype, idx_dtype, w_dtype, hot=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    values = torch.randn(rows, dim, generator=gen).to(dtype)
-    indices = torch.randint(0, rows, (tokens, bag), generator=gen)
-    if hot is not None:  # a share of lookups on a few rows: long runs, split into segments
-        mask = torch.rand(tokens, bag, generator=gen) < hot
-        indices[mask] = torch.randint(0, 3, (int(mask.sum()),), generator=gen)
-    weights = torch.randn(tokens, bag, generator=gen).to(w_dtype)
-    grad_out = torch.randn(tokens, dim, generator=gen).to(dtype)
-    return values, indices.to(idx_dtype), weights, grad_out
+    """(values, indices, weights, grad_out) on the CPU (the CPU kernel is compared too);
+    hot: a share of lookups on rows 0..2, long runs split into segments."""
+    s = sample_inputs("embedding_bag_backward", "cpu", dtype, seed=seed, tokens=tokens, bag=bag, rows=rows, dim=dim,
+                      index_dtype=idx_dtype, weight_dtype=w_dtype, hot=hot or 0.0)
+    return s["values"], s["indices"], s["weights"], s["grad_out"]
+
+
+def _longest_run(indices):
+    return int(torch.bincount(indices.reshape(-1).long()).max()) if indices.numel() else 1
 
 
 def _cuda(*tensors):
@@ -126,7 +79,7 @@ def _poison_cache(*shapes_dtypes):
 # Forward.
 
 
-@cuda_only
+@requires_cuda
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("bag", [1, 128])
 @pytest.mark.parametrize("dtype", VALUE_DTYPES)
@@ -137,27 +90,27 @@ def test_forward_matches_reference(dim, bag, dtype, idx_dtype):
     _poison_cache(((23, dim), dtype))
     out = ops.embedding_bag(*_cuda(values, indices, weights))
     assert out.dtype == dtype and out.shape == (23, dim) and out.device.type == torch.device(DEV).type
-    _assert_close(out, embedding_bag_ref(values, indices, weights), dtype)
-    _assert_close(out, ops.embedding_bag(values, indices, weights), dtype)  # the CPU kernel
+    _assert_close(out, embedding_bag_ref(values, indices, weights), dtype, terms=bag)
+    _assert_close(out, ops.embedding_bag(values, indices, weights), dtype, terms=bag)  # the CPU kernel
 
 
-@cuda_only
+@requires_cuda
 @pytest.mark.parametrize("bag", [0, 1, 5, 31, 33, 200])
 def test_forward_any_bag(bag):
     values, indices, weights, _ = _random_case(9, bag, 50, 64, torch.float32, torch.int64, torch.float32)
     _poison_cache(((9, 64), torch.float32))
     out = ops.embedding_bag(*_cuda(values, indices, weights))
-    _assert_close(out, embedding_bag_ref(values, indices, weights), torch.float32)
+    _assert_close(out, embedding_bag_ref(values, indices, weights), torch.float32, terms=bag)
 
 
-@cuda_only
+@requires_cuda
 def test_forward_many_tokens():
     values, indices, weights, _ = _random_case(300_000, 2, 1000, 8, torch.float32, torch.int32, torch.float32)
     out = ops.embedding_bag(*_cuda(values, indices, weights))
     _assert_close(out, embedding_bag_ref(values, indices, weights), torch.float32)
 
 
-@cuda_only
+@requires_cuda
 def test_forward_unaligned_and_strided_inputs():
     # A values view starting one element into its storage forces the scalar path; a
     # transposed weights tensor is not contiguous.
@@ -175,8 +128,8 @@ def test_forward_unaligned_and_strided_inputs():
     gc = _cuda(g_base)[0][1:].view(17, 96)
     rows, rows_grad, wg = ops.embedding_bag_backward(gc, vc[1:].view(65, 96), ic, wc, True)
     assert torch.equal(rows.cpu(), ref[0])
-    _assert_close(rows_grad, ref[1], torch.bfloat16)
-    _assert_close(wg, ref[2], torch.bfloat16)
+    _assert_close(rows_grad, ref[1], torch.bfloat16, terms=_longest_run(indices))
+    _assert_close(wg, ref[2], torch.float32, terms=96)
 
 
 # ---------------------------------------------------------------------------------------
@@ -191,22 +144,25 @@ def _check_backward(values, indices, weights, grad_out, need_wg, dtype):
     rows, rows_grad, wg = ops.embedding_bag_backward(*_cuda(grad_out, values, indices, weights), need_wg)
     assert torch.equal(rows.cpu(), ref_rows)  # only touched rows, ascending
     assert rows_grad.dtype == dtype and rows_grad.shape == (n_unique, values.shape[1])
-    _assert_close(rows_grad, ref_rg, dtype)
+    # A row's gradient sums its run; a weight's gradient is a dot product over dim, in the
+    # weights' dtype (float32 weights: a float32 result, whatever the table's dtype).
+    run, dim = _longest_run(indices), values.shape[1]
+    _assert_close(rows_grad, ref_rg, dtype, terms=run)
     assert wg.dtype == weights.dtype
     if need_wg:
-        _assert_close(wg, ref_wg, weights.dtype if weights.dtype != torch.float32 else dtype)
+        _assert_close(wg, ref_wg, weights.dtype, terms=dim)
     else:
         assert wg.shape == (0,)
     # The CPU kernel is the specification: same rows, same sums within tolerance.
     c_rows, c_rg, c_wg = ops.embedding_bag_backward(grad_out, values, indices, weights, need_wg)
     assert torch.equal(rows.cpu(), c_rows)
-    _assert_close(rows_grad, c_rg, dtype)
+    _assert_close(rows_grad, c_rg, dtype, terms=run)
     if need_wg:
-        _assert_close(wg, c_wg, weights.dtype if weights.dtype != torch.float32 else dtype)
+        _assert_close(wg, c_wg, weights.dtype, terms=dim)
     return rows, rows_grad, wg
 
 
-@cuda_only
+@requires_cuda
 @pytest.mark.parametrize("dim", DIMS)
 @pytest.mark.parametrize("bag", [1, 128])
 @pytest.mark.parametrize("dtype", VALUE_DTYPES)
@@ -217,7 +173,7 @@ def test_backward_matches_reference(dim, bag, dtype, idx_dtype):
     _check_backward(values, indices, weights, grad_out, True, dtype)
 
 
-@cuda_only
+@requires_cuda
 @pytest.mark.parametrize("dim", [3, 96, 1000, 4096, 5000, 1001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("need_wg", [True, False])
@@ -230,13 +186,13 @@ def test_backward_hot_rows(dim, dtype, need_wg):
     _check_backward(values, indices, weights, grad_out, need_wg, dtype)
 
 
-@cuda_only
+@requires_cuda
 def test_backward_grad_out_dtype_differs():
     values, indices, weights, grad_out = _random_case(16, 8, 40, 32, torch.bfloat16, torch.int64, torch.float32)
     _check_backward(values, indices, weights, grad_out.float(), True, torch.bfloat16)
 
 
-@cuda_only
+@requires_cuda
 def test_backward_bitwise_deterministic():
     values, indices, weights, grad_out = _random_case(96, 128, 2000, 1024, torch.bfloat16, torch.int64,
                                                       torch.float32, hot=0.3, seed=3)
@@ -244,36 +200,33 @@ def test_backward_bitwise_deterministic():
     first = ops.embedding_bag_backward(*args, True)
     for _ in range(3):
         again = ops.embedding_bag_backward(*args, True)
-        for a, b in zip(first, again):
+        for a, b in zip(first, again, strict=True):
             assert torch.equal(a, b)
     fwd = ops.embedding_bag(*args[1:])
     assert torch.equal(fwd, ops.embedding_bag(*args[1:]))
 
 
-@cuda_only
+@requires_cuda
 @pytest.mark.parametrize("dim", [1, 3, 96, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.uint8])
 def test_rows_to_dense(dim, dtype):
     n_rows = 777
-    gen = torch.Generator().manual_seed(dim)
-    rows = torch.randperm(n_rows, generator=gen)[:200].sort().values
-    rows_grad = (torch.randn(200, dim, generator=gen) * 50).to(dtype)
+    s = sample_inputs("rows_to_dense", "cpu", dtype, seed=dim, n_rows=n_rows, n_unique=200, dim=dim)
+    rows, rows_grad = s["rows"], s["rows_grad"]
     _poison_cache(((n_rows, dim), dtype))
     dense = ops.rows_to_dense(*_cuda(rows, rows_grad), n_rows)
-    expected = torch.zeros(n_rows, dim, dtype=dtype)
-    expected[rows] = rows_grad
-    assert torch.equal(dense.cpu(), expected)  # untouched rows are zeros, not poison
+    assert torch.equal(dense.cpu(), rows_to_dense_ref(rows, rows_grad, n_rows))  # untouched rows are zeros, not poison
     assert torch.equal(dense.cpu(), ops.rows_to_dense(rows, rows_grad, n_rows))
 
 
-@cuda_only
+@requires_cuda
 def test_rows_to_dense_empty():
     rows = torch.empty(0, dtype=torch.int64, device=DEV)
     assert torch.equal(ops.rows_to_dense(rows, torch.empty(0, 5, device=DEV), 4).cpu(), torch.zeros(4, 5))
     assert ops.rows_to_dense(rows, torch.empty(0, 5, device=DEV), 0).shape == (0, 5)
 
 
-@cuda_only
+@requires_cuda
 def test_autograd_matches_cpu():
     values, indices, weights, grad_out = _random_case(40, 16, 100, 96, torch.float32, torch.int64, torch.float32,
                                                       hot=0.2)
@@ -283,15 +236,15 @@ def test_autograd_matches_cpu():
         w = weights.to(device).requires_grad_()
         ops.embedding_bag(v, indices.to(device), w).backward(grad_out.to(device))
         grads.append((v.grad.cpu(), w.grad.cpu()))
-    _assert_close(grads[1][0], grads[0][0], torch.float32)
-    _assert_close(grads[1][1], grads[0][1], torch.float32)
+    _assert_close(grads[1][0], grads[0][0], torch.float32, terms=_longest_run(indices))
+    _assert_close(grads[1][1], grads[0][1], torch.float32, terms=96)
 
 
 # ---------------------------------------------------------------------------------------
 # Index validation.
 
 
-@cuda_only
+@requires_cuda
 def test_bad_index_raises_clear_error():
     values, indices, weights, grad_out = _random_case(4, 5, 50, 16, torch.float32, torch.int64, torch.float32)
     indices[2, 3] = 1000
@@ -310,7 +263,7 @@ def test_bad_index_raises_clear_error():
     assert torch.isfinite(ops.embedding_bag(v, i.clamp(0, 49), w)).all()
 
 
-@cuda_only
+@requires_cuda
 def test_bad_rows_raise_clear_error():
     rg = torch.randn(3, 4, device=DEV)
     with pytest.raises(RuntimeError, match=r"memory\.rows_to_dense: rows\[2\] = 9 is out of range for n_rows = 9"):
@@ -319,7 +272,7 @@ def test_bad_rows_raise_clear_error():
         ops.rows_to_dense(torch.tensor([4, 4, 5], device=DEV), rg, 9)
 
 
-@cuda_only
+@requires_cuda
 def test_index_checks_off_skips_bad_lookups():
     values, indices, weights, grad_out = _random_case(6, 7, 30, 24, torch.float32, torch.int32, torch.float32)
     bad = torch.zeros_like(indices, dtype=torch.bool)
@@ -353,7 +306,7 @@ def test_index_checks_off_skips_bad_lookups():
 # Shapes at the edges, streams, offsets past 2^31, opcheck.
 
 
-@cuda_only
+@requires_cuda
 def test_empty_inputs():
     v = torch.randn(10, 8, device=DEV)
     for tokens, bag in [(0, 4), (3, 0), (0, 0)]:
@@ -372,7 +325,7 @@ def test_empty_inputs():
     assert (wg == 0).all()
 
 
-@cuda_only
+@requires_cuda
 def test_runs_on_current_stream():
     # The side stream is busy (sleep) before it produces the inputs; a kernel launched on
     # any other stream would read them unwritten.
@@ -391,13 +344,13 @@ def test_runs_on_current_stream():
     ref_rows, ref_rg, ref_wg = embedding_bag_backward_ref(grad_out, values, indices, weights, True)
     assert torch.equal(rows.cpu(), ref_rows)
     _assert_close(rows_grad, ref_rg, torch.float32)
-    _assert_close(wg, ref_wg, torch.float32)
+    _assert_close(wg, ref_wg, torch.float32, terms=256)
     expected = torch.zeros(500, 256)
     expected[ref_rows] = ref_rg
     _assert_close(dense, expected, torch.float32)
 
 
-@cuda_only
+@requires_cuda
 def test_offsets_past_int32():
     # rows * dim > 2^31: row offsets must be 64-bit. Lookups touch the last rows only.
     rows, dim = 2**20 + 8, 2048
@@ -418,13 +371,13 @@ def test_offsets_past_int32():
     ref_rows, ref_rg, ref_wg = embedding_bag_backward_ref(grad_out, small, compact, weights, True)
     assert torch.equal(r, touched[ref_rows])
     _assert_close(rg, ref_rg, torch.bfloat16)
-    _assert_close(wg, ref_wg, torch.float32)
+    _assert_close(wg, ref_wg, torch.float32, terms=dim)
     dense = ops.rows_to_dense(r, rg, rows)
     assert torch.equal(dense[r], rg) and not dense[1 : rows - 8].any()
     del values, dense
 
 
-@cuda_only
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
     values, indices, weights, grad_out = _random_case(8, 5, 20, 16, dtype, torch.int64, torch.float32)
@@ -435,7 +388,7 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.memory.rows_to_dense.default, (rows, rows_grad, 20))
 
 
-@cuda_only
+@requires_cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_second_device():
     values, indices, weights, _ = _random_case(8, 5, 20, 16, torch.float32, torch.int64, torch.float32)

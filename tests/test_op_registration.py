@@ -1,24 +1,35 @@
-"""opcheck, float64 gradcheck and torch.compile for every op."""
+"""opcheck, float64 gradcheck and torch.compile for every op, on memory_ext.testing's inputs."""
 import pytest
 import torch
 
 import memory_ext
 from memory_ext import ops
+from memory_ext.testing import SAMPLE_OPS, op_args, sample_inputs
 
 
 def _eb_inputs(device, requires_grad=False, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    values = torch.randn(30, 7, generator=g, dtype=dtype).to(device)
-    indices = torch.randint(0, 30, (6, 5), generator=g).to(device)
-    weights = torch.randn(6, 5, generator=g, dtype=dtype).to(device)
-    return values.requires_grad_(requires_grad), indices, weights.requires_grad_(requires_grad)
+    s = sample_inputs("embedding_bag", device, dtype, tokens=6, bag=5, rows=30, dim=7, weight_dtype=dtype)
+    return s["values"].requires_grad_(requires_grad), s["indices"], s["weights"].requires_grad_(requires_grad)
 
 
 def _pk_inputs(device, requires_grad=False, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    query = torch.randn(5, 2, 8, generator=g, dtype=dtype).to(device)
-    keys = torch.randn(2, 2, 9, 4, generator=g, dtype=dtype).to(device)
-    return query.requires_grad_(requires_grad), keys.requires_grad_(requires_grad)
+    s = sample_inputs("pk_topk", device, dtype, tokens=5, heads=2, n_keys=9, half=4)
+    return s["query"].requires_grad_(requires_grad), s["keys"].requires_grad_(requires_grad)
+
+
+def test_every_op_has_sample_inputs():
+    schemas = {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("memory::")}
+    kernels = {name for name in schemas if torch._C._dispatch_has_kernel_for_dispatch_key(f"memory::{name}", "CPU")}
+    assert kernels <= set(SAMPLE_OPS), f"no sample_inputs for {sorted(kernels - set(SAMPLE_OPS))}"
+
+
+@pytest.mark.parametrize("op", SAMPLE_OPS)
+def test_sample_inputs_are_seeded_and_drawn_on_the_device(device, op):
+    a, b, c = (sample_inputs(op, device, seed=seed) for seed in (0, 0, 1))
+    tensors = [name for name, t in a.items() if isinstance(t, torch.Tensor)]
+    assert all(a[name].device.type == device for name in tensors)
+    assert all(torch.equal(a[name], b[name]) for name in tensors)
+    assert any(not torch.equal(a[name], c[name]) for name in tensors)
 
 
 def test_opcheck_embedding_bag(device):
@@ -27,20 +38,25 @@ def test_opcheck_embedding_bag(device):
 
 
 def test_opcheck_embedding_bag_backward(device):
-    values, indices, weights = _eb_inputs(device)
-    grad_out = torch.randn(6, 7, device=device)
     for need in (True, False):
-        torch.library.opcheck(torch.ops.memory.embedding_bag_backward.default, (grad_out, values, indices, weights, need))
+        s = sample_inputs("embedding_bag_backward", device, tokens=6, bag=5, rows=30, dim=7, need_weights_grad=need)
+        torch.library.opcheck(torch.ops.memory.embedding_bag_backward.default, op_args(s))
 
 
 def test_opcheck_rows_to_dense(device):
-    rows = torch.tensor([0, 3, 4, 9], device=device)
-    torch.library.opcheck(torch.ops.memory.rows_to_dense.default, (rows, torch.randn(4, 5, device=device), 12))
+    s = sample_inputs("rows_to_dense", device, n_rows=12, n_unique=4, dim=5)
+    torch.library.opcheck(torch.ops.memory.rows_to_dense.default, op_args(s))
 
 
 def test_opcheck_pk_topk(device):
     for rg in (False, True):
         torch.library.opcheck(torch.ops.memory.pk_topk.default, (*_pk_inputs(device, rg), 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_row_adam_(device, dtype):
+    s = sample_inputs("row_adam_", device, dtype, n_rows=10, dim=4, n_unique=3)
+    torch.library.opcheck(torch.ops.memory.row_adam_.default, op_args(s))
 
 
 def test_gradcheck_embedding_bag():
@@ -72,7 +88,7 @@ def test_compile_fullgraph(device):
     eager = lookup(query, keys, values)
     eager.square().sum().backward()
     torch.testing.assert_close(out, eager)
-    for g, t in zip(grads, (query, keys, values)):
+    for g, t in zip(grads, (query, keys, values), strict=True):
         torch.testing.assert_close(g, t.grad)
 
 
@@ -94,3 +110,21 @@ def test_cpu_kernels_are_built_with_openmp():
     if not sys.platform.startswith("linux"):
         pytest.skip("OpenMP builds are set up for Linux only")
     assert _C.with_openmp, "memory_ext was compiled without OpenMP; its CPU kernels would run on one thread"
+
+
+def test_sanitizer_cases_dry_run_on_the_cpu(tmp_path):
+    """bench/sanitize_cases.py runs its cases on the CPU kernels (so the script cannot rot
+    where no GPU is) and records every op in its report."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "sanitize_cases.py")
+    spec = importlib.util.spec_from_file_location("sanitize_cases", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = tmp_path / "report.json"
+    assert module.main(["--device", "cpu", "--report", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["device"] == "cpu" and not result["errors"]
+    assert set(result["ran"]) == set(SAMPLE_OPS)

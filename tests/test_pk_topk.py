@@ -1,4 +1,10 @@
-"""pk_topk against a brute-force top-k over all n_keys^2 pairs."""
+"""pk_topk against a brute-force top-k over all n_keys^2 pairs (memory_ext.reference).
+
+Gaussian inputs: scores within the float32 (float64) tolerance of a sum of 2 * half
+products, every returned index scoring what it claims. Dyadic inputs and inputs in
+{-1, 0, 1} (constant ties): every score is exact, so scores and indices must equal the
+brute force exactly, ties in ascending index order.
+"""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -7,31 +13,44 @@ from hypothesis import strategies as st
 import memory_ext
 from memory_ext import ops
 from memory_ext.reference import half_scores, pk_topk_bruteforce
-
-# Half-scores are float32 dot products: allow their rounding (grows with half width).
-SCORE_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+from memory_ext.testing import accumulation_dtype, sample_inputs, tolerance
 
 
-def make_inputs(tokens, heads, n_keys, half, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    query = torch.randn(tokens, heads, 2 * half, generator=g).to(dtype).to(device)
-    keys = torch.randn(heads, 2, n_keys, half, generator=g).to(dtype).to(device)
-    return query, keys
+def make_inputs(tokens, heads, n_keys, half, dtype, device, seed=0, kind="gaussian"):
+    s = sample_inputs("pk_topk", device, dtype, seed=seed, tokens=tokens, heads=heads, n_keys=n_keys, half=half,
+                      kind=kind)
+    return s["query"], s["keys"]
 
 
-def check_topk(query, keys, k, scores, indices):
-    """Scores equal the brute-force top-k; every index scores what it claims; no repeats."""
+def score_tolerance(query, keys):
+    """A score is two float32 (float64) dot products of half terms each."""
+    def rms(t):
+        t = t.double()[t.isfinite()]
+        return t.square().mean().sqrt().item() if t.numel() else 1.0
+
+    scale = rms(query) * rms(keys)
+    return tolerance(accumulation_dtype(query.dtype), terms=2 * keys.shape[-1], scale=scale)
+
+
+def check_topk(query, keys, k, scores, indices, exact=False):
+    """Scores equal the brute-force top-k (NaN first, at the same places); every index
+    scores what it claims; no repeats. exact: indices equal too, and scores bit for bit."""
     n_keys = keys.shape[2]
-    ref_scores, _ = pk_topk_bruteforce(query, keys, k)
-    tol = SCORE_TOL[query.dtype] * query.shape[-1] ** 0.5
-    torch.testing.assert_close(scores.double(), ref_scores, atol=tol, rtol=tol)
+    ref_scores, ref_indices = pk_topk_bruteforce(query, keys, k)
+    nan = ref_scores.isnan()
+    assert torch.equal(scores.isnan(), nan), "NaN scores must come first, as many as the brute force has"
+    tol = dict(rtol=0.0, atol=0.0) if exact else score_tolerance(query, keys)
+    torch.testing.assert_close(scores.double()[~nan], ref_scores[~nan], **tol)
     s1, s2 = half_scores(query, keys)
     i, j = indices // n_keys, indices % n_keys
     claimed = s1.gather(-1, i) + s2.gather(-1, j)
-    torch.testing.assert_close(claimed, scores.double(), atol=tol, rtol=tol)
-    assert (scores[..., :-1] >= scores[..., 1:]).all(), "scores must be sorted descending"
+    torch.testing.assert_close(claimed, scores.double(), **tol, equal_nan=True)
+    finite = scores[..., 1:].isnan() | (scores[..., :-1] >= scores[..., 1:])
+    assert finite.all(), "scores must be sorted descending"
     assert (indices.sort(-1).values.diff(dim=-1) != 0).all(), "an index repeats"
     assert ((indices >= 0) & (indices < n_keys * n_keys)).all()
+    if exact:
+        assert torch.equal(indices, ref_indices), "ties must be broken by lower index"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -43,8 +62,7 @@ def check_topk(query, keys, k, scores, indices):
 def test_matches_bruteforce(device, dtype, tokens, heads, n_keys, half, k):
     query, keys = make_inputs(tokens, heads, n_keys, half, dtype, device)
     scores, indices = ops.pk_topk(query, keys, k)
-    expect_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    assert scores.dtype == expect_dtype and indices.dtype == torch.int64
+    assert scores.dtype == accumulation_dtype(dtype) and indices.dtype == torch.int64
     assert scores.shape == indices.shape == (tokens, heads, k)
     check_topk(query, keys, k, scores, indices)
 
@@ -78,7 +96,17 @@ def test_nan_ranks_first_like_torch_topk(device, dtype):
     assert torch.isnan(scores[:, 1]).all()
     assert (indices[:, 1] // 64 == 5).all(), "the NaN pairs come first"
     assert (indices[:, 1].diff(dim=-1) > 0).all(), "NaN ties are broken by lower index"
-    check_topk(query[:, :1], keys[:1], 6, scores[:, :1], indices[:, :1])
+    check_topk(query, keys, 6, scores, indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", ["dyadic", "ties"])
+@pytest.mark.parametrize("tokens,heads,n_keys,half,k", [(7, 1, 5, 3, 5), (33, 4, 100, 16, 32), (9, 3, 37, 8, 1),
+                                                        (5, 2, 300, 8, 256), (20, 2, 64, 48, 7)])
+def test_exact_inputs_match_bruteforce_exactly(device, dtype, kind, tokens, heads, n_keys, half, k):
+    query, keys = make_inputs(tokens, heads, n_keys, half, dtype, device, kind=kind, seed=k)
+    scores, indices = ops.pk_topk(query, keys, k)
+    check_topk(query, keys, k, scores, indices, exact=True)
 
 
 def test_ties_are_broken_by_lower_index():
@@ -113,9 +141,11 @@ def test_gradients_match_reference(device, dtype):
     n_keys = keys.shape[2]
     ref = s1.gather(-1, indices // n_keys) + s2.gather(-1, indices % n_keys)
     ref.backward(grad.double())
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(query.grad.double(), q.grad, atol=tol, rtol=tol)
-    torch.testing.assert_close(keys.grad.double(), kk.grad, atol=tol, rtol=tol)
+    # grad_query sums k sub-key rows, a sub-key's gradient at most tokens * k query halves;
+    # each rounded once to the input dtype.
+    scale = grad.double().square().mean().sqrt().item()
+    torch.testing.assert_close(query.grad.double(), q.grad, **tolerance(dtype, terms=9, scale=scale))
+    torch.testing.assert_close(keys.grad.double(), kk.grad, **tolerance(dtype, terms=17 * 9, scale=scale))
 
 
 def test_forward_and_backward_are_deterministic_across_threads():
@@ -133,7 +163,7 @@ def test_forward_and_backward_are_deterministic_across_threads():
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
 
 
 @settings(max_examples=30, deadline=None)
@@ -143,11 +173,18 @@ def test_forward_and_backward_are_deterministic_across_threads():
     n_keys=st.integers(1, 70),
     half=st.integers(1, 20),
     k_frac=st.floats(0.0, 1.0),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+    kind=st.sampled_from(["gaussian", "dyadic", "ties"]),
+    nan_rows=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1), st.integers(0, 69)), max_size=3),
     seed=st.integers(0, 2**16),
 )
-def test_property_matches_bruteforce(tokens, heads, n_keys, half, k_frac, dtype, seed):
+def test_property_matches_bruteforce(tokens, heads, n_keys, half, k_frac, dtype, kind, nan_rows, seed):
+    """Shapes, dtypes, ties ({-1, 0, 1} inputs) and NaN sub-keys (each makes a whole row of
+    pairs NaN): exact inputs must give the brute force exactly, and NaN pairs come first."""
     k = max(1, min(n_keys, round(k_frac * n_keys)))
-    query, keys = make_inputs(tokens, heads, n_keys, half, dtype, "cpu", seed)
+    query, keys = make_inputs(tokens, heads, n_keys, half, dtype, "cpu", seed, kind=kind)
+    for h, side, row in nan_rows:
+        keys[h % heads, side, row % n_keys, 0] = float("nan")
     scores, indices = ops.pk_topk(query, keys, k)
-    check_topk(query, keys, k, scores, indices)
+    # Which NaN pairs are returned is not specified: compare indices only without NaN.
+    check_topk(query, keys, k, scores, indices, exact=kind != "gaussian" and not nan_rows)
