@@ -38,8 +38,8 @@ STEPS=(
   "build|170|setup.py build_ext --inplace (CUDA sources, TORCH_CUDA_ARCH_LIST)|build.log"
   "built_with_cuda|15|import check: CUDA kernels of every op registered, GPU visible|built_with_cuda.log"
   "tests_cuda|110|pytest tests -k 'cuda and not emulation' (every CUDA case of every test module, no -x)|tests_cuda.log junit_cuda.xml"
-  "memcheck|35|compute-sanitizer memcheck on bench/sanitize_cases.py (small cases, every CUDA op)|memcheck.log"
-  "racecheck|35|compute-sanitizer racecheck on bench/sanitize_cases.py|racecheck.log"
+  "memcheck|35|compute-sanitizer memcheck on bench/sanitize_cases.py (small cases, every CUDA op)|memcheck.log memcheck_cases.json"
+  "racecheck|35|compute-sanitizer racecheck on bench/sanitize_cases.py|racecheck.log racecheck_cases.json"
   "demo_cuda|25|python -m memory_ext.demo on the GPU, a few steps of every model|demo_cuda.log demo/results.json"
   "py_bench_embedding_bag|30|bench/bench_embedding_bag.py --device cuda|py_bench_embedding_bag.log py_bench_embedding_bag.json"
   "py_bench_pk_topk|25|bench/bench_pk_topk.py --device cuda|py_bench_pk_topk.log py_bench_pk_topk.json"
@@ -126,9 +126,12 @@ step_tests_cuda() {
 # would otherwise land inside a cached block.
 step_memcheck() {
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(sanitizer)" --tool memcheck --error-exitcode 3 \
-    "$PY" bench/sanitize_cases.py
+    "$PY" bench/sanitize_cases.py --device cuda --report "$WORK/memcheck_cases.json"
 }
-step_racecheck() { "$(sanitizer)" --tool racecheck --error-exitcode 3 "$PY" bench/sanitize_cases.py; }
+step_racecheck() {
+  "$(sanitizer)" --tool racecheck --error-exitcode 3 \
+    "$PY" bench/sanitize_cases.py --device cuda --report "$WORK/racecheck_cases.json"
+}
 sanitizer() { command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer"; }
 
 step_demo_cuda() {
@@ -163,7 +166,7 @@ key_numbers() {
   local f
   [ -f "$WORK/tests_cuda.log" ] && grep -E "^(=+ )?[0-9]+ (passed|failed)|no tests ran" "$WORK/tests_cuda.log" | tail -n 1 | sed 's/^/tests_cuda: /'
   for f in memcheck racecheck; do
-    [ -f "$WORK/$f.log" ] && grep -hE "ERROR SUMMARY|missing case|MISSING" "$WORK/$f.log" | sed "s/^/$f: /"
+    [ -f "$WORK/$f.log" ] && grep -hE "ERROR SUMMARY|FINDING|FAILED" "$WORK/$f.log" | sed "s/^/$f: /"
   done
   for f in "$WORK"/py_bench_*.json "$WORK"/cpp_*.json; do
     [ -f "$f" ] || continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from memory_ext.testing import accumulation_dtype
+from memory_ext.ops import accumulation_dtype
 
 __all__ = [
     "embedding_bag_ref",

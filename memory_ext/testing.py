@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 import memory_ext
+from memory_ext.ops import accumulation_dtype
 
 __all__ = [
     "BACKWARD_SEGMENT",
@@ -45,12 +46,6 @@ def cuda_skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible"
     return None
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernels sum in: float64 for float64, float32 for everything else."""
-    # Private copy until memory_ext.ops.accumulation_dtype exists; then import that one.
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------------------
