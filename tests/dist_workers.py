@@ -203,6 +203,16 @@ def class_cases(rank, world, results):
         one_rank = sharded(13, 11, solo)
         assert type(one_rank) is md.ShardedValues and isinstance(one_rank, memory_ext.MemoryValues)
 
+    first_only = dist.new_group([0])  # a collective: every rank creates it
+    with case(results, "class/non_member_refused"):
+        if rank != 0:
+            try:
+                sharded(4, 4, first_only)
+            except ValueError as err:
+                assert f"this rank ({rank}) is not a member of process_group, got members [0]" in str(err), str(err)
+            else:
+                raise AssertionError("a table on a group without this rank was built")
+
     with case(results, "class/reset_is_split_invariant"):
         torch.manual_seed(5)
         table = sharded(13, 11, group)

@@ -120,7 +120,8 @@ def clip_grad_norms(model: nn.Module, max_norm: float = 1.0, values_max_norm: fl
     _scale_to_norm_(others, other_norm, max_norm)
 
     plain_values = _present_grads(p for p in values if id(p) not in sharded)
+    sharded_values = _present_grads(p for p in values if id(p) in sharded)
     values_norm = (sharded_grad_square_norm(model) + _square_norm(plain_values)).sqrt()
     values_max_norm = max_norm if values_max_norm is None else values_max_norm
-    _scale_to_norm_(plain_values + _present_grads(p for p in values if id(p) in sharded), values_norm, values_max_norm)
+    _scale_to_norm_(plain_values + sharded_values, values_norm, values_max_norm)
     return other_norm, values_norm
