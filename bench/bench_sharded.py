@@ -154,16 +154,13 @@ def _worker(rank, world, store, args, out_path):
         inputs.append((idx, w, torch.randn(T, dim, generator=g).to(dtype)))
     idx, w, gout = inputs[rank]
 
-    col = nn.Module()
-    col.n_rows, col.dim, col.process_group = n_rows, dim, group
-    md.init_sharded_values(col, n_rows, dim, dtype=dtype, process_group=group)
-    md.load_full_(col, full)
+    col = md.load_full_(md.ShardedValues(n_rows, dim, dtype=dtype, process_group=group), full)
     r0, rs = _row_split(n_rows, world, rank)
     row_weight = nn.Parameter(full[r0 : r0 + rs].clone())
 
     def col_step():
         wl = w.clone().requires_grad_(True)
-        out = md.sharded_lookup(col, idx, wl)
+        out = col(idx, wl)
         out.backward(gout)
         return out, wl.grad
 

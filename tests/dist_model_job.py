@@ -1,22 +1,24 @@
 """Job of the model-level test: a small memory model trained with memory parallelism 2.
 
 Both ranks form one memory group; the model's other parameters are data-parallel (DDP)
-and the shared value table is column-sharded with average_grads, so one step equals a
-step of the unsharded model on both ranks' batches with the mean loss.
+and the shared value table is column-sharded with average_grads, so one step (gradient
+clipping included) equals a step of the unsharded model on both ranks' batches with the
+mean loss.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dist_harness import case
 from torch import nn
 from torch.testing import assert_close
 
 import memory_ext
 from memory_ext import distributed as md
-from dist_harness import case
 
 VOCAB, DIM, N_KEYS, HEADS, K, TOKENS, STEPS, LR = 50, 16, 6, 2, 4, 24, 4, 1.0
+CLIP = 1.0  # gradient clipping of both models, values and the rest apart
 
 
 class TinyMemoryModel(nn.Module):
@@ -46,7 +48,7 @@ def model_job(rank, world, results):
     reference = TinyMemoryModel()
     sharded = TinyMemoryModel(process_group=dist.group.WORLD)
     with case(results, "model/values_match"):
-        assert md.is_sharded(sharded.values)
+        assert type(sharded.values) is md.ShardedValues and isinstance(sharded.values, memory_ext.MemoryValues)
         sharded.load_state_dict(reference.state_dict())  # the plain full table is split on load
         sharded.values.memory_shard.average_grads = True
         assert torch.equal(md.full_table(sharded.values), reference.values.weight)
@@ -67,6 +69,7 @@ def model_job(rank, world, results):
             loss = F.cross_entropy(ddp(inp[rank]), tgt[rank])
             opt.zero_grad()
             loss.backward()
+            norms = memory_ext.clip_grad_norms(sharded, CLIP)
             opt.step()
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
@@ -75,8 +78,11 @@ def model_job(rank, world, results):
             ref_loss = F.cross_entropy(reference(inp.reshape(-1)), tgt.reshape(-1))
             ref_opt.zero_grad()
             ref_loss.backward()
+            ref_norms = memory_ext.clip_grad_norms(reference, CLIP)
             ref_opt.step()
             assert_close(mean_loss, ref_loss.detach(), rtol=1e-5, atol=1e-6, msg=f"step {step}")
+            # The sharded values' norm covers all columns: both models clip alike.
+            assert_close(torch.stack(norms), torch.stack(ref_norms), rtol=1e-5, atol=1e-6, msg=f"step {step}")
             losses.append(ref_loss.item())
         assert losses[-1] < losses[0] - 0.05, f"the model did not train: {losses}"
         assert_close(md.full_table(sharded.values), reference.values.weight.detach(), rtol=1e-4, atol=1e-5)

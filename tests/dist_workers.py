@@ -12,34 +12,20 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from dist_harness import case
 from torch import nn
 from torch.testing import assert_close
 
 import memory_ext
 from memory_ext import distributed as md
-from dist_harness import case
 
 CASE_TIMEOUT = timedelta(seconds=60)  # generous: the test machine may be busy
 
 
-class Values(nn.Module):
-    """Minimal value table following MemoryValues' agreed interface (sharded when given a group)."""
-
-    def __init__(self, n_rows, dim, *, dtype=None, device=None, process_group=None, **options):
-        super().__init__()
-        self.n_rows, self.dim, self.process_group = n_rows, dim, process_group
-        if process_group is not None:
-            options.setdefault("timeout", CASE_TIMEOUT)
-            md.init_sharded_values(
-                self, n_rows, dim, dtype=dtype, device=device, process_group=process_group, **options
-            )
-        else:
-            self.weight = nn.Parameter(torch.randn(n_rows, dim, dtype=dtype, device=device) * dim**-0.5)
-
-    def forward(self, indices, weights):
-        if self.process_group is not None:
-            return md.sharded_lookup(self, indices, weights)
-        return memory_ext.embedding_bag(self.weight, indices, weights)
+def sharded(n_rows, dim, group, **options):
+    """The real ShardedValues on ``group``, with the cases' generous timeout unless given."""
+    options.setdefault("timeout", CASE_TIMEOUT)
+    return md.ShardedValues(n_rows, dim, process_group=group, **options)
 
 
 def make_table(seed, n_rows, dim, dtype):
@@ -97,7 +83,7 @@ def lookup_case(rank, group, spec, results, name, device="cpu"):
         ]
 
         def run():
-            module = Values(n_rows, dim, dtype=dtype, device=device, process_group=group, average_grads=average)
+            module = sharded(n_rows, dim, group, dtype=dtype, device=device, average_grads=average)
             md.load_full_(module, table.to(device))
             loss, outs, leaves = 0.0, [], []
             for call in inputs:
@@ -126,9 +112,9 @@ def lookup_case(rank, group, spec, results, name, device="cpu"):
         assert_close(module.weight.grad.cpu(), ref_table_grad[:, start : start + size])
         if spec.get("check_determinism"):
             again, outs2, w_grads2 = run()
-            assert all(torch.equal(a, b) for a, b in zip(outs, outs2))
+            assert all(torch.equal(a, b) for a, b in zip(outs, outs2, strict=True))
             assert torch.equal(module.weight.grad, again.weight.grad)
-            assert all(torch.equal(a, b) for a, b in zip(w_grads, w_grads2) if a is not None)
+            assert all(torch.equal(a, b) for a, b in zip(w_grads, w_grads2, strict=True) if a is not None)
 
 
 def lookup_cases(rank, world, results, group, tag, device="cpu"):
@@ -154,10 +140,10 @@ def lookup_cases(rank, world, results, group, tag, device="cpu"):
         counts = pick([2, 5, 0, 1])
         inputs = make_inputs(3, 20, 10, 4, counts, torch.int64)
         me = dist.get_rank(group)
-        module = md.load_full_(Values(20, 10, device=device, process_group=group), table.to(device))
+        module = md.load_full_(sharded(20, 10, group, device=device), table.to(device))
         with torch.no_grad():
             out = module(inputs[me][0].to(device), inputs[me][1].to(device)).cpu()
-        ref = memory_ext.embedding_bag(table, *[torch.cat(t) for t in list(zip(*inputs))[:2]])
+        ref = memory_ext.embedding_bag(table, *[torch.cat(t) for t in list(zip(*inputs, strict=True))[:2]])
         lo = sum(counts[:me])
         assert not out.requires_grad
         assert_close(out, ref[lo : lo + counts[me]])
@@ -166,7 +152,7 @@ def lookup_cases(rank, world, results, group, tag, device="cpu"):
         n_rows, dim, bag = 30, 10, 4
         counts = pick([3, 1, 4, 2])
         me = dist.get_rank(group)
-        module = Values(n_rows, dim, device=device, process_group=group)
+        module = sharded(n_rows, dim, group, device=device)
         idx, w, gout = (t.to(device) for t in make_inputs(5, n_rows, dim, bag, counts, torch.int64)[me])
         with md.count_comm() as stats:
             out = module(idx, w.requires_grad_(True))
@@ -185,7 +171,7 @@ def lookup_cases(rank, world, results, group, tag, device="cpu"):
 
     with case(results, f"{tag}/init_and_full_table"):
         n_rows, dim = 13, 11
-        module = Values(n_rows, dim, device=device, process_group=group, seed=1234)
+        module = sharded(n_rows, dim, group, device=device, seed=1234)
         expect = md.seeded_normal_columns_(torch.empty(n_rows, dim, device=device), 0, 1234, dim**-0.5)
         assert torch.equal(md.full_table(module), expect)
         at_last = md.full_table(module, group_dst=P - 1)
@@ -193,6 +179,117 @@ def lookup_cases(rank, world, results, group, tag, device="cpu"):
             assert torch.equal(at_last, expect)
         else:
             assert at_last is None
+
+
+def class_cases(rank, world, results):
+    """ShardedValues as a class: what MemoryValues builds, reset, state_dict, deepcopy, clipping."""
+    group = dist.group.WORLD
+    # Every rank alone in a group of one: a ShardedValues there holds the whole table, the
+    # one-rank reference for the split-invariance checks.
+    solo, _ = dist.new_subgroups(1)
+    me = dist.get_rank(group)
+
+    with case(results, "class/memory_values_builds_it"):
+        values = memory_ext.MemoryValues(13, 11, process_group=group)
+        assert isinstance(values, memory_ext.MemoryValues)
+        if world > 1:
+            assert type(values) is md.ShardedValues and values.sharded and md.is_sharded(values)
+            assert values.weight.shape == (13, md.shard_of(values).size)
+            assert values.process_group is group
+        else:  # a group of one rank stays a plain table
+            assert type(values) is memory_ext.MemoryValues and not values.sharded
+            assert values.weight.shape == (13, 11)
+        assert memory_ext.nn.value_parameters(nn.Sequential(values)) == [values.weight]
+        one_rank = sharded(13, 11, solo)
+        assert type(one_rank) is md.ShardedValues and isinstance(one_rank, memory_ext.MemoryValues)
+
+    first_only = dist.new_group([0])  # a collective: every rank creates it
+    with case(results, "class/non_member_refused"):
+        if rank != 0:
+            try:
+                sharded(4, 4, first_only)
+            except ValueError as err:
+                assert f"this rank ({rank}) is not a member of process_group, got members [0]" in str(err), str(err)
+            else:
+                raise AssertionError("a table on a group without this rank was built")
+
+    with case(results, "class/reset_is_split_invariant"):
+        torch.manual_seed(5)
+        table = sharded(13, 11, group)
+        torch.manual_seed(5)
+        whole = sharded(13, 11, solo)
+        assert torch.equal(md.full_table(table), whole.weight)
+        before = whole.weight.detach().clone()
+        torch.manual_seed(6)
+        table.reset_parameters()
+        torch.manual_seed(6)
+        whole.reset_parameters()
+        assert torch.equal(md.full_table(table), whole.weight)
+        assert not torch.equal(whole.weight, before)
+        table.reset_parameters(seed=1234)
+        assert torch.equal(md.full_table(table), md.seeded_normal_columns_(torch.empty(13, 11), 0, 1234, 11**-0.5))
+
+    with case(results, "class/state_dict_round_trip"):
+        from torch.distributed.tensor import DTensor
+
+        source = sharded(37, 10, group, seed=1)
+        with torch.no_grad():
+            source.weight.add_(torch.arange(source.weight.shape[1], dtype=torch.float32))  # off the init
+        full = md.full_table(source)
+        sd = source.state_dict()
+        assert isinstance(sd["weight"], DTensor)
+        target = sharded(37, 10, group, seed=2)
+        target.load_state_dict(sd)
+        assert torch.equal(md.full_table(target), full)
+        plain = memory_ext.MemoryValues(37, 10)
+        plain.load_state_dict({"weight": sd["weight"].full_tensor()})
+        assert torch.equal(plain.weight, full)
+        back = sharded(37, 10, group, seed=3)
+        back.load_state_dict(plain.state_dict())
+        assert torch.equal(md.full_table(back), full)
+        whole = sharded(37, 10, solo, seed=4)  # another split: all columns on one rank
+        whole.load_state_dict(sd)
+        assert torch.equal(whole.weight, full)
+
+    with case(results, "class/deepcopy"):
+        import copy
+
+        table = sharded(20, 10, group, seed=7)
+        twin = copy.deepcopy(table)
+        assert type(twin) is md.ShardedValues and twin.process_group is table.process_group
+        assert twin.weight is not table.weight and torch.equal(twin.weight, table.weight)
+        twin.memory_shard.average_grads = True
+        assert not table.memory_shard.average_grads
+        idx, w = torch.randint(0, 20, (3, 4), generator=torch.Generator().manual_seed(me)), torch.rand(3, 4)
+        assert torch.equal(twin(idx, w), table(idx, w))
+
+    with case(results, "class/clip_grad_norms"):
+        P = group.size()
+        n_rows, dim, bag = 29, 9, 4
+        counts = [[3, 5, 2, 4][p % 4] for p in range(P)]
+        table = make_table(51, n_rows, dim, torch.float32)
+        inputs = make_inputs(51, n_rows, dim, bag, counts, torch.int64)
+        torch.manual_seed(52)  # the plain parts alike on every rank
+        model = nn.ModuleDict({
+            "shared": md.load_full_(sharded(n_rows, dim, group), table),
+            "plain": memory_ext.MemoryValues(n_rows, dim),
+            "proj": nn.Linear(3, 2),
+        })
+        idx, w, gout = inputs[me]
+        loss = (model["shared"](idx, w) * gout).sum() + (model["plain"](idx, w) * gout).sum()
+        (loss + model["proj"](torch.full((1, 3), float(me + 1))).sum()).backward()
+        _, ref_shared, _ = reference(table, [inputs], False)  # the group's summed loss
+        plain = model["plain"].weight.grad.clone()
+        others = torch.cat([p.grad.flatten() for p in model["proj"].parameters()])
+        expect = (ref_shared.norm() ** 2 + plain.norm() ** 2).sqrt()
+        other_norm, values_norm = memory_ext.clip_grad_norms(model, 1e3, values_max_norm=0.5 * expect.item())
+        assert_close(values_norm, expect)
+        assert_close(other_norm, others.norm())
+        coef = 0.5 * expect / (expect + 1e-6)
+        shard = md.shard_of(model["shared"])
+        assert_close(model["shared"].weight.grad, ref_shared[:, shard.start : shard.start + shard.size] * coef)
+        assert_close(model["plain"].weight.grad, plain * coef)
+        assert_close(model["proj"].weight.grad.flatten(), others[:6])  # under its max_norm: unchanged
 
 
 def error_cases(rank, world, results):
@@ -211,7 +308,7 @@ def error_cases(rank, world, results):
                 raise AssertionError(f"no error raised, expected {pattern!r}")
 
     def std(dim=10, dtype=torch.float32):
-        return lambda: Values(20, dim, dtype=dtype, process_group=group)
+        return lambda: sharded(20, dim, group, dtype=dtype)
 
     def inputs(bag=4, index_dtype=torch.int64, tokens=3, high=20):
         return torch.randint(0, high, (tokens, bag)).to(index_dtype), torch.rand(tokens, bag)
@@ -249,12 +346,12 @@ def error_cases(rank, world, results):
     expect_error("call_count", r"disagree on the number of lookups", std(), skipped_call)
 
     with case(results, "error/group_still_usable"):
-        module = Values(20, 10, process_group=group)
+        module = sharded(20, 10, group)
         module(*inputs())[0].sum().backward()
         assert module.weight.grad is not None
 
     with case(results, "error/load_slice_shape"):
-        module = Values(20, 10, process_group=group)
+        module = sharded(20, 10, group)
         try:
             module.load_state_dict({"weight": torch.zeros(20, md.shard_of(module).size)})
         except ValueError as err:
@@ -263,26 +360,46 @@ def error_cases(rank, world, results):
             raise AssertionError("loading a slice-shaped plain tensor did not raise")
 
 
-def timeout_case(rank, world, results):
-    """A rank that never joins makes the others raise within the configured timeout."""
-    spare = dist.new_group(list(range(world)))  # poisoned by the abandoned call, never reused
+def _expect_timeout(call, what):
+    """call() on a group whose other rank never joins: a clear error within the table's timeout."""
+    t0 = time.monotonic()
+    try:
+        call()
+    except RuntimeError as err:
+        assert f"{what} did not complete within" in str(err), str(err)
+        assert time.monotonic() - t0 < 10, "timeout took too long"
+    else:
+        raise AssertionError(f"{what} without the other ranks did not time out")
+
+
+def timeout_cases(rank, world, results):
+    """A rank that never joins makes the others raise within the table's timeout."""
+    short = timedelta(seconds=1.5)
+    # One spare group per case: each is poisoned by its abandoned call and never reused.
+    spares = [dist.new_group(list(range(world))) for _ in range(3)]
+    solo, _ = dist.new_subgroups(1)
     with case(results, "error/timeout"):
-        module = Values(20, 10, process_group=spare, timeout=timedelta(seconds=1.5))
+        module = sharded(20, 10, spares[0], timeout=short)
         if rank == 0:
-            t0 = time.monotonic()
-            try:
-                module(torch.zeros(2, 3, dtype=torch.int64), torch.rand(2, 3))
-            except RuntimeError as err:
-                assert "did not complete within" in str(err), str(err)
-                assert time.monotonic() - t0 < 10, "timeout took too long"
-            else:
-                raise AssertionError("lookup without the other ranks did not time out")
+            _expect_timeout(lambda: module(torch.zeros(2, 3, dtype=torch.int64), torch.rand(2, 3)), "metadata")
+
+    with case(results, "error/timeout_clip_grad_norms"):
+        module = sharded(20, 10, spares[1], timeout=short)
+        module.weight.grad = torch.ones_like(module.weight)
+        if rank == 0:
+            _expect_timeout(lambda: memory_ext.clip_grad_norms(module), "sharded_grad_norm")
+
+    with case(results, "error/timeout_sync_replica_grads"):
+        module = sharded(20, 10, solo, timeout=short)  # replicated on every rank of spares[2]
+        module.weight.grad = torch.ones_like(module.weight)
+        if rank == 0:
+            _expect_timeout(lambda: md.sync_replica_grads(module, spares[2]), "sync_replica_grads")
     dist.barrier()  # the world group is unaffected
 
 
 def _ckpt_modules(group):
     """Two tables of the checkpoint chain: fp32 with an uneven split, bf16 narrower."""
-    return {"a": Values(37, 10, process_group=group), "b": Values(29, 7, dtype=torch.bfloat16, process_group=group)}
+    return {"a": sharded(37, 10, group), "b": sharded(29, 7, group, dtype=torch.bfloat16)}
 
 
 CKPT_TABLES = {"a": (37, 10, torch.float32, 11), "b": (29, 7, torch.bfloat16, 12)}
@@ -301,7 +418,7 @@ def checkpoint_cases(rank, world, results, load_from, save_to):
     group = dist.group.WORLD
     expect = ckpt_tables()
     with case(results, "ckpt/state_dict_is_dtensor"):
-        module = Values(37, 10, process_group=group)
+        module = sharded(37, 10, group)
         sd = module.state_dict()
         w = sd["weight"]
         assert isinstance(w, DTensor) and tuple(w.placements) == (Shard(1),), w
@@ -324,7 +441,7 @@ def checkpoint_cases(rank, world, results, load_from, save_to):
         full = expect["a"]
         mesh = md.shard_of(modules["a"]).device_mesh("cpu")
         for form in (full, distribute_tensor(full, mesh, [Replicate()]), distribute_tensor(full, mesh, [Shard(0)])):
-            m = Values(37, 10, process_group=group)
+            m = sharded(37, 10, group)
             m.load_state_dict({"weight": form})
             assert torch.equal(md.full_table(m), full)
 
@@ -336,9 +453,9 @@ def replica_checkpoint_case(rank, world, results, tmp):
     memory, _ = md.new_memory_groups(2)
     with case(results, "ckpt/replicated_groups"):
         table = ckpt_tables()["a"]
-        m = md.load_full_(Values(37, 10, process_group=memory), table)
+        m = md.load_full_(sharded(37, 10, memory), table)
         dcp.save({"a": m.state_dict()}, checkpoint_id=tmp)
-        m4 = Values(37, 10, process_group=dist.group.WORLD)
+        m4 = sharded(37, 10, dist.group.WORLD)
         sd = {"a": m4.state_dict()}
         dcp.load(sd, checkpoint_id=tmp)
         assert torch.equal(md.full_table(m4), table)
@@ -369,16 +486,16 @@ def data_parallel_case(rank, world, results):
             def forward(self, x, i):
                 return self.values(i, torch.softmax(self.proj(x), -1))
 
-        model = Tiny(md.load_full_(Values(n_rows, dim, process_group=memory, average_grads=True), table))
+        model = Tiny(md.load_full_(sharded(n_rows, dim, memory, average_grads=True), table))
         assert md.exclude_from_ddp(model) == ["values.weight"]
         ddp = DDP(model)
         (ddp(xs[rank], idx[rank]) * gouts[rank]).sum().backward()
         md.sync_replica_grads(model, replica)
 
-        ref = Tiny(Values(n_rows, dim))
+        ref = Tiny(memory_ext.MemoryValues(n_rows, dim))
         with torch.no_grad():
             ref.values.weight.copy_(table)
-        loss = sum((ref(x, i) * go).sum() for x, i, go in zip(xs, idx, gouts)) / world
+        loss = sum((ref(x, i) * go).sum() for x, i, go in zip(xs, idx, gouts, strict=True)) / world
         loss.backward()
         shard = md.shard_of(model.values)
         assert_close(model.values.weight.grad, ref.values.weight.grad[:, shard.start : shard.start + shard.size])
@@ -391,6 +508,7 @@ def data_parallel_case(rank, world, results):
 def main_job(rank, world, results, load_from, save_to, tmp):
     """Everything one world size checks, in one process group."""
     lookup_cases(rank, world, results, dist.group.WORLD, "lookup")
+    class_cases(rank, world, results)
     if world == 4:
         data_parallel_case(rank, world, results)
         replica_checkpoint_case(rank, world, results, tmp)
@@ -403,7 +521,7 @@ def main_job(rank, world, results, load_from, save_to, tmp):
 
         dist_model_job.model_job(rank, world, results)
     if world == 2:
-        timeout_case(rank, world, results)  # last: it leaves a spare group unusable
+        timeout_cases(rank, world, results)  # last: they leave spare groups unusable
 
 
 def nccl_job(rank, world, results):
@@ -412,7 +530,7 @@ def nccl_job(rank, world, results):
     with case(results, "ckpt/state_dict_is_dtensor"):
         from torch.distributed.tensor import DTensor
 
-        module = Values(37, 10, device="cuda", process_group=dist.group.WORLD)
+        module = sharded(37, 10, dist.group.WORLD, device="cuda")
         w = module.state_dict()["weight"]
         assert isinstance(w, DTensor) and w.device.type == "cuda"
         assert torch.equal(w.full_tensor(), md.full_table(module))

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import warnings
 
+import dist_workers as W
 import pytest
 import torch
+from dist_harness import case_names, failures, run_job
 from torch import nn
 
 import memory_ext
 from memory_ext import distributed as md
-from dist_harness import case_names, failures, run_job
-import dist_workers as W
 
 WORLDS = (1, 4, 2, 3)  # the order of the checkpoint chain
 
@@ -29,7 +29,7 @@ def jobs(tmp_path_factory):
     first = str(tmp / "from_1")
     plain = {}
     for key, table in W.ckpt_tables().items():
-        module = W.Values(*table.shape, dtype=table.dtype)  # unsharded, no process group at all
+        module = memory_ext.MemoryValues(*table.shape, dtype=table.dtype)  # unsharded, no process group at all
         with torch.no_grad():
             module.weight.copy_(table)
         plain[key] = module.state_dict()
@@ -84,6 +84,23 @@ def test_timeout_when_a_rank_does_not_join(jobs):
     _assert_cases(jobs[0][2], "error/timeout", {"error/timeout"})
 
 
+def test_clip_and_replica_sync_wait_at_most_the_table_timeout(jobs):
+    # Neither is given a timeout: both must take the table's memory_shard.timeout.
+    expected = {"error/timeout_clip_grad_norms", "error/timeout_sync_replica_grads"}
+    _assert_cases(jobs[0][2], "error/timeout_", expected)
+
+
+CLASS_CASES = {
+    "memory_values_builds_it", "non_member_refused", "reset_is_split_invariant", "state_dict_round_trip",
+    "deepcopy", "clip_grad_norms",
+}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sharded_values_class(jobs, world):
+    _assert_cases(jobs[0][world], "class/", {f"class/{c}" for c in CLASS_CASES})
+
+
 def test_checkpoint_reshards_4_2_3_1_exactly(jobs):
     import torch.distributed.checkpoint as dcp
 
@@ -94,7 +111,7 @@ def test_checkpoint_reshards_4_2_3_1_exactly(jobs):
         })
     _assert_cases(results[4], "ckpt/replicated", {"ckpt/replicated_groups"})
     expect = W.ckpt_tables()
-    modules = {k: W.Values(*t.shape, dtype=t.dtype) for k, t in expect.items()}
+    modules = {k: memory_ext.MemoryValues(*t.shape, dtype=t.dtype) for k, t in expect.items()}
     sd = {k: m.state_dict() for k, m in modules.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -134,8 +151,10 @@ def test_column_split_is_dtensors(dim, parts):
     assert [s for s, _ in split] == sorted(s for s, _ in split)
     for rank, (start, size) in enumerate(split):
         assert (size, start) == tuple(int(v) for v in Shard.local_shard_size_and_offset(dim, parts, rank))
+    # torch.chunk drops trailing empty chunks; the split keeps them as (dim, 0).
     chunks = torch.arange(dim).chunk(parts)
-    for (start, size), chunk in zip(split, chunks):
+    assert all(size == 0 for _, size in split[len(chunks) :])
+    for (start, size), chunk in zip(split[: len(chunks)], chunks, strict=True):
         assert chunk.tolist() == list(range(start, start + size))
 
 
@@ -153,13 +172,29 @@ def test_seeded_init_does_not_depend_on_the_split():
     assert not torch.equal(full[:, 0], full[:, 1])
 
 
-def test_init_needs_a_process_group():
+def test_sharded_table_needs_a_process_group():
     import torch.distributed as dist
 
     if dist.is_initialized():
         pytest.skip("a default process group exists in this process")
-    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
-        md.init_sharded_values(nn.Module(), 4, 4)
+    with pytest.raises(RuntimeError, match="ShardedValues: torch.distributed is not initialised"):
+        md.ShardedValues(4, 4)
+
+
+@pytest.mark.parametrize("n_rows, dim", [(0, 4), (4, 0), (-1, 4)])
+def test_sharded_table_rejects_nonpositive_sizes(n_rows, dim):
+    with pytest.raises(ValueError, match=f"ShardedValues: n_rows and dim must be positive, got {n_rows} and {dim}"):
+        md.ShardedValues(n_rows, dim)
+
+
+def test_sharded_table_refuses_sparse_grad():
+    with pytest.raises(ValueError, match="ShardedValues: sparse_grad is not supported"):
+        md.ShardedValues(4, 4, sparse_grad=True)
+
+
+def test_init_sharded_values_was_removed():
+    with pytest.raises(AttributeError, match="init_sharded_values was removed: build the table with ShardedValues"):
+        md.init_sharded_values  # noqa: B018
 
 
 def test_shard_of_rejects_plain_modules():

@@ -1,15 +1,15 @@
 """MemoryValues: the lookup against a plain-PyTorch bag, gradients, and exact state_dict
 round trips with and without a shared pool."""
+import copy
 import io
-import sys
-import types
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
-import memory_ext
 from memory_ext import MemoryValues, ProductKeyMemory
+from memory_ext import distributed as md
 
 
 def bag_ref(table, indices, weights):
@@ -103,7 +103,7 @@ def test_shared_pool_round_trip_into_fresh_model(value_dtype):
     table = model.layers[0].values.weight
     assert size < sum(unique.values()) + table.numel() * table.element_size()  # the table is stored once
     assert fresh.layers[0].values is fresh.layers[1].values is fresh.layers[2].values
-    for (name, p), (fname, q) in zip(model.state_dict().items(), fresh.state_dict().items()):
+    for (name, p), (fname, q) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert name == fname and p.dtype == q.dtype and torch.equal(p, q), name
     x = torch.randn(5, 32)
     assert torch.equal(model(x), fresh(x))
@@ -114,7 +114,7 @@ def test_unshared_round_trip_and_shared_into_unshared():
     model = ThreeLayers(shared=False)
     fresh = ThreeLayers(shared=False)
     _round_trip(model, fresh)
-    for p, q in zip(model.state_dict().values(), fresh.state_dict().values()):
+    for p, q in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
         assert torch.equal(p, q)
     # A shared checkpoint loads into a model whose layers have their own tables.
     shared = ThreeLayers(shared=True)
@@ -142,23 +142,32 @@ def test_process_group_of_one_rank_is_a_plain_table():
     assert not values.sharded and values.weight.shape == (10, 6)
 
 
-def test_process_group_delegates_to_distributed(monkeypatch):
-    calls = []
+def test_process_group_of_several_ranks_builds_the_sharded_class():
+    # The factory picks the real ShardedValues, which needs torch.distributed: its own error
+    # shows that it was reached (tests/test_distributed.py builds it on real groups).
+    if dist.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    assert issubclass(md.ShardedValues, MemoryValues)
+    with pytest.raises(RuntimeError, match="ShardedValues: torch.distributed is not initialised"):
+        MemoryValues(12, 8, dtype=torch.bfloat16, process_group=FakeGroup(2))
 
-    def init_sharded_values(module, n_rows, dim, *, dtype, device, process_group):
-        calls.append(("init", n_rows, dim, dtype, process_group.size()))
-        module.weight = nn.Parameter(torch.zeros(n_rows, dim // process_group.size(), dtype=dtype))
 
-    def sharded_lookup(module, indices, weights):
-        calls.append(("lookup", tuple(indices.shape)))
-        return torch.zeros(indices.shape[0], module.dim)
+def test_a_subclass_is_not_silently_left_unsharded():
+    class Mine(MemoryValues):
+        pass
 
-    fake = types.ModuleType("memory_ext.distributed")
-    fake.init_sharded_values, fake.sharded_lookup = init_sharded_values, sharded_lookup
-    monkeypatch.setitem(sys.modules, "memory_ext.distributed", fake)
-    monkeypatch.setattr(memory_ext, "distributed", fake, raising=False)
-    values = MemoryValues(12, 8, dtype=torch.bfloat16, process_group=FakeGroup(2))
-    assert values.sharded and (values.n_rows, values.dim) == (12, 8) and values.weight.shape == (12, 4)
-    out = values(torch.zeros(3, 5, dtype=torch.long), torch.ones(3, 5))
-    assert out.shape == (3, 8)
-    assert calls == [("init", 12, 8, torch.bfloat16, 2), ("lookup", (3, 5))]
+    assert type(Mine(8, 4, process_group=FakeGroup(1))) is Mine
+    with pytest.raises(ValueError, match="Mine: a plain table cannot be split over a process group, got 2 ranks"):
+        Mine(8, 4, process_group=FakeGroup(2))
+
+
+def test_copies_keep_the_plain_class():
+    values = MemoryValues(8, 4, process_group=FakeGroup(1))
+    twin = copy.deepcopy(values)
+    assert type(twin) is MemoryValues and twin.weight is not values.weight
+    assert torch.equal(twin.weight, values.weight)
+    buffer = io.BytesIO()
+    torch.save(values, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is MemoryValues and torch.equal(loaded.weight, values.weight)

@@ -9,10 +9,10 @@ optional counter records the bytes each call moves (for benchmarks and tests).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Iterator
 
 import torch
 import torch.distributed as dist

@@ -12,16 +12,17 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from memory_ext.distributed.comm import _wait
-from memory_ext.distributed.layout import is_sharded
+from memory_ext.distributed.layout import ColumnShard, is_sharded
 
 __all__ = [
     "new_memory_groups",
     "sharded_parameter_names",
     "exclude_from_ddp",
     "sync_replica_grads",
+    "sharded_grad_square_norm",
     "sharded_grad_norm",
 ]
 
@@ -46,19 +47,34 @@ def new_memory_groups(
     return memory, replica
 
 
-def _sharded_modules(model: nn.Module):
-    return [(name, m) for name, m in model.named_modules(remove_duplicate=True) if is_sharded(m)]
+def _named_tables(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the sharded tables of ``model``, each once however many layers share it."""
+    seen, tables = set(), []
+    for name, module in model.named_modules(remove_duplicate=True):
+        if is_sharded(module) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            tables.append((name, module))
+    return tables
+
+
+def _tables(model: nn.Module) -> list[nn.Module]:
+    return [module for _, module in _named_tables(model)]
+
+
+def _timeout(shard: ColumnShard, timeout: timedelta | None) -> timedelta | None:
+    # An explicit timeout wins; otherwise the table's own, as for its lookups.
+    return timeout if timeout is not None else shard.timeout
+
+
+def _all_reduce_sum_(x: Tensor, group: dist.ProcessGroup, timeout: timedelta | None, what: str) -> Tensor:
+    work = dist.all_reduce(x, group=group, async_op=True)
+    _wait(work, timeout, what)
+    return x
 
 
 def sharded_parameter_names(model: nn.Module) -> list[str]:
     """Fully qualified names of the column-sharded tables' parameters in ``model`` (each shared table once)."""
-    names = []
-    seen = set()
-    for name, module in _sharded_modules(model):
-        if id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            names.append(f"{name}.weight" if name else "weight")
-    return names
+    return [f"{name}.weight" if name else "weight" for name, _ in _named_tables(model)]
 
 
 def exclude_from_ddp(model: nn.Module) -> list[str]:
@@ -89,48 +105,54 @@ def sync_replica_grads(
 
     Call after backward, before the optimizer step, on every rank. With average_grads on
     the memory group and average here, a table gets the mean over all W ranks' losses,
-    as DDP gives every other parameter.
+    as DDP gives every other parameter. timeout None: each table's ``memory_shard.timeout``.
     """
     size = dist.get_world_size(replica_group)
-    seen = set()
-    for _, module in _sharded_modules(model):
-        grad = module.weight.grad
-        if id(module.weight) in seen or size == 1:
-            continue
-        seen.add(id(module.weight))
+    if size == 1:
+        return
+    for table in _tables(model):
+        grad = table.weight.grad
         if grad is None:
             raise ValueError(
                 "memory.sync_replica_grads: a sharded table has no gradient on this rank, got grad None "
                 "(run backward on every rank first)"
             )
-        work = dist.all_reduce(grad, group=replica_group, async_op=True)
-        _wait(work, timeout, "sync_replica_grads")
+        _all_reduce_sum_(grad, replica_group, _timeout(table.memory_shard, timeout), "sync_replica_grads")
         if average:
             grad.div_(size)
 
 
+def _local_square_norm(table: nn.Module) -> Tensor:
+    """Sum of squares of this rank's gradient slice, float32 (0 without a gradient)."""
+    grad = table.weight.grad
+    if grad is None:
+        return torch.zeros((), dtype=torch.float32, device=table.weight.device)
+    return torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+
+
 @torch.no_grad()
-def sharded_grad_norm(model: nn.Module, *, timeout: timedelta | None = None) -> torch.Tensor:
+def sharded_grad_square_norm(model: nn.Module, *, timeout: timedelta | None = None) -> Tensor:
+    """Squared L2 norm of the sharded tables' whole gradients (all columns), the same on every rank of a group.
+
+    A collective over each table's memory group, in module order (every rank of a group
+    calls it, a table without a gradient counting 0). timeout None: each table's
+    ``memory_shard.timeout``. Returns a float32 scalar on the tables' device (a CPU 0 when
+    the model has no sharded table).
+    """
+    total = torch.zeros((), dtype=torch.float32)
+    for table in _tables(model):
+        shard = table.memory_shard
+        part = _all_reduce_sum_(_local_square_norm(table), shard.group, _timeout(shard, timeout), "sharded_grad_norm")
+        total = part + total  # part first: the sum lands on the tables' device
+    return total
+
+
+@torch.no_grad()
+def sharded_grad_norm(model: nn.Module, *, timeout: timedelta | None = None) -> Tensor:
     """L2 norm of the sharded tables' whole gradients (all columns), the same on every rank of a group.
 
-    A collective over each table's memory group. Use it to clip value gradients: a norm
-    of the local slice alone would differ between ranks and clip them differently.
-    Returns a float32 scalar on the tables' device (0 when there is no gradient).
+    A collective over each table's memory group (see sharded_grad_square_norm). Use it to
+    clip value gradients: a norm of the local slice alone would differ between ranks and
+    clip them differently; clip_grad_norms does so for the model's value tables.
     """
-    total = None
-    seen = set()
-    for _, module in _sharded_modules(model):
-        if id(module.weight) in seen:
-            continue
-        seen.add(id(module.weight))
-        grad = module.weight.grad
-        local = torch.zeros((), dtype=torch.float32, device=module.weight.device)
-        if grad is not None:
-            local = grad.float().pow(2).sum()
-        shard = module.memory_shard
-        work = dist.all_reduce(local, group=shard.group, async_op=True)
-        _wait(work, timeout if timeout is not None else shard.timeout, "sharded_grad_norm")
-        total = local if total is None else total + local
-    if total is None:
-        return torch.zeros(())
-    return total.sqrt()
+    return sharded_grad_square_norm(model, timeout=timeout).sqrt()

@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 __all__ = ["column_split", "ColumnShard", "shard_of", "is_sharded"]
 
-# Attribute under which a module keeps its ColumnShard. A plain attribute (not a buffer),
-# so it never enters state_dict and travels with the module object itself.
+# Attribute under which a ShardedValues keeps its ColumnShard. A plain attribute (not a
+# buffer), so it never enters state_dict and travels with the module object itself.
 SHARD_ATTR = "memory_shard"
 
 
@@ -35,12 +35,13 @@ def column_split(dim: int, parts: int) -> list[tuple[int, int]]:
 
 @dataclass
 class ColumnShard:
-    """The split of one value table over a memory group, kept on the module.
+    """The split of one value table over a memory group, kept on its ShardedValues.
 
     Options a user may change at any time (identically on every rank of the group):
     ``average_grads`` multiplies this rank's value gradient by 1 / group size (the
     data-parallel mean instead of the sum); ``timeout`` bounds every wait on a collective
-    of the lookup (None: the process group's own timeout).
+    of this table: its lookups and full_table, and sync_replica_grads, sharded_grad_norm and
+    clip_grad_norms unless they are given their own (None: the process group's own timeout).
     """
 
     group: dist.ProcessGroup
@@ -84,6 +85,35 @@ class ColumnShard:
             self._meshes[device_type] = mesh
         return mesh
 
+    @classmethod
+    def over_group(
+        cls,
+        group: dist.ProcessGroup | None,
+        n_rows: int,
+        dim: int,
+        *,
+        average_grads: bool = False,
+        timeout: timedelta | None = None,
+    ) -> ColumnShard:
+        """This rank's split of an (n_rows, dim) table over ``group`` (None: the default group).
+
+        Reads the group's membership only: no collective runs.
+        """
+        if not dist.is_initialized():
+            raise RuntimeError("memory.ShardedValues: torch.distributed is not initialised, got no default group")
+        group = group if group is not None else dist.group.WORLD
+        group_rank = dist.get_rank(group)
+        if group_rank < 0:
+            raise ValueError(
+                f"memory.ShardedValues: this rank ({dist.get_rank()}) is not a member of process_group, "
+                f"got members {dist.get_process_group_ranks(group)}"
+            )
+        ranks = tuple(dist.get_process_group_ranks(group))
+        return cls(
+            group=group, ranks=ranks, group_rank=group_rank, n_rows=n_rows, dim=dim,
+            columns=tuple(column_split(dim, len(ranks))), average_grads=average_grads, timeout=timeout,
+        )
+
     def __deepcopy__(self, memo):
         # A process group cannot be copied; a copied module shares its group (as DDP and
         # FSDP modules do) but gets its own options and call counter.
@@ -93,16 +123,16 @@ class ColumnShard:
 
 
 def shard_of(module) -> ColumnShard:
-    """The ColumnShard of a column-sharded table module; a clear error for any other module."""
+    """The ColumnShard of a ShardedValues; a clear error for any other module."""
     shard = getattr(module, SHARD_ATTR, None)
     if not isinstance(shard, ColumnShard):
         raise ValueError(
             f"memory.distributed: {type(module).__name__} is not a column-sharded table "
-            "(build it with init_sharded_values)"
+            "(build one with ShardedValues, or MemoryValues with a process group of several ranks)"
         )
     return shard
 
 
 def is_sharded(module) -> bool:
-    """True when ``module`` holds a column slice of a table (init_sharded_values was called)."""
+    """True when ``module`` holds a column slice of a table (a ShardedValues)."""
     return isinstance(getattr(module, SHARD_ATTR, None), ColumnShard)

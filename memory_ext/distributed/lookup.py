@@ -183,7 +183,7 @@ class _ShardedLookup(torch.autograd.Function):
         recv = all_to_all_flat(
             local.reshape(-1), [c * width for c in counts], recv_splits, group, timeout, "all_to_all_outputs"
         )
-        pieces = [b.view(counts[me], size) for b, (_, size) in zip(recv.split(recv_splits), shard.columns)]
+        pieces = [b.view(counts[me], size) for b, (_, size) in zip(recv.split(recv_splits), shard.columns, strict=True)]
         out = torch.cat(pieces, dim=1)
         if plan.need_backward:
             ctx.save_for_backward(weight, all_indices, all_weights)
@@ -230,7 +230,7 @@ class _ShardedLookup(torch.autograd.Function):
 
 @torch.compiler.disable
 def sharded_lookup(module, indices: Tensor, weights: Tensor) -> Tensor:
-    """This rank's rows of a lookup in a column-sharded table (see init_sharded_values).
+    """This rank's rows of a lookup in a column-sharded table (the forward of ShardedValues).
 
     indices: (tokens, bag) int64/int32, weights: (tokens, bag) floating, this rank's own
     tokens (any count, zero included; the bag size, indices dtype and table must agree

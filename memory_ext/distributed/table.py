@@ -1,7 +1,9 @@
-"""Building a column-sharded table, its checkpoints (DTensor state_dict) and whole-table views."""
-from __future__ import annotations
+"""The column-sharded table's split-invariant initialisation, checkpoint form (DTensor) and whole-table views.
 
-from datetime import timedelta
+Every function takes a ShardedValues (or any module with a ``memory_shard`` and a ``weight``
+slice); ShardedValues calls them for its own init and state_dict.
+"""
+from __future__ import annotations
 
 import torch
 import torch.distributed as dist
@@ -9,10 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memory_ext.distributed.comm import _wait, all_gather_fixed
-from memory_ext.distributed.layout import SHARD_ATTR, ColumnShard, column_split, shard_of
+from memory_ext.distributed.layout import shard_of
 
 __all__ = [
-    "init_sharded_values",
     "seeded_normal_columns_",
     "as_dtensor",
     "local_columns",
@@ -43,58 +44,6 @@ def seeded_normal_columns_(table: Tensor, first_column: int, seed: int, std: flo
         gen.manual_seed(_mix(seed, first_column + j))
         table[:, j] = column.normal_(0.0, std, generator=gen)
     return table
-
-
-def init_sharded_values(
-    module: nn.Module,
-    n_rows: int,
-    dim: int,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    process_group: dist.ProcessGroup | None = None,
-    average_grads: bool = False,
-    timeout: timedelta | None = None,
-    seed: int | None = None,
-) -> None:
-    """Make ``module`` hold this rank's column slice of an (n_rows, dim) table.
-
-    Sets ``module.weight`` to an nn.Parameter (n_rows, size) with the columns
-    [start, start + size) that ``column_split(dim, group size)`` gives this rank (torch.chunk
-    rule, as DTensor Shard(1)), initialised normal(0, dim^-0.5) column by column from
-    ``seed`` (default: drawn from torch's default generator, so ranks seeded alike build
-    the same full table whatever the group size). Keeps the split in ``module.memory_shard``
-    (options ``average_grads``, ``timeout``: see ColumnShard) and installs state_dict
-    hooks: ``state_dict()['weight']`` is a DTensor sharded on dim 1 over the group, and
-    ``load_state_dict`` takes such a DTensor (any mesh or placement) or the full plain
-    table. No collective runs here. The module's forward should call sharded_lookup.
-    """
-    if n_rows <= 0 or dim <= 0:
-        raise ValueError(f"memory.init_sharded_values: n_rows and dim must be positive, got {n_rows} and {dim}")
-    if not dist.is_initialized():
-        raise RuntimeError("memory.init_sharded_values: torch.distributed is not initialised, got no default group")
-    group = process_group if process_group is not None else dist.group.WORLD
-    group_rank = dist.get_rank(group)
-    if group_rank < 0:
-        raise ValueError(
-            f"memory.init_sharded_values: this rank ({dist.get_rank()}) is not a member of process_group, "
-            f"got members {dist.get_process_group_ranks(group)}"
-        )
-    ranks = tuple(dist.get_process_group_ranks(group))
-    columns = tuple(column_split(dim, len(ranks)))
-    shard = ColumnShard(
-        group=group, ranks=ranks, group_rank=group_rank, n_rows=n_rows, dim=dim, columns=columns,
-        average_grads=average_grads, timeout=timeout,
-    )
-    setattr(module, SHARD_ATTR, shard)
-    start, size = columns[group_rank]
-    weight = torch.empty(n_rows, size, dtype=dtype, device=device)
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-    seeded_normal_columns_(weight, start, seed, dim**-0.5)
-    module.weight = nn.Parameter(weight)
-    module.register_state_dict_post_hook(_state_dict_hook)
-    module.register_load_state_dict_pre_hook(_load_state_dict_hook)
 
 
 def as_dtensor(module: nn.Module, local: Tensor | None = None):
@@ -140,18 +89,6 @@ def local_columns(module: nn.Module, table) -> Tensor:
         table = table.full_tensor()
     # contiguous: load_state_dict(assign=True) makes this the parameter itself.
     return table[:, shard.start : shard.start + shard.size].contiguous()
-
-
-def _state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
-    key = prefix + "weight"
-    if key in state_dict:
-        state_dict[key] = as_dtensor(module, state_dict[key])
-
-
-def _load_state_dict_hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-    key = prefix + "weight"
-    if key in state_dict:
-        state_dict[key] = local_columns(module, state_dict[key])
 
 
 @torch.no_grad()

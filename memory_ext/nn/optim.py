@@ -6,6 +6,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from memory_ext.distributed.groups import sharded_grad_square_norm
 from memory_ext.nn.sparse_adam import SparseRowAdam, coalesced
 from memory_ext.nn.values import MemoryValues
 
@@ -76,42 +77,51 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def _clip_(params: Iterable[nn.Parameter], max_norm: float, groups: dict) -> Tensor:
-    """Scale the grads of params so their joint L2 norm is <= max_norm; returns the norm before.
-
-    groups maps id(param) -> process group of a column-sharded table, whose squared norm is
-    summed over its ranks so that every rank clips by the same factor.
-    """
+def _present_grads(params: Iterable[nn.Parameter]) -> list[Tensor]:
+    """The gradients of params that have one, sparse ones coalesced in place."""
     params = list(params)
     for p in params:
         if p.grad is not None and p.grad.is_sparse:
             # Layers sharing a pool add their sparse gradients by concatenation; the norm
             # needs each row once.
             p.grad = coalesced(p.grad)
-    grads = [(p.grad, groups.get(id(p))) for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    sq = torch.zeros((), dtype=torch.float32, device=grads[0][0].device)
-    for g, pg in grads:
-        part = torch.linalg.vector_norm(g._values() if g.is_sparse else g, dtype=torch.float32).square()
-        if pg is not None:
-            torch.distributed.all_reduce(part, group=pg)
-        sq = sq + part
-    norm = sq.sqrt()
+    return [p.grad for p in params if p.grad is not None]
+
+
+def _square_norm(grads: list[Tensor]) -> Tensor:
+    """Sum of squares of grads (a sparse one: of its stored values), float32 0-d (a CPU 0 when empty)."""
+    total = torch.zeros((), dtype=torch.float32)
+    for g in grads:
+        total = torch.linalg.vector_norm(g._values() if g.is_sparse else g, dtype=torch.float32).square() + total
+    return total
+
+
+def _scale_to_norm_(grads: list[Tensor], norm: Tensor, max_norm: float) -> None:
+    """Scale grads in place so that their joint norm ``norm`` becomes at most max_norm."""
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g, _ in grads:
+    for g in grads:
         g.mul_(coef)  # a 0-d factor keeps each grad's dtype
-    return norm
 
 
 @torch.no_grad()
 def clip_grad_norms(model: nn.Module, max_norm: float = 1.0, values_max_norm: float | None = None) -> tuple[Tensor, Tensor]:
-    """Clip value-table and other gradients separately -> (other norm, values norm), 0-d device tensors."""
-    sharded = {
-        id(p): m.process_group for m in model.modules() if isinstance(m, MemoryValues) and m.sharded for p in m.parameters()
-    }
+    """Clip value-table and other gradients separately -> (other norm, values norm), 0-d device tensors.
+
+    Each norm is the one before clipping. A sharded table counts with its whole gradient
+    (all columns: sharded_grad_square_norm, a collective over its memory group bounded by
+    its ``memory_shard.timeout``), so every rank of a group clips by the same factor; call
+    it on every rank.
+    """
     values = value_parameters(model)
     is_value = {id(p) for p in values}
-    others = [p for p in model.parameters() if id(p) not in is_value]
+    sharded = {id(p) for m in model.modules() if isinstance(m, MemoryValues) and m.sharded for p in m.parameters()}
+    others = _present_grads(p for p in model.parameters() if id(p) not in is_value)
+    other_norm = _square_norm(others).sqrt()
+    _scale_to_norm_(others, other_norm, max_norm)
+
+    plain_values = _present_grads(p for p in values if id(p) not in sharded)
+    sharded_values = _present_grads(p for p in values if id(p) in sharded)
+    values_norm = (sharded_grad_square_norm(model) + _square_norm(plain_values)).sqrt()
     values_max_norm = max_norm if values_max_norm is None else values_max_norm
-    return _clip_(others, max_norm, {}), _clip_(values, values_max_norm, sharded)
+    _scale_to_norm_(plain_values + sharded_values, values_norm, values_max_norm)
+    return other_norm, values_norm

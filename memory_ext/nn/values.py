@@ -17,14 +17,25 @@ class MemoryValues(nn.Module):
     in ``state_dict`` once per sharing layer, every key holding the same tensor (saved
     once by ``torch.save``, and loading writes the same bits to the one table).
 
-    With a ``process_group`` of more than one rank the table is split by columns over
-    the group (``memory_ext.distributed``); ``dim`` stays the full width.
+    With a ``process_group`` of more than one rank, ``MemoryValues(...)`` builds a
+    :class:`memory_ext.distributed.ShardedValues` (a subclass): the table split by columns
+    over the group, ``dim`` still the full width. A group of one rank keeps a plain table.
 
     With ``sparse_grad=True`` the table's gradient is a sparse COO tensor holding only the
     rows read in the step (what a table of millions of rows needs: no dense gradient is
     ever written); train it with :func:`memory_ext.nn.sparse_value_optimizer`. That path
     runs eagerly (not under ``torch.compile``) and not with a sharded table.
     """
+
+    def __new__(cls, *args, **kwargs):
+        # Only a call of MemoryValues itself picks the class. Copies and unpickling call
+        # __new__ without arguments and keep the class of what they copy.
+        if cls is MemoryValues and _spans_several_ranks(kwargs.get("process_group")):
+            # Imported here, not at the top: memory_ext.distributed builds on this module.
+            from memory_ext.distributed.values import ShardedValues
+
+            cls = ShardedValues
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -39,24 +50,20 @@ class MemoryValues(nn.Module):
         super().__init__()
         if n_rows <= 0 or dim <= 0:
             raise ValueError(f"MemoryValues: n_rows and dim must be positive, got {n_rows} and {dim}")
+        if _spans_several_ranks(process_group):  # only a subclass gets here: see __new__
+            raise ValueError(
+                f"{type(self).__name__}: a plain table cannot be split over a process group, got "
+                f"{process_group.size()} ranks (a subclass of MemoryValues must subclass ShardedValues to shard)"
+            )
         self.n_rows, self.dim, self.process_group = n_rows, dim, process_group
         self.sparse_grad = bool(sparse_grad)
-        if self.sparse_grad and self.sharded:
-            raise ValueError("MemoryValues: sparse_grad is not supported for a table sharded over a process group")
-        if self.sharded:
-            from memory_ext import distributed
-
-            distributed.init_sharded_values(
-                self, n_rows, dim, dtype=dtype, device=device, process_group=process_group
-            )
-        else:
-            self.weight = nn.Parameter(torch.empty(n_rows, dim, dtype=dtype, device=device))
-            self.reset_parameters()
+        self.weight = nn.Parameter(torch.empty(n_rows, dim, dtype=dtype, device=device))
+        self.reset_parameters()
 
     @property
     def sharded(self) -> bool:
-        """True when the table is split over a process group of several ranks."""
-        return self.process_group is not None and self.process_group.size() > 1
+        """True when the table is split over a process group (a ShardedValues)."""
+        return False
 
     def reset_parameters(self) -> None:
         """Values ~ normal(0, dim^-0.5), so a bag of unit-sum weights starts at unit scale."""
@@ -65,10 +72,6 @@ class MemoryValues(nn.Module):
 
     def forward(self, indices: Tensor, weights: Tensor) -> Tensor:
         """indices: (tokens, bag) int64/int32; weights: (tokens, bag) -> (tokens, dim) table dtype."""
-        if self.sharded:
-            from memory_ext import distributed
-
-            return distributed.sharded_lookup(self, indices, weights)
         # The op takes float32 weights or the table's dtype; anything else goes via float32.
         if weights.dtype not in (torch.float32, self.weight.dtype):
             weights = weights.float()
@@ -80,6 +83,10 @@ class MemoryValues(nn.Module):
         group = "" if self.process_group is None else f", ranks={self.process_group.size()}"
         sparse = ", sparse_grad=True" if self.sparse_grad else ""
         return f"{self.n_rows}, {self.dim}, dtype={self.weight.dtype}{group}{sparse}"
+
+
+def _spans_several_ranks(process_group) -> bool:
+    return process_group is not None and process_group.size() > 1
 
 
 class _SparseGradBag(torch.autograd.Function):
