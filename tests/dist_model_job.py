@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist_harness import case
 from torch import nn
 from torch.testing import assert_close
 
 import memory_ext
 from memory_ext import distributed as md
+
+from dist_harness import case
 
 VOCAB, DIM, N_KEYS, HEADS, K, TOKENS, STEPS, LR = 50, 16, 6, 2, 4, 24, 4, 1.0
 CLIP = 1.0  # gradient clipping of both models, values and the rest apart

@@ -12,12 +12,13 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from dist_harness import case
 from torch import nn
 from torch.testing import assert_close
 
 import memory_ext
 from memory_ext import distributed as md
+
+from dist_harness import case
 
 CASE_TIMEOUT = timedelta(seconds=60)  # generous: the test machine may be busy
 

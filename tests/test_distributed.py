@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import warnings
 
-import dist_workers as W
 import pytest
 import torch
-from dist_harness import case_names, failures, run_job
 from torch import nn
 
 import memory_ext
 from memory_ext import distributed as md
+from memory_ext.testing import cuda_skip_reason
+
+import dist_workers as W
+from dist_harness import case_names, failures, run_job
 
 WORLDS = (1, 4, 2, 3)  # the order of the checkpoint chain
 
@@ -121,15 +123,7 @@ def test_checkpoint_reshards_4_2_3_1_exactly(jobs):
         assert torch.equal(m.weight, expect[k]), k
 
 
-def _nccl_skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "no GPU visible"
-    if not memory_ext.cuda_kernels_built():
-        return "the CUDA kernels were not built (CPU-only build)"
-    return None
-
-
-@pytest.mark.skipif(_nccl_skip_reason() is not None, reason=f"NCCL test: {_nccl_skip_reason()}")
+@pytest.mark.skipif(cuda_skip_reason() is not None, reason=f"NCCL test: {cuda_skip_reason()}")
 def test_world_1_on_nccl():
     # One GPU cannot host several NCCL ranks; world size 1 still runs every collective.
     results = run_job(1, W.nccl_job, backend="nccl")

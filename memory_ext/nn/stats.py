@@ -56,4 +56,4 @@ def memory_usage(model: nn.Module, reset: bool = True) -> dict[str, dict[str, fl
     if not stats:
         return {}
     rows = torch.stack(stats).tolist()
-    return {n: {"rows_read": r[0], "kl_uniform": r[1], "reads": int(r[2])} for n, r in zip(names, rows)}
+    return {n: {"rows_read": r[0], "kl_uniform": r[1], "reads": int(r[2])} for n, r in zip(names, rows, strict=True)}
