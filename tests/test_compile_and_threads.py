@@ -74,8 +74,11 @@ def test_bf16_autocast_matches_plain_pytorch(value_dtype):
         want, want_indices = plain_forward(layer, x)
     assert out.dtype == want.dtype == torch.bfloat16
     assert torch.equal(indices, want_indices), "autocast changed which rows are read"
-    # Same casts: only the float32 summation orders differ, then one bf16 rounding.
-    torch.testing.assert_close(out, want, atol=1e-2, rtol=1e-2)
+    # Same casts: only float32 summation orders differ, and the bf16 rounding hides them
+    # nearly always; scoring in bf16 (an op that autocasts) changes many elements.
+    differs = out != want
+    assert differs.float().mean().item() <= 0.01, f"{int(differs.sum())} of {differs.numel()} elements differ"
+    torch.testing.assert_close(out, want, rtol=2**-7, atol=0)  # and those by one bf16 step at most
     got_grads = torch.autograd.grad(out, params, grad)
     want_grads = torch.autograd.grad(want, params, grad)
     for (name, p), a, b in zip(layer.named_parameters(), got_grads, want_grads, strict=True):
