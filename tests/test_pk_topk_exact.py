@@ -9,9 +9,11 @@ rule: the tied sums here always come from exact, hence tied-or-distinct, half-sc
 The shapes are chosen to reach every branch of csrc/cpu/pk_topk.cpp and topk_select.h:
 - the packed float path (float32/bf16/fp16 inputs, n_keys <= 65536) and the generic path
   (float64 inputs, or n_keys > 65536);
-- in the packed path, the guessed filter bar (mean + z * sd, used when 1.3 k / n_keys <
+- in the packed path, the guessed filter bar (mean + z * sd, tried when 1.3 k / n_keys <
   0.25) when it holds between k and 4k entries, and the group-maxima bar when the guess
-  keeps too few (outliers) or too many (a tied top) entries, or is not tried at all;
+  keeps too few (outliers) or too many (a tied top) entries; no bar at all (every entry
+  passes) for rows shorter than 8k, with or without a failed guess before it; in the
+  generic path, the group-maxima bar directly;
 - the pair pruning (rank product <= k, then the pair bar from the first row and column),
   with ties on the bar;
 - n_keys at its limits: 1, 65536 (the largest packed index is 2^32 - 1) and 65537.
@@ -167,7 +169,7 @@ GRID = [
     (6, 2, 100, 4, 7, 4, 2),  # guessed bar, group bar behind it
     (8, 2, 300, 2, 32, 2, 1),  # half = 2, ints in [-2, 2]: most half-scores tie
     (4, 2, 1024, 8, 1, 8, 3),  # k = 1
-    (3, 1, 1000, 6, 64, 3, 1),  # n_keys < 8k: group bar off, guess on
+    (3, 1, 400, 6, 64, 3, 1),  # 5.2k < n_keys < 8k: guess tried, no group bar behind it
     (2, 1, 2048, 16, 256, 16, 4),  # k = 256, wide halves
     (300, 2, 2048, 4, 8, 1, 0),  # two token blocks (block = 256 here), ints in [-1, 1]
 ]
@@ -326,6 +328,20 @@ def test_group_bar_with_ties_at_the_bar(dtype):
         assert kinds.count("too_few") == len(kinds), kinds
         assert group_bar_is_active(n_keys, k)
         assert_exact(*cast(query, keys, dtype), k)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_failed_guess_on_a_short_row(dtype):
+    """5.2k < n_keys < 8k: the guess is tried and keeps too few, and top_bar has no bar
+    for so short a row: every entry must then pass."""
+    g = torch.Generator().manual_seed(26)
+    n_keys, k = 400, 64
+    query = torch.tensor([[[1.0, 1.0]], [[0.5, 2.0]]], dtype=torch.float64)
+    keys = tiered_keys(g, n_keys, {2: 32, 1: 200, 0: 168})
+    kinds = filter_kinds(query, keys, k)
+    assert kinds.count("too_few") == len(kinds), kinds
+    assert not group_bar_is_active(n_keys, k)
+    assert_exact(*cast(query, keys, dtype), [1, 40, 64])
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
