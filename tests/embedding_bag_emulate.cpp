@@ -89,7 +89,9 @@ inline unsigned float_bits(float f) {
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
-inline float __bfloat162float(__nv_bfloat16 v) { return __uint_as_float(static_cast<unsigned>(v.bits) << 16); }
+inline float __bfloat162float(__nv_bfloat16 v) {
+  return __uint_as_float(static_cast<unsigned>(v.bits) << 16);
+}
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   unsigned u = float_bits(f);
   if (std::isnan(f)) return {static_cast<uint16_t>((u >> 16) | 0x40)};
@@ -192,7 +194,8 @@ void start_watchdog() {
       const uint64_t now = g_progress.load();
       still = (now == last && g_waiting.load() > 0) ? still + 1 : 0;
       last = now;
-      if (still >= 60) fail("DEADLOCK: %d threads wait at barriers that never complete", g_waiting.load());
+      if (still >= 60)
+        fail("DEADLOCK: %d threads wait at barriers that never complete", g_waiting.load());
     }
   }).detach();
 }
@@ -230,7 +233,8 @@ T exchange(unsigned mask, T v, int width, int src, const char* what) {
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) fail("%s: width %d", what, width);
   const unsigned expect = width == 32 ? 0xffffffffu : ((1u << width) - 1u) << base;
   if (mask != expect)
-    fail("%s: mask %08x is not the %d-lane group of lane %d (%08x)", what, mask, width, lane, expect);
+    fail("%s: mask %08x is not the %d-lane group of lane %d (%08x)", what, mask, width, lane,
+         expect);
   WarpCtx& w = t_block->warps[threadIdx.x / 32];
   Barrier& b = *w.group[log2_of(width)][lane / width];
   uint64_t bits = 0;
@@ -292,11 +296,24 @@ using namespace memory_ext::cuda;
 // ---------------------------------------------------------------------------------------
 // Test values and references.
 
-template <typename T> T from_double(double d);
-template <> float from_double<float>(double d) { return static_cast<float>(d); }
-template <> double from_double<double>(double d) { return d; }
-template <> __nv_bfloat16 from_double<__nv_bfloat16>(double d) { return __float2bfloat16_rn(static_cast<float>(d)); }
-template <> __half from_double<__half>(double d) { return __float2half_rn(static_cast<float>(d)); }
+template <typename T>
+T from_double(double d);
+template <>
+float from_double<float>(double d) {
+  return static_cast<float>(d);
+}
+template <>
+double from_double<double>(double d) {
+  return d;
+}
+template <>
+__nv_bfloat16 from_double<__nv_bfloat16>(double d) {
+  return __float2bfloat16_rn(static_cast<float>(d));
+}
+template <>
+__half from_double<__half>(double d) {
+  return __float2half_rn(static_cast<float>(d));
+}
 
 inline double to_double(float v) { return v; }
 inline double to_double(double v) { return v; }
@@ -309,11 +326,24 @@ double rounded(double exact) {
   return to_double(from_double<T>(exact));
 }
 
-template <typename T> const char* type_name();
-template <> const char* type_name<float>() { return "f32"; }
-template <> const char* type_name<double>() { return "f64"; }
-template <> const char* type_name<__nv_bfloat16>() { return "bf16"; }
-template <> const char* type_name<__half>() { return "f16"; }
+template <typename T>
+const char* type_name();
+template <>
+const char* type_name<float>() {
+  return "f32";
+}
+template <>
+const char* type_name<double>() {
+  return "f64";
+}
+template <>
+const char* type_name<__nv_bfloat16>() {
+  return "bf16";
+}
+template <>
+const char* type_name<__half>() {
+  return "f16";
+}
 
 template <typename T>
 void poison(std::vector<T>& v) {
@@ -321,7 +351,9 @@ void poison(std::vector<T>& v) {
 }
 
 std::mt19937_64 rng(12345);
-double small_value() { return static_cast<double>(static_cast<int>(rng() % 17) - 8) / 4; }  // k/4, |k| <= 8
+double small_value() {
+  return static_cast<double>(static_cast<int>(rng() % 17) - 8) / 4;
+}  // k/4, |k| <= 8
 
 int g_cases = 0, g_bad = 0;
 
@@ -356,7 +388,8 @@ struct Lookups {
 };
 
 Lookups make_lookups(int64_t tokens, int64_t bag, int64_t rows, double hot, int n_bad) {
-  Lookups L{tokens, bag, rows, std::vector<int64_t>(tokens * bag), std::vector<double>(tokens * bag)};
+  Lookups L{tokens, bag, rows, std::vector<int64_t>(tokens * bag),
+            std::vector<double>(tokens * bag)};
   std::uniform_real_distribution<double> u(0, 1);
   for (int64_t p = 0; p < tokens * bag; ++p) {
     L.idx[p] = u(rng) < hot ? 2 % rows : static_cast<int64_t>(rng() % rows);
@@ -364,7 +397,8 @@ Lookups make_lookups(int64_t tokens, int64_t bag, int64_t rows, double hot, int 
   }
   for (int i = 0; i < n_bad && tokens * bag > 0; ++i) {
     const int64_t p = static_cast<int64_t>(rng() % (tokens * bag));
-    L.idx[p] = (i % 2) ? -1 - static_cast<int64_t>(rng() % 5) : rows + static_cast<int64_t>(rng() % 5);
+    L.idx[p] =
+        (i % 2) ? -1 - static_cast<int64_t>(rng() % 5) : rows + static_cast<int64_t>(rng() % 5);
   }
   return L;
 }
@@ -373,8 +407,8 @@ Lookups make_lookups(int64_t tokens, int64_t bag, int64_t rows, double hot, int 
 // Forward.
 
 template <typename T, int VEC>
-void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f32, int n_bad, bool report_bad,
-                  int64_t max_blocks = 3) {
+void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f32, int n_bad,
+                  bool report_bad, int64_t max_blocks = 3) {
   const int64_t rows = 23;
   Lookups L = make_lookups(tokens, bag, rows, 0.0, n_bad);
   std::vector<T> values(rows * dim);
@@ -409,7 +443,8 @@ void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f
     shape = "G" + std::to_string(G) + "xVPL" + std::to_string(VPL);
     const int64_t items = tokens * ceil_div(dim, int64_t(G) * VPL * VEC);
     const int64_t blocks = std::min<int64_t>(max_blocks, ceil_div(items, kForwardBlock / G));
-    launch(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kForwardBlock, &embedding_bag_kernel<T, VEC, G, VPL>, a);
+    launch(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kForwardBlock,
+           &embedding_bag_kernel<T, VEC, G, VPL>, a);
   });
 
   std::string bad;
@@ -422,8 +457,8 @@ void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f
       }
       const double got = to_double(out[t * dim + d]);
       if (!same(got, rounded<T>(exact)))
-        bad = "out[" + std::to_string(t) + "," + std::to_string(d) + "] = " + std::to_string(got) + ", want " +
-              std::to_string(rounded<T>(exact));
+        bad = "out[" + std::to_string(t) + "," + std::to_string(d) + "] = " + std::to_string(got) +
+              ", want " + std::to_string(rounded<T>(exact));
     }
   if (report_bad && bad.empty()) {
     const int64_t want = L.first_bad();
@@ -431,10 +466,11 @@ void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f
     if (got != want) bad = "first_bad " + std::to_string(got) + ", want " + std::to_string(want);
   }
   char name[160];
-  std::snprintf(name, sizeof name, "forward %s vec%d %s dim %lld tokens %lld bag %lld idx%s w%s bad %d%s%s",
-                type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)tokens, (long long)bag,
-                idx64 ? "64" : "32", w_f32 ? "f32" : type_name<T>(), n_bad, report_bad ? " reported" : "",
-                max_blocks == 1 ? " one block" : "");
+  std::snprintf(name, sizeof name,
+                "forward %s vec%d %s dim %lld tokens %lld bag %lld idx%s w%s bad %d%s%s",
+                type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)tokens,
+                (long long)bag, idx64 ? "64" : "32", w_f32 ? "f32" : type_name<T>(), n_bad,
+                report_bad ? " reported" : "", max_blocks == 1 ? " one block" : "");
   report(bad.empty(), name, bad);
 }
 
@@ -479,7 +515,8 @@ Grouped group(const std::vector<index_t>& idx, int64_t rows) {
   // Stable sort by key, as the LSD radix sort does.
   std::vector<int64_t> order(n);
   for (int64_t p = 0; p < n; ++p) order[p] = p;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return keys[x] < keys[y]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return keys[x] < keys[y]; });
   g.keys.resize(n);
   g.positions.resize(n);
   for (int64_t p = 0; p < n; ++p) {
@@ -494,10 +531,12 @@ Grouped group(const std::vector<index_t>& idx, int64_t rows) {
     s += heads[p];
   }
   g.run_begin.assign(n + 1, 0xdeadbeefu);
-  launch(grid, kSortBlock, &run_begin_kernel, heads.data(), run_id.data(), n, g.run_begin.data(), g.info);
+  launch(grid, kSortBlock, &run_begin_kernel, heads.data(), run_id.data(), n, g.run_begin.data(),
+         g.info);
   std::vector<RunPlan> counts(n + 1, RunPlan{0xdeadbeefu, 0xdeadbeefu, 0xdeadbeefu});
-  launch(static_cast<unsigned>(std::min<int64_t>(2, ceil_div(n + 1, kSortBlock))), kSortBlock, &run_counts_kernel,
-         g.keys.data(), g.run_begin.data(), static_cast<const int64_t*>(g.info), n + 1, rows, counts.data());
+  launch(static_cast<unsigned>(std::min<int64_t>(2, ceil_div(n + 1, kSortBlock))), kSortBlock,
+         &run_counts_kernel, g.keys.data(), g.run_begin.data(), static_cast<const int64_t*>(g.info),
+         n + 1, rows, counts.data());
   g.plan.resize(n + 1);
   RunPlan acc{0, 0, 0};
   for (int64_t u = 0; u <= n; ++u) {
@@ -509,8 +548,8 @@ Grouped group(const std::vector<index_t>& idx, int64_t rows) {
 }
 
 template <typename T, int VEC>
-void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, double hot, bool idx64, bool w_f32,
-                   bool need_wg, int n_bad) {
+void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, double hot, bool idx64,
+                   bool w_f32, bool need_wg, int n_bad) {
   using A = acc_t<T>;
   Lookups L = make_lookups(tokens, bag, rows, hot, n_bad);
   const int64_t n = tokens * bag;
@@ -522,7 +561,8 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
   std::vector<T> wt(n);
   for (int64_t p = 0; p < n; ++p) wt[p] = from_double<T>(L.w[p]);
 
-  Grouped g = idx64 ? group(L.idx, rows) : group(std::vector<int32_t>(L.idx.begin(), L.idx.end()), rows);
+  Grouped g =
+      idx64 ? group(L.idx, rows) : group(std::vector<int32_t>(L.idx.begin(), L.idx.end()), rows);
   const int64_t first_bad = g.info[kFirstBad];
   const int64_t n_runs = g.info[kRunsWithBad] - (first_bad >= 0 ? 1 : 0);
   std::vector<int64_t> rows_out(n_runs);
@@ -545,7 +585,9 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
   a.grad_out = grad.data();
   a.values = values.data();
   a.weights = w_f32 ? static_cast<const void*>(wf.data()) : static_cast<const void*>(wt.data());
-  a.weights_grad = !need_wg ? nullptr : w_f32 ? static_cast<void*>(wg_f.data()) : static_cast<void*>(wg_t.data());
+  a.weights_grad = !need_wg ? nullptr
+                   : w_f32  ? static_cast<void*>(wg_f.data())
+                            : static_cast<void*>(wg_t.data());
   a.keys = g.keys.data();
   a.positions = g.positions.data();
   a.run_begin = g.run_begin.data();
@@ -566,12 +608,13 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
       shape = "G" + std::to_string(G) + "xVPT" + std::to_string(VPT) + (TILED ? "T" : "");
       constexpr int kBlock = backward_block(G);
       const int64_t blocks = std::min<int64_t>(3, ceil_div(a.n_segments, kBlock / G));
-      launch(static_cast<unsigned>(blocks), kBlock, &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, a);
+      launch(static_cast<unsigned>(blocks), kBlock,
+             &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, a);
     });
     const int64_t items = a.n_long_runs * ceil_div(dim, kReduceBlock);
     if (items > 0)
-      launch(static_cast<unsigned>(std::min<int64_t>(2, items)), kReduceBlock, &embedding_bag_backward_reduce_kernel<T>,
-             a);
+      launch(static_cast<unsigned>(std::min<int64_t>(2, items)), kReduceBlock,
+             &embedding_bag_backward_reduce_kernel<T>, a);
   }
 
   // Reference.
@@ -584,7 +627,8 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
   if (first_bad != L.first_bad()) bad = "first_bad " + std::to_string(first_bad);
   if (hot > 0 && a.n_long_runs == 0) bad = "the case has no run longer than a segment";
   if (bad.empty() && (static_cast<int64_t>(want_rows.size()) != n_runs || rows_out != want_rows))
-    bad = "rows differ (" + std::to_string(n_runs) + " vs " + std::to_string(want_rows.size()) + ")";
+    bad =
+        "rows differ (" + std::to_string(n_runs) + " vs " + std::to_string(want_rows.size()) + ")";
   int64_t max_run = 0;
   if (bad.empty()) {
     std::vector<double> dense(rows * dim, 0.0);
@@ -592,33 +636,38 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
     for (int64_t p = 0; p < n; ++p) {
       if (!L.ok(p)) continue;
       ++count[L.idx[p]];
-      for (int64_t d = 0; d < dim; ++d) dense[L.idx[p] * dim + d] += L.w[p] * gd[(p / bag) * dim + d];
+      for (int64_t d = 0; d < dim; ++d)
+        dense[L.idx[p] * dim + d] += L.w[p] * gd[(p / bag) * dim + d];
     }
     max_run = *std::max_element(count.begin(), count.end());
     for (int64_t u = 0; u < n_runs && bad.empty(); ++u)
       for (int64_t d = 0; d < dim && bad.empty(); ++d) {
-        const double want = rounded<T>(dense[want_rows[u] * dim + d]), got = to_double(rows_grad[u * dim + d]);
+        const double want = rounded<T>(dense[want_rows[u] * dim + d]),
+                     got = to_double(rows_grad[u * dim + d]);
         if (!same(got, want))
-          bad = "rows_grad[" + std::to_string(u) + "," + std::to_string(d) + "] = " + std::to_string(got) + ", want " +
-                std::to_string(want);
+          bad = "rows_grad[" + std::to_string(u) + "," + std::to_string(d) +
+                "] = " + std::to_string(got) + ", want " + std::to_string(want);
       }
     for (int64_t p = 0; p < n && bad.empty() && need_wg; ++p) {
       double exact = 0;
       if (L.ok(p))
         for (int64_t d = 0; d < dim; ++d) exact += gd[(p / bag) * dim + d] * vd[L.idx[p] * dim + d];
-      const double want = w_f32 ? static_cast<double>(static_cast<float>(exact)) : rounded<T>(exact);
+      const double want =
+          w_f32 ? static_cast<double>(static_cast<float>(exact)) : rounded<T>(exact);
       const double got = w_f32 ? static_cast<double>(wg_f[p]) : to_double(wg_t[p]);
       if (!same(got, want))
-        bad = "weights_grad[" + std::to_string(p) + "] = " + std::to_string(got) + ", want " + std::to_string(want);
+        bad = "weights_grad[" + std::to_string(p) + "] = " + std::to_string(got) + ", want " +
+              std::to_string(want);
     }
   }
   char name[200];
   std::snprintf(name, sizeof name,
-                "backward %s vec%d %s dim %lld lookups %lld rows %lld longest run %lld (%lld segments, %lld long) "
+                "backward %s vec%d %s dim %lld lookups %lld rows %lld longest run %lld (%lld "
+                "segments, %lld long) "
                 "idx%s w%s%s bad %d",
-                type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)n, (long long)rows, (long long)max_run,
-                (long long)a.n_segments, (long long)a.n_long_runs, idx64 ? "64" : "32", w_f32 ? "f32" : type_name<T>(),
-                need_wg ? " wg" : "", n_bad);
+                type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)n, (long long)rows,
+                (long long)max_run, (long long)a.n_segments, (long long)a.n_long_runs,
+                idx64 ? "64" : "32", w_f32 ? "f32" : type_name<T>(), need_wg ? " wg" : "", n_bad);
   report(bad.empty(), name, bad);
 }
 
@@ -638,13 +687,15 @@ void backward_cases() {
     ++k;
   }
   // Tiled rows (two tiles) with a long run: the costliest case to emulate, so one dtype.
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) backward_case<T, V>(513 * V, 6, 90, 4, 1.0, false, false, true, 0);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    backward_case<T, V>(513 * V, 6, 90, 4, 1.0, false, false, true, 0);
   for (int64_t dim : {1, 3, 33, 130}) {
     backward_case<T, 1>(dim, 8, 9, 15, 0.0, true, true, true, (k % 2) ? 1 : 0);
     ++k;
   }
   backward_case<T, 1>(5, 6, 100, 6, 0.95, false, true, true, 0);
-  if constexpr (std::is_same_v<T, float>) backward_case<T, 1>(131, 6, 90, 4, 1.0, true, true, true, 0);  // tiled
+  if constexpr (std::is_same_v<T, float>)
+    backward_case<T, 1>(131, 6, 90, 4, 1.0, true, true, true, 0);  // tiled
 }
 
 // ---------------------------------------------------------------------------------------
@@ -664,9 +715,10 @@ void dense_case(int64_t units, int64_t n_rows, std::vector<int64_t> rows, const 
   std::vector<int64_t> want_slot(n_rows, -1);
   for (int64_t u = 0; u < n_unique; ++u)
     if (rows[u] >= 0 && rows[u] < n_rows) want_slot[rows[u]] = std::max(want_slot[rows[u]], u);
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(2, std::max<int64_t>(1, ceil_div(n_rows, kDenseRows))));
-  launch(grid, kDenseBlock, &rows_to_dense_kernel<W>, static_cast<const int64_t*>(rows.data()), n_unique,
-         static_cast<const W*>(src.data()), dst.data(), n_rows, units);
+  const unsigned grid = static_cast<unsigned>(
+      std::min<int64_t>(2, std::max<int64_t>(1, ceil_div(n_rows, kDenseRows))));
+  launch(grid, kDenseBlock, &rows_to_dense_kernel<W>, static_cast<const int64_t*>(rows.data()),
+         n_unique, static_cast<const W*>(src.data()), dst.data(), n_rows, units);
   std::string bad;
   for (int64_t r = 0; r < n_rows && bad.empty(); ++r) {
     if (!sorted_rows && want_slot[r] >= 0) {
@@ -679,28 +731,32 @@ void dense_case(int64_t units, int64_t n_rows, std::vector<int64_t> rows, const 
       }
       bool copy = false;
       for (int64_t u = 0; u < n_unique; ++u)
-        copy = copy || (rows[u] == r && std::memcmp(&dst[r * units], &src[u * units], units * sizeof(W)) == 0);
-      if (!zero_row && !copy) bad = "row " + std::to_string(r) + " is neither zero nor one of its gradients";
+        copy = copy || (rows[u] == r &&
+                        std::memcmp(&dst[r * units], &src[u * units], units * sizeof(W)) == 0);
+      if (!zero_row && !copy)
+        bad = "row " + std::to_string(r) + " is neither zero nor one of its gradients";
       continue;
     }
-    const void* want = want_slot[r] >= 0 ? static_cast<const void*>(&src[want_slot[r] * units]) : nullptr;
+    const void* want =
+        want_slot[r] >= 0 ? static_cast<const void*>(&src[want_slot[r] * units]) : nullptr;
     for (int64_t x = 0; x < units && bad.empty(); ++x) {
       W zero{};
-      const void* w = want ? static_cast<const void*>(static_cast<const char*>(want) + x * sizeof(W))
-                           : static_cast<const void*>(&zero);
+      const void* w = want
+                          ? static_cast<const void*>(static_cast<const char*>(want) + x * sizeof(W))
+                          : static_cast<const void*>(&zero);
       if (std::memcmp(&dst[r * units + x], w, sizeof(W)) != 0) bad = "row " + std::to_string(r);
     }
   }
   char name[160];
-  std::snprintf(name, sizeof name, "rows_to_dense %zu-byte units x %lld, %lld of %lld rows, %s", sizeof(W),
-                (long long)units, (long long)n_unique, (long long)n_rows, what);
+  std::snprintf(name, sizeof name, "rows_to_dense %zu-byte units x %lld, %lld of %lld rows, %s",
+                sizeof(W), (long long)units, (long long)n_unique, (long long)n_rows, what);
   report(bad.empty(), name, bad);
 }
 
 void check_rows_case(std::vector<int64_t> rows, int64_t n_rows, int64_t want) {
   unsigned long long first_bad = ~0ull;
-  launch(2, kDenseBlock, &check_rows_kernel, static_cast<const int64_t*>(rows.data()), static_cast<int64_t>(rows.size()),
-         n_rows, &first_bad);
+  launch(2, kDenseBlock, &check_rows_kernel, static_cast<const int64_t*>(rows.data()),
+         static_cast<int64_t>(rows.size()), n_rows, &first_bad);
   const int64_t got = first_bad == ~0ull ? -1 : static_cast<int64_t>(first_bad);
   report(got == want, "check_rows want " + std::to_string(want), "got " + std::to_string(got));
 }

@@ -17,10 +17,10 @@
 // Build: g++ -std=c++20 -O2 -pthread -Icsrc/cuda tests/pk_topk_emulate.cpp
 //        (add -fsanitize=thread to have missing warp/block barriers reported as races)
 // Run:   ./a.out [case-number]   (exit status 0 when every case matches)
-#include <algorithm>
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <algorithm>
 
 #include <atomic>
 #include <climits>
@@ -51,11 +51,13 @@ class Barrier {
     if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
       count_.store(0, std::memory_order_relaxed);
       phase_.store(phase + 1, std::memory_order_release);
-      syscall(SYS_futex, reinterpret_cast<int*>(&phase_), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+      syscall(SYS_futex, reinterpret_cast<int*>(&phase_), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr,
+              nullptr, 0);
       return;
     }
     while (phase_.load(std::memory_order_acquire) == phase)
-      syscall(SYS_futex, reinterpret_cast<int*>(&phase_), FUTEX_WAIT_PRIVATE, phase, nullptr, nullptr, 0);
+      syscall(SYS_futex, reinterpret_cast<int*>(&phase_), FUTEX_WAIT_PRIVATE, phase, nullptr,
+              nullptr, 0);
   }
 
  private:
@@ -215,9 +217,9 @@ struct Case {
   Dtype dtype;
   bool tensor_cores;
   int nwarps;
-  int levels;            // inputs are integers in [-levels, levels] / levels
-  bool strided = false;  // query rows padded (non-contiguous)
-  bool misalign = false; // sub-key data starts 2 bytes past an aligned address
+  int levels;             // inputs are integers in [-levels, levels] / levels
+  bool strided = false;   // query rows padded (non-contiguous)
+  bool misalign = false;  // sub-key data starts 2 bytes past an aligned address
 };
 
 uint16_t to_bf16_bits(float x) { return static_cast<uint16_t>(pk::float_bits(x) >> 16); }
@@ -231,8 +233,10 @@ uint16_t to_f16_bits(float x) {  // exact for the small dyadic values used here
 
 template <typename Raw>
 Raw nan_raw(bool bf16) {
-  if constexpr (std::is_same_v<Raw, uint16_t>) return bf16 ? uint16_t{0x7FC0} : uint16_t{0x7E00};
-  else return static_cast<Raw>(NAN);
+  if constexpr (std::is_same_v<Raw, uint16_t>)
+    return bf16 ? uint16_t{0x7FC0} : uint16_t{0x7E00};
+  else
+    return static_cast<Raw>(NAN);
 }
 
 struct Result {
@@ -246,7 +250,8 @@ void run_blocks(const pk::Params& prm, const Case& c, int hk_max) {
   const int rows = prm.nwarps * pk::kRowsPerWarp;
   const int64_t blocks = (prm.tokens + rows - 1) / rows;
   std::vector<char> smem_store(prm.layout.total + 16);
-  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_store.data()) + 15) & ~uintptr_t{15});
+  char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_store.data()) + 15) &
+                                       ~uintptr_t{15});
   for (int h = 0; h < prm.heads; ++h) {
     for (int64_t bx = 0; bx < blocks; ++bx) {
       std::memset(smem, 0xFF, prm.layout.total);  // poison: NaN floats, maximal keys
@@ -287,21 +292,26 @@ void run_blocks(const pk::Params& prm, const Case& c, int hk_max) {
 
 // Runs the emulated kernel; fills res with (tokens, heads, k) outputs.
 template <class In>
-void emulate(const Case& c, const std::vector<double>& q, const std::vector<double>& keys, Result& res) {
+void emulate(const Case& c, const std::vector<double>& q, const std::vector<double>& keys,
+             Result& res) {
   using Raw = typename In::Raw;
   using S = typename In::Score;
   const int width = 2 * c.half;
   const int row_pad = c.strided ? 3 : 0;
   const int64_t q_stride_h = width + row_pad, q_stride_t = c.heads * q_stride_h;
   auto convert = [&](double v) -> Raw {
-    if constexpr (std::is_same_v<In, pk::InBF16>) return to_bf16_bits(static_cast<float>(v));
-    else if constexpr (std::is_same_v<In, pk::InF16>) return to_f16_bits(static_cast<float>(v));
-    else return static_cast<Raw>(v);
+    if constexpr (std::is_same_v<In, pk::InBF16>)
+      return to_bf16_bits(static_cast<float>(v));
+    else if constexpr (std::is_same_v<In, pk::InF16>)
+      return to_f16_bits(static_cast<float>(v));
+    else
+      return static_cast<Raw>(v);
   };
   std::vector<Raw> qraw(std::max<int64_t>(1, c.tokens * q_stride_t), Raw{});
   for (int64_t t = 0; t < c.tokens; ++t)
     for (int h = 0; h < c.heads; ++h)
-      for (int d = 0; d < width; ++d) qraw[t * q_stride_t + h * q_stride_h + d] = convert(q[(t * c.heads + h) * width + d]);
+      for (int d = 0; d < width; ++d)
+        qraw[t * q_stride_t + h * q_stride_h + d] = convert(q[(t * c.heads + h) * width + d]);
   const int shift = c.misalign ? 1 : 0;
   // NaN around the sub-keys: a read past the end (instead of a zero fill) poisons a score.
   std::vector<Raw> kraw(keys.size() + 72, nan_raw<Raw>(std::is_same_v<In, pk::InBF16>));
@@ -327,15 +337,16 @@ void emulate(const Case& c, const std::vector<double>& q, const std::vector<doub
   prm.npairs = pk::pair_count(c.k);
   prm.nwarps = c.nwarps;
   prm.vector_keys = (c.half % 8 == 0) && (reinterpret_cast<uintptr_t>(prm.keys) % 16 == 0);
-  prm.layout = pk::make_layout(c.tensor_cores, sizeof(S), sizeof(typename pk::KeyOf<S>::type), c.nwarps,
-                               prm.kp, prm.k, prm.npairs);
+  prm.layout = pk::make_layout(c.tensor_cores, sizeof(S), sizeof(typename pk::KeyOf<S>::type),
+                               c.nwarps, prm.kp, prm.k, prm.npairs);
   run_blocks<In>(prm, c, c.half <= 256 ? 16 : 32);
   res.scores.assign(scores.begin(), scores.end());
   res.indices = indices;
 }
 
 // Brute force over all n_keys^2 pairs, exact in double for these inputs.
-void reference(const Case& c, const std::vector<double>& q, const std::vector<double>& keys, Result& res) {
+void reference(const Case& c, const std::vector<double>& q, const std::vector<double>& keys,
+               Result& res) {
   const int n = c.n_keys, half = c.half;
   res.scores.assign(c.tokens * c.heads * c.k, 0);
   res.indices.assign(c.tokens * c.heads * c.k, 0);
@@ -354,10 +365,12 @@ void reference(const Case& c, const std::vector<double>& q, const std::vector<do
         s2[i] = b;
       }
       for (int i = 0; i < n; ++i)
-        for (int j = 0; j < n; ++j) all[static_cast<size_t>(i) * n + j] = {s1[i] + s2[j], static_cast<int64_t>(i) * n + j};
-      std::partial_sort(all.begin(), all.begin() + c.k, all.end(), [](const auto& x, const auto& y) {
-        return x.first > y.first || (x.first == y.first && x.second < y.second);
-      });
+        for (int j = 0; j < n; ++j)
+          all[static_cast<size_t>(i) * n + j] = {s1[i] + s2[j], static_cast<int64_t>(i) * n + j};
+      std::partial_sort(all.begin(), all.begin() + c.k, all.end(),
+                        [](const auto& x, const auto& y) {
+                          return x.first > y.first || (x.first == y.first && x.second < y.second);
+                        });
       for (int j = 0; j < c.k; ++j) {
         res.scores[(t * c.heads + h) * c.k + j] = all[j].first;
         res.indices[(t * c.heads + h) * c.k + j] = all[j].second;
@@ -367,10 +380,14 @@ void reference(const Case& c, const std::vector<double>& q, const std::vector<do
 
 const char* dtype_name(Dtype d) {
   switch (d) {
-    case Dtype::kBF16: return "bf16";
-    case Dtype::kF16: return "fp16";
-    case Dtype::kF32: return "fp32";
-    default: return "fp64";
+    case Dtype::kBF16:
+      return "bf16";
+    case Dtype::kF16:
+      return "fp16";
+    case Dtype::kF32:
+      return "fp32";
+    default:
+      return "fp64";
   }
 }
 
@@ -378,30 +395,41 @@ bool run_case(const Case& c, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int> dist(-c.levels, c.levels);
   const int width = 2 * c.half;
-  std::vector<double> q(c.tokens * c.heads * width), keys(static_cast<size_t>(c.heads) * 2 * c.n_keys * c.half);
+  std::vector<double> q(c.tokens * c.heads * width),
+      keys(static_cast<size_t>(c.heads) * 2 * c.n_keys * c.half);
   for (auto& v : q) v = static_cast<double>(dist(rng)) / c.levels;
   for (auto& v : keys) v = static_cast<double>(dist(rng)) / c.levels;
   Result got, want;
   switch (c.dtype) {
-    case Dtype::kBF16: emulate<pk::InBF16>(c, q, keys, got); break;
-    case Dtype::kF16: emulate<pk::InF16>(c, q, keys, got); break;
-    case Dtype::kF32: emulate<pk::InF32>(c, q, keys, got); break;
-    case Dtype::kF64: emulate<pk::InF64>(c, q, keys, got); break;
+    case Dtype::kBF16:
+      emulate<pk::InBF16>(c, q, keys, got);
+      break;
+    case Dtype::kF16:
+      emulate<pk::InF16>(c, q, keys, got);
+      break;
+    case Dtype::kF32:
+      emulate<pk::InF32>(c, q, keys, got);
+      break;
+    case Dtype::kF64:
+      emulate<pk::InF64>(c, q, keys, got);
+      break;
   }
   reference(c, q, keys, want);
   int bad = 0;
   for (size_t i = 0; i < want.scores.size(); ++i) {
     if (got.scores[i] != want.scores[i] || got.indices[i] != want.indices[i]) {
       if (bad < 5)
-        std::fprintf(stderr, "  mismatch at %zu (t=%lld h=%lld j=%lld): got (%g, %lld) want (%g, %lld)\n", i,
-                     static_cast<long long>(i / (c.heads * c.k)), static_cast<long long>((i / c.k) % c.heads),
-                     static_cast<long long>(i % c.k), got.scores[i], static_cast<long long>(got.indices[i]),
-                     want.scores[i], static_cast<long long>(want.indices[i]));
+        std::fprintf(stderr,
+                     "  mismatch at %zu (t=%lld h=%lld j=%lld): got (%g, %lld) want (%g, %lld)\n",
+                     i, static_cast<long long>(i / (c.heads * c.k)),
+                     static_cast<long long>((i / c.k) % c.heads), static_cast<long long>(i % c.k),
+                     got.scores[i], static_cast<long long>(got.indices[i]), want.scores[i],
+                     static_cast<long long>(want.indices[i]));
       ++bad;
     }
   }
-  std::printf("%s tokens=%lld heads=%d n_keys=%d half=%d k=%d %s warps=%d%s%s: %s\n", dtype_name(c.dtype),
-              static_cast<long long>(c.tokens), c.heads, c.n_keys, c.half, c.k,
+  std::printf("%s tokens=%lld heads=%d n_keys=%d half=%d k=%d %s warps=%d%s%s: %s\n",
+              dtype_name(c.dtype), static_cast<long long>(c.tokens), c.heads, c.n_keys, c.half, c.k,
               c.tensor_cores ? "mma" : "plain", c.nwarps, c.strided ? " strided" : "",
               c.misalign ? " misaligned" : "", bad ? "MISMATCH" : "ok");
   return bad == 0;
@@ -412,28 +440,28 @@ bool run_case(const Case& c, uint64_t seed) {
 int main(int argc, char** argv) {
   const std::vector<Case> cases = {
       // tokens heads n_keys half k dtype tensor_cores warps levels
-      {37, 2, 100, 48, 7, Dtype::kBF16, true, 2, 32},       // partial CTA, partial tile, partial chunk
-      {20, 1, 64, 40, 32, Dtype::kF16, true, 1, 32},        // half not a multiple of 16
-      {17, 1, 130, 37, 5, Dtype::kBF16, true, 1, 32},       // odd half: element-wise stage loads
-      {16, 1, 64, 320, 64, Dtype::kBF16, true, 1, 16},      // 32 k16-steps, k == n_keys
-      {9, 1, 70, 300, 3, Dtype::kF16, true, 1, 16},         // 32 k16-steps, half % 8 != 0
-      {40, 3, 200, 64, 16, Dtype::kF16, true, 4, 32, true}, // strided query, 4 warps
-      {16, 1, 64, 32, 32, Dtype::kBF16, true, 1, 1},        // values in {-1, 0, 1}: many ties
-      {16, 1, 512, 32, 256, Dtype::kBF16, true, 1, 32},     // k = 256
+      {37, 2, 100, 48, 7, Dtype::kBF16, true, 2, 32},   // partial CTA, partial tile, partial chunk
+      {20, 1, 64, 40, 32, Dtype::kF16, true, 1, 32},    // half not a multiple of 16
+      {17, 1, 130, 37, 5, Dtype::kBF16, true, 1, 32},   // odd half: element-wise stage loads
+      {16, 1, 64, 320, 64, Dtype::kBF16, true, 1, 16},  // 32 k16-steps, k == n_keys
+      {9, 1, 70, 300, 3, Dtype::kF16, true, 1, 16},     // 32 k16-steps, half % 8 != 0
+      {40, 3, 200, 64, 16, Dtype::kF16, true, 4, 32, true},  // strided query, 4 warps
+      {16, 1, 64, 32, 32, Dtype::kBF16, true, 1, 1},         // values in {-1, 0, 1}: many ties
+      {16, 1, 512, 32, 256, Dtype::kBF16, true, 1, 32},      // k = 256
       {12, 1, 96, 64, 9, Dtype::kBF16, true, 1, 32, false, true},  // misaligned sub-keys
       {33, 2, 300, 32, 64, Dtype::kF32, false, 2, 32, true},
-      {9, 1, 256, 20, 256, Dtype::kF32, false, 1, 32},      // k == n_keys == 256
-      {10, 1, 128, 16, 100, Dtype::kF64, false, 1, 32},     // k not a power of two
-      {5, 1, 64, 24, 1, Dtype::kBF16, false, 1, 32},        // plain bf16 path, k = 1
-      {18, 2, 80, 33, 12, Dtype::kF16, false, 2, 1},        // plain fp16 path, ties
-      {8, 1, 70, 32, 70, Dtype::kBF16, true, 1, 32},        // k == n_keys, partial tile
-      {8, 1, 70, 24, 70, Dtype::kF32, false, 1, 32},        // same, plain path
+      {9, 1, 256, 20, 256, Dtype::kF32, false, 1, 32},   // k == n_keys == 256
+      {10, 1, 128, 16, 100, Dtype::kF64, false, 1, 32},  // k not a power of two
+      {5, 1, 64, 24, 1, Dtype::kBF16, false, 1, 32},     // plain bf16 path, k = 1
+      {18, 2, 80, 33, 12, Dtype::kF16, false, 2, 1},     // plain fp16 path, ties
+      {8, 1, 70, 32, 70, Dtype::kBF16, true, 1, 32},     // k == n_keys, partial tile
+      {8, 1, 70, 24, 70, Dtype::kF32, false, 1, 32},     // same, plain path
       // n_keys >> k, as in real layers: the running thresholds and repeated flushes matter
       {16, 1, 1024, 16, 32, Dtype::kBF16, true, 1, 32},
       {16, 1, 2048, 16, 8, Dtype::kF16, true, 1, 32},
       {16, 1, 1024, 16, 100, Dtype::kF32, false, 1, 32},
       {16, 1, 1000, 16, 256, Dtype::kBF16, true, 1, 32},
-      {7, 2, 64, 0, 10, Dtype::kBF16, true, 1, 32},         // half 0: every score ties at 0
+      {7, 2, 64, 0, 10, Dtype::kBF16, true, 1, 32},  // half 0: every score ties at 0
       {7, 1, 64, 0, 10, Dtype::kF32, false, 1, 32},
   };
   int only = argc > 1 ? std::atoi(argv[1]) : -1;

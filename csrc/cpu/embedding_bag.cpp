@@ -28,8 +28,8 @@ constexpr int64_t kPrefetchDistance = 4;
 
 template <typename index_t>
 [[noreturn]] void fail_index(const char* op, index_t v, int64_t rows, int64_t pos, int64_t bag) {
-  TORCH_CHECK(false, "memory.", op, ": index out of range: indices[", pos / bag, ", ",
-              pos % bag, "] = ", static_cast<int64_t>(v), " but values has ", rows, " rows");
+  TORCH_CHECK(false, "memory.", op, ": index out of range: indices[", pos / bag, ", ", pos % bag,
+              "] = ", static_cast<int64_t>(v), " but values has ", rows, " rows");
 }
 
 template <typename scalar_t, typename weight_t, typename index_t>
@@ -100,15 +100,16 @@ at::Tensor embedding_bag_cpu(const at::Tensor& values_, const at::Tensor& indice
   const auto weights = weights_.contiguous();
   auto out = cpu::empty_large({indices.size(0), values.size(1)}, values.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "embedding_bag_cpu", [&] {
-    using value_t = scalar_t;
-    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_bag_cpu", [&] {
-      if (weights.scalar_type() == values.scalar_type())
-        embedding_bag_forward_impl<value_t, value_t, index_t>(values, indices, weights, out);
-      else
-        embedding_bag_forward_impl<value_t, float, index_t>(values, indices, weights, out);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, values.scalar_type(), "embedding_bag_cpu", [&] {
+        using value_t = scalar_t;
+        AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_bag_cpu", [&] {
+          if (weights.scalar_type() == values.scalar_type())
+            embedding_bag_forward_impl<value_t, value_t, index_t>(values, indices, weights, out);
+          else
+            embedding_bag_forward_impl<value_t, float, index_t>(values, indices, weights, out);
+        });
+      });
   return out;
 }
 
@@ -121,13 +122,13 @@ struct Segment {
   int64_t run;    // index into the unique rows
   int64_t begin;  // range of sorted positions
   int64_t end;
-  int64_t slot;   // -1: the run is one segment, write rows_grad directly; else partial slot
+  int64_t slot;  // -1: the run is one segment, write rows_grad directly; else partial slot
 };
 
 template <typename scalar_t, typename weight_t, typename index_t>
 void embedding_bag_backward_impl(const at::Tensor& grad_out, const at::Tensor& values,
-                                 const at::Tensor& indices, const at::Tensor& weights,
-                                 bool need_wg, at::Tensor& rows_out, at::Tensor& rows_grad,
+                                 const at::Tensor& indices, const at::Tensor& weights, bool need_wg,
+                                 at::Tensor& rows_out, at::Tensor& rows_grad,
                                  at::Tensor& weights_grad) {
   using A = acc_t<scalar_t>;
   const int64_t bag = indices.size(1);
@@ -160,7 +161,8 @@ void embedding_bag_backward_impl(const at::Tensor& grad_out, const at::Tensor& v
       segs.push_back({u, b, e, -1});
     } else {
       long_runs.push_back(u);
-      for (int64_t s = b; s < e; s += kSegment) segs.push_back({u, s, std::min(e, s + kSegment), slots++});
+      for (int64_t s = b; s < e; s += kSegment)
+        segs.push_back({u, s, std::min(e, s + kSegment), slots++});
     }
   }
   std::vector<A> partial(static_cast<size_t>(slots * dim));
@@ -174,9 +176,12 @@ void embedding_bag_backward_impl(const at::Tensor& grad_out, const at::Tensor& v
   at::parallel_for(0, static_cast<int64_t>(segs.size()), 8, [&](int64_t s0, int64_t s1) {
     std::vector<A> acc(std::max<int64_t>(dim, 1));
     const int64_t end = segs[s1 - 1].end;
-    auto grad_row = [&](int64_t p) { return G + static_cast<int64_t>(sorted[p] & 0xffffffffu) / bag * dim; };
+    auto grad_row = [&](int64_t p) {
+      return G + static_cast<int64_t>(sorted[p] & 0xffffffffu) / bag * dim;
+    };
     auto prefetch_values = [&](int64_t s) {
-      if (need_wg && s < s1) cpu::prefetch_row(V + static_cast<int64_t>(sorted[segs[s].begin] >> 32) * dim, row_bytes);
+      if (need_wg && s < s1)
+        cpu::prefetch_row(V + static_cast<int64_t>(sorted[segs[s].begin] >> 32) * dim, row_bytes);
     };
     prefetch_values(s0);
     prefetch_values(s0 + 1);
@@ -191,7 +196,8 @@ void embedding_bag_backward_impl(const at::Tensor& grad_out, const at::Tensor& v
       int64_t p = sg.begin;
       for (; p + 4 <= sg.end; p += 4) {
         for (int q = 0; q < 4; ++q)
-          if (p + kPrefetchDistance + q < end) cpu::prefetch_row(grad_row(p + kPrefetchDistance + q), row_bytes);
+          if (p + kPrefetchDistance + q < end)
+            cpu::prefetch_row(grad_row(p + kPrefetchDistance + q), row_bytes);
         int64_t pos[4];
         A w[4];
         for (int q = 0; q < 4; ++q) {
@@ -213,7 +219,8 @@ void embedding_bag_backward_impl(const at::Tensor& grad_out, const at::Tensor& v
         }
       }
       for (; p < sg.end; ++p) {
-        if (p + kPrefetchDistance < end) cpu::prefetch_row(grad_row(p + kPrefetchDistance), row_bytes);
+        if (p + kPrefetchDistance < end)
+          cpu::prefetch_row(grad_row(p + kPrefetchDistance), row_bytes);
         const int64_t pos = static_cast<int64_t>(sorted[p] & 0xffffffffu);
         const auto* g = as_raw(grad_row(p));
         const A w = static_cast<A>(W[pos]);
@@ -221,7 +228,9 @@ void embedding_bag_backward_impl(const at::Tensor& grad_out, const at::Tensor& v
           cpu::row_scale(dst, g, w, dim);
         else
           cpu::row_axpy(dst, g, w, dim);
-        if (need_wg) WG[pos] = static_cast<weight_t>(cpu::row_dot<cpu::raw_t<scalar_t>, cpu::raw_t<scalar_t>, A>(vrow, g, dim));
+        if (need_wg)
+          WG[pos] = static_cast<weight_t>(
+              cpu::row_dot<cpu::raw_t<scalar_t>, cpu::raw_t<scalar_t>, A>(vrow, g, dim));
       }
       if (sg.slot < 0) {
         R[sg.run] = row;
@@ -261,9 +270,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cpu(
     const at::Tensor& weights_, bool need_weights_grad) {
   check_embedding_bag_args("embedding_bag_backward", values_, indices_, weights_);
   check_grad_out("embedding_bag_backward", grad_out_, values_, indices_);
-  TORCH_CHECK(indices_.numel() < (int64_t(1) << 32) && values_.size(0) < (int64_t(1) << 32),
-              "memory.embedding_bag_backward: more than 2^32 lookups or rows are not supported, got ",
-              indices_.numel(), " lookups and ", values_.size(0), " rows");
+  TORCH_CHECK(
+      indices_.numel() < (int64_t(1) << 32) && values_.size(0) < (int64_t(1) << 32),
+      "memory.embedding_bag_backward: more than 2^32 lookups or rows are not supported, got ",
+      indices_.numel(), " lookups and ", values_.size(0), " rows");
   const auto values = values_.contiguous();
   const auto indices = indices_.contiguous();
   const auto weights = weights_.contiguous();
@@ -276,21 +286,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cpu(
     rows_grad = at::empty({0, values.size(1)}, values.options());
     return {rows, rows_grad, weights_grad};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "embedding_bag_backward_cpu", [&] {
-    using value_t = scalar_t;
-    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_bag_backward_cpu", [&] {
-      if (weights.scalar_type() == values.scalar_type())
-        embedding_bag_backward_impl<value_t, value_t, index_t>(grad_out, values, indices, weights,
-                                                               need_weights_grad, rows, rows_grad, weights_grad);
-      else
-        embedding_bag_backward_impl<value_t, float, index_t>(grad_out, values, indices, weights,
-                                                             need_weights_grad, rows, rows_grad, weights_grad);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, values.scalar_type(), "embedding_bag_backward_cpu", [&] {
+        using value_t = scalar_t;
+        AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_bag_backward_cpu", [&] {
+          if (weights.scalar_type() == values.scalar_type())
+            embedding_bag_backward_impl<value_t, value_t, index_t>(grad_out, values, indices,
+                                                                   weights, need_weights_grad, rows,
+                                                                   rows_grad, weights_grad);
+          else
+            embedding_bag_backward_impl<value_t, float, index_t>(grad_out, values, indices, weights,
+                                                                 need_weights_grad, rows, rows_grad,
+                                                                 weights_grad);
+        });
+      });
   return {rows, rows_grad, weights_grad};
 }
 
-at::Tensor rows_to_dense_cpu(const at::Tensor& rows_, const at::Tensor& rows_grad_, int64_t n_rows) {
+at::Tensor rows_to_dense_cpu(const at::Tensor& rows_, const at::Tensor& rows_grad_,
+                             int64_t n_rows) {
   check_rows_to_dense_args(rows_, rows_grad_, n_rows);
   const auto rows = rows_.contiguous();
   const auto rows_grad = rows_grad_.contiguous();
@@ -299,8 +313,10 @@ at::Tensor rows_to_dense_cpu(const at::Tensor& rows_, const at::Tensor& rows_gra
   for (int64_t u = 0; u < U; ++u) {
     TORCH_CHECK(R[u] >= 0 && R[u] < n_rows, "memory.rows_to_dense: rows[", u, "] = ", R[u],
                 " is out of range for n_rows = ", n_rows);
-    TORCH_CHECK(u == 0 || R[u] > R[u - 1], "memory.rows_to_dense: rows must be strictly ascending, "
-                "but rows[", u - 1, "] = ", R[u - 1], " and rows[", u, "] = ", R[u]);
+    TORCH_CHECK(u == 0 || R[u] > R[u - 1],
+                "memory.rows_to_dense: rows must be strictly ascending, "
+                "but rows[",
+                u - 1, "] = ", R[u - 1], " and rows[", u, "] = ", R[u]);
   }
   auto out = cpu::empty_large({n_rows, dim}, rows_grad.options());
   if (out.numel() == 0) return out;

@@ -16,8 +16,8 @@
 namespace memory_ext::cpu {
 
 struct RowRuns {
-  std::vector<uint64_t> sorted;     // (row << 32 | position), grouped by row ascending
-  std::vector<int64_t> run_begin;   // start of each row's run in `sorted`, plus n at the end
+  std::vector<uint64_t> sorted;    // (row << 32 | position), grouped by row ascending
+  std::vector<int64_t> run_begin;  // start of each row's run in `sorted`, plus n at the end
 };
 
 inline int bits_for(int64_t rows) {
@@ -54,7 +54,8 @@ RowRuns sort_by_row(const index_t* indices, int64_t n, int64_t rows, int64_t bag
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         int64_t* h = hist.data() + c * buckets;
-        for (int64_t p = c * chunk; p < std::min(n, (c + 1) * chunk); ++p) ++h[(a[p] >> shift) & mask];
+        for (int64_t p = c * chunk; p < std::min(n, (c + 1) * chunk); ++p)
+          ++h[(a[p] >> shift) & mask];
       }
     });
     // Exclusive scan in (digit, chunk) order: chunk c's items of digit d follow those of
@@ -69,7 +70,8 @@ RowRuns sort_by_row(const index_t* indices, int64_t n, int64_t rows, int64_t bag
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         int64_t* h = hist.data() + c * buckets;
-        for (int64_t p = c * chunk; p < std::min(n, (c + 1) * chunk); ++p) b[h[(a[p] >> shift) & mask]++] = a[p];
+        for (int64_t p = c * chunk; p < std::min(n, (c + 1) * chunk); ++p)
+          b[h[(a[p] >> shift) & mask]++] = a[p];
       }
     });
     a.swap(b);

@@ -66,7 +66,8 @@ at::Tensor embedding_bag_cuda(const at::Tensor& values_, const at::Tensor& indic
   a.dim = values.size(1);
   a.idx64 = indices.scalar_type() == at::kLong;
   a.w_f32 = weights.scalar_type() == at::kFloat;
-  a.first_bad = check ? reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>()) : nullptr;
+  a.first_bad = check ? reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>())
+                      : nullptr;
   cuda::launch_embedding_bag(values.scalar_type(), a, c10::cuda::getCurrentCUDAStream());
   if (check) {
     const int64_t bad = first_bad.item<int64_t>();  // the one synchronisation
@@ -80,9 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cuda(
     const at::Tensor& weights_, bool need_weights_grad) {
   check_embedding_bag_args("embedding_bag_backward", values_, indices_, weights_);
   check_grad_out("embedding_bag_backward", grad_out_, values_, indices_);
-  TORCH_CHECK(indices_.numel() < (int64_t(1) << 32) && values_.size(0) < (int64_t(1) << 32),
-              "memory.embedding_bag_backward: more than 2^32 lookups or rows are not supported, got ",
-              indices_.numel(), " lookups and ", values_.size(0), " rows");
+  TORCH_CHECK(
+      indices_.numel() < (int64_t(1) << 32) && values_.size(0) < (int64_t(1) << 32),
+      "memory.embedding_bag_backward: more than 2^32 lookups or rows are not supported, got ",
+      indices_.numel(), " lookups and ", values_.size(0), " rows");
   const c10::cuda::CUDAGuard guard(values_.device());
   const auto values = values_.contiguous();
   const auto indices = indices_.contiguous();
@@ -98,7 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cuda::RowGroups g = cuda::group_by_row(indices, values.size(0), stream);
   if (g.first_bad >= 0) {
-    if (index_checks_enabled()) fail_index("embedding_bag_backward", indices, g.first_bad, values.size(0));
+    if (index_checks_enabled())
+      fail_index("embedding_bag_backward", indices, g.first_bad, values.size(0));
     // Bad lookups are skipped: their weight gradient is zero.
     if (need_weights_grad) weights_grad.zero_();
   }
@@ -123,7 +126,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cuda(
   a.rows_out = rows.mutable_data_ptr<int64_t>();
   a.rows_grad = rows_grad.mutable_data_ptr();
   a.partial = partial.defined() ? partial.mutable_data_ptr() : nullptr;
-  a.long_runs = long_runs.defined() ? reinterpret_cast<uint32_t*>(long_runs.mutable_data_ptr<int32_t>()) : nullptr;
+  a.long_runs = long_runs.defined()
+                    ? reinterpret_cast<uint32_t*>(long_runs.mutable_data_ptr<int32_t>())
+                    : nullptr;
   a.bag = indices.size(1);
   a.dim = dim;
   a.n_runs = g.n_runs;
@@ -135,16 +140,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cuda(
 }
 
 template <typename W>
-void launch_dense(const at::Tensor& rows, const at::Tensor& rows_grad, at::Tensor& out, cudaStream_t stream) {
+void launch_dense(const at::Tensor& rows, const at::Tensor& rows_grad, at::Tensor& out,
+                  cudaStream_t stream) {
   const int64_t n_rows = out.size(0);
   const int64_t units = out.size(1) * out.element_size() / int64_t(sizeof(W));
   rows_to_dense_kernel<W><<<grid_for(n_rows, kDenseRows), kDenseBlock, 0, stream>>>(
-      rows.const_data_ptr<int64_t>(), rows.size(0), static_cast<const W*>(rows_grad.const_data_ptr()),
-      static_cast<W*>(out.mutable_data_ptr()), n_rows, units);
+      rows.const_data_ptr<int64_t>(), rows.size(0),
+      static_cast<const W*>(rows_grad.const_data_ptr()), static_cast<W*>(out.mutable_data_ptr()),
+      n_rows, units);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_grad_, int64_t n_rows) {
+at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_grad_,
+                              int64_t n_rows) {
   check_rows_to_dense_args(rows_, rows_grad_, n_rows);
   const c10::cuda::CUDAGuard guard(rows_grad_.device());
   const auto rows = rows_.contiguous();
@@ -174,7 +182,9 @@ at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_gr
   const int64_t row_bytes = out.size(1) * out.element_size();
   const void* src = rows_grad.const_data_ptr();
   const void* dst = out.const_data_ptr();
-  auto fits = [&](int64_t w) { return row_bytes % w == 0 && cuda::is_aligned(src, w) && cuda::is_aligned(dst, w); };
+  auto fits = [&](int64_t w) {
+    return row_bytes % w == 0 && cuda::is_aligned(src, w) && cuda::is_aligned(dst, w);
+  };
   if (fits(16))
     launch_dense<uint4>(rows, rows_grad, out, stream);
   else if (fits(8))

@@ -8,7 +8,8 @@
 
 namespace memory_ext::cuda {
 
-void launch_embedding_bag_backward(c10::ScalarType value_type, const BackwardArgs& a, cudaStream_t stream) {
+void launch_embedding_bag_backward(c10::ScalarType value_type, const BackwardArgs& a,
+                                   cudaStream_t stream) {
   if (a.n_segments == 0) return;
   dispatch_value_type(value_type, "embedding_bag_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;

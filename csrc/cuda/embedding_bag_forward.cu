@@ -14,7 +14,8 @@ void launch_embedding_bag(c10::ScalarType value_type, const ForwardArgs& a, cuda
     auto run = [&]<int VEC>() {
       with_forward_shape<VEC>(a.dim / VEC, [&]<int G, int VPL>() {
         const int64_t items = a.tokens * ceil_div(a.dim, int64_t(G) * VPL * VEC);
-        embedding_bag_kernel<T, VEC, G, VPL><<<grid_for(items, kForwardBlock / G), kForwardBlock, 0, stream>>>(a);
+        embedding_bag_kernel<T, VEC, G, VPL>
+            <<<grid_for(items, kForwardBlock / G), kForwardBlock, 0, stream>>>(a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     };

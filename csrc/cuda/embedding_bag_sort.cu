@@ -39,8 +39,8 @@ int bit_width(uint64_t v) {
 }
 
 void cub_check(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "memory.embedding_bag_backward: ", what, " failed: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "memory.embedding_bag_backward: ", what,
+              " failed: ", cudaGetErrorString(err));
 }
 
 }  // namespace
@@ -70,32 +70,39 @@ RowGroups group_by_row(const at::Tensor& indices, int64_t rows, cudaStream_t str
   init_info_kernel<<<1, 32, 0, stream>>>(inf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (indices.scalar_type() == at::kLong)
-    make_keys_kernel<<<grid, kSortBlock, 0, stream>>>(indices.const_data_ptr<int64_t>(), n, rows, k_a, p_a, inf);
+    make_keys_kernel<<<grid, kSortBlock, 0, stream>>>(indices.const_data_ptr<int64_t>(), n, rows,
+                                                      k_a, p_a, inf);
   else
-    make_keys_kernel<<<grid, kSortBlock, 0, stream>>>(indices.const_data_ptr<int32_t>(), n, rows, k_a, p_a, inf);
+    make_keys_kernel<<<grid, kSortBlock, 0, stream>>>(indices.const_data_ptr<int32_t>(), n, rows,
+                                                      k_a, p_a, inf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   // Temporary storage for the sort and both scans, sized once, from the caching allocator.
-  const int end_bit = std::max(1, bit_width(static_cast<uint64_t>(rows)));  // `rows` itself must fit
+  const int end_bit =
+      std::max(1, bit_width(static_cast<uint64_t>(rows)));  // `rows` itself must fit
   memory_ext_cub::cub::DoubleBuffer<uint32_t> kb(k_a, k_b), vb(p_a, p_b);
   // 32-bit item counts (n < 2^32) keep CUB on 32-bit offsets; the plan scan has n + 1
   // entries, which may need 64 bits.
   const auto n32 = static_cast<uint32_t>(n);
   size_t sort_bytes = 0, sum_bytes = 0, scan_bytes = 0;
-  cub_check(memory_ext_cub::cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, kb, vb, n32, 0, end_bit, stream),
+  cub_check(memory_ext_cub::cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, kb, vb, n32, 0,
+                                                            end_bit, stream),
             "radix sort sizing");
-  cub_check(memory_ext_cub::cub::DeviceScan::ExclusiveSum(nullptr, sum_bytes, k_b, p_b, n32, stream),
-            "scan sizing");
+  cub_check(
+      memory_ext_cub::cub::DeviceScan::ExclusiveSum(nullptr, sum_bytes, k_b, p_b, n32, stream),
+      "scan sizing");
   cub_check(memory_ext_cub::cub::DeviceScan::ExclusiveScan(nullptr, scan_bytes, cnt, pl, PlanSum{},
                                                            RunPlan{0, 0, 0}, n + 1, stream),
             "scan sizing");
   const size_t temp_bytes = std::max({sort_bytes, sum_bytes, scan_bytes, size_t(1)});
-  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, indices.options().dtype(at::kByte));
+  at::Tensor temp =
+      at::empty({static_cast<int64_t>(temp_bytes)}, indices.options().dtype(at::kByte));
   void* tmp = temp.mutable_data_ptr();
 
   size_t bytes = sort_bytes;
-  cub_check(memory_ext_cub::cub::DeviceRadixSort::SortPairs(tmp, bytes, kb, vb, n32, 0, end_bit, stream),
-            "radix sort");
+  cub_check(
+      memory_ext_cub::cub::DeviceRadixSort::SortPairs(tmp, bytes, kb, vb, n32, 0, end_bit, stream),
+      "radix sort");
   const uint32_t* keys = kb.Current();
   // The alternate buffers are free after the sort: reuse them for the run heads.
   uint32_t* heads = kb.Alternate();
@@ -103,14 +110,15 @@ RowGroups group_by_row(const at::Tensor& indices, int64_t rows, cudaStream_t str
   run_heads_kernel<<<grid, kSortBlock, 0, stream>>>(keys, n, heads);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   bytes = sum_bytes;
-  cub_check(memory_ext_cub::cub::DeviceScan::ExclusiveSum(tmp, bytes, heads, run_id, n32, stream), "scan");
+  cub_check(memory_ext_cub::cub::DeviceScan::ExclusiveSum(tmp, bytes, heads, run_id, n32, stream),
+            "scan");
   run_begin_kernel<<<grid, kSortBlock, 0, stream>>>(heads, run_id, n, rb, inf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   run_counts_kernel<<<grid_entries, kSortBlock, 0, stream>>>(keys, rb, inf, n + 1, rows, cnt);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   bytes = scan_bytes;
-  cub_check(memory_ext_cub::cub::DeviceScan::ExclusiveScan(tmp, bytes, cnt, pl, PlanSum{}, RunPlan{0, 0, 0},
-                                                           n + 1, stream),
+  cub_check(memory_ext_cub::cub::DeviceScan::ExclusiveScan(tmp, bytes, cnt, pl, PlanSum{},
+                                                           RunPlan{0, 0, 0}, n + 1, stream),
             "scan");
   finish_info_kernel<<<1, 32, 0, stream>>>(pl, n, inf);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -24,14 +24,14 @@ namespace {
 using pk::Params;
 
 template <bool kBf16, int kHk>
-__global__ void __launch_bounds__(pk::kMaxWarps * pk::kWarp) pk_topk_mma_kernel(const Params p) {
+__global__ void __launch_bounds__(pk::kMaxWarps* pk::kWarp) pk_topk_mma_kernel(const Params p) {
   extern __shared__ __align__(16) char smem[];
   pk::mma_block<kBf16, kHk>(p, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
                             static_cast<int>(threadIdx.x), smem);
 }
 
 template <class In>
-__global__ void __launch_bounds__(pk::kMaxWarps * pk::kWarp) pk_topk_plain_kernel(const Params p) {
+__global__ void __launch_bounds__(pk::kMaxWarps* pk::kWarp) pk_topk_plain_kernel(const Params p) {
   extern __shared__ __align__(16) char smem[];
   pk::plain_block<In>(p, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
                       static_cast<int>(threadIdx.x), smem);
@@ -51,10 +51,14 @@ KernelChoice pick_kernel(at::ScalarType dtype, int64_t half, int cc_major) {
   const int f = sizeof(float), kf = sizeof(pk::KeyF);
   switch (dtype) {
     case at::kBFloat16:
-      if (tc) return {half <= 256 ? pk_topk_mma_kernel<true, 16> : pk_topk_mma_kernel<true, 32>, true, f, kf};
+      if (tc)
+        return {half <= 256 ? pk_topk_mma_kernel<true, 16> : pk_topk_mma_kernel<true, 32>, true, f,
+                kf};
       return {pk_topk_plain_kernel<pk::InBF16>, false, f, kf};
     case at::kHalf:
-      if (tc) return {half <= 256 ? pk_topk_mma_kernel<false, 16> : pk_topk_mma_kernel<false, 32>, true, f, kf};
+      if (tc)
+        return {half <= 256 ? pk_topk_mma_kernel<false, 16> : pk_topk_mma_kernel<false, 32>, true,
+                f, kf};
       return {pk_topk_plain_kernel<pk::InF16>, false, f, kf};
     case at::kFloat:
       return {pk_topk_plain_kernel<pk::InF32>, false, f, kf};
@@ -90,12 +94,15 @@ int pick_warps(const KernelChoice& kc, Params& prm, int device) {
                                                prm.kp, prm.k, prm.npairs);
     smallest_need = std::min(smallest_need, lay.total);
     if (lay.total > optin) continue;
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kc.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.total));
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kc.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.total));
     int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kc.fn, nw * pk::kWarp, lay.total));
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kc.fn, nw * pk::kWarp, lay.total));
     if (per_sm == 0) continue;
     if (forced == nw) return nw;
-    const int64_t ctas = (prm.tokens + nw * pk::kRowsPerWarp - 1) / (nw * pk::kRowsPerWarp) * prm.heads;
+    const int64_t ctas =
+        (prm.tokens + nw * pk::kRowsPerWarp - 1) / (nw * pk::kRowsPerWarp) * prm.heads;
     const int64_t busy = std::min<int64_t>(static_cast<int64_t>(per_sm) * sms, ctas) * nw;
     if (busy > best_busy) {
       best_busy = busy;
@@ -107,7 +114,8 @@ int pick_warps(const KernelChoice& kc, Params& prm, int device) {
   return best;
 }
 
-std::tuple<at::Tensor, at::Tensor> pk_topk_cuda(const at::Tensor& query, const at::Tensor& keys, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> pk_topk_cuda(const at::Tensor& query, const at::Tensor& keys,
+                                                int64_t k) {
   check_pk_topk_args(query, keys, k);
   TORCH_CHECK(query.is_cuda(), "memory.pk_topk: expected CUDA tensors, got ", query.device());
   const c10::cuda::CUDAGuard guard(query.device());
@@ -119,8 +127,10 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cuda(const at::Tensor& query, const a
   if (tokens == 0 || heads == 0) return {scores, indices};
 
   // Combined indices i * n_keys + j are kept in 32 bits inside the kernel.
-  TORCH_CHECK(n_keys <= 65536, "memory.pk_topk: the CUDA kernel supports n_keys <= 65536, got ", n_keys);
-  TORCH_CHECK(heads <= 65535, "memory.pk_topk: the CUDA kernel supports heads <= 65535, got ", heads);
+  TORCH_CHECK(n_keys <= 65536, "memory.pk_topk: the CUDA kernel supports n_keys <= 65536, got ",
+              n_keys);
+  TORCH_CHECK(heads <= 65535, "memory.pk_topk: the CUDA kernel supports heads <= 65535, got ",
+              heads);
   TORCH_CHECK(half <= (int64_t{1} << 24), "memory.pk_topk: half width too large, got ", half);
 
   const auto keys_c = keys.contiguous();
@@ -148,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cuda(const at::Tensor& query, const a
   prm.nwarps = pick_warps(kc, prm, device);
   prm.layout = pk::make_layout(kc.tensor_cores, kc.score_bytes, kc.key_bytes, prm.nwarps, prm.kp,
                                prm.k, prm.npairs);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kc.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, prm.layout.total));
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kc.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, prm.layout.total));
 
   const int64_t rows = int64_t{prm.nwarps} * pk::kRowsPerWarp;
   const int64_t blocks = (tokens + rows - 1) / rows;

@@ -20,15 +20,15 @@
 namespace memory_ext::pk {
 
 constexpr int kWarp = 32;
-constexpr int kRowsPerWarp = 16;  // one mma M tile: each warp owns 16 tokens
-constexpr int kTileKeys = 64;     // sub-keys scored per tile (BK)
+constexpr int kRowsPerWarp = 16;               // one mma M tile: each warp owns 16 tokens
+constexpr int kTileKeys = 64;                  // sub-keys scored per tile (BK)
 constexpr int kScratchStride = kTileKeys + 8;  // 72 = 8 mod 32 words: conflict-free float2 stores
-constexpr int kMmaChunk = 64;     // half-dims per pipelined sub-key chunk (tensor-core path)
+constexpr int kMmaChunk = 64;  // half-dims per pipelined sub-key chunk (tensor-core path)
 constexpr int kMmaChunkStride = kMmaChunk + 8;  // 36 words = 4 mod 32: conflict-free fragment loads
-constexpr int kStages = 3;        // cp.async pipeline depth
-constexpr int kPlainChunk = 32;   // half-dims per chunk (plain FMA path)
-constexpr int kPlainStride = kPlainChunk + 1;  // odd stride: lanes read distinct banks
-constexpr int kBufCap = 64;       // candidate buffer per row; flushed when it cannot take 32 more
+constexpr int kStages = 3;                      // cp.async pipeline depth
+constexpr int kPlainChunk = 32;                 // half-dims per chunk (plain FMA path)
+constexpr int kPlainStride = kPlainChunk + 1;   // odd stride: lanes read distinct banks
+constexpr int kBufCap = 64;  // candidate buffer per row; flushed when it cannot take 32 more
 constexpr int kMaxWarps = 8;
 
 // ---------------------------------------------------------------------------------------
@@ -191,8 +191,8 @@ struct SmemLayout {
   int total;
 };
 
-PK_HD SmemLayout make_layout(bool tensor_cores, int score_bytes, int key_bytes, int nwarps,
-                             int kp, int k, int npairs) {
+PK_HD SmemLayout make_layout(bool tensor_cores, int score_bytes, int key_bytes, int nwarps, int kp,
+                             int k, int npairs) {
   SmemLayout l{};
   const int rows = nwarps * kRowsPerWarp;
   const int stage = tensor_cores ? kStages * kTileKeys * kMmaChunkStride * 2
@@ -216,12 +216,12 @@ PK_HD SmemLayout make_layout(bool tensor_cores, int score_bytes, int key_bytes, 
 struct Params {
   const void* query;  // (tokens, heads, 2 * half), any strides (elements)
   int64_t q_stride_t, q_stride_h, q_stride_d;
-  const void* keys;   // (heads, 2, n_keys, half), contiguous
-  void* scores;       // (tokens, heads, k) float32 / float64
-  int64_t* indices;   // (tokens, heads, k)
+  const void* keys;  // (heads, 2, n_keys, half), contiguous
+  void* scores;      // (tokens, heads, k) float32 / float64
+  int64_t* indices;  // (tokens, heads, k)
   int64_t tokens;
   int heads, n_keys, half, k, kp, npairs, nwarps;
-  int vector_keys;    // sub-key rows are 16-byte aligned: cp.async 16-byte copies
+  int vector_keys;  // sub-key rows are 16-byte aligned: cp.async 16-byte copies
   SmemLayout layout;
 };
 

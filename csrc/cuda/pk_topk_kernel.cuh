@@ -203,8 +203,8 @@ PK_FN void init_rows(const Params& p, char* smem, int warp) {
 // Folds the warp's tile of scores (16 rows x kTileKeys, row stride kScratchStride) for
 // sub-keys n0.. into the running lists of half x.
 template <typename Key>
-PK_FN void select_tile(const Params& p, char* smem, const typename Key::Score* scratch,
-                       int warp, int x, int n0, int64_t t0) {
+PK_FN void select_tile(const Params& p, char* smem, const typename Key::Score* scratch, int warp,
+                       int x, int n0, int64_t t0) {
   const int lane = lane_id();
   int* counts = row_counts(p, smem);
   for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -258,7 +258,8 @@ PK_FN void build_pair_table(const Params& p, char* smem, int tid, int nthreads) 
   block_sync();
   for (int a = tid; a < p.k; a += nthreads) {
     const int nb = p.k / (a + 1);
-    for (int b = 0; b < nb; ++b) table[first[a] + b] = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+    for (int b = 0; b < nb; ++b)
+      table[first[a] + b] = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
   }
   block_sync();
 }
@@ -326,7 +327,8 @@ PK_FN void mma_block(const Params& p, int bx, int h, int tid, char* smem) {
   const int g = lane >> 2, c = lane & 3;
   const int64_t t0 = static_cast<int64_t>(bx) * (p.nwarps * kRowsPerWarp);
   auto* stages = reinterpret_cast<uint16_t*>(smem);
-  auto* scratch = reinterpret_cast<float*>(smem + p.layout.off_scratch + warp * p.layout.scratch_bytes);
+  auto* scratch =
+      reinterpret_cast<float*>(smem + p.layout.off_scratch + warp * p.layout.scratch_bytes);
   constexpr int kStageElems = kTileKeys * kMmaChunkStride;
 
   init_rows<Key>(p, smem, warp);
@@ -350,10 +352,14 @@ PK_FN void mma_block(const Params& p, int bx, int h, int tid, char* smem) {
     PK_UNROLL
     for (int s = 0; s < kHk; ++s) {
       const int d = s * 16 + 2 * c;
-      a[s][0] = load_query_bits(q, va, qa, d, p, x) | (load_query_bits(q, va, qa, d + 1, p, x) << 16);
-      a[s][1] = load_query_bits(q, vb, qb, d, p, x) | (load_query_bits(q, vb, qb, d + 1, p, x) << 16);
-      a[s][2] = load_query_bits(q, va, qa, d + 8, p, x) | (load_query_bits(q, va, qa, d + 9, p, x) << 16);
-      a[s][3] = load_query_bits(q, vb, qb, d + 8, p, x) | (load_query_bits(q, vb, qb, d + 9, p, x) << 16);
+      a[s][0] =
+          load_query_bits(q, va, qa, d, p, x) | (load_query_bits(q, va, qa, d + 1, p, x) << 16);
+      a[s][1] =
+          load_query_bits(q, vb, qb, d, p, x) | (load_query_bits(q, vb, qb, d + 1, p, x) << 16);
+      a[s][2] =
+          load_query_bits(q, va, qa, d + 8, p, x) | (load_query_bits(q, va, qa, d + 9, p, x) << 16);
+      a[s][3] =
+          load_query_bits(q, vb, qb, d + 8, p, x) | (load_query_bits(q, vb, qb, d + 9, p, x) << 16);
     }
 
     // Load number i: tile i / nch, chunk i % nch, into stage i % kStages. Keys and dims
@@ -374,7 +380,8 @@ PK_FN void mma_block(const Params& p, int bx, int h, int tid, char* smem) {
         for (int e = tid; e < kTileKeys * kMmaChunk; e += nthreads) {
           const int r = e / kMmaChunk, d = e % kMmaChunk;
           const bool ok = n0 + r < p.n_keys && d0 + d < p.half;
-          dst[r * kMmaChunkStride + d] = ok ? kx[static_cast<int64_t>(n0 + r) * p.half + d0 + d] : uint16_t{0};
+          dst[r * kMmaChunkStride + d] =
+              ok ? kx[static_cast<int64_t>(n0 + r) * p.half + d0 + d] : uint16_t{0};
         }
       }
     };
@@ -392,7 +399,8 @@ PK_FN void mma_block(const Params& p, int bx, int h, int tid, char* smem) {
     for (int tile = 0; tile < ntiles; ++tile) {
       float acc[kTileKeys / 8][4];
       PK_UNROLL
-      for (int nt = 0; nt < kTileKeys / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+      for (int nt = 0; nt < kTileKeys / 8; ++nt)
+        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
 
       PK_UNROLL
       for (int ch = 0; ch < kHk / 4; ++ch) {
@@ -452,8 +460,8 @@ PK_FN void plain_block(const Params& p, int bx, int h, int tid, char* smem) {
   const int rows = p.nwarps * kRowsPerWarp;
   const int warp = tid / kWarp, lane = tid % kWarp;
   const int64_t t0 = static_cast<int64_t>(bx) * rows;
-  S* qs = reinterpret_cast<S*>(smem);        // [rows][kPlainStride]
-  S* ks = qs + rows * kPlainStride;          // [kTileKeys][kPlainStride]
+  S* qs = reinterpret_cast<S*>(smem);  // [rows][kPlainStride]
+  S* ks = qs + rows * kPlainStride;    // [kTileKeys][kPlainStride]
   auto* scratch = reinterpret_cast<S*>(smem + p.layout.off_scratch + warp * p.layout.scratch_bytes);
 
   init_rows<Key>(p, smem, warp);
@@ -461,7 +469,8 @@ PK_FN void plain_block(const Params& p, int bx, int h, int tid, char* smem) {
   const auto* q = static_cast<const Raw*>(p.query);
   const int ntiles = (p.n_keys + kTileKeys - 1) / kTileKeys;
   for (int x = 0; x < 2; ++x) {
-    const auto* kx = static_cast<const Raw*>(p.keys) + (static_cast<int64_t>(h) * 2 + x) * p.n_keys * p.half;
+    const auto* kx =
+        static_cast<const Raw*>(p.keys) + (static_cast<int64_t>(h) * 2 + x) * p.n_keys * p.half;
     for (int tile = 0; tile < ntiles; ++tile) {
       const int n0 = tile * kTileKeys;
       S acc[kRowsPerWarp][2];
@@ -481,7 +490,8 @@ PK_FN void plain_block(const Params& p, int bx, int h, int tid, char* smem) {
         for (int e = tid; e < kTileKeys * kPlainChunk; e += nthreads) {
           const int r = e / kPlainChunk, d = e % kPlainChunk;
           S v = S(0);
-          if (n0 + r < p.n_keys && d0 + d < p.half) v = to_score<In>(kx[static_cast<int64_t>(n0 + r) * p.half + d0 + d]);
+          if (n0 + r < p.n_keys && d0 + d < p.half)
+            v = to_score<In>(kx[static_cast<int64_t>(n0 + r) * p.half + d0 + d]);
           ks[r * kPlainStride + d] = v;
         }
         block_sync();

@@ -18,11 +18,13 @@ namespace memory_ext {
 namespace {
 
 template <typename T, typename S>
-__global__ void row_adam_kernel(T* __restrict__ param, S* __restrict__ exp_avg, S* __restrict__ exp_avg_sq,
-                                const int64_t* __restrict__ rows, const T* __restrict__ rows_grad, int64_t U,
-                                int64_t dim, int64_t n_rows, RowAdamCoefficients<S> c) {
+__global__ void row_adam_kernel(T* __restrict__ param, S* __restrict__ exp_avg,
+                                S* __restrict__ exp_avg_sq, const int64_t* __restrict__ rows,
+                                const T* __restrict__ rows_grad, int64_t U, int64_t dim,
+                                int64_t n_rows, RowAdamCoefficients<S> c) {
   const int64_t total = U * dim;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t u = e / dim, i = e - u * dim;
     const int64_t r = rows[u];
     if (r < 0 || r >= n_rows) continue;
@@ -37,9 +39,9 @@ __global__ void row_adam_kernel(T* __restrict__ param, S* __restrict__ exp_avg, 
   }
 }
 
-void row_adam_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& rows_,
-                   const at::Tensor& rows_grad_, double lr, double beta1, double beta2, double eps,
-                   double weight_decay, int64_t step) {
+void row_adam_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                   const at::Tensor& rows_, const at::Tensor& rows_grad_, double lr, double beta1,
+                   double beta2, double eps, double weight_decay, int64_t step) {
   check_row_adam_args(param, exp_avg, exp_avg_sq, rows_, rows_grad_, beta1, beta2, step);
   const c10::cuda::CUDAGuard guard(param.device());
   const auto rows = rows_.contiguous();
@@ -54,7 +56,8 @@ void row_adam_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
     const auto c = RowAdamCoefficients<S>::make(lr, beta1, beta2, eps, weight_decay, step);
     row_adam_kernel<T, S><<<cuda::grid_for(U * dim, kThreads), kThreads, 0, stream>>>(
         reinterpret_cast<T*>(param.data_ptr()), exp_avg.data_ptr<S>(), exp_avg_sq.data_ptr<S>(),
-        rows.data_ptr<int64_t>(), reinterpret_cast<const T*>(rows_grad.data_ptr()), U, dim, param.size(0), c);
+        rows.data_ptr<int64_t>(), reinterpret_cast<const T*>(rows_grad.data_ptr()), U, dim,
+        param.size(0), c);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -24,32 +24,30 @@ inline void check_embedding_bag_args(const char* op, const at::Tensor& values,
                                      const at::Tensor& indices, const at::Tensor& weights) {
   TORCH_CHECK(values.dim() == 2, "memory.", op, ": values must be 2-D (rows, dim), got ",
               values.dim(), "-D shape ", values.sizes());
-  TORCH_CHECK(indices.dim() == 2, "memory.", op,
-              ": indices must be 2-D (tokens, bag), got shape ", indices.sizes());
+  TORCH_CHECK(indices.dim() == 2, "memory.", op, ": indices must be 2-D (tokens, bag), got shape ",
+              indices.sizes());
   TORCH_CHECK(weights.sizes() == indices.sizes(), "memory.", op,
               ": weights must have the shape of indices ", indices.sizes(), ", got ",
               weights.sizes());
   TORCH_CHECK(is_value_dtype(values.scalar_type()), "memory.", op,
-              ": values must be float32, bfloat16, float16 or float64, got ",
-              values.scalar_type());
-  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
-              "memory.", op, ": indices must be int64 or int32, got ", indices.scalar_type());
-  TORCH_CHECK(weights.scalar_type() == at::kFloat ||
-                  weights.scalar_type() == values.scalar_type(),
+              ": values must be float32, bfloat16, float16 or float64, got ", values.scalar_type());
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, "memory.",
+              op, ": indices must be int64 or int32, got ", indices.scalar_type());
+  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == values.scalar_type(),
               "memory.", op, ": weights must be float32 or the values' dtype (",
               values.scalar_type(), "), got ", weights.scalar_type());
   check_same_device(op, values, "values", indices, "indices");
   check_same_device(op, values, "values", weights, "weights");
-  TORCH_CHECK(indices.size(1) == 0 || indices.size(0) == 0 || values.size(0) > 0,
-              "memory.", op, ": values has no rows but indices is not empty");
+  TORCH_CHECK(indices.size(1) == 0 || indices.size(0) == 0 || values.size(0) > 0, "memory.", op,
+              ": values has no rows but indices is not empty");
 }
 
 inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& values,
                            const at::Tensor& indices) {
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == indices.size(0) &&
                   grad_out.size(1) == values.size(1),
-              "memory.", op, ": grad_out must have shape (tokens, dim) = (", indices.size(0),
-              ", ", values.size(1), "), got ", grad_out.sizes());
+              "memory.", op, ": grad_out must have shape (tokens, dim) = (", indices.size(0), ", ",
+              values.size(1), "), got ", grad_out.sizes());
   TORCH_CHECK(is_value_dtype(grad_out.scalar_type()), "memory.", op,
               ": grad_out must be a floating dtype, got ", grad_out.scalar_type());
   check_same_device(op, values, "values", grad_out, "grad_out");
@@ -58,11 +56,11 @@ inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at:
 inline void check_rows_to_dense_args(const at::Tensor& rows, const at::Tensor& rows_grad,
                                      int64_t n_rows) {
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong,
-              "memory.rows_to_dense: rows must be a 1-D int64 tensor, got ", rows.dim(),
-              "-D ", rows.scalar_type());
+              "memory.rows_to_dense: rows must be a 1-D int64 tensor, got ", rows.dim(), "-D ",
+              rows.scalar_type());
   TORCH_CHECK(rows_grad.dim() == 2 && rows_grad.size(0) == rows.size(0),
-              "memory.rows_to_dense: rows_grad must have shape (", rows.size(0),
-              ", dim), got ", rows_grad.sizes());
+              "memory.rows_to_dense: rows_grad must have shape (", rows.size(0), ", dim), got ",
+              rows_grad.sizes());
   TORCH_CHECK(n_rows >= 0, "memory.rows_to_dense: n_rows must be >= 0, got ", n_rows);
   check_same_device("rows_to_dense", rows, "rows", rows_grad, "rows_grad");
 }
@@ -81,7 +79,8 @@ inline void check_row_adam_args(const at::Tensor& param, const at::Tensor& exp_a
   for (const at::Tensor* t : {&exp_avg, &exp_avg_sq}) {
     TORCH_CHECK(t->sizes() == param.sizes() && t->is_contiguous() && t->scalar_type() == state_type,
                 "memory.row_adam_: exp_avg and exp_avg_sq must be contiguous ", state_type,
-                " tensors of param's shape ", param.sizes(), ", got ", t->scalar_type(), " ", t->sizes());
+                " tensors of param's shape ", param.sizes(), ", got ", t->scalar_type(), " ",
+                t->sizes());
     check_same_device("row_adam_", param, "param", *t, "optimizer state");
   }
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong,
@@ -91,8 +90,9 @@ inline void check_row_adam_args(const at::Tensor& param, const at::Tensor& exp_a
                   rows_grad.size(1) == param.size(1),
               "memory.row_adam_: rows_grad must have shape (", rows.size(0), ", ", param.size(1),
               "), got ", rows_grad.sizes());
-  TORCH_CHECK(rows_grad.scalar_type() == param.scalar_type(), "memory.row_adam_: rows_grad must have param's dtype ",
-              param.scalar_type(), ", got ", rows_grad.scalar_type());
+  TORCH_CHECK(rows_grad.scalar_type() == param.scalar_type(),
+              "memory.row_adam_: rows_grad must have param's dtype ", param.scalar_type(), ", got ",
+              rows_grad.scalar_type());
   check_same_device("row_adam_", param, "param", rows, "rows");
   check_same_device("row_adam_", param, "param", rows_grad, "rows_grad");
   TORCH_CHECK(0.0 <= beta1 && beta1 < 1.0 && 0.0 <= beta2 && beta2 < 1.0,
@@ -102,23 +102,32 @@ inline void check_row_adam_args(const at::Tensor& param, const at::Tensor& exp_a
 
 // query (tokens, heads, 2 * half); keys (heads, 2, n_keys, half); 1 <= k <= n_keys.
 inline void check_pk_topk_args(const at::Tensor& query, const at::Tensor& keys, int64_t k) {
-  TORCH_CHECK(query.dim() == 3, "memory.pk_topk: query must be 3-D (tokens, heads, 2 * half), got shape ",
+  TORCH_CHECK(query.dim() == 3,
+              "memory.pk_topk: query must be 3-D (tokens, heads, 2 * half), got shape ",
               query.sizes());
-  TORCH_CHECK(keys.dim() == 4 && keys.size(1) == 2, "memory.pk_topk: keys must be 4-D "
-              "(heads, 2, n_keys, half), got shape ", keys.sizes());
-  TORCH_CHECK(query.size(2) % 2 == 0, "memory.pk_topk: query width must be even "
-              "(two halves), got ", query.size(2));
+  TORCH_CHECK(keys.dim() == 4 && keys.size(1) == 2,
+              "memory.pk_topk: keys must be 4-D "
+              "(heads, 2, n_keys, half), got shape ",
+              keys.sizes());
+  TORCH_CHECK(query.size(2) % 2 == 0,
+              "memory.pk_topk: query width must be even "
+              "(two halves), got ",
+              query.size(2));
   TORCH_CHECK(query.size(1) == keys.size(0), "memory.pk_topk: query has ", query.size(1),
               " heads but keys has ", keys.size(0));
   TORCH_CHECK(query.size(2) / 2 == keys.size(3), "memory.pk_topk: query half width ",
               query.size(2) / 2, " does not match the sub-key width ", keys.size(3));
-  TORCH_CHECK(query.scalar_type() == keys.scalar_type(), "memory.pk_topk: query and keys "
-              "must have the same dtype, got ", query.scalar_type(), " and ", keys.scalar_type());
-  TORCH_CHECK(is_value_dtype(query.scalar_type()), "memory.pk_topk: query must be float32, "
-              "bfloat16, float16 or float64, got ", query.scalar_type());
+  TORCH_CHECK(query.scalar_type() == keys.scalar_type(),
+              "memory.pk_topk: query and keys "
+              "must have the same dtype, got ",
+              query.scalar_type(), " and ", keys.scalar_type());
+  TORCH_CHECK(is_value_dtype(query.scalar_type()),
+              "memory.pk_topk: query must be float32, "
+              "bfloat16, float16 or float64, got ",
+              query.scalar_type());
   check_same_device("pk_topk", query, "query", keys, "keys");
-  TORCH_CHECK(k >= 1 && k <= keys.size(2), "memory.pk_topk: k must be in [1, n_keys = ",
-              keys.size(2), "], got ", k);
+  TORCH_CHECK(k >= 1 && k <= keys.size(2),
+              "memory.pk_topk: k must be in [1, n_keys = ", keys.size(2), "], got ", k);
 }
 
 }  // namespace memory_ext

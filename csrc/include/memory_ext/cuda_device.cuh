@@ -30,13 +30,24 @@ __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 
-template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v);
-template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> v);
+template <>
+__device__ __forceinline__ float from_acc<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ double from_acc<double>(double v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
 
 // ---------------------------------------------------------------------------------------
 // Vectors: N elements moved as one aligned access. The vector paths require the row
@@ -49,13 +60,27 @@ struct alignas(sizeof(T) * N) Vec {
 };
 
 // Elements per 16-byte access.
-template <typename T> constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
+template <typename T>
+constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
 
-template <int Bytes> struct RawWord;
-template <> struct RawWord<2> { using type = unsigned short; };
-template <> struct RawWord<4> { using type = unsigned int; };
-template <> struct RawWord<8> { using type = unsigned long long; };
-template <> struct RawWord<16> { using type = uint4; };
+template <int Bytes>
+struct RawWord;
+template <>
+struct RawWord<2> {
+  using type = unsigned short;
+};
+template <>
+struct RawWord<4> {
+  using type = unsigned int;
+};
+template <>
+struct RawWord<8> {
+  using type = unsigned long long;
+};
+template <>
+struct RawWord<16> {
+  using type = uint4;
+};
 
 // Read-only (non-coherent) load of an aligned vector: the data is never written while a
 // kernel runs, so the texture path is safe and keeps the L1 for reuse.
@@ -84,7 +109,9 @@ __device__ __forceinline__ Vec<T, N> zero_vec() {
 
 // Widens element pairs of a bf16 vector word (low element first).
 __device__ __forceinline__ float bf16_lo(uint32_t word) { return __uint_as_float(word << 16); }
-__device__ __forceinline__ float bf16_hi(uint32_t word) { return __uint_as_float(word & 0xffff0000u); }
+__device__ __forceinline__ float bf16_hi(uint32_t word) {
+  return __uint_as_float(word & 0xffff0000u);
+}
 
 // acc[e] += w * v[e]. bf16 widens by a shift of each 32-bit word (two elements), which
 // keeps the loaded words packed until used and so saves registers.
@@ -136,12 +163,14 @@ __device__ __forceinline__ void fma_dot_vec(acc_t<T> (&acc)[N], acc_t<T> w, cons
 // uniform): int32 or int64 indices, float32 or T weights.
 
 __device__ __forceinline__ int64_t load_index(const void* p, bool is64, int64_t i) {
-  return is64 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
+  return is64 ? static_cast<const int64_t*>(p)[i]
+              : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
 }
 
 template <typename T>
 __device__ __forceinline__ acc_t<T> load_f32_or(const void* p, bool is_f32, int64_t i) {
-  return is_f32 ? static_cast<acc_t<T>>(static_cast<const float*>(p)[i]) : to_acc(static_cast<const T*>(p)[i]);
+  return is_f32 ? static_cast<acc_t<T>>(static_cast<const float*>(p)[i])
+                : to_acc(static_cast<const T*>(p)[i]);
 }
 
 template <typename T>
