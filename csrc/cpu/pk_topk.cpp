@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "memory_ext/checks.h"
+#include "memory_ext/prologues.h"
 #include "topk_select.h"
 
 namespace memory_ext {
@@ -131,9 +132,8 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at
   const int64_t tokens = query.size(0), heads = query.size(1);
   const int64_t n_keys = keys.size(2), half = keys.size(3);
   // Scores are float32 (float64 for float64 inputs, so gradcheck can run).
-  const auto score_type = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto scores = at::empty({tokens, heads, k}, query.options().dtype(score_type));
-  auto indices = at::empty({tokens, heads, k}, query.options().dtype(at::kLong));
+  const auto score_type = acc_dtype(query.scalar_type());
+  auto [scores, indices] = pk_topk_outputs(query, k);
   if (tokens == 0 || heads == 0) return {scores, indices};
 
   // (heads * 2, half, n_keys) in the score dtype: transposed once, reused by every block.

@@ -34,17 +34,10 @@ void row_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq
   const auto rows_grad = rows_grad_.contiguous();
   const int64_t U = rows.size(0), n_rows = param.size(0), dim = param.size(1);
   const auto* R = rows.const_data_ptr<int64_t>();
-  for (int64_t u = 0; u < U; ++u) {
-    TORCH_CHECK(R[u] >= 0 && R[u] < n_rows, "memory.row_adam_: rows[", u, "] = ", R[u],
-                " is out of range for a table of ", n_rows, " rows");
-    TORCH_CHECK(u == 0 || R[u] > R[u - 1],
-                "memory.row_adam_: rows must be strictly ascending (a coalesced "
-                "gradient), but rows[",
-                u - 1, "] = ", R[u - 1], " and rows[", u, "] = ", R[u]);
-  }
+  check_sparse_rows(kRowAdamRows, R, U, n_rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, param.scalar_type(), "row_adam_cpu", [&] {
-        using state_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        using state_t = acc_t<scalar_t>;
         const auto c =
             RowAdamCoefficients<state_t>::make(lr, beta1, beta2, eps, weight_decay, step);
         scalar_t* P = param.mutable_data_ptr<scalar_t>();

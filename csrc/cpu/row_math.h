@@ -12,6 +12,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "memory_ext/host_device.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #define MEMORY_EXT_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -45,9 +47,7 @@ struct raw_of<c10::Half> {
 template <typename scalar_t>
 using raw_t = typename raw_of<scalar_t>::type;
 
-// float accumulation for every dtype but float64.
-template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+using memory_ext::acc_t;  // float accumulation for every dtype but float64
 
 template <typename R>
 inline auto widen(R v) {

@@ -1,6 +1,6 @@
 // Argument checks shared by the CPU and CUDA kernels, so both backends reject the same
 // inputs with the same messages. Index range is checked by the kernels themselves (it
-// needs the data); everything here looks at metadata only.
+// needs the data); the messages they raise for bad data are here too, once.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -10,6 +10,12 @@ namespace memory_ext {
 
 inline bool is_value_dtype(c10::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+// The accumulation rule of every kernel for ATen dtypes (acc_t in memory_ext/host_device.h
+// for kernel types): float64 for float64, float32 for every other floating dtype.
+inline c10::ScalarType acc_dtype(c10::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 inline void check_same_device(const char* op, const at::Tensor& a, const char* a_name,
@@ -53,6 +59,59 @@ inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at:
   check_same_device(op, values, "values", grad_out, "grad_out");
 }
 
+// embedding_bag_backward: the forward's arguments, grad_out, and flat positions and rows
+// that fit the 32 bits the backward sorts on.
+inline void check_embedding_bag_backward_args(const at::Tensor& grad_out, const at::Tensor& values,
+                                              const at::Tensor& indices,
+                                              const at::Tensor& weights) {
+  check_embedding_bag_args("embedding_bag_backward", values, indices, weights);
+  check_grad_out("embedding_bag_backward", grad_out, values, indices);
+  TORCH_CHECK(
+      indices.numel() < (int64_t(1) << 32) && values.size(0) < (int64_t(1) << 32),
+      "memory.embedding_bag_backward: more than 2^32 lookups or rows are not supported, got ",
+      indices.numel(), " lookups and ", values.size(0), " rows");
+}
+
+// The error for an out-of-range lookup at flat position `pos` of (tokens, bag) indices.
+[[noreturn]] inline void fail_index_out_of_range(const char* op, int64_t pos, int64_t bag,
+                                                 int64_t value, int64_t rows) {
+  TORCH_CHECK(false, "memory.", op, ": index out of range: indices[", pos / bag, ", ", pos % bag,
+              "] = ", value, " but values has ", rows, " rows");
+}
+
+// Ops that take the rows of a sparse gradient (in range, strictly ascending) word their
+// errors differently; each rule holds one op's words.
+struct SparseRowsRule {
+  const char* op;
+  const char* range_before;  // between the row and n_rows
+  const char* range_after;   // after n_rows
+  const char* why_ascending;
+};
+constexpr SparseRowsRule kRowsToDenseRows{"rows_to_dense", " is out of range for n_rows = ", "",
+                                          ""};
+constexpr SparseRowsRule kRowAdamRows{"row_adam_", " is out of range for a table of ", " rows",
+                                      " (a coalesced gradient)"};
+
+// The error for rows[u] = row (after rows[u - 1] = previous): out of range is reported
+// first, as the checks run in that order.
+[[noreturn]] inline void fail_sparse_row(const SparseRowsRule& rule, int64_t u, int64_t previous,
+                                         int64_t row, int64_t n_rows) {
+  TORCH_CHECK(row >= 0 && row < n_rows, "memory.", rule.op, ": rows[", u, "] = ", row,
+              rule.range_before, n_rows, rule.range_after);
+  TORCH_CHECK(false, "memory.", rule.op, ": rows must be strictly ascending", rule.why_ascending,
+              ", but rows[", u - 1, "] = ", previous, " and rows[", u, "] = ", row);
+}
+
+// rows[0..n) (host memory) in [0, n_rows) and strictly ascending.
+inline void check_sparse_rows(const SparseRowsRule& rule, const int64_t* rows, int64_t n,
+                              int64_t n_rows) {
+  for (int64_t u = 0; u < n; ++u) {
+    const int64_t previous = u > 0 ? rows[u - 1] : 0;
+    if (rows[u] < 0 || rows[u] >= n_rows || (u > 0 && rows[u] <= previous))
+      fail_sparse_row(rule, u, previous, rows[u], n_rows);
+  }
+}
+
 inline void check_rows_to_dense_args(const at::Tensor& rows, const at::Tensor& rows_grad,
                                      int64_t n_rows) {
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong,
@@ -75,7 +134,7 @@ inline void check_row_adam_args(const at::Tensor& param, const at::Tensor& exp_a
               "memory.row_adam_: param must be a contiguous 2-D tensor, got shape ", param.sizes());
   TORCH_CHECK(at::isFloatingType(param.scalar_type()),
               "memory.row_adam_: param must be floating point, got ", param.scalar_type());
-  const auto state_type = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto state_type = acc_dtype(param.scalar_type());
   for (const at::Tensor* t : {&exp_avg, &exp_avg_sq}) {
     TORCH_CHECK(t->sizes() == param.sizes() && t->is_contiguous() && t->scalar_type() == state_type,
                 "memory.row_adam_: exp_avg and exp_avg_sq must be contiguous ", state_type,
