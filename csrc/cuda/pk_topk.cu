@@ -15,27 +15,17 @@
 #include <cstdlib>
 
 #include "memory_ext/checks.h"
-#include "pk_topk_device.cuh"
+#include "memory_ext/prologues.h"
 #include "pk_topk_kernel.cuh"
 
 namespace memory_ext {
 namespace {
 
+namespace pk = cuda::pk;
+using cuda::kWarpSize;
 using pk::Params;
-
-template <bool kBf16, int kHk>
-__global__ void __launch_bounds__(pk::kMaxWarps* pk::kWarp) pk_topk_mma_kernel(const Params p) {
-  extern __shared__ __align__(16) char smem[];
-  pk::mma_block<kBf16, kHk>(p, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
-                            static_cast<int>(threadIdx.x), smem);
-}
-
-template <class In>
-__global__ void __launch_bounds__(pk::kMaxWarps* pk::kWarp) pk_topk_plain_kernel(const Params p) {
-  extern __shared__ __align__(16) char smem[];
-  pk::plain_block<In>(p, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
-                      static_cast<int>(threadIdx.x), smem);
-}
+using pk::pk_topk_mma_kernel;
+using pk::pk_topk_plain_kernel;
 
 struct KernelChoice {
   void (*fn)(Params);
@@ -98,7 +88,7 @@ int pick_warps(const KernelChoice& kc, Params& prm, int device) {
         cudaFuncSetAttribute(kc.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.total));
     int per_sm = 0;
     C10_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kc.fn, nw * pk::kWarp, lay.total));
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kc.fn, nw * kWarpSize, lay.total));
     if (per_sm == 0) continue;
     if (forced == nw) return nw;
     const int64_t ctas =
@@ -121,9 +111,7 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cuda(const at::Tensor& query, const a
   const c10::cuda::CUDAGuard guard(query.device());
   const int64_t tokens = query.size(0), heads = query.size(1);
   const int64_t n_keys = keys.size(2), half = keys.size(3);
-  const auto score_type = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto scores = at::empty({tokens, heads, k}, query.options().dtype(score_type));
-  auto indices = at::empty({tokens, heads, k}, query.options().dtype(at::kLong));
+  auto [scores, indices] = pk_topk_outputs(query, k);
   if (tokens == 0 || heads == 0) return {scores, indices};
 
   // Combined indices i * n_keys + j are kept in 32 bits inside the kernel.
@@ -165,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cuda(const at::Tensor& query, const a
   const int64_t blocks = (tokens + rows - 1) / rows;
   TORCH_CHECK(blocks <= INT_MAX, "memory.pk_topk: too many tokens, got ", tokens);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(heads));
-  const dim3 block(static_cast<unsigned>(prm.nwarps * pk::kWarp));
+  const dim3 block(static_cast<unsigned>(prm.nwarps * kWarpSize));
   kc.fn<<<grid, block, prm.layout.total, c10::cuda::getCurrentCUDAStream()>>>(prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {scores, indices};

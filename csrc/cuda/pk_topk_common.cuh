@@ -1,25 +1,15 @@
 // Pieces of the fused product-key top-k that are plain arithmetic: tile constants, the
 // ordered keys the selection sorts, the shared-memory layout and the launch parameters.
-// Everything here compiles as host C++ too, so the launcher, the kernel and the CPU
-// emulation of the kernel (tests/pk_topk_emulate.cpp) use one definition of each.
+// Everything here compiles as host C++ too (MEMORY_EXT_HD), so the launcher, the kernel and
+// the CPU emulation of the kernel (tests/pk_topk_emulate.cpp) use one definition of each.
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
-#if defined(__CUDACC__)
-#define PK_HD __host__ __device__ __forceinline__
-#define PK_FN __device__ __forceinline__
-#define PK_UNROLL _Pragma("unroll")
-#else
-#define PK_HD inline
-#define PK_FN inline
-#define PK_UNROLL
-#endif
+#include "memory_ext/host_device.h"
 
-namespace memory_ext::pk {
+namespace memory_ext::cuda::pk {
 
-constexpr int kWarp = 32;
 constexpr int kRowsPerWarp = 16;               // one mma M tile: each warp owns 16 tokens
 constexpr int kTileKeys = 64;                  // sub-keys scored per tile (BK)
 constexpr int kScratchStride = kTileKeys + 8;  // 72 = 8 mod 32 words: conflict-free float2 stores
@@ -32,49 +22,6 @@ constexpr int kBufCap = 64;  // candidate buffer per row; flushed when it cannot
 constexpr int kMaxWarps = 8;
 
 // ---------------------------------------------------------------------------------------
-// Bit casts.
-
-PK_HD uint32_t float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return u;
-#endif
-}
-
-PK_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-#endif
-}
-
-PK_HD uint64_t double_bits(double x) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(__double_as_longlong(x));
-#else
-  uint64_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return u;
-#endif
-}
-
-PK_HD double bits_double(uint64_t u) {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(static_cast<long long>(u));
-#else
-  double x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-#endif
-}
-
-// ---------------------------------------------------------------------------------------
 // Ordered keys. A (score, index) entry becomes one integer-like key whose unsigned order
 // is the result order: higher score first, then lower index. Sorting and merging then
 // need a single comparison, and the order is total (indices are distinct within a row), so
@@ -82,35 +29,38 @@ PK_HD double bits_double(uint64_t u) {
 // +0 (they compare equal as floats); NaN ranks above +inf, as in torch.topk. The all-zero
 // key is below every real entry and marks empty slots.
 
-// Monotone map float -> uint32.
-PK_HD uint32_t order_bits(float s) {
-  uint32_t u = float_bits(s);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
-    u = 0x7FFFFFFFu;
-  } else if (u == 0x80000000u) {
-    u = 0u;
-  }
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
+// Monotone map of a float type F onto the unsigned type U of its size.
+template <typename F>
+struct OrderTraits;
+template <>
+struct OrderTraits<float> {
+  using U = uint32_t;
+  static constexpr U kInfinity = 0x7F800000u;
+};
+template <>
+struct OrderTraits<double> {
+  using U = uint64_t;
+  static constexpr U kInfinity = 0x7FF0000000000000ull;
+};
 
-PK_HD float order_bits_to_float(uint32_t o) {
-  return bits_float((o & 0x80000000u) ? (o & 0x7FFFFFFFu) : ~o);
-}
-
-PK_HD uint64_t order_bits(double s) {
-  uint64_t u = double_bits(s);
-  constexpr uint64_t sign = 0x8000000000000000ull;
-  if ((u & ~sign) > 0x7FF0000000000000ull) {
-    u = ~sign;
+template <typename F>
+MEMORY_EXT_HD typename OrderTraits<F>::U order_bits(F s) {
+  using U = typename OrderTraits<F>::U;
+  constexpr U sign = U(1) << (8 * sizeof(U) - 1);
+  U u = bit_cast<U>(s);
+  if ((u & ~sign) > OrderTraits<F>::kInfinity) {
+    u = ~sign;  // every NaN is the largest NaN
   } else if (u == sign) {
-    u = 0u;
+    u = 0u;  // -0 is +0
   }
   return (u & sign) ? ~u : (u | sign);
 }
 
-PK_HD double order_bits_to_double(uint64_t o) {
-  constexpr uint64_t sign = 0x8000000000000000ull;
-  return bits_double((o & sign) ? (o & ~sign) : ~o);
+template <typename F>
+MEMORY_EXT_HD F order_bits_to(typename OrderTraits<F>::U o) {
+  using U = typename OrderTraits<F>::U;
+  constexpr U sign = U(1) << (8 * sizeof(U) - 1);
+  return bit_cast<F>((o & sign) ? (o & ~sign) : ~o);
 }
 
 // float scores: 32 order bits, then the inverted 32-bit index.
@@ -118,14 +68,14 @@ struct KeyF {
   using Score = float;
   uint64_t v;
 
-  PK_HD static KeyF sentinel() { return KeyF{0}; }
-  PK_HD static KeyF make(float s, uint32_t index) {
+  MEMORY_EXT_HD static KeyF sentinel() { return KeyF{0}; }
+  MEMORY_EXT_HD static KeyF make(float s, uint32_t index) {
     return KeyF{(static_cast<uint64_t>(order_bits(s)) << 32) | (0xFFFFFFFFu - index)};
   }
-  PK_HD float score() const { return order_bits_to_float(static_cast<uint32_t>(v >> 32)); }
-  PK_HD uint32_t index() const { return 0xFFFFFFFFu - static_cast<uint32_t>(v); }
-  PK_HD bool empty() const { return v == 0; }
-  PK_HD bool operator>(const KeyF& o) const { return v > o.v; }
+  MEMORY_EXT_HD float score() const { return order_bits_to<float>(static_cast<uint32_t>(v >> 32)); }
+  MEMORY_EXT_HD uint32_t index() const { return 0xFFFFFFFFu - static_cast<uint32_t>(v); }
+  MEMORY_EXT_HD bool empty() const { return v == 0; }
+  MEMORY_EXT_HD bool operator>(const KeyF& o) const { return v > o.v; }
 };
 
 // double scores: 64 order bits, then the inverted index.
@@ -135,14 +85,14 @@ struct alignas(16) KeyD {
   uint32_t inv;
   uint32_t pad;
 
-  PK_HD static KeyD sentinel() { return KeyD{0, 0, 0}; }
-  PK_HD static KeyD make(double score, uint32_t index) {
+  MEMORY_EXT_HD static KeyD sentinel() { return KeyD{0, 0, 0}; }
+  MEMORY_EXT_HD static KeyD make(double score, uint32_t index) {
     return KeyD{order_bits(score), 0xFFFFFFFFu - index, 0};
   }
-  PK_HD double score() const { return order_bits_to_double(s); }
-  PK_HD uint32_t index() const { return 0xFFFFFFFFu - inv; }
-  PK_HD bool empty() const { return s == 0 && inv == 0; }
-  PK_HD bool operator>(const KeyD& o) const { return s > o.s || (s == o.s && inv > o.inv); }
+  MEMORY_EXT_HD double score() const { return order_bits_to<double>(s); }
+  MEMORY_EXT_HD uint32_t index() const { return 0xFFFFFFFFu - inv; }
+  MEMORY_EXT_HD bool empty() const { return s == 0 && inv == 0; }
+  MEMORY_EXT_HD bool operator>(const KeyD& o) const { return s > o.s || (s == o.s && inv > o.inv); }
 };
 
 template <typename S>
@@ -159,7 +109,7 @@ struct KeyOf<double> {
 // ---------------------------------------------------------------------------------------
 // Sizes.
 
-PK_HD int next_pow2(int x) {
+MEMORY_EXT_HD int next_pow2(int x) {
   int p = 1;
   while (p < x) p <<= 1;
   return p;
@@ -168,13 +118,13 @@ PK_HD int next_pow2(int x) {
 // Pairs (a, b) of half ranks with (a + 1) * (b + 1) <= k: the only ones that can reach the
 // top k of the sum, because a pair at ranks (a, b) is beaten by every pair above-left of
 // it in the sorted grid.
-PK_HD int pair_count(int k) {
+MEMORY_EXT_HD int pair_count(int k) {
   int n = 0;
   for (int a = 1; a <= k; ++a) n += k / a;
   return n;
 }
 
-PK_HD int align16(int x) { return (x + 15) & ~15; }
+MEMORY_EXT_HD int align16(int x) { return (x + 15) & ~15; }
 
 // Shared memory of one CTA (16 * nwarps tokens of one head), in bytes:
 //   [stage]   sub-key chunks in flight (tensor-core path) or the query and sub-key chunk
@@ -191,8 +141,8 @@ struct SmemLayout {
   int total;
 };
 
-PK_HD SmemLayout make_layout(bool tensor_cores, int score_bytes, int key_bytes, int nwarps, int kp,
-                             int k, int npairs) {
+MEMORY_EXT_HD SmemLayout make_layout(bool tensor_cores, int score_bytes, int key_bytes, int nwarps,
+                                     int kp, int k, int npairs) {
   SmemLayout l{};
   const int rows = nwarps * kRowsPerWarp;
   const int stage = tensor_cores ? kStages * kTileKeys * kMmaChunkStride * 2
@@ -225,4 +175,4 @@ struct Params {
   SmemLayout layout;
 };
 
-}  // namespace memory_ext::pk
+}  // namespace memory_ext::cuda::pk

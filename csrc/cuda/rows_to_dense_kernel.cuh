@@ -19,7 +19,7 @@ namespace {
 constexpr int kDenseBlock = 256;
 constexpr int kDenseRows = 32;
 
-__device__ __forceinline__ int64_t lower_bound(const int64_t* a, int64_t n, int64_t v) {
+MEMORY_EXT_DEVICE int64_t lower_bound(const int64_t* a, int64_t n, int64_t v) {
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;

@@ -5,11 +5,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define MEMORY_EXT_HOST_DEVICE __host__ __device__
-#else
-#define MEMORY_EXT_HOST_DEVICE
-#endif
+#include "memory_ext/host_device.h"
 
 namespace memory_ext {
 
@@ -31,8 +27,7 @@ struct RowAdamCoefficients {
 
 // Updates the moments m, v in place and returns the new parameter value.
 template <typename S>
-MEMORY_EXT_HOST_DEVICE inline S row_adam_element(S p, S g, S& m, S& v,
-                                                 const RowAdamCoefficients<S>& c) {
+MEMORY_EXT_HD S row_adam_element(S p, S g, S& m, S& v, const RowAdamCoefficients<S>& c) {
   m = m + (S(1) - c.beta1) * (g - m);
   v = v * c.beta2 + (S(1) - c.beta2) * g * g;
 #if defined(__CUDA_ARCH__)
