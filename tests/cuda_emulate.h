@@ -55,6 +55,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 // ---------------------------------------------------------------------------------------
@@ -485,6 +486,16 @@ void launch(dim3 grid, unsigned block, size_t smem_bytes, void (*kernel)(P...), 
 template <typename... P, typename... A>
 void launch(unsigned grid, unsigned block, void (*kernel)(P...), A... args) {
   launch(dim3(grid), block, 0, kernel, args...);
+}
+
+// Short names of the value types, for case names.
+template <typename T>
+const char* type_name() {
+  if constexpr (std::is_same_v<T, float>) return "f32";
+  if constexpr (std::is_same_v<T, double>) return "f64";
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return "bf16";
+  if constexpr (std::is_same_v<T, __half>) return "f16";
+  return "?";
 }
 
 // Every output starts as NaN / -1 bytes, so an element a kernel fails to write mismatches.

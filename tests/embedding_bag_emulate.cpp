@@ -68,25 +68,6 @@ double rounded(double exact) {
   return to_double(from_double<T>(exact));
 }
 
-template <typename T>
-const char* type_name();
-template <>
-const char* type_name<float>() {
-  return "f32";
-}
-template <>
-const char* type_name<double>() {
-  return "f64";
-}
-template <>
-const char* type_name<__nv_bfloat16>() {
-  return "bf16";
-}
-template <>
-const char* type_name<__half>() {
-  return "f16";
-}
-
 std::mt19937_64 rng(12345);
 double small_value() {
   return static_cast<double>(static_cast<int>(rng() % 17) - 8) / 4;
@@ -188,8 +169,8 @@ void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f
   char name[160];
   std::snprintf(name, sizeof name,
                 "forward %s vec%d %s dim %lld tokens %lld bag %lld idx%s w%s bad %d%s%s",
-                type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)tokens,
-                (long long)bag, idx64 ? "64" : "32", w_f32 ? "f32" : type_name<T>(), n_bad,
+                emu::type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)tokens,
+                (long long)bag, idx64 ? "64" : "32", w_f32 ? "f32" : emu::type_name<T>(), n_bad,
                 report_bad ? " reported" : "", max_blocks == 1 ? " one block" : "");
   emu::report(bad.empty(), name, bad);
 }
@@ -385,9 +366,10 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
                 "backward %s vec%d %s dim %lld lookups %lld rows %lld longest run %lld (%lld "
                 "segments, %lld long) "
                 "idx%s w%s%s bad %d",
-                type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)n, (long long)rows,
-                (long long)max_run, (long long)a.n_segments, (long long)a.n_long_runs,
-                idx64 ? "64" : "32", w_f32 ? "f32" : type_name<T>(), need_wg ? " wg" : "", n_bad);
+                emu::type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)n,
+                (long long)rows, (long long)max_run, (long long)a.n_segments,
+                (long long)a.n_long_runs, idx64 ? "64" : "32", w_f32 ? "f32" : emu::type_name<T>(),
+                need_wg ? " wg" : "", n_bad);
   emu::report(bad.empty(), name, bad);
 }
 

@@ -57,14 +57,6 @@ acc_t<T> widen(T v) {
     return v;
 }
 
-template <typename T>
-const char* type_name() {
-  if constexpr (std::is_same_v<T, float>) return "f32";
-  if constexpr (std::is_same_v<T, double>) return "f64";
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return "bf16";
-  return "f16";
-}
-
 float random_value() { return static_cast<float>(static_cast<int>(rng() % 201) - 100) / 64; }
 
 template <typename A>
@@ -114,7 +106,7 @@ void row_adam_case(int64_t n_rows, int64_t dim, std::vector<int64_t> rows, unsig
       bad = "element " + std::to_string(at) + " (row " + std::to_string(at / dim) + ")";
   char name[160];
   std::snprintf(name, sizeof name, "row_adam %s dim %lld, %lld of %lld rows, %u blocks, %s",
-                type_name<T>(), static_cast<long long>(dim), static_cast<long long>(n_unique),
+                emu::type_name<T>(), static_cast<long long>(dim), static_cast<long long>(n_unique),
                 static_cast<long long>(n_rows), blocks, what);
   emu::report(bad.empty(), name, bad);
 }

@@ -4,7 +4,10 @@
 //
 // Timing: CUDA events around each call on the current stream, warm-up first, median of
 // many calls. Inputs are random (never zeros) and far larger than L2 (the table alone is
-// rows * dim * 2 bytes). Bytes per call follow docs KERNELS.md:
+// rows * dim * 2 bytes). Bytes per call count what each op must move at least, with e the
+// value size, i the index size and w the weight size (reads of rows a lookup shares with
+// an earlier one are counted again: the rows are random over a large table, so they
+// rarely hit a cache):
 //   forward:  lookups * dim * e (rows read) + tokens * dim * e (output) + lookups * (i + w)
 //   backward: lookups * dim * e (grad_out rows gathered) + 2 * unique * dim * e (value rows
 //             read, row gradients written) + lookups * (i + w + w) (indices, weights,
@@ -27,6 +30,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "cuda_timer.h"
 
 namespace {
 
@@ -83,37 +88,7 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-
-// Median milliseconds of `iters` calls of fn, each between two events on the current
-// stream, after `warmup` untimed calls.
-double median_ms(const std::function<void()>& fn, int warmup, int iters) {
-  for (int i = 0; i < warmup; ++i) fn();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check(cudaStreamSynchronize(stream), "sync");
-  std::vector<double> ms;
-  cudaEvent_t start, stop;
-  check(cudaEventCreate(&start), "event");
-  check(cudaEventCreate(&stop), "event");
-  for (int i = 0; i < iters; ++i) {
-    check(cudaEventRecord(start, stream), "record");
-    fn();
-    check(cudaEventRecord(stop, stream), "record");
-    check(cudaEventSynchronize(stop), "sync");
-    float t = 0;
-    check(cudaEventElapsedTime(&t, start, stop), "elapsed");
-    ms.push_back(t);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+using bench::median_ms;
 
 struct Row {
   std::string op;
@@ -146,7 +121,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   cudaDeviceProp prop{};
-  check(cudaGetDeviceProperties(&prop, 0), "properties");
+  bench::check_cuda(cudaGetDeviceProperties(&prop, 0), "properties");
   const c10::cuda::CUDAGuard guard(0);
 
   // Indices are valid by construction; time the kernels, not the validation sync.

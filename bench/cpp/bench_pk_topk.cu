@@ -29,16 +29,13 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_timer.h"
+
 namespace {
 
 using Result = std::tuple<at::Tensor, at::Tensor>;
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
+using bench::check_cuda;
 
 bool op_registered() {
   return c10::Dispatcher::singleton().findSchema({"memory::pk_topk", ""}).has_value();
@@ -105,25 +102,7 @@ Measure measure(const std::function<Result()>& fn, int device) {
   const auto peak = c10::cuda::CUDACachingAllocator::getDeviceStats(device).allocated_bytes[0].peak;
   m.peak_extra_mb = static_cast<double>(peak - before) / (1 << 20);
 
-  for (int i = 0; i < 5; ++i) fn();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaEvent_t start, stop;
-  check_cuda(cudaEventCreate(&start), "event");
-  check_cuda(cudaEventCreate(&stop), "event");
-  std::vector<double> times;
-  for (int i = 0; i < 30; ++i) {
-    check_cuda(cudaEventRecord(start, stream), "record");
-    auto r = fn();
-    check_cuda(cudaEventRecord(stop, stream), "record");
-    check_cuda(cudaEventSynchronize(stop), "sync");
-    float ms = 0;
-    check_cuda(cudaEventElapsedTime(&ms, start, stop), "elapsed");
-    times.push_back(ms);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(times.begin(), times.end());
-  m.median_ms = times[times.size() / 2];
+  m.median_ms = bench::median_ms([&] { fn(); }, 5, 30);
   return m;
 }
 
