@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "memory_ext/launch_rules.h"
 #include "pk_topk_kernel.cuh"
 
 namespace pk = memory_ext::cuda::pk;
@@ -80,7 +81,7 @@ void launch_kernel(const pk::Params& prm, const Case& c) {
   if constexpr (k16) {
     if (c.tensor_cores) {
       constexpr bool bf = std::is_same_v<In, pk::InBF16>;
-      if (c.half <= 256)
+      if (pk::query_k16_steps(c.half) == 16)
         emu::launch(grid, block, smem, &pk::pk_topk_mma_kernel<bf, 16>, prm);
       else
         emu::launch(grid, block, smem, &pk::pk_topk_mma_kernel<bf, 32>, prm);
@@ -136,7 +137,7 @@ void emulate(const Case& c, const std::vector<double>& q, const std::vector<doub
   prm.kp = pk::next_pow2(c.k);
   prm.npairs = pk::pair_count(c.k);
   prm.nwarps = c.nwarps;
-  prm.vector_keys = (c.half % 8 == 0) && (reinterpret_cast<uintptr_t>(prm.keys) % 16 == 0);
+  prm.vector_keys = memory_ext::cuda::use_vector_path(c.half, 8, {prm.keys});
   prm.layout = pk::make_layout(c.tensor_cores, sizeof(S), sizeof(typename pk::KeyOf<S>::type),
                                c.nwarps, prm.kp, prm.k, prm.npairs);
   launch_kernel<In>(prm, c);

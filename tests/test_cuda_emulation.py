@@ -78,3 +78,19 @@ def test_kernel_emulation_on_cpu(family):
             assert run.returncode == 0, f"{env}:\n{out[-4000:]}"
             assert "MISMATCH" not in run.stdout, run.stdout[-4000:]
             assert run.stdout.count(": ok") >= min_ok, run.stdout[-2000:]
+
+
+@pytest.mark.skipif(_cxx() is None, reason="no C++ compiler to build the launch-rule checks")
+def test_launch_rules_on_cpu():
+    """The launchers' pure decisions (vector width from alignment, rows_to_dense copy unit,
+    bad lookups, pk_topk kernel and CTA size) hold on every case of
+    tests/launch_rules_test.cpp."""
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "launch_rules_test")
+        build = subprocess.run(
+            [_cxx(), "-std=c++20", "-O2", "-I", os.path.join(ROOT, "csrc", "include"),
+             "-I", os.path.join(ROOT, "csrc", "cuda"), os.path.join(ROOT, "tests", "launch_rules_test.cpp"),
+             "-o", exe], capture_output=True, text=True)
+        assert build.returncode == 0, build.stderr[-4000:]
+        run = subprocess.run([exe], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0 and "FAILED" not in run.stdout, run.stdout

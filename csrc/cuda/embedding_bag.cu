@@ -95,11 +95,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cuda(
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cuda::RowGroups g = cuda::group_by_row(in.indices, n_rows, stream);
-  if (g.first_bad >= 0) {
-    if (index_checks_enabled())
+  switch (cuda::bad_lookup_action(g.first_bad, index_checks_enabled())) {
+    case cuda::BadLookups::kNone:
+      break;
+    case cuda::BadLookups::kRaise:
       fail_index("embedding_bag_backward", in.indices, g.first_bad, n_rows);
-    // Bad lookups are skipped: their weight gradient is zero.
-    if (need_weights_grad) in.weights_grad.zero_();
+    case cuda::BadLookups::kSkip:
+      if (need_weights_grad) in.weights_grad.zero_();
+      break;
   }
 
   at::Tensor rows = at::empty({g.n_runs}, in.indices.options().dtype(at::kLong));
@@ -168,24 +171,24 @@ at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_gr
   }
   auto out = at::empty({n_rows, rows_grad.size(1)}, rows_grad.options());
   if (out.numel() == 0) return out;
-  // Copy unit: the widest of 16/8/4/2/1 bytes that divides a row and both base addresses
-  // (rows_to_dense moves bytes, so any dtype works).
-  const int64_t row_bytes = out.size(1) * out.element_size();
-  const void* src = rows_grad.const_data_ptr();
-  const void* dst = out.const_data_ptr();
-  auto fits = [&](int64_t w) {
-    return row_bytes % w == 0 && cuda::is_aligned(src, w) && cuda::is_aligned(dst, w);
-  };
-  if (fits(16))
-    launch_dense<uint4>(rows, rows_grad, out, stream);
-  else if (fits(8))
-    launch_dense<unsigned long long>(rows, rows_grad, out, stream);
-  else if (fits(4))
-    launch_dense<unsigned int>(rows, rows_grad, out, stream);
-  else if (fits(2))
-    launch_dense<unsigned short>(rows, rows_grad, out, stream);
-  else
-    launch_dense<unsigned char>(rows, rows_grad, out, stream);
+  // Any dtype works: rows_to_dense moves bytes, in the widest unit that fits.
+  switch (cuda::dense_copy_unit(out.size(1) * out.element_size(), rows_grad.const_data_ptr(),
+                                out.const_data_ptr())) {
+    case 16:
+      launch_dense<uint4>(rows, rows_grad, out, stream);
+      break;
+    case 8:
+      launch_dense<unsigned long long>(rows, rows_grad, out, stream);
+      break;
+    case 4:
+      launch_dense<unsigned int>(rows, rows_grad, out, stream);
+      break;
+    case 2:
+      launch_dense<unsigned short>(rows, rows_grad, out, stream);
+      break;
+    default:
+      launch_dense<unsigned char>(rows, rows_grad, out, stream);
+  }
   return out;
 }
 

@@ -20,7 +20,7 @@ void launch_embedding_bag(c10::ScalarType value_type, const ForwardArgs& a, cuda
       });
     };
     constexpr int kV = kVec16<T>;
-    if ((a.dim % kV) == 0 && is_aligned(a.values, 16) && is_aligned(a.out, 16))
+    if (use_vector_path(a.dim, kV, {a.values, a.out}))
       run.template operator()<kV>();
     else
       run.template operator()<1>();

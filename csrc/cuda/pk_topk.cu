@@ -15,6 +15,7 @@
 #include <cstdlib>
 
 #include "memory_ext/checks.h"
+#include "memory_ext/launch_rules.h"
 #include "memory_ext/prologues.h"
 #include "pk_topk_kernel.cuh"
 
@@ -34,21 +35,20 @@ struct KernelChoice {
   int key_bytes;
 };
 
-// Tensor cores need sm_80 (mma.m16n8k16, cp.async) and the query half in registers
-// (half <= 512); everything else takes the plain path.
+// The kernel for the dtype and the GPU (pk::use_tensor_cores).
 KernelChoice pick_kernel(at::ScalarType dtype, int64_t half, int cc_major) {
-  const bool tc = cc_major >= 8 && half <= 512;
+  const bool tc =
+      pk::use_tensor_cores(dtype == at::kBFloat16 || dtype == at::kHalf, half, cc_major);
+  const bool k16 = pk::query_k16_steps(half) == 16;
   const int f = sizeof(float), kf = sizeof(pk::KeyF);
   switch (dtype) {
     case at::kBFloat16:
       if (tc)
-        return {half <= 256 ? pk_topk_mma_kernel<true, 16> : pk_topk_mma_kernel<true, 32>, true, f,
-                kf};
+        return {k16 ? pk_topk_mma_kernel<true, 16> : pk_topk_mma_kernel<true, 32>, true, f, kf};
       return {pk_topk_plain_kernel<pk::InBF16>, false, f, kf};
     case at::kHalf:
       if (tc)
-        return {half <= 256 ? pk_topk_mma_kernel<false, 16> : pk_topk_mma_kernel<false, 32>, true,
-                f, kf};
+        return {k16 ? pk_topk_mma_kernel<false, 16> : pk_topk_mma_kernel<false, 32>, true, f, kf};
       return {pk_topk_plain_kernel<pk::InF16>, false, f, kf};
     case at::kFloat:
       return {pk_topk_plain_kernel<pk::InF32>, false, f, kf};
@@ -66,39 +66,27 @@ int device_attribute(cudaDeviceAttr attr, int device) {
   return v;
 }
 
-// Warps per CTA (16 tokens each). More tokens per CTA means fewer sub-key reads from L2,
-// but each token needs (2 kp + 64) keys of shared memory; the choice maximises the warps
-// kept busy on the whole GPU (residency per SM from the occupancy calculator, capped by
-// the number of CTAs there are), preferring smaller CTAs on ties. The environment variable
-// MEMORY_EXT_PK_TOPK_WARPS (1, 2, 4 or 8) forces a size where it fits, for tuning runs.
+// Warps per CTA: the residency of each size from the occupancy calculator, then
+// pk::choose_warps. The environment variable MEMORY_EXT_PK_TOPK_WARPS (1, 2, 4 or 8)
+// forces a size where it fits, for tuning runs.
 int pick_warps(const KernelChoice& kc, Params& prm, int device) {
   const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
   const char* env = std::getenv("MEMORY_EXT_PK_TOPK_WARPS");
   const int forced = env != nullptr ? std::atoi(env) : 0;
-  int best = 0;
-  int64_t best_busy = -1;
+  int blocks_per_sm[4] = {0, 0, 0, 0};
   int smallest_need = INT_MAX;
-  for (int nw = 1; nw <= pk::kMaxWarps; nw *= 2) {
+  for (int i = 0, nw = 1; nw <= pk::kMaxWarps; ++i, nw *= 2) {
     const pk::SmemLayout lay = pk::make_layout(kc.tensor_cores, kc.score_bytes, kc.key_bytes, nw,
                                                prm.kp, prm.k, prm.npairs);
     smallest_need = std::min(smallest_need, lay.total);
     if (lay.total > optin) continue;
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kc.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.total));
-    int per_sm = 0;
-    C10_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kc.fn, nw * kWarpSize, lay.total));
-    if (per_sm == 0) continue;
-    if (forced == nw) return nw;
-    const int64_t ctas =
-        (prm.tokens + nw * pk::kRowsPerWarp - 1) / (nw * pk::kRowsPerWarp) * prm.heads;
-    const int64_t busy = std::min<int64_t>(static_cast<int64_t>(per_sm) * sms, ctas) * nw;
-    if (busy > best_busy) {
-      best_busy = busy;
-      best = nw;
-    }
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm[i], kc.fn,
+                                                                 nw * kWarpSize, lay.total));
   }
+  const int best = pk::choose_warps(blocks_per_sm, sms, prm.tokens, prm.heads, forced);
   TORCH_CHECK(best > 0, "memory.pk_topk: k = ", prm.k, " needs ", smallest_need,
               " bytes of shared memory per block, more than this GPU offers (", optin, ")");
   return best;
@@ -139,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cuda(const at::Tensor& query, const a
   prm.kp = pk::next_pow2(prm.k);
   prm.npairs = pk::pair_count(prm.k);
   // 16-byte copies need 16-byte aligned sub-key rows.
-  prm.vector_keys = (half % 8 == 0) && (reinterpret_cast<uintptr_t>(prm.keys) % 16 == 0);
+  prm.vector_keys = cuda::use_vector_path(half, 8, {prm.keys});
 
   const KernelChoice kc = pick_kernel(query.scalar_type(), half,
                                       device_attribute(cudaDevAttrComputeCapabilityMajor, device));

@@ -175,4 +175,40 @@ struct Params {
   SmemLayout layout;
 };
 
+// ---------------------------------------------------------------------------------------
+// Launch decisions (host).
+
+// Tensor cores need bf16/fp16 inputs, sm_80 (mma.m16n8k16, cp.async) and the query half in
+// registers (half <= 512); everything else takes the plain path.
+inline bool use_tensor_cores(bool bf16_or_fp16, int64_t half, int cc_major) {
+  return bf16_or_fp16 && cc_major >= 8 && half <= 512;
+}
+
+// k16-steps of query the tensor-core kernel keeps in registers (its kHk).
+inline int query_k16_steps(int64_t half) { return half <= 256 ? 16 : 32; }
+
+// Warps per CTA (16 tokens each), from blocks_per_sm[i], the CTAs of 2^i warps one SM holds
+// (0: that size does not fit). More tokens per CTA means fewer sub-key reads from L2, but
+// each token needs (2 kp + 64) keys of shared memory; the choice maximises the warps kept
+// busy on the whole GPU (residency capped by the number of CTAs there are), preferring
+// smaller CTAs on ties. forced (1, 2, 4 or 8) wins where it fits. 0: no size fits.
+inline int choose_warps(const int (&blocks_per_sm)[4], int sms, int64_t tokens, int64_t heads,
+                        int forced) {
+  static_assert(kMaxWarps == 8, "blocks_per_sm has one entry per size 1, 2, 4, 8");
+  int best = 0;
+  int64_t best_busy = -1;
+  for (int i = 0, nw = 1; nw <= kMaxWarps; ++i, nw *= 2) {
+    if (blocks_per_sm[i] == 0) continue;
+    if (forced == nw) return nw;
+    const int64_t ctas = (tokens + nw * kRowsPerWarp - 1) / (nw * kRowsPerWarp) * heads;
+    const int64_t resident = static_cast<int64_t>(blocks_per_sm[i]) * sms;
+    const int64_t busy = (resident < ctas ? resident : ctas) * nw;
+    if (busy > best_busy) {
+      best_busy = busy;
+      best = nw;
+    }
+  }
+  return best;
+}
+
 }  // namespace memory_ext::cuda::pk

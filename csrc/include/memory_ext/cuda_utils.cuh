@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "memory_ext/cuda_device.cuh"
+#include "memory_ext/launch_rules.h"
 
 namespace memory_ext::cuda {
 
@@ -17,10 +18,6 @@ namespace memory_ext::cuda {
 inline unsigned int grid_for(int64_t items, int64_t per_block, int64_t cap = int64_t(1) << 20) {
   const int64_t blocks = ceil_div(items, per_block);
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
-}
-
-inline bool is_aligned(const void* p, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
 // ATen's bf16/fp16 are bit-compatible with CUDA's; the kernels use CUDA's so that
