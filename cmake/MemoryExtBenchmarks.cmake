@@ -3,12 +3,9 @@
 # TORCH_LIBRARY registrations are in the executable and the benchmark calls the ops
 # through the dispatcher exactly as Python does.
 
-file(GLOB MEMORY_EXT_BENCH_SOURCES CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/bench/cpp/bench_*.cpp")
-if(MEMORY_EXT_CUDA)
-  file(GLOB _me_cuda_benches CONFIGURE_DEPENDS "${PROJECT_SOURCE_DIR}/bench/cpp/bench_*.cu")
-  list(APPEND MEMORY_EXT_BENCH_SOURCES ${_me_cuda_benches})
-endif()
-list(SORT MEMORY_EXT_BENCH_SOURCES)
+memory_ext_glob(MEMORY_EXT_BENCH_SOURCES
+  CXX "${PROJECT_SOURCE_DIR}/bench/cpp/bench_*.cpp"
+  CUDA "${PROJECT_SOURCE_DIR}/bench/cpp/bench_*.cu")
 
 set(MEMORY_EXT_BENCHMARKS "")
 foreach(_src IN LISTS MEMORY_EXT_BENCH_SOURCES)

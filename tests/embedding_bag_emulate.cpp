@@ -1,283 +1,29 @@
 // CPU emulation of the CUDA kernels of the embedding_bag family, for machines without a
 // GPU. The kernel headers (csrc/cuda/embedding_bag_forward_kernel.cuh,
 // embedding_bag_backward_kernel.cuh, embedding_bag_sort_kernels.cuh,
-// rows_to_dense_kernel.cuh) are compiled unchanged as host C++ with MEMORY_EXT_EMULATE
-// defined; each CUDA thread is a host thread, and the CUDA built-ins the kernels use are
-// emulated here:
-//   __shfl_sync, __shfl_xor_sync  an exchange through per-warp slots between two barriers
-//                                 of exactly the lanes of the caller's group; the mask must
-//                                 name that aligned group of `width` lanes, and a lane that
-//                                 never arrives is reported as a deadlock;
-//   __syncthreads                 a barrier of the whole block (a thread that skips it is a
-//                                 deadlock);
-//   __shared__                    one static array per kernel instantiation (the blocks of a
-//                                 launch run one after another);
-//   atomicMin, atomicMax          std::atomic_ref;
-//   bf16, fp16                    bit-exact round-to-nearest-even conversions.
-// Launches use grids of one to three blocks, so the grid-stride loops run several rounds.
-// The CUB sort and scans between the small kernels of the backward are replaced by a
-// stable sort and plain prefix sums. Inputs are small multiples of 1/4, so every float32
-// sum is exact in any order: results must equal a double-precision reference exactly
-// (after the one rounding to the output dtype), and outputs start poisoned (NaN, -1), so an
-// element a kernel fails to write is a mismatch.
+// rows_to_dense_kernel.cuh) are compiled unchanged as host C++ against the CUDA emulation
+// of tests/cuda_emulate.h (one host thread per CUDA thread). Launches use grids of one to
+// three blocks, so the grid-stride loops run several rounds. The CUB sort and scans
+// between the small kernels of the backward are replaced by a stable sort and plain
+// prefix sums. Inputs are small multiples of 1/4, so every float32 sum is exact in any
+// order: results must equal a double-precision reference exactly (after the one rounding
+// to the output dtype), and outputs start poisoned (NaN, -1), so an element a kernel fails
+// to write is a mismatch.
 //
-// Build: g++ -std=c++20 -O2 -pthread -Icsrc/include -Icsrc/cuda tests/embedding_bag_emulate.cpp
-//        (add -fsanitize=thread to have missing barriers reported as races)
-// Run:   ./a.out   (exit status 0 when every case matches)
-#define MEMORY_EXT_EMULATE 1
+// Build: g++ -std=c++20 -O2 -pthread -fno-strict-aliasing -Icsrc/include -Icsrc/cuda -Itests
+//        tests/embedding_bag_emulate.cpp   (see tests/cuda_emulate.h for sanitizers)
+// Run:   ./a.out [section]   (exit status 0 when every case matches)
+#include "cuda_emulate.h"  // first: the kernels below compile against it
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
-#include <cstdarg>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
-
-// ---------------------------------------------------------------------------------------
-// The CUDA surface the kernels use.
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
-#define __shared__ static
-
-struct dim3 {
-  unsigned x = 1, y = 1, z = 1;
-};
-struct uint4 {
-  unsigned x, y, z, w;
-};
-struct __nv_bfloat16 {
-  uint16_t bits;
-};
-struct __half {
-  uint16_t bits;
-};
-
-thread_local dim3 threadIdx, blockIdx, gridDim, blockDim;
-
-[[noreturn]] void fail(const char* fmt, ...) {
-  va_list args;
-  va_start(args, fmt);
-  std::vfprintf(stderr, fmt, args);
-  va_end(args);
-  std::fputc('\n', stderr);
-  std::fflush(stdout);
-  std::fflush(stderr);
-  std::_Exit(3);
-}
-
-inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-inline unsigned float_bits(float f) {
-  unsigned u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-inline float __bfloat162float(__nv_bfloat16 v) { return __uint_as_float(static_cast<unsigned>(v.bits) << 16); }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  unsigned u = float_bits(f);
-  if (std::isnan(f)) return {static_cast<uint16_t>((u >> 16) | 0x40)};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return {static_cast<uint16_t>(u >> 16)};
-}
-inline float __half2float(__half h) {
-  const int sign = h.bits >> 15, e = (h.bits >> 10) & 0x1f, m = h.bits & 0x3ff;
-  float v;
-  if (e == 0)
-    v = std::ldexp(static_cast<float>(m), -24);
-  else if (e == 31)
-    v = m ? NAN : INFINITY;
-  else
-    v = std::ldexp(static_cast<float>(m | 0x400), e - 25);
-  return sign ? -v : v;
-}
-inline __half __float2half_rn(float f) {
-  const unsigned x = float_bits(f);
-  const unsigned sign = (x >> 16) & 0x8000u;
-  const int e = static_cast<int>((x >> 23) & 0xff);
-  unsigned mant = x & 0x7fffffu;
-  if (e == 0xff) return {static_cast<uint16_t>(sign | 0x7c00u | (mant ? 0x200u : 0u))};
-  const int he = e - 127 + 15;
-  if (he >= 31) return {static_cast<uint16_t>(sign | 0x7c00u)};
-  if (he <= 0) {  // subnormal half
-    if (he < -10) return {static_cast<uint16_t>(sign)};
-    mant |= 0x800000u;
-    const int shift = 14 - he;
-    unsigned h = mant >> shift;
-    const unsigned rem = mant & ((1u << shift) - 1u), mid = 1u << (shift - 1);
-    if (rem > mid || (rem == mid && (h & 1u))) ++h;
-    return {static_cast<uint16_t>(sign | h)};
-  }
-  unsigned h = (static_cast<unsigned>(he) << 10) | (mant >> 13);
-  const unsigned rem = mant & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is right
-  return {static_cast<uint16_t>(sign | h)};
-}
-
-template <typename T>
-inline T __ldg(const T* p) {
-  return *p;
-}
-
-inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
-  std::atomic_ref<unsigned long long> a(*p);
-  unsigned long long old = a.load();
-  while (v < old && !a.compare_exchange_weak(old, v)) {
-  }
-  return old;
-}
-inline long long atomicMax(long long* p, long long v) {
-  std::atomic_ref<long long> a(*p);
-  long long old = a.load();
-  while (v > old && !a.compare_exchange_weak(old, v)) {
-  }
-  return old;
-}
-
-// Barrier completions so far; a watchdog reports a deadlock (some thread never arrives at
-// a barrier that others wait on) when it stops moving while threads wait.
-std::atomic<uint64_t> g_progress{0};
-std::atomic<int> g_waiting{0};
-
-// A barrier of n threads on atomics (futex waits, no mutex: far faster than a condition
-// variable when hundreds of threads share two cores).
-class Barrier {
- public:
-  explicit Barrier(int n) : n_(n) {}
-  void wait(const char* what) {
-    const uint32_t gen = gen_.load(std::memory_order_acquire);
-    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
-      count_.store(0, std::memory_order_relaxed);
-      gen_.store(gen + 1, std::memory_order_release);
-      gen_.notify_all();
-      g_progress.fetch_add(1, std::memory_order_relaxed);
-      return;
-    }
-    g_waiting.fetch_add(1);
-    t_waiting_at = what;
-    while (gen_.load(std::memory_order_acquire) == gen) gen_.wait(gen, std::memory_order_acquire);
-    g_waiting.fetch_sub(1);
-  }
-  static thread_local const char* t_waiting_at;
-
- private:
-  const int n_;
-  std::atomic<int> count_{0};
-  std::atomic<uint32_t> gen_{0};
-};
-thread_local const char* Barrier::t_waiting_at = "";
-
-void start_watchdog() {
-  std::thread([] {
-    uint64_t last = g_progress.load();
-    int still = 0;
-    for (;;) {
-      std::this_thread::sleep_for(std::chrono::seconds(1));
-      const uint64_t now = g_progress.load();
-      still = (now == last && g_waiting.load() > 0) ? still + 1 : 0;
-      last = now;
-      if (still >= 60) fail("DEADLOCK: %d threads wait at barriers that never complete", g_waiting.load());
-    }
-  }).detach();
-}
-
-struct WarpCtx {
-  uint64_t slot[32];
-  std::unique_ptr<Barrier> group[6][32];  // [log2 width][group]: the lanes that shuffle together
-  WarpCtx() {
-    for (int lw = 0; lw <= 5; ++lw)
-      for (int g = 0; g < (32 >> lw); ++g) group[lw][g] = std::make_unique<Barrier>(1 << lw);
-  }
-};
-
-struct BlockCtx {
-  Barrier block;
-  std::vector<WarpCtx> warps;
-  explicit BlockCtx(int threads) : block(threads), warps(threads / 32) {}
-};
-
-thread_local BlockCtx* t_block = nullptr;
-
-inline void __syncthreads() { t_block->block.wait("__syncthreads"); }
-
-inline int log2_of(int w) {
-  int l = 0;
-  while ((1 << l) < w) ++l;
-  return l;
-}
-
-template <typename T>
-T exchange(unsigned mask, T v, int width, int src, const char* what) {
-  static_assert(sizeof(T) <= 8, "one shuffle moves at most 8 bytes");
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  const int base = lane & ~(width - 1);
-  if (width < 1 || width > 32 || (width & (width - 1)) != 0) fail("%s: width %d", what, width);
-  const unsigned expect = width == 32 ? 0xffffffffu : ((1u << width) - 1u) << base;
-  if (mask != expect)
-    fail("%s: mask %08x is not the %d-lane group of lane %d (%08x)", what, mask, width, lane, expect);
-  WarpCtx& w = t_block->warps[threadIdx.x / 32];
-  Barrier& b = *w.group[log2_of(width)][lane / width];
-  uint64_t bits = 0;
-  std::memcpy(&bits, &v, sizeof(T));
-  w.slot[lane] = bits;
-  b.wait(what);
-  const uint64_t got = w.slot[src];
-  b.wait(what);
-  T out;
-  std::memcpy(&out, &got, sizeof(T));
-  return out;
-}
-
-template <typename T>
-T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  return exchange(mask, v, width, (lane & ~(width - 1)) + (src & (width - 1)), "__shfl_sync");
-}
-
-template <typename T>
-T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  int src = lane ^ lane_mask;
-  if ((src & ~(width - 1)) != (lane & ~(width - 1))) src = lane;
-  return exchange(mask, v, width, src, "__shfl_xor_sync");
-}
-
-// kernel<<<grid, block>>>(args...): one host thread per CUDA thread, blocks in turn.
-template <typename... P, typename... A>
-void launch(unsigned grid, unsigned block, void (*kernel)(P...), A... args) {
-  if (block % 32 != 0 || block == 0) fail("launch: block of %u threads", block);
-  for (unsigned b = 0; b < grid; ++b) {
-    BlockCtx ctx(static_cast<int>(block));
-    std::vector<std::thread> threads;
-    threads.reserve(block);
-    for (unsigned t = 0; t < block; ++t)
-      threads.emplace_back([&, t] {
-        threadIdx = {t, 1, 1};
-        blockIdx = {b, 1, 1};
-        gridDim = {grid, 1, 1};
-        blockDim = {block, 1, 1};
-        t_block = &ctx;
-        kernel(args...);
-      });
-    for (auto& th : threads) th.join();
-  }
-}
 
 // ---------------------------------------------------------------------------------------
 // The kernels, unchanged.
@@ -292,11 +38,24 @@ using namespace memory_ext::cuda;
 // ---------------------------------------------------------------------------------------
 // Test values and references.
 
-template <typename T> T from_double(double d);
-template <> float from_double<float>(double d) { return static_cast<float>(d); }
-template <> double from_double<double>(double d) { return d; }
-template <> __nv_bfloat16 from_double<__nv_bfloat16>(double d) { return __float2bfloat16_rn(static_cast<float>(d)); }
-template <> __half from_double<__half>(double d) { return __float2half_rn(static_cast<float>(d)); }
+template <typename T>
+T from_double(double d);
+template <>
+float from_double<float>(double d) {
+  return static_cast<float>(d);
+}
+template <>
+double from_double<double>(double d) {
+  return d;
+}
+template <>
+__nv_bfloat16 from_double<__nv_bfloat16>(double d) {
+  return __float2bfloat16_rn(static_cast<float>(d));
+}
+template <>
+__half from_double<__half>(double d) {
+  return __float2half_rn(static_cast<float>(d));
+}
 
 inline double to_double(float v) { return v; }
 inline double to_double(double v) { return v; }
@@ -309,36 +68,10 @@ double rounded(double exact) {
   return to_double(from_double<T>(exact));
 }
 
-template <typename T> const char* type_name();
-template <> const char* type_name<float>() { return "f32"; }
-template <> const char* type_name<double>() { return "f64"; }
-template <> const char* type_name<__nv_bfloat16>() { return "bf16"; }
-template <> const char* type_name<__half>() { return "f16"; }
-
-template <typename T>
-void poison(std::vector<T>& v) {
-  if (!v.empty()) std::memset(static_cast<void*>(v.data()), 0xff, v.size() * sizeof(T));  // NaN, -1
-}
-
 std::mt19937_64 rng(12345);
-double small_value() { return static_cast<double>(static_cast<int>(rng() % 17) - 8) / 4; }  // k/4, |k| <= 8
-
-int g_cases = 0, g_bad = 0;
-
-auto g_last = std::chrono::steady_clock::now();
-
-void report(bool ok, const std::string& name, const std::string& detail) {
-  ++g_cases;
-  const auto now = std::chrono::steady_clock::now();
-  const double secs = std::chrono::duration<double>(now - g_last).count();
-  g_last = now;
-  if (ok) {
-    std::printf("%s: ok (%.2f s)\n", name.c_str(), secs);
-  } else {
-    ++g_bad;
-    std::printf("%s: MISMATCH %s\n", name.c_str(), detail.c_str());
-  }
-}
+double small_value() {
+  return static_cast<double>(static_cast<int>(rng() % 17) - 8) / 4;
+}  // k/4, |k| <= 8
 
 // Same number (NaN, the poison, equals nothing).
 inline bool same(double a, double b) { return a == b; }
@@ -356,7 +89,8 @@ struct Lookups {
 };
 
 Lookups make_lookups(int64_t tokens, int64_t bag, int64_t rows, double hot, int n_bad) {
-  Lookups L{tokens, bag, rows, std::vector<int64_t>(tokens * bag), std::vector<double>(tokens * bag)};
+  Lookups L{tokens, bag, rows, std::vector<int64_t>(tokens * bag),
+            std::vector<double>(tokens * bag)};
   std::uniform_real_distribution<double> u(0, 1);
   for (int64_t p = 0; p < tokens * bag; ++p) {
     L.idx[p] = u(rng) < hot ? 2 % rows : static_cast<int64_t>(rng() % rows);
@@ -364,7 +98,8 @@ Lookups make_lookups(int64_t tokens, int64_t bag, int64_t rows, double hot, int 
   }
   for (int i = 0; i < n_bad && tokens * bag > 0; ++i) {
     const int64_t p = static_cast<int64_t>(rng() % (tokens * bag));
-    L.idx[p] = (i % 2) ? -1 - static_cast<int64_t>(rng() % 5) : rows + static_cast<int64_t>(rng() % 5);
+    L.idx[p] =
+        (i % 2) ? -1 - static_cast<int64_t>(rng() % 5) : rows + static_cast<int64_t>(rng() % 5);
   }
   return L;
 }
@@ -373,8 +108,8 @@ Lookups make_lookups(int64_t tokens, int64_t bag, int64_t rows, double hot, int 
 // Forward.
 
 template <typename T, int VEC>
-void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f32, int n_bad, bool report_bad,
-                  int64_t max_blocks = 3) {
+void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f32, int n_bad,
+                  bool report_bad, int64_t max_blocks = 3) {
   const int64_t rows = 23;
   Lookups L = make_lookups(tokens, bag, rows, 0.0, n_bad);
   std::vector<T> values(rows * dim);
@@ -389,7 +124,7 @@ void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f
   std::vector<T> wt(L.w.size());
   for (size_t i = 0; i < wt.size(); ++i) wt[i] = from_double<T>(L.w[i]);
   std::vector<T> out(tokens * dim);
-  poison(out);
+  emu::poison(out);
   unsigned long long first_bad = ~0ull;
 
   ForwardArgs a{};
@@ -409,7 +144,8 @@ void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f
     shape = "G" + std::to_string(G) + "xVPL" + std::to_string(VPL);
     const int64_t items = tokens * ceil_div(dim, int64_t(G) * VPL * VEC);
     const int64_t blocks = std::min<int64_t>(max_blocks, ceil_div(items, kForwardBlock / G));
-    launch(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kForwardBlock, &embedding_bag_kernel<T, VEC, G, VPL>, a);
+    emu::launch(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kForwardBlock,
+                &embedding_bag_kernel<T, VEC, G, VPL>, a);
   });
 
   std::string bad;
@@ -422,8 +158,8 @@ void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f
       }
       const double got = to_double(out[t * dim + d]);
       if (!same(got, rounded<T>(exact)))
-        bad = "out[" + std::to_string(t) + "," + std::to_string(d) + "] = " + std::to_string(got) + ", want " +
-              std::to_string(rounded<T>(exact));
+        bad = "out[" + std::to_string(t) + "," + std::to_string(d) + "] = " + std::to_string(got) +
+              ", want " + std::to_string(rounded<T>(exact));
     }
   if (report_bad && bad.empty()) {
     const int64_t want = L.first_bad();
@@ -431,11 +167,12 @@ void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f
     if (got != want) bad = "first_bad " + std::to_string(got) + ", want " + std::to_string(want);
   }
   char name[160];
-  std::snprintf(name, sizeof name, "forward %s vec%d %s dim %lld tokens %lld bag %lld idx%s w%s bad %d%s%s",
-                type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)tokens, (long long)bag,
-                idx64 ? "64" : "32", w_f32 ? "f32" : type_name<T>(), n_bad, report_bad ? " reported" : "",
-                max_blocks == 1 ? " one block" : "");
-  report(bad.empty(), name, bad);
+  std::snprintf(name, sizeof name,
+                "forward %s vec%d %s dim %lld tokens %lld bag %lld idx%s w%s bad %d%s%s",
+                emu::type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)tokens,
+                (long long)bag, idx64 ? "64" : "32", w_f32 ? "f32" : emu::type_name<T>(), n_bad,
+                report_bad ? " reported" : "", max_blocks == 1 ? " one block" : "");
+  emu::report(bad.empty(), name, bad);
 }
 
 template <typename T>
@@ -473,13 +210,14 @@ Grouped group(const std::vector<index_t>& idx, int64_t rows) {
   const int64_t n = static_cast<int64_t>(idx.size());
   Grouped g;
   std::vector<uint32_t> keys(n), pos(n);
-  launch(1, 32, &init_info_kernel, g.info);
-  launch(static_cast<unsigned>(std::min<int64_t>(2, ceil_div(n, kSortBlock))), kSortBlock,
-         &make_keys_kernel<index_t>, idx.data(), n, rows, keys.data(), pos.data(), g.info);
+  emu::launch(1, 32, &init_info_kernel, g.info);
+  emu::launch(static_cast<unsigned>(std::min<int64_t>(2, ceil_div(n, kSortBlock))), kSortBlock,
+              &make_keys_kernel<index_t>, idx.data(), n, rows, keys.data(), pos.data(), g.info);
   // Stable sort by key, as the LSD radix sort does.
   std::vector<int64_t> order(n);
   for (int64_t p = 0; p < n; ++p) order[p] = p;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return keys[x] < keys[y]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return keys[x] < keys[y]; });
   g.keys.resize(n);
   g.positions.resize(n);
   for (int64_t p = 0; p < n; ++p) {
@@ -488,29 +226,31 @@ Grouped group(const std::vector<index_t>& idx, int64_t rows) {
   }
   std::vector<uint32_t> heads(n), run_id(n);
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(2, ceil_div(n, kSortBlock)));
-  launch(grid, kSortBlock, &run_heads_kernel, g.keys.data(), n, heads.data());
+  emu::launch(grid, kSortBlock, &run_heads_kernel, g.keys.data(), n, heads.data());
   for (int64_t p = 0, s = 0; p < n; ++p) {
     run_id[p] = static_cast<uint32_t>(s);
     s += heads[p];
   }
   g.run_begin.assign(n + 1, 0xdeadbeefu);
-  launch(grid, kSortBlock, &run_begin_kernel, heads.data(), run_id.data(), n, g.run_begin.data(), g.info);
+  emu::launch(grid, kSortBlock, &run_begin_kernel, heads.data(), run_id.data(), n,
+              g.run_begin.data(), g.info);
   std::vector<RunPlan> counts(n + 1, RunPlan{0xdeadbeefu, 0xdeadbeefu, 0xdeadbeefu});
-  launch(static_cast<unsigned>(std::min<int64_t>(2, ceil_div(n + 1, kSortBlock))), kSortBlock, &run_counts_kernel,
-         g.keys.data(), g.run_begin.data(), static_cast<const int64_t*>(g.info), n + 1, rows, counts.data());
+  emu::launch(static_cast<unsigned>(std::min<int64_t>(2, ceil_div(n + 1, kSortBlock))), kSortBlock,
+              &run_counts_kernel, g.keys.data(), g.run_begin.data(),
+              static_cast<const int64_t*>(g.info), n + 1, rows, counts.data());
   g.plan.resize(n + 1);
   RunPlan acc{0, 0, 0};
   for (int64_t u = 0; u <= n; ++u) {
     g.plan[u] = acc;
     acc = PlanSum{}(acc, counts[u]);
   }
-  launch(1, 32, &finish_info_kernel, static_cast<const RunPlan*>(g.plan.data()), n, g.info);
+  emu::launch(1, 32, &finish_info_kernel, static_cast<const RunPlan*>(g.plan.data()), n, g.info);
   return g;
 }
 
 template <typename T, int VEC>
-void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, double hot, bool idx64, bool w_f32,
-                   bool need_wg, int n_bad) {
+void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, double hot, bool idx64,
+                   bool w_f32, bool need_wg, int n_bad) {
   using A = acc_t<T>;
   Lookups L = make_lookups(tokens, bag, rows, hot, n_bad);
   const int64_t n = tokens * bag;
@@ -522,7 +262,8 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
   std::vector<T> wt(n);
   for (int64_t p = 0; p < n; ++p) wt[p] = from_double<T>(L.w[p]);
 
-  Grouped g = idx64 ? group(L.idx, rows) : group(std::vector<int32_t>(L.idx.begin(), L.idx.end()), rows);
+  Grouped g =
+      idx64 ? group(L.idx, rows) : group(std::vector<int32_t>(L.idx.begin(), L.idx.end()), rows);
   const int64_t first_bad = g.info[kFirstBad];
   const int64_t n_runs = g.info[kRunsWithBad] - (first_bad >= 0 ? 1 : 0);
   std::vector<int64_t> rows_out(n_runs);
@@ -531,11 +272,11 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
   std::vector<uint32_t> long_runs(g.info[kLongRuns], 0xdeadbeefu);
   std::vector<float> wg_f(n);
   std::vector<T> wg_t(n);
-  poison(rows_out);
-  poison(rows_grad);
-  poison(partial);
-  poison(wg_f);
-  poison(wg_t);
+  emu::poison(rows_out);
+  emu::poison(rows_grad);
+  emu::poison(partial);
+  emu::poison(wg_f);
+  emu::poison(wg_t);
   if (first_bad >= 0) {  // the op zero-fills the weight gradient when bad lookups are skipped
     std::fill(wg_f.begin(), wg_f.end(), 0.0f);
     std::fill(wg_t.begin(), wg_t.end(), from_double<T>(0));
@@ -545,7 +286,9 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
   a.grad_out = grad.data();
   a.values = values.data();
   a.weights = w_f32 ? static_cast<const void*>(wf.data()) : static_cast<const void*>(wt.data());
-  a.weights_grad = !need_wg ? nullptr : w_f32 ? static_cast<void*>(wg_f.data()) : static_cast<void*>(wg_t.data());
+  a.weights_grad = !need_wg ? nullptr
+                   : w_f32  ? static_cast<void*>(wg_f.data())
+                            : static_cast<void*>(wg_t.data());
   a.keys = g.keys.data();
   a.positions = g.positions.data();
   a.run_begin = g.run_begin.data();
@@ -566,12 +309,13 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
       shape = "G" + std::to_string(G) + "xVPT" + std::to_string(VPT) + (TILED ? "T" : "");
       constexpr int kBlock = backward_block(G);
       const int64_t blocks = std::min<int64_t>(3, ceil_div(a.n_segments, kBlock / G));
-      launch(static_cast<unsigned>(blocks), kBlock, &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, a);
+      emu::launch(static_cast<unsigned>(blocks), kBlock,
+                  &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, a);
     });
     const int64_t items = a.n_long_runs * ceil_div(dim, kReduceBlock);
     if (items > 0)
-      launch(static_cast<unsigned>(std::min<int64_t>(2, items)), kReduceBlock, &embedding_bag_backward_reduce_kernel<T>,
-             a);
+      emu::launch(static_cast<unsigned>(std::min<int64_t>(2, items)), kReduceBlock,
+                  &embedding_bag_backward_reduce_kernel<T>, a);
   }
 
   // Reference.
@@ -584,7 +328,8 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
   if (first_bad != L.first_bad()) bad = "first_bad " + std::to_string(first_bad);
   if (hot > 0 && a.n_long_runs == 0) bad = "the case has no run longer than a segment";
   if (bad.empty() && (static_cast<int64_t>(want_rows.size()) != n_runs || rows_out != want_rows))
-    bad = "rows differ (" + std::to_string(n_runs) + " vs " + std::to_string(want_rows.size()) + ")";
+    bad =
+        "rows differ (" + std::to_string(n_runs) + " vs " + std::to_string(want_rows.size()) + ")";
   int64_t max_run = 0;
   if (bad.empty()) {
     std::vector<double> dense(rows * dim, 0.0);
@@ -592,34 +337,40 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
     for (int64_t p = 0; p < n; ++p) {
       if (!L.ok(p)) continue;
       ++count[L.idx[p]];
-      for (int64_t d = 0; d < dim; ++d) dense[L.idx[p] * dim + d] += L.w[p] * gd[(p / bag) * dim + d];
+      for (int64_t d = 0; d < dim; ++d)
+        dense[L.idx[p] * dim + d] += L.w[p] * gd[(p / bag) * dim + d];
     }
     max_run = *std::max_element(count.begin(), count.end());
     for (int64_t u = 0; u < n_runs && bad.empty(); ++u)
       for (int64_t d = 0; d < dim && bad.empty(); ++d) {
-        const double want = rounded<T>(dense[want_rows[u] * dim + d]), got = to_double(rows_grad[u * dim + d]);
+        const double want = rounded<T>(dense[want_rows[u] * dim + d]),
+                     got = to_double(rows_grad[u * dim + d]);
         if (!same(got, want))
-          bad = "rows_grad[" + std::to_string(u) + "," + std::to_string(d) + "] = " + std::to_string(got) + ", want " +
-                std::to_string(want);
+          bad = "rows_grad[" + std::to_string(u) + "," + std::to_string(d) +
+                "] = " + std::to_string(got) + ", want " + std::to_string(want);
       }
     for (int64_t p = 0; p < n && bad.empty() && need_wg; ++p) {
       double exact = 0;
       if (L.ok(p))
         for (int64_t d = 0; d < dim; ++d) exact += gd[(p / bag) * dim + d] * vd[L.idx[p] * dim + d];
-      const double want = w_f32 ? static_cast<double>(static_cast<float>(exact)) : rounded<T>(exact);
+      const double want =
+          w_f32 ? static_cast<double>(static_cast<float>(exact)) : rounded<T>(exact);
       const double got = w_f32 ? static_cast<double>(wg_f[p]) : to_double(wg_t[p]);
       if (!same(got, want))
-        bad = "weights_grad[" + std::to_string(p) + "] = " + std::to_string(got) + ", want " + std::to_string(want);
+        bad = "weights_grad[" + std::to_string(p) + "] = " + std::to_string(got) + ", want " +
+              std::to_string(want);
     }
   }
   char name[200];
   std::snprintf(name, sizeof name,
-                "backward %s vec%d %s dim %lld lookups %lld rows %lld longest run %lld (%lld segments, %lld long) "
+                "backward %s vec%d %s dim %lld lookups %lld rows %lld longest run %lld (%lld "
+                "segments, %lld long) "
                 "idx%s w%s%s bad %d",
-                type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)n, (long long)rows, (long long)max_run,
-                (long long)a.n_segments, (long long)a.n_long_runs, idx64 ? "64" : "32", w_f32 ? "f32" : type_name<T>(),
+                emu::type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)n,
+                (long long)rows, (long long)max_run, (long long)a.n_segments,
+                (long long)a.n_long_runs, idx64 ? "64" : "32", w_f32 ? "f32" : emu::type_name<T>(),
                 need_wg ? " wg" : "", n_bad);
-  report(bad.empty(), name, bad);
+  emu::report(bad.empty(), name, bad);
 }
 
 template <typename T>
@@ -638,13 +389,15 @@ void backward_cases() {
     ++k;
   }
   // Tiled rows (two tiles) with a long run: the costliest case to emulate, so one dtype.
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) backward_case<T, V>(513 * V, 6, 90, 4, 1.0, false, false, true, 0);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    backward_case<T, V>(513 * V, 6, 90, 4, 1.0, false, false, true, 0);
   for (int64_t dim : {1, 3, 33, 130}) {
     backward_case<T, 1>(dim, 8, 9, 15, 0.0, true, true, true, (k % 2) ? 1 : 0);
     ++k;
   }
   backward_case<T, 1>(5, 6, 100, 6, 0.95, false, true, true, 0);
-  if constexpr (std::is_same_v<T, float>) backward_case<T, 1>(131, 6, 90, 4, 1.0, true, true, true, 0);  // tiled
+  if constexpr (std::is_same_v<T, float>)
+    backward_case<T, 1>(131, 6, 90, 4, 1.0, true, true, true, 0);  // tiled
 }
 
 // ---------------------------------------------------------------------------------------
@@ -659,14 +412,15 @@ void dense_case(int64_t units, int64_t n_rows, std::vector<int64_t> rows, const 
     unsigned char* b = reinterpret_cast<unsigned char*>(&x);
     for (size_t i = 0; i < sizeof(W); ++i) b[i] = static_cast<unsigned char>(rng() | 1);  // never 0
   }
-  poison(dst);
+  emu::poison(dst);
   // The kernel's own rule for bad rows: out of range is skipped, the last of duplicates wins.
   std::vector<int64_t> want_slot(n_rows, -1);
   for (int64_t u = 0; u < n_unique; ++u)
     if (rows[u] >= 0 && rows[u] < n_rows) want_slot[rows[u]] = std::max(want_slot[rows[u]], u);
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(2, std::max<int64_t>(1, ceil_div(n_rows, kDenseRows))));
-  launch(grid, kDenseBlock, &rows_to_dense_kernel<W>, static_cast<const int64_t*>(rows.data()), n_unique,
-         static_cast<const W*>(src.data()), dst.data(), n_rows, units);
+  const unsigned grid = static_cast<unsigned>(
+      std::min<int64_t>(2, std::max<int64_t>(1, ceil_div(n_rows, kDenseRows))));
+  emu::launch(grid, kDenseBlock, &rows_to_dense_kernel<W>, static_cast<const int64_t*>(rows.data()),
+              n_unique, static_cast<const W*>(src.data()), dst.data(), n_rows, units);
   std::string bad;
   for (int64_t r = 0; r < n_rows && bad.empty(); ++r) {
     if (!sorted_rows && want_slot[r] >= 0) {
@@ -679,30 +433,34 @@ void dense_case(int64_t units, int64_t n_rows, std::vector<int64_t> rows, const 
       }
       bool copy = false;
       for (int64_t u = 0; u < n_unique; ++u)
-        copy = copy || (rows[u] == r && std::memcmp(&dst[r * units], &src[u * units], units * sizeof(W)) == 0);
-      if (!zero_row && !copy) bad = "row " + std::to_string(r) + " is neither zero nor one of its gradients";
+        copy = copy || (rows[u] == r &&
+                        std::memcmp(&dst[r * units], &src[u * units], units * sizeof(W)) == 0);
+      if (!zero_row && !copy)
+        bad = "row " + std::to_string(r) + " is neither zero nor one of its gradients";
       continue;
     }
-    const void* want = want_slot[r] >= 0 ? static_cast<const void*>(&src[want_slot[r] * units]) : nullptr;
+    const void* want =
+        want_slot[r] >= 0 ? static_cast<const void*>(&src[want_slot[r] * units]) : nullptr;
     for (int64_t x = 0; x < units && bad.empty(); ++x) {
       W zero{};
-      const void* w = want ? static_cast<const void*>(static_cast<const char*>(want) + x * sizeof(W))
-                           : static_cast<const void*>(&zero);
+      const void* w = want
+                          ? static_cast<const void*>(static_cast<const char*>(want) + x * sizeof(W))
+                          : static_cast<const void*>(&zero);
       if (std::memcmp(&dst[r * units + x], w, sizeof(W)) != 0) bad = "row " + std::to_string(r);
     }
   }
   char name[160];
-  std::snprintf(name, sizeof name, "rows_to_dense %zu-byte units x %lld, %lld of %lld rows, %s", sizeof(W),
-                (long long)units, (long long)n_unique, (long long)n_rows, what);
-  report(bad.empty(), name, bad);
+  std::snprintf(name, sizeof name, "rows_to_dense %zu-byte units x %lld, %lld of %lld rows, %s",
+                sizeof(W), (long long)units, (long long)n_unique, (long long)n_rows, what);
+  emu::report(bad.empty(), name, bad);
 }
 
 void check_rows_case(std::vector<int64_t> rows, int64_t n_rows, int64_t want) {
   unsigned long long first_bad = ~0ull;
-  launch(2, kDenseBlock, &check_rows_kernel, static_cast<const int64_t*>(rows.data()), static_cast<int64_t>(rows.size()),
-         n_rows, &first_bad);
+  emu::launch(2, kDenseBlock, &check_rows_kernel, static_cast<const int64_t*>(rows.data()),
+              static_cast<int64_t>(rows.size()), n_rows, &first_bad);
   const int64_t got = first_bad == ~0ull ? -1 : static_cast<int64_t>(first_bad);
-  report(got == want, "check_rows want " + std::to_string(want), "got " + std::to_string(got));
+  emu::report(got == want, "check_rows want " + std::to_string(want), "got " + std::to_string(got));
 }
 
 template <typename W>
@@ -720,7 +478,6 @@ int main(int argc, char** argv) {
   // Optional argument: run only the sections whose name contains it.
   const std::string only = argc > 1 ? argv[1] : "";
   const auto t0 = std::chrono::steady_clock::now();
-  start_watchdog();
   auto section = [&](const char* name, void (*fn)()) {
     if (!only.empty() && std::string(name).find(only) == std::string::npos) return;
     fn();
@@ -746,6 +503,5 @@ int main(int argc, char** argv) {
     check_rows_case({0, 4, 4, 12}, 13, 2);
     check_rows_case({-1, 4, 5}, 13, 0);
   });
-  std::printf("%d cases, %d mismatches\n", g_cases, g_bad);
-  return g_bad == 0 ? 0 : 1;
+  return emu::summary();
 }

@@ -4,7 +4,10 @@
 //
 // Timing: CUDA events around each call on the current stream, warm-up first, median of
 // many calls. Inputs are random (never zeros) and far larger than L2 (the table alone is
-// rows * dim * 2 bytes). Bytes per call follow docs KERNELS.md:
+// rows * dim * 2 bytes). Bytes per call count what each op must move at least, with e the
+// value size, i the index size and w the weight size (reads of rows a lookup shares with
+// an earlier one are counted again: the rows are random over a large table, so they
+// rarely hit a cache):
 //   forward:  lookups * dim * e (rows read) + tokens * dim * e (output) + lookups * (i + w)
 //   backward: lookups * dim * e (grad_out rows gathered) + 2 * unique * dim * e (value rows
 //             read, row gradients written) + lookups * (i + w + w) (indices, weights,
@@ -27,6 +30,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "cuda_timer.h"
 
 namespace {
 
@@ -59,14 +64,22 @@ Options parse(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--rows") o.rows = std::stoll(next());
-    else if (a == "--dims") o.dims = parse_list(next());
-    else if (a == "--bag") o.bag = std::stoll(next());
-    else if (a == "--tokens") o.tokens = parse_list(next());
-    else if (a == "--iters") o.iters = std::stoi(next());
-    else if (a == "--warmup") o.warmup = std::stoi(next());
-    else if (a == "--json") o.json = next();
-    else if (a.rfind("--", 0) != 0 && o.json.empty()) o.json = a;  // like bench_pk_topk: out.json first
+    if (a == "--rows")
+      o.rows = std::stoll(next());
+    else if (a == "--dims")
+      o.dims = parse_list(next());
+    else if (a == "--bag")
+      o.bag = std::stoll(next());
+    else if (a == "--tokens")
+      o.tokens = parse_list(next());
+    else if (a == "--iters")
+      o.iters = std::stoi(next());
+    else if (a == "--warmup")
+      o.warmup = std::stoi(next());
+    else if (a == "--json")
+      o.json = next();
+    else if (a.rfind("--", 0) != 0 && o.json.empty())
+      o.json = a;  // like bench_pk_topk: out.json first
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       std::exit(2);
@@ -75,37 +88,7 @@ Options parse(int argc, char** argv) {
   return o;
 }
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-
-// Median milliseconds of `iters` calls of fn, each between two events on the current
-// stream, after `warmup` untimed calls.
-double median_ms(const std::function<void()>& fn, int warmup, int iters) {
-  for (int i = 0; i < warmup; ++i) fn();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check(cudaStreamSynchronize(stream), "sync");
-  std::vector<double> ms;
-  cudaEvent_t start, stop;
-  check(cudaEventCreate(&start), "event");
-  check(cudaEventCreate(&stop), "event");
-  for (int i = 0; i < iters; ++i) {
-    check(cudaEventRecord(start, stream), "record");
-    fn();
-    check(cudaEventRecord(stop, stream), "record");
-    check(cudaEventSynchronize(stop), "sync");
-    float t = 0;
-    check(cudaEventElapsedTime(&t, start, stop), "elapsed");
-    ms.push_back(t);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+using bench::median_ms;
 
 struct Row {
   std::string op;
@@ -130,14 +113,15 @@ int main(int argc, char** argv) {
   auto fwd = fwd_op.typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
   auto bwd = bwd_op.typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
-  auto set_checks = dispatcher.findSchemaOrThrow("memory::set_index_checks", "").typed<void(bool)>();
+  auto set_checks =
+      dispatcher.findSchemaOrThrow("memory::set_index_checks", "").typed<void(bool)>();
   int n_dev = 0;
   if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
     std::fprintf(stderr, "bench_embedding_bag: no CUDA device visible\n");
     return 2;
   }
   cudaDeviceProp prop{};
-  check(cudaGetDeviceProperties(&prop, 0), "properties");
+  bench::check_cuda(cudaGetDeviceProperties(&prop, 0), "properties");
   const c10::cuda::CUDAGuard guard(0);
 
   // Indices are valid by construction; time the kernels, not the validation sync.
@@ -156,7 +140,8 @@ int main(int argc, char** argv) {
   copy_dst.reset();
 
   std::printf("device: %s, copy %.0f GB/s\n", prop.name, copy_gbps);
-  std::printf("%-20s %6s %7s %9s %9s %9s %8s\n", "op", "dim", "tokens", "unique", "ms", "GB/s", "vs copy");
+  std::printf("%-20s %6s %7s %9s %9s %9s %8s\n", "op", "dim", "tokens", "unique", "ms", "GB/s",
+              "vs copy");
   std::vector<Row> rows_out;
   auto report = [&](const Row& r) {
     std::printf("%-20s %6lld %7lld %9lld %9.3f %9.0f %7.0f%%\n", r.op.c_str(), (long long)r.dim,
@@ -181,15 +166,17 @@ int main(int argc, char** argv) {
       const double b_ms = median_ms(
           [&] { unique = std::get<0>(bwd.call(grad_out, values, indices, weights, true)).size(0); },
           o.warmup, o.iters);
-      const double b_bytes = double(n) * dim * e + 2.0 * unique * dim * e + double(n) * (8 + 4 + 4) + unique * 8.0;
+      const double b_bytes =
+          double(n) * dim * e + 2.0 * unique * dim * e + double(n) * (8 + 4 + 4) + unique * 8.0;
       report({"memory.eb_backward", dim, tokens, unique, b_ms, b_bytes / (b_ms * 1e6), copy_gbps});
 
       // Peer: torch's embedding_bag (sum, per-sample weights in the table's dtype).
       at::Tensor flat = indices.reshape({-1});
       at::Tensor offsets = at::arange(0, n, o.bag, dev.dtype(at::kLong));
       at::Tensor psw = weights.reshape({-1}).to(vt);
-      const double t_ms = median_ms(
-          [&] { at::embedding_bag(values, flat, offsets, false, 0, false, psw, false); }, o.warmup, o.iters);
+      const double t_ms =
+          median_ms([&] { at::embedding_bag(values, flat, offsets, false, 0, false, psw, false); },
+                    o.warmup, o.iters);
       report({"torch.embedding_bag", dim, tokens, 0, t_ms, f_bytes / (t_ms * 1e6), copy_gbps});
     }
   }
@@ -197,13 +184,14 @@ int main(int argc, char** argv) {
 
   if (!o.json.empty()) {
     std::ofstream f(o.json);
-    f << "{\"device\": \"" << prop.name << "\", \"copy_gbps\": " << copy_gbps << ", \"rows\": " << o.rows
-      << ", \"bag\": " << o.bag << ", \"dtype\": \"bfloat16\", \"results\": [";
+    f << "{\"device\": \"" << prop.name << "\", \"copy_gbps\": " << copy_gbps
+      << ", \"rows\": " << o.rows << ", \"bag\": " << o.bag
+      << ", \"dtype\": \"bfloat16\", \"results\": [";
     for (size_t i = 0; i < rows_out.size(); ++i) {
       const Row& r = rows_out[i];
-      f << (i ? ", " : "") << "{\"op\": \"" << r.op << "\", \"dim\": " << r.dim << ", \"tokens\": " << r.tokens
-        << ", \"unique\": " << r.unique << ", \"ms\": " << r.ms << ", \"gbps\": " << r.gbps
-        << ", \"fraction_of_copy\": " << r.gbps / copy_gbps << "}";
+      f << (i ? ", " : "") << "{\"op\": \"" << r.op << "\", \"dim\": " << r.dim
+        << ", \"tokens\": " << r.tokens << ", \"unique\": " << r.unique << ", \"ms\": " << r.ms
+        << ", \"gbps\": " << r.gbps << ", \"fraction_of_copy\": " << r.gbps / copy_gbps << "}";
     }
     f << "]}\n";
   }

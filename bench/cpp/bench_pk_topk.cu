@@ -29,16 +29,13 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_timer.h"
+
 namespace {
 
 using Result = std::tuple<at::Tensor, at::Tensor>;
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
+using bench::check_cuda;
 
 bool op_registered() {
   return c10::Dispatcher::singleton().findSchema({"memory::pk_topk", ""}).has_value();
@@ -55,8 +52,9 @@ c10::TypedOperatorHandle<Result(const at::Tensor&, const at::Tensor&, int64_t)> 
     }
   }
   if (!op_registered()) {
-    std::fprintf(stderr, "memory::pk_topk is not registered: link the memory_ext library "
-                         "(--no-as-needed) or set MEMORY_EXT_LIB\n");
+    std::fprintf(stderr,
+                 "memory::pk_topk is not registered: link the memory_ext library "
+                 "(--no-as-needed) or set MEMORY_EXT_LIB\n");
     std::exit(1);
   }
   return c10::Dispatcher::singleton()
@@ -68,7 +66,7 @@ c10::TypedOperatorHandle<Result(const at::Tensor&, const at::Tensor&, int64_t)> 
 // gather of the indices. query (T, H, 2 half), keys (H, 2, n, half).
 Result reference(const at::Tensor& query, const at::Tensor& keys, int64_t k, bool fp32_scores) {
   const int64_t half = keys.size(3), n = keys.size(2);
-  auto q = query.transpose(0, 1);  // (H, T, 2 half)
+  auto q = query.transpose(0, 1);                                                 // (H, T, 2 half)
   auto s1 = at::matmul(q.narrow(2, 0, half), keys.select(1, 0).transpose(1, 2));  // (H, T, n)
   auto s2 = at::matmul(q.narrow(2, half, half), keys.select(1, 1).transpose(1, 2));
   if (fp32_scores) {
@@ -79,7 +77,8 @@ Result reference(const at::Tensor& query, const at::Tensor& keys, int64_t k, boo
   auto [v2, i2] = at::topk(s2, k, -1);
   auto cand = (v1.to(at::kFloat).unsqueeze(-1) + v2.to(at::kFloat).unsqueeze(-2)).flatten(-2);
   auto [v, ic] = at::topk(cand, k, -1);
-  auto idx = at::gather(i1, -1, at::floor_divide(ic, k)) * n + at::gather(i2, -1, at::remainder(ic, k));
+  auto idx =
+      at::gather(i1, -1, at::floor_divide(ic, k)) * n + at::gather(i2, -1, at::remainder(ic, k));
   return {v.transpose(0, 1), idx.transpose(0, 1)};
 }
 
@@ -93,7 +92,8 @@ Measure measure(const std::function<Result()>& fn, int device) {
   // Peak memory: one call from a clean peak counter, everything it allocated counted.
   check_cuda(cudaDeviceSynchronize(), "sync");
   c10::cuda::CUDACachingAllocator::emptyCache();
-  const auto before = c10::cuda::CUDACachingAllocator::getDeviceStats(device).allocated_bytes[0].current;
+  const auto before =
+      c10::cuda::CUDACachingAllocator::getDeviceStats(device).allocated_bytes[0].current;
   c10::cuda::CUDACachingAllocator::resetPeakStats(device);
   {
     auto r = fn();
@@ -102,25 +102,7 @@ Measure measure(const std::function<Result()>& fn, int device) {
   const auto peak = c10::cuda::CUDACachingAllocator::getDeviceStats(device).allocated_bytes[0].peak;
   m.peak_extra_mb = static_cast<double>(peak - before) / (1 << 20);
 
-  for (int i = 0; i < 5; ++i) fn();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaEvent_t start, stop;
-  check_cuda(cudaEventCreate(&start), "event");
-  check_cuda(cudaEventCreate(&stop), "event");
-  std::vector<double> times;
-  for (int i = 0; i < 30; ++i) {
-    check_cuda(cudaEventRecord(start, stream), "record");
-    auto r = fn();
-    check_cuda(cudaEventRecord(stop, stream), "record");
-    check_cuda(cudaEventSynchronize(stop), "sync");
-    float ms = 0;
-    check_cuda(cudaEventElapsedTime(&ms, start, stop), "elapsed");
-    times.push_back(ms);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(times.begin(), times.end());
-  m.median_ms = times[times.size() / 2];
+  m.median_ms = bench::median_ms([&] { fn(); }, 5, 30);
   return m;
 }
 
@@ -139,7 +121,8 @@ int main(int argc, char** argv) {
   at::manual_seed(0);
   const auto opts = at::TensorOptions().device(at::kCUDA, device).dtype(at::kBFloat16);
   const auto query = at::randn({tokens, heads, 2 * half}, opts);
-  const auto keys = at::randn({heads, 2, n_keys, half}, opts) / std::sqrt(static_cast<double>(half));
+  const auto keys =
+      at::randn({heads, 2, n_keys, half}, opts) / std::sqrt(static_cast<double>(half));
 
   // Agreement: the fused op against the fp32-score reference (indices may differ on
   // near-ties, so the share of equal indices and the largest score gap are reported).
@@ -158,19 +141,25 @@ int main(int argc, char** argv) {
   }
   unsetenv("MEMORY_EXT_PK_TOPK_WARPS");
 
-  std::printf("pk_topk on %s: tokens %lld, heads %lld, n_keys %lld, half %lld, k %lld, bf16\n", prop.name,
-              static_cast<long long>(tokens), static_cast<long long>(heads), static_cast<long long>(n_keys),
-              static_cast<long long>(half), static_cast<long long>(k));
+  std::printf("pk_topk on %s: tokens %lld, heads %lld, n_keys %lld, half %lld, k %lld, bf16\n",
+              prop.name, static_cast<long long>(tokens), static_cast<long long>(heads),
+              static_cast<long long>(n_keys), static_cast<long long>(half),
+              static_cast<long long>(k));
   std::printf("%-34s %12s %16s\n", "path", "median ms", "peak extra MiB");
-  std::printf("%-34s %12.3f %16.1f\n", "fused memory::pk_topk", fused.median_ms, fused.peak_extra_mb);
-  std::printf("%-34s %12.3f %16.1f\n", "reference, bf16 scores", ref_bf16.median_ms, ref_bf16.peak_extra_mb);
-  std::printf("%-34s %12.3f %16.1f\n", "reference, fp32 scores", ref_fp32.median_ms, ref_fp32.peak_extra_mb);
+  std::printf("%-34s %12.3f %16.1f\n", "fused memory::pk_topk", fused.median_ms,
+              fused.peak_extra_mb);
+  std::printf("%-34s %12.3f %16.1f\n", "reference, bf16 scores", ref_bf16.median_ms,
+              ref_bf16.peak_extra_mb);
+  std::printf("%-34s %12.3f %16.1f\n", "reference, fp32 scores", ref_fp32.median_ms,
+              ref_fp32.peak_extra_mb);
   for (const auto& [w, ms] : by_warps) std::printf("  fused, %d warps per CTA %19.3f\n", w, ms);
   std::printf("speedup vs reference: %.2fx (bf16 scores), %.2fx (fp32 scores)\n",
               ref_bf16.median_ms / fused.median_ms, ref_fp32.median_ms / fused.median_ms);
   std::printf("memory vs reference: %.2f%% (bf16 scores), %.2f%% (fp32 scores)\n",
-              100 * fused.peak_extra_mb / ref_bf16.peak_extra_mb, 100 * fused.peak_extra_mb / ref_fp32.peak_extra_mb);
-  std::printf("agreement with the fp32 reference: %.4f of indices equal, max score gap %.3g\n", same_idx, max_gap);
+              100 * fused.peak_extra_mb / ref_bf16.peak_extra_mb,
+              100 * fused.peak_extra_mb / ref_fp32.peak_extra_mb);
+  std::printf("agreement with the fp32 reference: %.4f of indices equal, max score gap %.3g\n",
+              same_idx, max_gap);
 
   if (!out_path.empty()) {
     FILE* f = std::fopen(out_path.c_str(), "w");
@@ -180,20 +169,23 @@ int main(int argc, char** argv) {
     }
     std::fprintf(f,
                  "{\n  \"benchmark\": \"pk_topk\",\n  \"device\": \"%s\",\n  \"torch\": \"%s\",\n"
-                 "  \"shape\": {\"tokens\": %lld, \"heads\": %lld, \"n_keys\": %lld, \"half\": %lld, \"k\": %lld, "
+                 "  \"shape\": {\"tokens\": %lld, \"heads\": %lld, \"n_keys\": %lld, \"half\": "
+                 "%lld, \"k\": %lld, "
                  "\"dtype\": \"bfloat16\"},\n"
                  "  \"fused\": {\"median_ms\": %.4f, \"peak_extra_mib\": %.2f},\n"
                  "  \"reference_bf16_scores\": {\"median_ms\": %.4f, \"peak_extra_mib\": %.2f},\n"
                  "  \"reference_fp32_scores\": {\"median_ms\": %.4f, \"peak_extra_mib\": %.2f},\n"
                  "  \"fused_by_warps_ms\": {",
-                 prop.name, TORCH_VERSION, static_cast<long long>(tokens), static_cast<long long>(heads),
-                 static_cast<long long>(n_keys), static_cast<long long>(half), static_cast<long long>(k),
-                 fused.median_ms, fused.peak_extra_mb, ref_bf16.median_ms, ref_bf16.peak_extra_mb,
+                 prop.name, TORCH_VERSION, static_cast<long long>(tokens),
+                 static_cast<long long>(heads), static_cast<long long>(n_keys),
+                 static_cast<long long>(half), static_cast<long long>(k), fused.median_ms,
+                 fused.peak_extra_mb, ref_bf16.median_ms, ref_bf16.peak_extra_mb,
                  ref_fp32.median_ms, ref_fp32.peak_extra_mb);
     for (size_t i = 0; i < by_warps.size(); ++i)
       std::fprintf(f, "%s\"%d\": %.4f", i ? ", " : "", by_warps[i].first, by_warps[i].second);
-    std::fprintf(f, "},\n  \"indices_equal_to_fp32_reference\": %.6f,\n  \"max_score_gap\": %.6g\n}\n", same_idx,
-                 max_gap);
+    std::fprintf(f,
+                 "},\n  \"indices_equal_to_fp32_reference\": %.6f,\n  \"max_score_gap\": %.6g\n}\n",
+                 same_idx, max_gap);
     std::fclose(f);
   }
   return 0;

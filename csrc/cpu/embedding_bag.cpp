@@ -12,6 +12,7 @@
 
 #include "huge_pages.h"
 #include "memory_ext/checks.h"
+#include "memory_ext/prologues.h"
 #include "row_math.h"
 #include "sort_by_row.h"
 
@@ -26,12 +27,6 @@ using cpu::as_raw;
 // before they are used).
 constexpr int64_t kPrefetchDistance = 4;
 
-template <typename index_t>
-[[noreturn]] void fail_index(const char* op, index_t v, int64_t rows, int64_t pos, int64_t bag) {
-  TORCH_CHECK(false, "memory.", op, ": index out of range: indices[", pos / bag, ", ",
-              pos % bag, "] = ", static_cast<int64_t>(v), " but values has ", rows, " rows");
-}
-
 template <typename scalar_t, typename weight_t, typename index_t>
 void embedding_bag_forward_impl(const at::Tensor& values, const at::Tensor& indices,
                                 const at::Tensor& weights, at::Tensor& out) {
@@ -45,7 +40,7 @@ void embedding_bag_forward_impl(const at::Tensor& values, const at::Tensor& indi
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
   auto check = [&](int64_t pos) {
     const index_t r = I[pos];
-    if (r < 0 || r >= rows) fail_index("embedding_bag", r, rows, pos, bag);
+    if (r < 0 || r >= rows) fail_index_out_of_range("embedding_bag", pos, bag, r, rows);
     return static_cast<int64_t>(r);
   };
   // Grain: a few bags per task keeps every thread busy even for small batches.
@@ -100,15 +95,16 @@ at::Tensor embedding_bag_cpu(const at::Tensor& values_, const at::Tensor& indice
   const auto weights = weights_.contiguous();
   auto out = cpu::empty_large({indices.size(0), values.size(1)}, values.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "embedding_bag_cpu", [&] {
-    using value_t = scalar_t;
-    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_bag_cpu", [&] {
-      if (weights.scalar_type() == values.scalar_type())
-        embedding_bag_forward_impl<value_t, value_t, index_t>(values, indices, weights, out);
-      else
-        embedding_bag_forward_impl<value_t, float, index_t>(values, indices, weights, out);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, values.scalar_type(), "embedding_bag_cpu", [&] {
+        using value_t = scalar_t;
+        AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_bag_cpu", [&] {
+          if (weights.scalar_type() == values.scalar_type())
+            embedding_bag_forward_impl<value_t, value_t, index_t>(values, indices, weights, out);
+          else
+            embedding_bag_forward_impl<value_t, float, index_t>(values, indices, weights, out);
+        });
+      });
   return out;
 }
 
@@ -121,187 +117,231 @@ struct Segment {
   int64_t run;    // index into the unique rows
   int64_t begin;  // range of sorted positions
   int64_t end;
-  int64_t slot;   // -1: the run is one segment, write rows_grad directly; else partial slot
+  int64_t partial_slot;  // -1: the run is one segment, written to rows_grad directly
 };
 
-template <typename scalar_t, typename weight_t, typename index_t>
-void embedding_bag_backward_impl(const at::Tensor& grad_out, const at::Tensor& values,
-                                 const at::Tensor& indices, const at::Tensor& weights,
-                                 bool need_wg, at::Tensor& rows_out, at::Tensor& rows_grad,
-                                 at::Tensor& weights_grad) {
+// The segments of every run. A run of more than one segment sums into partial rows, one
+// slot per segment, folded in segment order afterwards.
+struct SegmentPlan {
+  std::vector<Segment> segments;
+  std::vector<int64_t> long_runs;        // runs of more than one segment, ascending
+  std::vector<int64_t> long_first_slot;  // first partial slot of each long run
+  int64_t n_slots = 0;
+
+  int64_t segments_of(const cpu::RowRuns& runs, int64_t run) const {
+    return ceil_div(runs.run_begin[run + 1] - runs.run_begin[run], kSegment);
+  }
+};
+
+SegmentPlan plan_segments(const cpu::RowRuns& runs, int64_t n_lookups) {
+  const int64_t n_runs = static_cast<int64_t>(runs.run_begin.size()) - 1;
+  SegmentPlan plan;
+  plan.segments.reserve(n_runs + n_lookups / kSegment + 1);
+  for (int64_t u = 0; u < n_runs; ++u) {
+    const int64_t begin = runs.run_begin[u], end = runs.run_begin[u + 1];
+    if (end - begin <= kSegment) {
+      plan.segments.push_back({u, begin, end, -1});
+      continue;
+    }
+    plan.long_runs.push_back(u);
+    plan.long_first_slot.push_back(plan.n_slots);
+    for (int64_t s = begin; s < end; s += kSegment)
+      plan.segments.push_back({u, s, std::min(end, s + kSegment), plan.n_slots++});
+  }
+  return plan;
+}
+
+// The sorted keys of cpu::sort_by_row: row << 32 | flat position.
+inline int64_t key_row(uint64_t key) { return static_cast<int64_t>(key >> 32); }
+inline int64_t key_position(uint64_t key) { return static_cast<int64_t>(key & 0xffffffffu); }
+
+// The inputs and outputs of one backward call, as raw pointers.
+template <typename scalar_t, typename weight_t>
+struct BackwardData {
+  const uint64_t* sorted;  // the sorted keys
+  const scalar_t* values;
+  const scalar_t* grad_out;
+  const weight_t* weights;
+  weight_t* weights_grad;  // null when the weight gradient is not needed
+  int64_t* rows_out;
+  scalar_t* rows_grad;
+  int64_t bag, dim;
+
+  const scalar_t* grad_row(int64_t sorted_pos) const {
+    return grad_out + key_position(sorted[sorted_pos]) / bag * dim;
+  }
+  int64_t row_bytes() const { return dim * static_cast<int64_t>(sizeof(scalar_t)); }
+};
+
+// dst = sum of w * grad_out over the segment's positions in order, four rows at a time,
+// and, while the value row is hot in cache, its dot with each grad_out row (the weight
+// gradient of that position). grad_out rows are prefetched kPrefetchDistance positions
+// ahead, across segment boundaries up to prefetch_end.
+template <typename scalar_t, typename weight_t>
+void sum_segment(const BackwardData<scalar_t, weight_t>& d, const Segment& seg,
+                 int64_t prefetch_end, acc_t<scalar_t>* dst) {
   using A = acc_t<scalar_t>;
-  const int64_t bag = indices.size(1);
-  const int64_t n = indices.numel();
-  const int64_t rows = values.size(0), dim = values.size(1);
-  const auto* I = indices.const_data_ptr<index_t>();
-  const auto* W = weights.const_data_ptr<weight_t>();
-  const auto* V = values.const_data_ptr<scalar_t>();
-  const auto* G = grad_out.const_data_ptr<scalar_t>();
-
-  // 1. (row, position) pairs grouped by row, positions ascending inside a group.
-  const cpu::RowRuns runs = cpu::sort_by_row(I, n, rows, bag, "embedding_bag_backward");
-  const int64_t U = static_cast<int64_t>(runs.run_begin.size()) - 1;
-
-  rows_out = at::empty({U}, indices.options().dtype(at::kLong));
-  rows_grad = cpu::empty_large({U, dim}, values.options());
-  if (need_wg) weights_grad = cpu::empty_large(indices.sizes(), weights.options());
-  auto* R = rows_out.mutable_data_ptr<int64_t>();
-  auto* RG = rows_grad.mutable_data_ptr<scalar_t>();
-  weight_t* WG = need_wg ? weights_grad.mutable_data_ptr<weight_t>() : nullptr;
-
-  // 2. Segments; long runs get partial-sum slots reduced in order afterwards.
-  std::vector<Segment> segs;
-  segs.reserve(U + n / kSegment + 1);
-  int64_t slots = 0;
-  std::vector<int64_t> long_runs;
-  for (int64_t u = 0; u < U; ++u) {
-    const int64_t b = runs.run_begin[u], e = runs.run_begin[u + 1];
-    if (e - b <= kSegment) {
-      segs.push_back({u, b, e, -1});
-    } else {
-      long_runs.push_back(u);
-      for (int64_t s = b; s < e; s += kSegment) segs.push_back({u, s, std::min(e, s + kSegment), slots++});
+  const int64_t dim = d.dim, row_bytes = d.row_bytes();
+  const auto* value_row = as_raw(d.values + key_row(d.sorted[seg.begin]) * dim);
+  auto prefetch_grad = [&](int64_t p) {
+    if (p < prefetch_end) cpu::prefetch_row(d.grad_row(p), row_bytes);
+  };
+  int64_t p = seg.begin;
+  for (; p + 4 <= seg.end; p += 4) {
+    for (int q = 0; q < 4; ++q) prefetch_grad(p + kPrefetchDistance + q);
+    int64_t pos[4];
+    A w[4];
+    for (int q = 0; q < 4; ++q) {
+      pos[q] = key_position(d.sorted[p + q]);
+      w[q] = static_cast<A>(d.weights[pos[q]]);
+    }
+    const auto* g0 = as_raw(d.grad_row(p));
+    const auto* g1 = as_raw(d.grad_row(p + 1));
+    const auto* g2 = as_raw(d.grad_row(p + 2));
+    const auto* g3 = as_raw(d.grad_row(p + 3));
+    if (p == seg.begin)
+      cpu::row_axpy4<true>(dst, g0, g1, g2, g3, w, dim);
+    else
+      cpu::row_axpy4<false>(dst, g0, g1, g2, g3, w, dim);
+    if (d.weights_grad != nullptr) {
+      A dots[4];
+      cpu::row_dot4(value_row, g0, g1, g2, g3, dim, dots);
+      for (int q = 0; q < 4; ++q) d.weights_grad[pos[q]] = static_cast<weight_t>(dots[q]);
     }
   }
-  std::vector<A> partial(static_cast<size_t>(slots * dim));
-  const uint64_t* sorted = runs.sorted.data();
-  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
+  for (; p < seg.end; ++p) {
+    prefetch_grad(p + kPrefetchDistance);
+    const int64_t pos = key_position(d.sorted[p]);
+    const auto* g = as_raw(d.grad_row(p));
+    const A w = static_cast<A>(d.weights[pos]);
+    if (p == seg.begin)
+      cpu::row_scale(dst, g, w, dim);
+    else
+      cpu::row_axpy(dst, g, w, dim);
+    if (d.weights_grad != nullptr)
+      d.weights_grad[pos] = static_cast<weight_t>(
+          cpu::row_dot<cpu::raw_t<scalar_t>, cpu::raw_t<scalar_t>, A>(value_row, g, dim));
+  }
+}
 
-  // 3. One pass over the segments: sum w * grad_out in position order, four rows at a
-  // time, and while the value row is hot in cache, its dot with each grad_out row (the
-  // weight gradient). grad_out rows are prefetched a few positions ahead and value rows
-  // two segments ahead, across segment boundaries.
+// One pass over all segments: runs of one segment are written to rows_grad, longer runs
+// into their partial slots. Value rows are prefetched two segments ahead.
+template <typename scalar_t, typename weight_t>
+void sum_segments(const BackwardData<scalar_t, weight_t>& d, const SegmentPlan& plan,
+                  acc_t<scalar_t>* partial) {
+  using A = acc_t<scalar_t>;
+  const std::vector<Segment>& segs = plan.segments;
+  const int64_t dim = d.dim, row_bytes = d.row_bytes();
   at::parallel_for(0, static_cast<int64_t>(segs.size()), 8, [&](int64_t s0, int64_t s1) {
     std::vector<A> acc(std::max<int64_t>(dim, 1));
-    const int64_t end = segs[s1 - 1].end;
-    auto grad_row = [&](int64_t p) { return G + static_cast<int64_t>(sorted[p] & 0xffffffffu) / bag * dim; };
+    const int64_t prefetch_end = segs[s1 - 1].end;
     auto prefetch_values = [&](int64_t s) {
-      if (need_wg && s < s1) cpu::prefetch_row(V + static_cast<int64_t>(sorted[segs[s].begin] >> 32) * dim, row_bytes);
+      if (d.weights_grad != nullptr && s < s1)
+        cpu::prefetch_row(d.values + key_row(d.sorted[segs[s].begin]) * dim, row_bytes);
     };
     prefetch_values(s0);
     prefetch_values(s0 + 1);
-    for (int64_t p = segs[s0].begin; p < std::min(end, segs[s0].begin + kPrefetchDistance); ++p)
-      cpu::prefetch_row(grad_row(p), row_bytes);
+    for (int64_t p = segs[s0].begin; p < std::min(prefetch_end, segs[s0].begin + kPrefetchDistance);
+         ++p)
+      cpu::prefetch_row(d.grad_row(p), row_bytes);
     for (int64_t s = s0; s < s1; ++s) {
-      const Segment sg = segs[s];
+      const Segment seg = segs[s];
       prefetch_values(s + 2);
-      const int64_t row = static_cast<int64_t>(sorted[sg.begin] >> 32);
-      const auto* vrow = as_raw(V + row * dim);
-      A* dst = sg.slot < 0 ? acc.data() : partial.data() + sg.slot * dim;
-      int64_t p = sg.begin;
-      for (; p + 4 <= sg.end; p += 4) {
-        for (int q = 0; q < 4; ++q)
-          if (p + kPrefetchDistance + q < end) cpu::prefetch_row(grad_row(p + kPrefetchDistance + q), row_bytes);
-        int64_t pos[4];
-        A w[4];
-        for (int q = 0; q < 4; ++q) {
-          pos[q] = static_cast<int64_t>(sorted[p + q] & 0xffffffffu);
-          w[q] = static_cast<A>(W[pos[q]]);
-        }
-        const auto* g0 = as_raw(grad_row(p));
-        const auto* g1 = as_raw(grad_row(p + 1));
-        const auto* g2 = as_raw(grad_row(p + 2));
-        const auto* g3 = as_raw(grad_row(p + 3));
-        if (p == sg.begin)
-          cpu::row_axpy4<true>(dst, g0, g1, g2, g3, w, dim);
-        else
-          cpu::row_axpy4<false>(dst, g0, g1, g2, g3, w, dim);
-        if (need_wg) {
-          A dots[4];
-          cpu::row_dot4(vrow, g0, g1, g2, g3, dim, dots);
-          for (int q = 0; q < 4; ++q) WG[pos[q]] = static_cast<weight_t>(dots[q]);
-        }
-      }
-      for (; p < sg.end; ++p) {
-        if (p + kPrefetchDistance < end) cpu::prefetch_row(grad_row(p + kPrefetchDistance), row_bytes);
-        const int64_t pos = static_cast<int64_t>(sorted[p] & 0xffffffffu);
-        const auto* g = as_raw(grad_row(p));
-        const A w = static_cast<A>(W[pos]);
-        if (p == sg.begin)
-          cpu::row_scale(dst, g, w, dim);
-        else
-          cpu::row_axpy(dst, g, w, dim);
-        if (need_wg) WG[pos] = static_cast<weight_t>(cpu::row_dot<cpu::raw_t<scalar_t>, cpu::raw_t<scalar_t>, A>(vrow, g, dim));
-      }
-      if (sg.slot < 0) {
-        R[sg.run] = row;
-        cpu::row_store(RG + sg.run * dim, acc.data(), dim);
+      const bool whole_run = seg.partial_slot < 0;
+      sum_segment(d, seg, prefetch_end, whole_run ? acc.data() : partial + seg.partial_slot * dim);
+      if (whole_run) {
+        d.rows_out[seg.run] = key_row(d.sorted[seg.begin]);
+        cpu::row_store(d.rows_grad + seg.run * dim, acc.data(), dim);
       }
     }
   });
+}
 
-  // 4. Long runs: fold their partial sums in segment order.
-  if (!long_runs.empty()) {
-    std::vector<int64_t> first_slot(long_runs.size());
-    for (size_t i = 0, slot = 0; i < long_runs.size(); ++i) {
-      first_slot[i] = static_cast<int64_t>(slot);
-      const int64_t u = long_runs[i];
-      slot += (runs.run_begin[u + 1] - runs.run_begin[u] + kSegment - 1) / kSegment;
-    }
-    at::parallel_for(0, static_cast<int64_t>(long_runs.size()), 1, [&](int64_t i0, int64_t i1) {
-      std::vector<A> acc(std::max<int64_t>(dim, 1));
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t u = long_runs[i];
-        const int64_t count = (runs.run_begin[u + 1] - runs.run_begin[u] + kSegment - 1) / kSegment;
-        const A* first = partial.data() + first_slot[i] * dim;
-        std::copy(first, first + dim, acc.begin());
-        for (int64_t c = 1; c < count; ++c) {
-          const A* part = first + c * dim;
-          for (int64_t d = 0; d < dim; ++d) acc[d] += part[d];
-        }
-        R[u] = static_cast<int64_t>(sorted[runs.run_begin[u]] >> 32);
-        cpu::row_store(RG + u * dim, acc.data(), dim);
+// Long runs: rows_grad = their partial rows summed in segment order.
+template <typename scalar_t, typename weight_t>
+void fold_long_runs(const BackwardData<scalar_t, weight_t>& d, const cpu::RowRuns& runs,
+                    const SegmentPlan& plan, const acc_t<scalar_t>* partial) {
+  using A = acc_t<scalar_t>;
+  const int64_t dim = d.dim;
+  const int64_t n_long = static_cast<int64_t>(plan.long_runs.size());
+  at::parallel_for(0, n_long, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<A> acc(std::max<int64_t>(dim, 1));
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t u = plan.long_runs[i];
+      const int64_t n_parts = plan.segments_of(runs, u);
+      const A* first = partial + plan.long_first_slot[i] * dim;
+      std::copy(first, first + dim, acc.begin());
+      for (int64_t c = 1; c < n_parts; ++c) {
+        const A* part = first + c * dim;
+        for (int64_t e = 0; e < dim; ++e) acc[e] += part[e];
       }
-    });
-  }
+      d.rows_out[u] = key_row(d.sorted[runs.run_begin[u]]);
+      cpu::row_store(d.rows_grad + u * dim, acc.data(), dim);
+    }
+  });
+}
+
+// Sort the lookups by row (stable), plan the segments, sum them, fold the long runs.
+template <typename scalar_t, typename weight_t, typename index_t>
+void embedding_bag_backward_impl(const EmbeddingBagBackwardInputs& in, at::Tensor& rows_out,
+                                 at::Tensor& rows_grad, at::Tensor& weights_grad) {
+  const int64_t n_lookups = in.indices.numel(), bag = in.indices.size(1);
+  const int64_t n_rows = in.values.size(0), dim = in.values.size(1);
+  const cpu::RowRuns runs = cpu::sort_by_row(in.indices.const_data_ptr<index_t>(), n_lookups,
+                                             n_rows, bag, "embedding_bag_backward");
+  const int64_t n_unique = static_cast<int64_t>(runs.run_begin.size()) - 1;
+
+  rows_out = at::empty({n_unique}, in.indices.options().dtype(at::kLong));
+  rows_grad = cpu::empty_large({n_unique, dim}, in.values.options());
+  if (in.need_weights_grad)
+    weights_grad = cpu::empty_large(in.indices.sizes(), in.weights.options());
+  const BackwardData<scalar_t, weight_t> d{
+      runs.sorted.data(),
+      in.values.const_data_ptr<scalar_t>(),
+      in.grad_out.const_data_ptr<scalar_t>(),
+      in.weights.const_data_ptr<weight_t>(),
+      in.need_weights_grad ? weights_grad.mutable_data_ptr<weight_t>() : nullptr,
+      rows_out.mutable_data_ptr<int64_t>(),
+      rows_grad.mutable_data_ptr<scalar_t>(),
+      bag,
+      dim};
+
+  const SegmentPlan plan = plan_segments(runs, n_lookups);
+  std::vector<acc_t<scalar_t>> partial(static_cast<size_t>(plan.n_slots * dim));
+  sum_segments(d, plan, partial.data());
+  if (!plan.long_runs.empty()) fold_long_runs(d, runs, plan, partial.data());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cpu(
-    const at::Tensor& grad_out_, const at::Tensor& values_, const at::Tensor& indices_,
-    const at::Tensor& weights_, bool need_weights_grad) {
-  check_embedding_bag_args("embedding_bag_backward", values_, indices_, weights_);
-  check_grad_out("embedding_bag_backward", grad_out_, values_, indices_);
-  TORCH_CHECK(indices_.numel() < (int64_t(1) << 32) && values_.size(0) < (int64_t(1) << 32),
-              "memory.embedding_bag_backward: more than 2^32 lookups or rows are not supported, got ",
-              indices_.numel(), " lookups and ", values_.size(0), " rows");
-  const auto values = values_.contiguous();
-  const auto indices = indices_.contiguous();
-  const auto weights = weights_.contiguous();
-  const auto grad_out = grad_out_.to(values.scalar_type()).contiguous();
-  at::Tensor rows, rows_grad;
-  at::Tensor weights_grad = need_weights_grad ? at::empty(indices.sizes(), weights.options())
-                                              : at::empty({0}, weights.options());
-  if (indices.numel() == 0) {
-    rows = at::empty({0}, indices.options().dtype(at::kLong));
-    rows_grad = at::empty({0, values.size(1)}, values.options());
-    return {rows, rows_grad, weights_grad};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "embedding_bag_backward_cpu", [&] {
-    using value_t = scalar_t;
-    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "embedding_bag_backward_cpu", [&] {
-      if (weights.scalar_type() == values.scalar_type())
-        embedding_bag_backward_impl<value_t, value_t, index_t>(grad_out, values, indices, weights,
-                                                               need_weights_grad, rows, rows_grad, weights_grad);
-      else
-        embedding_bag_backward_impl<value_t, float, index_t>(grad_out, values, indices, weights,
-                                                             need_weights_grad, rows, rows_grad, weights_grad);
-    });
-  });
+    const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& weights, bool need_weights_grad) {
+  check_embedding_bag_backward_args(grad_out, values, indices, weights);
+  const EmbeddingBagBackwardInputs in =
+      embedding_bag_backward_inputs(grad_out, values, indices, weights, need_weights_grad);
+  if (in.no_lookups()) return in.no_lookups_result();
+  at::Tensor rows, rows_grad, weights_grad = in.weights_grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, in.values.scalar_type(), "embedding_bag_backward_cpu", [&] {
+        using value_t = scalar_t;
+        AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "embedding_bag_backward_cpu", [&] {
+          if (in.weights.scalar_type() == in.values.scalar_type())
+            embedding_bag_backward_impl<value_t, value_t, index_t>(in, rows, rows_grad,
+                                                                   weights_grad);
+          else
+            embedding_bag_backward_impl<value_t, float, index_t>(in, rows, rows_grad, weights_grad);
+        });
+      });
   return {rows, rows_grad, weights_grad};
 }
 
-at::Tensor rows_to_dense_cpu(const at::Tensor& rows_, const at::Tensor& rows_grad_, int64_t n_rows) {
+at::Tensor rows_to_dense_cpu(const at::Tensor& rows_, const at::Tensor& rows_grad_,
+                             int64_t n_rows) {
   check_rows_to_dense_args(rows_, rows_grad_, n_rows);
   const auto rows = rows_.contiguous();
   const auto rows_grad = rows_grad_.contiguous();
   const int64_t U = rows.size(0), dim = rows_grad.size(1);
   const auto* R = rows.const_data_ptr<int64_t>();
-  for (int64_t u = 0; u < U; ++u) {
-    TORCH_CHECK(R[u] >= 0 && R[u] < n_rows, "memory.rows_to_dense: rows[", u, "] = ", R[u],
-                " is out of range for n_rows = ", n_rows);
-    TORCH_CHECK(u == 0 || R[u] > R[u - 1], "memory.rows_to_dense: rows must be strictly ascending, "
-                "but rows[", u - 1, "] = ", R[u - 1], " and rows[", u, "] = ", R[u]);
-  }
+  check_sparse_rows(kRowsToDenseRows, R, U, n_rows);
   auto out = cpu::empty_large({n_rows, dim}, rows_grad.options());
   if (out.numel() == 0) return out;
   const int64_t row_bytes = dim * rows_grad.element_size();

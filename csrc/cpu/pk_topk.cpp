@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "memory_ext/checks.h"
+#include "memory_ext/prologues.h"
 #include "topk_select.h"
 
 namespace memory_ext {
@@ -25,7 +26,8 @@ namespace {
 // block's scores (heads * 2 * block * n_keys) stay a few MiB.
 int64_t token_block(int64_t heads, int64_t n_keys) {
   const int64_t budget = int64_t(1) << 21;  // score elements per block
-  return std::max<int64_t>(16, std::min<int64_t>(512, budget / std::max<int64_t>(1, 2 * heads * n_keys)));
+  return std::max<int64_t>(
+      16, std::min<int64_t>(512, budget / std::max<int64_t>(1, 2 * heads * n_keys)));
 }
 
 // Generic path (float64 scores for gradcheck, or n_keys^2 beyond 32-bit indices).
@@ -41,11 +43,13 @@ void select_block(const S* scores, int64_t block, int64_t heads, int64_t n_keys,
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r / heads, h = r % heads;
       cpu::select_top(scores + ((h * 2) * block + t) * n_keys, n_keys, k, half0.data(), scratch);
-      cpu::select_top(scores + ((h * 2 + 1) * block + t) * n_keys, n_keys, k, half1.data(), scratch);
+      cpu::select_top(scores + ((h * 2 + 1) * block + t) * n_keys, n_keys, k, half1.data(),
+                      scratch);
       cand.clear();
       for (int64_t a = 0; a < k; ++a)
         for (int64_t b = 0; (a + 1) * (b + 1) <= k; ++b)
-          cand.push_back({half0[a].score + half1[b].score, half0[a].index * n_keys + half1[b].index});
+          cand.push_back(
+              {half0[a].score + half1[b].score, half0[a].index * n_keys + half1[b].index});
       cpu::keep_best(cand.data(), static_cast<int64_t>(cand.size()), k);
       S* os = out_scores + r * k;
       int64_t* oi = out_indices + r * k;
@@ -61,7 +65,8 @@ void select_block(const S* scores, int64_t block, int64_t heads, int64_t n_keys,
 // candidates, and both runs of sums are non-increasing, so their k-th largest comes from a
 // two-pointer merge. -inf (no pruning) unless every half score is finite.
 float pair_bar(const float* s0, const float* s1, int64_t k) {
-  if (!std::isfinite(s0[0]) || !std::isfinite(s0[k - 1]) || !std::isfinite(s1[0]) || !std::isfinite(s1[k - 1]))
+  if (!std::isfinite(s0[0]) || !std::isfinite(s0[k - 1]) || !std::isfinite(s1[0]) ||
+      !std::isfinite(s1[k - 1]))
     return -std::numeric_limits<float>::infinity();
   int64_t a = 0, b = 1;
   float kth = s0[0] + s1[0];
@@ -81,8 +86,8 @@ float pair_bar(const float* s0, const float* s1, int64_t k) {
 
 // float scores, n_keys^2 <= 2^32: packed 64-bit keys (topk_select.h), and the pair
 // candidates pruned by pair_bar before they are sorted.
-void select_block_packed(const float* scores, int64_t block, int64_t heads, int64_t n_keys, int64_t k,
-                         float* out_scores, int64_t* out_indices) {
+void select_block_packed(const float* scores, int64_t block, int64_t heads, int64_t n_keys,
+                         int64_t k, float* out_scores, int64_t* out_indices) {
   at::parallel_for(0, block * heads, 4, [&](int64_t r0, int64_t r1) {
     std::vector<uint64_t> half0(n_keys), half1(n_keys), cand;
     std::vector<float> scratch, s0(k), s1(k);
@@ -93,8 +98,10 @@ void select_block_packed(const float* scores, int64_t block, int64_t heads, int6
     const float z_guess = tail < 0.25 ? cpu::upper_quantile(tail) : 0.0f;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r / heads, h = r % heads;
-      cpu::select_top_packed(scores + ((h * 2) * block + t) * n_keys, n_keys, k, z_guess, half0.data(), scratch);
-      cpu::select_top_packed(scores + ((h * 2 + 1) * block + t) * n_keys, n_keys, k, z_guess, half1.data(), scratch);
+      cpu::select_top_packed(scores + ((h * 2) * block + t) * n_keys, n_keys, k, z_guess,
+                             half0.data(), scratch);
+      cpu::select_top_packed(scores + ((h * 2 + 1) * block + t) * n_keys, n_keys, k, z_guess,
+                             half1.data(), scratch);
       for (int64_t j = 0; j < k; ++j) {
         s0[j] = cpu::packed_score(half0[j]), i0[j] = cpu::packed_index(half0[j]) * n_keys;
         s1[j] = cpu::packed_score(half1[j]), i1[j] = cpu::packed_index(half1[j]);
@@ -119,14 +126,14 @@ void select_block_packed(const float* scores, int64_t block, int64_t heads, int6
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at::Tensor& keys, int64_t k) {
+std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at::Tensor& keys,
+                                               int64_t k) {
   check_pk_topk_args(query, keys, k);
   const int64_t tokens = query.size(0), heads = query.size(1);
   const int64_t n_keys = keys.size(2), half = keys.size(3);
   // Scores are float32 (float64 for float64 inputs, so gradcheck can run).
-  const auto score_type = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto scores = at::empty({tokens, heads, k}, query.options().dtype(score_type));
-  auto indices = at::empty({tokens, heads, k}, query.options().dtype(at::kLong));
+  const auto score_type = acc_dtype(query.scalar_type());
+  auto [scores, indices] = pk_topk_outputs(query, k);
   if (tokens == 0 || heads == 0) return {scores, indices};
 
   // (heads * 2, half, n_keys) in the score dtype: transposed once, reused by every block.
@@ -137,7 +144,8 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at
     for (int64_t t0 = 0; t0 < tokens; t0 += block) {
       const int64_t bt = std::min(block, tokens - t0);
       // (bt, heads, 2, half) -> (heads * 2, bt, half)
-      const auto q = query.narrow(0, t0, bt).to(score_type).reshape({bt, heads * 2, half}).transpose(0, 1);
+      const auto q =
+          query.narrow(0, t0, bt).to(score_type).reshape({bt, heads * 2, half}).transpose(0, 1);
       auto s = buffer.narrow(0, 0, heads * 2 * bt * n_keys).view({heads * 2, bt, n_keys});
       at::bmm_out(s, q, keys_t);
       scalar_t* out_scores = scores.mutable_data_ptr<scalar_t>() + t0 * heads * k;
@@ -149,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at
                             reinterpret_cast<float*>(out_scores), out_indices);
         continue;
       }
-      select_block<scalar_t>(s.const_data_ptr<scalar_t>(), bt, heads, n_keys, k, out_scores, out_indices);
+      select_block<scalar_t>(s.const_data_ptr<scalar_t>(), bt, heads, n_keys, k, out_scores,
+                             out_indices);
     }
   });
   return {scores, indices};

@@ -17,49 +17,47 @@ constexpr int64_t kAhead = 4;  // rows prefetched ahead
 
 // One row; restrict-qualified so that the loop vectorises (sqrt and divide included).
 template <typename scalar_t, typename state_t>
-MEMORY_EXT_CLONES void update_row(scalar_t* __restrict p, state_t* __restrict m, state_t* __restrict v,
-                                  const scalar_t* __restrict g, int64_t dim, const RowAdamCoefficients<state_t> c) {
+MEMORY_EXT_CLONES void update_row(scalar_t* __restrict p, state_t* __restrict m,
+                                  state_t* __restrict v, const scalar_t* __restrict g, int64_t dim,
+                                  const RowAdamCoefficients<state_t> c) {
   for (int64_t i = 0; i < dim; ++i) {
     p[i] = static_cast<scalar_t>(
         row_adam_element(static_cast<state_t>(p[i]), static_cast<state_t>(g[i]), m[i], v[i], c));
   }
 }
 
-void row_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const at::Tensor& rows_,
-                  const at::Tensor& rows_grad_, double lr, double beta1, double beta2, double eps,
-                  double weight_decay, int64_t step) {
+void row_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                  const at::Tensor& rows_, const at::Tensor& rows_grad_, double lr, double beta1,
+                  double beta2, double eps, double weight_decay, int64_t step) {
   check_row_adam_args(param, exp_avg, exp_avg_sq, rows_, rows_grad_, beta1, beta2, step);
   const auto rows = rows_.contiguous();
   const auto rows_grad = rows_grad_.contiguous();
   const int64_t U = rows.size(0), n_rows = param.size(0), dim = param.size(1);
   const auto* R = rows.const_data_ptr<int64_t>();
-  for (int64_t u = 0; u < U; ++u) {
-    TORCH_CHECK(R[u] >= 0 && R[u] < n_rows, "memory.row_adam_: rows[", u, "] = ", R[u],
-                " is out of range for a table of ", n_rows, " rows");
-    TORCH_CHECK(u == 0 || R[u] > R[u - 1], "memory.row_adam_: rows must be strictly ascending (a coalesced "
-                "gradient), but rows[", u - 1, "] = ", R[u - 1], " and rows[", u, "] = ", R[u]);
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param.scalar_type(), "row_adam_cpu", [&] {
-    using state_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const auto c = RowAdamCoefficients<state_t>::make(lr, beta1, beta2, eps, weight_decay, step);
-    scalar_t* P = param.mutable_data_ptr<scalar_t>();
-    state_t* M = exp_avg.mutable_data_ptr<state_t>();
-    state_t* V = exp_avg_sq.mutable_data_ptr<state_t>();
-    const scalar_t* G = rows_grad.const_data_ptr<scalar_t>();
-    at::parallel_for(0, U, 64, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        // The rows are scattered over the table: ask for the parameter and moment rows a
-        // few rows ahead so that their loads overlap this row's arithmetic.
-        if (u + kAhead < u1) {
-          const int64_t ahead = R[u + kAhead] * dim;
-          cpu::prefetch_row(P + ahead, dim * int64_t(sizeof(scalar_t)));
-          cpu::prefetch_row(M + ahead, dim * int64_t(sizeof(state_t)));
-          cpu::prefetch_row(V + ahead, dim * int64_t(sizeof(state_t)));
-        }
-        update_row(P + R[u] * dim, M + R[u] * dim, V + R[u] * dim, G + u * dim, dim, c);
-      }
-    });
-  });
+  check_sparse_rows(kRowAdamRows, R, U, n_rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, param.scalar_type(), "row_adam_cpu", [&] {
+        using state_t = acc_t<scalar_t>;
+        const auto c =
+            RowAdamCoefficients<state_t>::make(lr, beta1, beta2, eps, weight_decay, step);
+        scalar_t* P = param.mutable_data_ptr<scalar_t>();
+        state_t* M = exp_avg.mutable_data_ptr<state_t>();
+        state_t* V = exp_avg_sq.mutable_data_ptr<state_t>();
+        const scalar_t* G = rows_grad.const_data_ptr<scalar_t>();
+        at::parallel_for(0, U, 64, [&](int64_t u0, int64_t u1) {
+          for (int64_t u = u0; u < u1; ++u) {
+            // The rows are scattered over the table: ask for the parameter and moment rows a
+            // few rows ahead so that their loads overlap this row's arithmetic.
+            if (u + kAhead < u1) {
+              const int64_t ahead = R[u + kAhead] * dim;
+              cpu::prefetch_row(P + ahead, dim * int64_t(sizeof(scalar_t)));
+              cpu::prefetch_row(M + ahead, dim * int64_t(sizeof(state_t)));
+              cpu::prefetch_row(V + ahead, dim * int64_t(sizeof(state_t)));
+            }
+            update_row(P + R[u] * dim, M + R[u] * dim, V + R[u] * dim, G + u * dim, dim, c);
+          }
+        });
+      });
 }
 
 }  // namespace

@@ -12,8 +12,11 @@
 #include <cstring>
 #include <type_traits>
 
+#include "memory_ext/host_device.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define MEMORY_EXT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MEMORY_EXT_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MEMORY_EXT_CLONES
 #endif
@@ -22,18 +25,29 @@ namespace memory_ext::cpu {
 
 // Storage types the loops see: bf16 as raw bits (widened by a shift, which vectorises),
 // fp16 as the compiler's _Float16 (vcvtph2ps with F16C).
-template <typename scalar_t> struct raw_of { using type = scalar_t; };
-template <> struct raw_of<c10::BFloat16> { using type = uint16_t; };
-#if defined(__FLT16_MAX__)
-template <> struct raw_of<c10::Half> { using type = _Float16; };
-#else
-template <> struct raw_of<c10::Half> { using type = c10::Half; };
-#endif
-template <typename scalar_t> using raw_t = typename raw_of<scalar_t>::type;
-
-// float accumulation for every dtype but float64.
 template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+struct raw_of {
+  using type = scalar_t;
+};
+template <>
+struct raw_of<c10::BFloat16> {
+  using type = uint16_t;
+};
+#if defined(__FLT16_MAX__)
+template <>
+struct raw_of<c10::Half> {
+  using type = _Float16;
+};
+#else
+template <>
+struct raw_of<c10::Half> {
+  using type = c10::Half;
+};
+#endif
+template <typename scalar_t>
+using raw_t = typename raw_of<scalar_t>::type;
+
+using memory_ext::acc_t;  // float accumulation for every dtype but float64
 
 template <typename R>
 inline auto widen(R v) {
@@ -71,7 +85,8 @@ MEMORY_EXT_CLONES void row_scale(A* __restrict acc, const R* __restrict row, A w
 // a time (about 1.5x faster gathers from DRAM) and touches the accumulator a quarter as often.
 template <bool kFirst, typename R, typename A>
 MEMORY_EXT_CLONES void row_axpy4(A* __restrict acc, const R* __restrict r0, const R* __restrict r1,
-                                 const R* __restrict r2, const R* __restrict r3, const A* w, int64_t n) {
+                                 const R* __restrict r2, const R* __restrict r3, const A* w,
+                                 int64_t n) {
   const A w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
   for (int64_t i = 0; i < n; ++i) {
     const A sum = w0 * widen(r0[i]) + w1 * widen(r1[i]) + w2 * widen(r2[i]) + w3 * widen(r3[i]);
@@ -81,8 +96,9 @@ MEMORY_EXT_CLONES void row_axpy4(A* __restrict acc, const R* __restrict r0, cons
 
 // out[q] = sum_i a[i] * b_q[i] for four rows b_q sharing one a: 16 fixed lanes each.
 template <typename R, typename A>
-MEMORY_EXT_CLONES void row_dot4(const R* __restrict a, const R* __restrict b0, const R* __restrict b1,
-                                const R* __restrict b2, const R* __restrict b3, int64_t n, A* out) {
+MEMORY_EXT_CLONES void row_dot4(const R* __restrict a, const R* __restrict b0,
+                                const R* __restrict b1, const R* __restrict b2,
+                                const R* __restrict b3, int64_t n, A* out) {
   constexpr int L = 16;
   A l0[L] = {}, l1[L] = {}, l2[L] = {}, l3[L] = {};
   int64_t i = 0;

@@ -68,7 +68,8 @@ inline uint32_t packed_index(uint64_t key) { return ~uint32_t(key); }
 // Sorts the best min(k, count) keys of keys[0..count) first, best first; returns how many.
 inline int64_t keep_best_packed(uint64_t* keys, int64_t count, int64_t k) {
   const int64_t kept = std::min(k, count);
-  if (count > kept) std::nth_element(keys, keys + (kept - 1), keys + count, std::greater<uint64_t>());
+  if (count > kept)
+    std::nth_element(keys, keys + (kept - 1), keys + count, std::greater<uint64_t>());
   std::sort(keys, keys + kept, std::greater<uint64_t>());
   return kept;
 }
@@ -117,7 +118,8 @@ inline float upper_quantile(double tail) {
 }
 
 // Mean and standard deviation of row[0..n), in 16 fixed lanes so that it vectorises.
-MEMORY_EXT_CLONES inline void row_moments(const float* __restrict row, int64_t n, float& mean, float& sd) {
+MEMORY_EXT_CLONES inline void row_moments(const float* __restrict row, int64_t n, float& mean,
+                                          float& sd) {
   float s[16] = {}, q[16] = {};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)

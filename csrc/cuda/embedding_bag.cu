@@ -22,6 +22,7 @@
 #include "memory_ext/checks.h"
 #include "memory_ext/cuda_utils.cuh"
 #include "memory_ext/index_checks.h"
+#include "memory_ext/prologues.h"
 #include "rows_to_dense_kernel.cuh"
 
 namespace memory_ext {
@@ -36,10 +37,16 @@ using cuda::rows_to_dense_kernel;
 // Raises the CPU kernels' error for the lookup at flat position `pos` (error path only:
 // it reads the bad value back from the device).
 [[noreturn]] void fail_index(const char* op, const at::Tensor& indices, int64_t pos, int64_t rows) {
-  const int64_t bag = indices.size(1);
-  const int64_t value = indices.reshape({-1})[pos].item<int64_t>();
-  TORCH_CHECK(false, "memory.", op, ": index out of range: indices[", pos / bag, ", ", pos % bag,
-              "] = ", value, " but values has ", rows, " rows");
+  fail_index_out_of_range(op, pos, indices.size(1), indices.reshape({-1})[pos].item<int64_t>(),
+                          rows);
+}
+
+// uint32 data kept in int32 tensors.
+const uint32_t* as_u32(const at::Tensor& t) {
+  return reinterpret_cast<const uint32_t*>(t.const_data_ptr<int32_t>());
+}
+uint32_t* as_mutable_u32(at::Tensor& t) {
+  return reinterpret_cast<uint32_t*>(t.mutable_data_ptr<int32_t>());
 }
 
 at::Tensor embedding_bag_cuda(const at::Tensor& values_, const at::Tensor& indices_,
@@ -66,7 +73,8 @@ at::Tensor embedding_bag_cuda(const at::Tensor& values_, const at::Tensor& indic
   a.dim = values.size(1);
   a.idx64 = indices.scalar_type() == at::kLong;
   a.w_f32 = weights.scalar_type() == at::kFloat;
-  a.first_bad = check ? reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>()) : nullptr;
+  a.first_bad = check ? reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>())
+                      : nullptr;
   cuda::launch_embedding_bag(values.scalar_type(), a, c10::cuda::getCurrentCUDAStream());
   if (check) {
     const int64_t bad = first_bad.item<int64_t>();  // the one synchronisation
@@ -76,75 +84,72 @@ at::Tensor embedding_bag_cuda(const at::Tensor& values_, const at::Tensor& indic
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cuda(
-    const at::Tensor& grad_out_, const at::Tensor& values_, const at::Tensor& indices_,
-    const at::Tensor& weights_, bool need_weights_grad) {
-  check_embedding_bag_args("embedding_bag_backward", values_, indices_, weights_);
-  check_grad_out("embedding_bag_backward", grad_out_, values_, indices_);
-  TORCH_CHECK(indices_.numel() < (int64_t(1) << 32) && values_.size(0) < (int64_t(1) << 32),
-              "memory.embedding_bag_backward: more than 2^32 lookups or rows are not supported, got ",
-              indices_.numel(), " lookups and ", values_.size(0), " rows");
-  const c10::cuda::CUDAGuard guard(values_.device());
-  const auto values = values_.contiguous();
-  const auto indices = indices_.contiguous();
-  const auto weights = weights_.contiguous();
-  const auto grad_out = grad_out_.to(values.scalar_type()).contiguous();
-  const int64_t dim = values.size(1);
-  at::Tensor weights_grad = need_weights_grad ? at::empty(indices.sizes(), weights.options())
-                                              : at::empty({0}, weights.options());
-  const auto long_opts = indices.options().dtype(at::kLong);
-  if (indices.numel() == 0)
-    return {at::empty({0}, long_opts), at::empty({0, dim}, values.options()), weights_grad};
+    const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& weights, bool need_weights_grad) {
+  check_embedding_bag_backward_args(grad_out, values, indices, weights);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const EmbeddingBagBackwardInputs in =
+      embedding_bag_backward_inputs(grad_out, values, indices, weights, need_weights_grad);
+  if (in.no_lookups()) return in.no_lookups_result();
+  const int64_t dim = in.values.size(1), n_rows = in.values.size(0);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const cuda::RowGroups g = cuda::group_by_row(indices, values.size(0), stream);
-  if (g.first_bad >= 0) {
-    if (index_checks_enabled()) fail_index("embedding_bag_backward", indices, g.first_bad, values.size(0));
-    // Bad lookups are skipped: their weight gradient is zero.
-    if (need_weights_grad) weights_grad.zero_();
+  const cuda::RowGroups g = cuda::group_by_row(in.indices, n_rows, stream);
+  switch (cuda::bad_lookup_action(g.first_bad, index_checks_enabled())) {
+    case cuda::BadLookups::kNone:
+      break;
+    case cuda::BadLookups::kRaise:
+      fail_index("embedding_bag_backward", in.indices, g.first_bad, n_rows);
+    case cuda::BadLookups::kSkip:
+      if (need_weights_grad) in.weights_grad.zero_();
+      break;
   }
 
-  at::Tensor rows = at::empty({g.n_runs}, long_opts);
-  at::Tensor rows_grad = at::empty({g.n_runs, dim}, values.options());
-  const auto acc_type = values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor rows = at::empty({g.n_runs}, in.indices.options().dtype(at::kLong));
+  at::Tensor rows_grad = at::empty({g.n_runs, dim}, in.values.options());
   at::Tensor partial, long_runs;
   if (g.n_long_slots > 0) {
-    partial = at::empty({g.n_long_slots, dim}, values.options().dtype(acc_type));
-    long_runs = at::empty({g.n_long_runs}, indices.options().dtype(at::kInt));
+    partial = at::empty({g.n_long_slots, dim},
+                        in.values.options().dtype(acc_dtype(in.values.scalar_type())));
+    long_runs = at::empty({g.n_long_runs}, in.indices.options().dtype(at::kInt));
   }
   cuda::BackwardArgs a{};
-  a.grad_out = grad_out.const_data_ptr();
-  a.values = values.const_data_ptr();
-  a.weights = weights.const_data_ptr();
-  a.weights_grad = need_weights_grad ? weights_grad.mutable_data_ptr() : nullptr;
-  a.keys = reinterpret_cast<const uint32_t*>(g.keys.const_data_ptr<int32_t>());
-  a.positions = reinterpret_cast<const uint32_t*>(g.positions.const_data_ptr<int32_t>());
-  a.run_begin = reinterpret_cast<const uint32_t*>(g.run_begin.const_data_ptr<int32_t>());
+  a.grad_out = in.grad_out.const_data_ptr();
+  a.values = in.values.const_data_ptr();
+  a.weights = in.weights.const_data_ptr();
+  a.weights_grad = need_weights_grad ? in.weights_grad.mutable_data_ptr() : nullptr;
+  a.keys = as_u32(g.keys);
+  a.positions = as_u32(g.positions);
+  a.run_begin = as_u32(g.run_begin);
   a.plan = reinterpret_cast<const cuda::RunPlan*>(g.plan.const_data_ptr());
   a.rows_out = rows.mutable_data_ptr<int64_t>();
   a.rows_grad = rows_grad.mutable_data_ptr();
   a.partial = partial.defined() ? partial.mutable_data_ptr() : nullptr;
-  a.long_runs = long_runs.defined() ? reinterpret_cast<uint32_t*>(long_runs.mutable_data_ptr<int32_t>()) : nullptr;
-  a.bag = indices.size(1);
+  a.long_runs = long_runs.defined() ? as_mutable_u32(long_runs) : nullptr;
+  a.bag = in.indices.size(1);
   a.dim = dim;
   a.n_runs = g.n_runs;
   a.n_segments = g.n_segments;
   a.n_long_runs = g.n_long_runs;
-  a.w_f32 = weights.scalar_type() == at::kFloat;
-  cuda::launch_embedding_bag_backward(values.scalar_type(), a, stream);
-  return {rows, rows_grad, weights_grad};
+  a.w_f32 = in.weights.scalar_type() == at::kFloat;
+  cuda::launch_embedding_bag_backward(in.values.scalar_type(), a, stream);
+  return {rows, rows_grad, in.weights_grad};
 }
 
 template <typename W>
-void launch_dense(const at::Tensor& rows, const at::Tensor& rows_grad, at::Tensor& out, cudaStream_t stream) {
+void launch_dense(const at::Tensor& rows, const at::Tensor& rows_grad, at::Tensor& out,
+                  cudaStream_t stream) {
   const int64_t n_rows = out.size(0);
   const int64_t units = out.size(1) * out.element_size() / int64_t(sizeof(W));
   rows_to_dense_kernel<W><<<grid_for(n_rows, kDenseRows), kDenseBlock, 0, stream>>>(
-      rows.const_data_ptr<int64_t>(), rows.size(0), static_cast<const W*>(rows_grad.const_data_ptr()),
-      static_cast<W*>(out.mutable_data_ptr()), n_rows, units);
+      rows.const_data_ptr<int64_t>(), rows.size(0),
+      static_cast<const W*>(rows_grad.const_data_ptr()), static_cast<W*>(out.mutable_data_ptr()),
+      n_rows, units);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_grad_, int64_t n_rows) {
+at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_grad_,
+                              int64_t n_rows) {
   check_rows_to_dense_args(rows_, rows_grad_, n_rows);
   const c10::cuda::CUDAGuard guard(rows_grad_.device());
   const auto rows = rows_.contiguous();
@@ -161,30 +166,29 @@ at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_gr
     if (u >= 0) {
       const at::Tensor near = rows.narrow(0, std::max<int64_t>(u - 1, 0), u > 0 ? 2 : 1).cpu();
       const int64_t r = near[u > 0 ? 1 : 0].item<int64_t>();
-      TORCH_CHECK(r >= 0 && r < n_rows, "memory.rows_to_dense: rows[", u, "] = ", r,
-                  " is out of range for n_rows = ", n_rows);
-      TORCH_CHECK(false, "memory.rows_to_dense: rows must be strictly ascending, but rows[", u - 1,
-                  "] = ", near[0].item<int64_t>(), " and rows[", u, "] = ", r);
+      fail_sparse_row(kRowsToDenseRows, u, near[0].item<int64_t>(), r, n_rows);
     }
   }
   auto out = at::empty({n_rows, rows_grad.size(1)}, rows_grad.options());
   if (out.numel() == 0) return out;
-  // Copy unit: the widest of 16/8/4/2/1 bytes that divides a row and both base addresses
-  // (rows_to_dense moves bytes, so any dtype works).
-  const int64_t row_bytes = out.size(1) * out.element_size();
-  const void* src = rows_grad.const_data_ptr();
-  const void* dst = out.const_data_ptr();
-  auto fits = [&](int64_t w) { return row_bytes % w == 0 && cuda::is_aligned(src, w) && cuda::is_aligned(dst, w); };
-  if (fits(16))
-    launch_dense<uint4>(rows, rows_grad, out, stream);
-  else if (fits(8))
-    launch_dense<unsigned long long>(rows, rows_grad, out, stream);
-  else if (fits(4))
-    launch_dense<unsigned int>(rows, rows_grad, out, stream);
-  else if (fits(2))
-    launch_dense<unsigned short>(rows, rows_grad, out, stream);
-  else
-    launch_dense<unsigned char>(rows, rows_grad, out, stream);
+  // Any dtype works: rows_to_dense moves bytes, in the widest unit that fits.
+  switch (cuda::dense_copy_unit(out.size(1) * out.element_size(), rows_grad.const_data_ptr(),
+                                out.const_data_ptr())) {
+    case 16:
+      launch_dense<uint4>(rows, rows_grad, out, stream);
+      break;
+    case 8:
+      launch_dense<unsigned long long>(rows, rows_grad, out, stream);
+      break;
+    case 4:
+      launch_dense<unsigned int>(rows, rows_grad, out, stream);
+      break;
+    case 2:
+      launch_dense<unsigned short>(rows, rows_grad, out, stream);
+      break;
+    default:
+      launch_dense<unsigned char>(rows, rows_grad, out, stream);
+  }
   return out;
 }
 

@@ -8,7 +8,8 @@
 
 namespace memory_ext::cuda {
 
-void launch_embedding_bag_backward(c10::ScalarType value_type, const BackwardArgs& a, cudaStream_t stream) {
+void launch_embedding_bag_backward(c10::ScalarType value_type, const BackwardArgs& a,
+                                   cudaStream_t stream) {
   if (a.n_segments == 0) return;
   dispatch_value_type(value_type, "embedding_bag_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -21,8 +22,7 @@ void launch_embedding_bag_backward(c10::ScalarType value_type, const BackwardArg
       });
     };
     constexpr int kV = kVec16<T>;
-    if ((a.dim % kV) == 0 && is_aligned(a.values, 16) && is_aligned(a.grad_out, 16) &&
-        is_aligned(a.rows_grad, 16) && is_aligned(a.partial, 16))
+    if (use_vector_path(a.dim, kV, {a.values, a.grad_out, a.rows_grad, a.partial}))
       run.template operator()<kV>();
     else
       run.template operator()<1>();

@@ -27,7 +27,8 @@ constexpr int backward_block(int g) { return g > 32 ? g : 128; }
 // groups loop over column tiles of G * VPT * VEC for rows wider than one tile, keeping
 // the weight-gradient partial sums of the segment in shared memory between tiles.
 template <typename T, int VEC, int G, int VPT, int R, bool TILED>
-__global__ void __launch_bounds__(backward_block(G)) embedding_bag_backward_kernel(const BackwardArgs a) {
+__global__ void __launch_bounds__(backward_block(G))
+    embedding_bag_backward_kernel(const BackwardArgs a) {
   using A = acc_t<T>;
   using VecT = Vec<T, VEC>;
   constexpr int kBlock = backward_block(G);
@@ -56,7 +57,10 @@ __global__ void __launch_bounds__(backward_block(G)) embedding_bag_backward_kern
     int64_t lo = 0, hi = a.n_runs;
     while (hi - lo > 1) {
       const int64_t mid = (lo + hi) / 2;
-      if (int64_t(a.plan[mid].seg) <= seg) lo = mid; else hi = mid;
+      if (int64_t(a.plan[mid].seg) <= seg)
+        lo = mid;
+      else
+        hi = mid;
     }
     const int64_t u = lo;
     const int64_t run_b = a.run_begin[u], run_e = a.run_begin[u + 1];
@@ -71,7 +75,9 @@ __global__ void __launch_bounds__(backward_block(G)) embedding_bag_backward_kern
     }
     const T* V = static_cast<const T*>(a.values) + row * a.dim;
     T* out_row = static_cast<T*>(a.rows_grad) + u * a.dim;
-    A* part_row = n_seg > 1 ? static_cast<A*>(a.partial) + (int64_t(a.plan[u].long_slot) + k) * a.dim : nullptr;
+    A* part_row = n_seg > 1
+                      ? static_cast<A*>(a.partial) + (int64_t(a.plan[u].long_slot) + k) * a.dim
+                      : nullptr;
 
     const int64_t n_tiles = TILED ? ceil_div(a.dim, kTile) : 1;
     for (int64_t tile = 0; tile < n_tiles; ++tile) {
@@ -190,7 +196,8 @@ constexpr int kReduceBlock = 256;
 
 // rows_grad[u] = sum of the run's partial rows, in segment order.
 template <typename T>
-__global__ void __launch_bounds__(kReduceBlock) embedding_bag_backward_reduce_kernel(const BackwardArgs a) {
+__global__ void __launch_bounds__(kReduceBlock)
+    embedding_bag_backward_reduce_kernel(const BackwardArgs a) {
   using A = acc_t<T>;
   const A* P = static_cast<const A*>(a.partial);
   T* RG = static_cast<T*>(a.rows_grad);
@@ -205,7 +212,8 @@ __global__ void __launch_bounds__(kReduceBlock) embedding_bag_backward_reduce_ke
     // Four loads in flight, added strictly in segment order.
     int64_t i = 1;
     for (; i + 4 <= n_seg; i += 4) {
-      const A x0 = p[i * a.dim], x1 = p[(i + 1) * a.dim], x2 = p[(i + 2) * a.dim], x3 = p[(i + 3) * a.dim];
+      const A x0 = p[i * a.dim], x1 = p[(i + 1) * a.dim], x2 = p[(i + 2) * a.dim],
+              x3 = p[(i + 3) * a.dim];
       s += x0;
       s += x1;
       s += x2;

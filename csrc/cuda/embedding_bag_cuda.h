@@ -33,11 +33,11 @@ struct RowGroups {
   at::Tensor positions;  // (n,) uint32: flat lookup positions, ascending within a row
   at::Tensor run_begin;  // (n + 1,) uint32: first sorted position of each run, then n
   at::Tensor plan;       // (n + 1,) RunPlan, as bytes
-  int64_t n_runs = 0;        // runs of valid rows (a run of bad indices, if any, follows them)
+  int64_t n_runs = 0;    // runs of valid rows (a run of bad indices, if any, follows them)
   int64_t n_segments = 0;
   int64_t n_long_slots = 0;  // partial-sum rows needed
   int64_t n_long_runs = 0;
-  int64_t first_bad = -1;    // lowest flat position of an out-of-range index, or -1
+  int64_t first_bad = -1;  // lowest flat position of an out-of-range index, or -1
 };
 
 // Stable grouping of the flat lookup positions of `indices` by row, on the current

@@ -14,12 +14,13 @@ void launch_embedding_bag(c10::ScalarType value_type, const ForwardArgs& a, cuda
     auto run = [&]<int VEC>() {
       with_forward_shape<VEC>(a.dim / VEC, [&]<int G, int VPL>() {
         const int64_t items = a.tokens * ceil_div(a.dim, int64_t(G) * VPL * VEC);
-        embedding_bag_kernel<T, VEC, G, VPL><<<grid_for(items, kForwardBlock / G), kForwardBlock, 0, stream>>>(a);
+        embedding_bag_kernel<T, VEC, G, VPL>
+            <<<grid_for(items, kForwardBlock / G), kForwardBlock, 0, stream>>>(a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     };
     constexpr int kV = kVec16<T>;
-    if ((a.dim % kV) == 0 && is_aligned(a.values, 16) && is_aligned(a.out, 16))
+    if (use_vector_path(a.dim, kV, {a.values, a.out}))
       run.template operator()<kV>();
     else
       run.template operator()<1>();

@@ -13,8 +13,8 @@ struct ForwardArgs {
   const void* weights;  // (tokens, bag) float32 or value type
   void* out;            // (tokens, dim) value type
   int64_t tokens, bag, rows, dim;
-  bool idx64;           // indices are int64
-  bool w_f32;           // weights are float32 (else the value type)
+  bool idx64;                     // indices are int64
+  bool w_f32;                     // weights are float32 (else the value type)
   unsigned long long* first_bad;  // lowest bad flat position (atomicMin), or null
 };
 
@@ -40,10 +40,10 @@ struct BackwardArgs {
   const uint32_t* positions;
   const uint32_t* run_begin;
   const RunPlan* plan;
-  int64_t* rows_out;     // (n_runs,)
-  void* rows_grad;       // (n_runs, dim) value type
-  void* partial;         // (n_long_slots, dim) accumulator type
-  uint32_t* long_runs;   // (n_long_runs,)
+  int64_t* rows_out;    // (n_runs,)
+  void* rows_grad;      // (n_runs, dim) value type
+  void* partial;        // (n_long_slots, dim) accumulator type
+  uint32_t* long_runs;  // (n_long_runs,)
   int64_t bag, dim, n_runs, n_segments, n_long_runs;
   bool w_f32;
 };

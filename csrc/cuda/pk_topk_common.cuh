@@ -1,78 +1,25 @@
 // Pieces of the fused product-key top-k that are plain arithmetic: tile constants, the
 // ordered keys the selection sorts, the shared-memory layout and the launch parameters.
-// Everything here compiles as host C++ too, so the launcher, the kernel and the CPU
-// emulation of the kernel (tests/pk_topk_emulate.cpp) use one definition of each.
+// Everything here compiles as host C++ too (MEMORY_EXT_HD), so the launcher, the kernel and
+// the CPU emulation of the kernel (tests/pk_topk_emulate.cpp) use one definition of each.
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
-#if defined(__CUDACC__)
-#define PK_HD __host__ __device__ __forceinline__
-#define PK_FN __device__ __forceinline__
-#define PK_UNROLL _Pragma("unroll")
-#else
-#define PK_HD inline
-#define PK_FN inline
-#define PK_UNROLL
-#endif
+#include "memory_ext/host_device.h"
 
-namespace memory_ext::pk {
+namespace memory_ext::cuda::pk {
 
-constexpr int kWarp = 32;
-constexpr int kRowsPerWarp = 16;  // one mma M tile: each warp owns 16 tokens
-constexpr int kTileKeys = 64;     // sub-keys scored per tile (BK)
+constexpr int kRowsPerWarp = 16;               // one mma M tile: each warp owns 16 tokens
+constexpr int kTileKeys = 64;                  // sub-keys scored per tile (BK)
 constexpr int kScratchStride = kTileKeys + 8;  // 72 = 8 mod 32 words: conflict-free float2 stores
-constexpr int kMmaChunk = 64;     // half-dims per pipelined sub-key chunk (tensor-core path)
+constexpr int kMmaChunk = 64;  // half-dims per pipelined sub-key chunk (tensor-core path)
 constexpr int kMmaChunkStride = kMmaChunk + 8;  // 36 words = 4 mod 32: conflict-free fragment loads
-constexpr int kStages = 3;        // cp.async pipeline depth
-constexpr int kPlainChunk = 32;   // half-dims per chunk (plain FMA path)
-constexpr int kPlainStride = kPlainChunk + 1;  // odd stride: lanes read distinct banks
-constexpr int kBufCap = 64;       // candidate buffer per row; flushed when it cannot take 32 more
+constexpr int kStages = 3;                      // cp.async pipeline depth
+constexpr int kPlainChunk = 32;                 // half-dims per chunk (plain FMA path)
+constexpr int kPlainStride = kPlainChunk + 1;   // odd stride: lanes read distinct banks
+constexpr int kBufCap = 64;  // candidate buffer per row; flushed when it cannot take 32 more
 constexpr int kMaxWarps = 8;
-
-// ---------------------------------------------------------------------------------------
-// Bit casts.
-
-PK_HD uint32_t float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return u;
-#endif
-}
-
-PK_HD float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-#endif
-}
-
-PK_HD uint64_t double_bits(double x) {
-#if defined(__CUDA_ARCH__)
-  return static_cast<uint64_t>(__double_as_longlong(x));
-#else
-  uint64_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return u;
-#endif
-}
-
-PK_HD double bits_double(uint64_t u) {
-#if defined(__CUDA_ARCH__)
-  return __longlong_as_double(static_cast<long long>(u));
-#else
-  double x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-#endif
-}
 
 // ---------------------------------------------------------------------------------------
 // Ordered keys. A (score, index) entry becomes one integer-like key whose unsigned order
@@ -82,35 +29,38 @@ PK_HD double bits_double(uint64_t u) {
 // +0 (they compare equal as floats); NaN ranks above +inf, as in torch.topk. The all-zero
 // key is below every real entry and marks empty slots.
 
-// Monotone map float -> uint32.
-PK_HD uint32_t order_bits(float s) {
-  uint32_t u = float_bits(s);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
-    u = 0x7FFFFFFFu;
-  } else if (u == 0x80000000u) {
-    u = 0u;
-  }
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
+// Monotone map of a float type F onto the unsigned type U of its size.
+template <typename F>
+struct OrderTraits;
+template <>
+struct OrderTraits<float> {
+  using U = uint32_t;
+  static constexpr U kInfinity = 0x7F800000u;
+};
+template <>
+struct OrderTraits<double> {
+  using U = uint64_t;
+  static constexpr U kInfinity = 0x7FF0000000000000ull;
+};
 
-PK_HD float order_bits_to_float(uint32_t o) {
-  return bits_float((o & 0x80000000u) ? (o & 0x7FFFFFFFu) : ~o);
-}
-
-PK_HD uint64_t order_bits(double s) {
-  uint64_t u = double_bits(s);
-  constexpr uint64_t sign = 0x8000000000000000ull;
-  if ((u & ~sign) > 0x7FF0000000000000ull) {
-    u = ~sign;
+template <typename F>
+MEMORY_EXT_HD typename OrderTraits<F>::U order_bits(F s) {
+  using U = typename OrderTraits<F>::U;
+  constexpr U sign = U(1) << (8 * sizeof(U) - 1);
+  U u = bit_cast<U>(s);
+  if ((u & ~sign) > OrderTraits<F>::kInfinity) {
+    u = ~sign;  // every NaN is the largest NaN
   } else if (u == sign) {
-    u = 0u;
+    u = 0u;  // -0 is +0
   }
   return (u & sign) ? ~u : (u | sign);
 }
 
-PK_HD double order_bits_to_double(uint64_t o) {
-  constexpr uint64_t sign = 0x8000000000000000ull;
-  return bits_double((o & sign) ? (o & ~sign) : ~o);
+template <typename F>
+MEMORY_EXT_HD F order_bits_to(typename OrderTraits<F>::U o) {
+  using U = typename OrderTraits<F>::U;
+  constexpr U sign = U(1) << (8 * sizeof(U) - 1);
+  return bit_cast<F>((o & sign) ? (o & ~sign) : ~o);
 }
 
 // float scores: 32 order bits, then the inverted 32-bit index.
@@ -118,14 +68,14 @@ struct KeyF {
   using Score = float;
   uint64_t v;
 
-  PK_HD static KeyF sentinel() { return KeyF{0}; }
-  PK_HD static KeyF make(float s, uint32_t index) {
+  MEMORY_EXT_HD static KeyF sentinel() { return KeyF{0}; }
+  MEMORY_EXT_HD static KeyF make(float s, uint32_t index) {
     return KeyF{(static_cast<uint64_t>(order_bits(s)) << 32) | (0xFFFFFFFFu - index)};
   }
-  PK_HD float score() const { return order_bits_to_float(static_cast<uint32_t>(v >> 32)); }
-  PK_HD uint32_t index() const { return 0xFFFFFFFFu - static_cast<uint32_t>(v); }
-  PK_HD bool empty() const { return v == 0; }
-  PK_HD bool operator>(const KeyF& o) const { return v > o.v; }
+  MEMORY_EXT_HD float score() const { return order_bits_to<float>(static_cast<uint32_t>(v >> 32)); }
+  MEMORY_EXT_HD uint32_t index() const { return 0xFFFFFFFFu - static_cast<uint32_t>(v); }
+  MEMORY_EXT_HD bool empty() const { return v == 0; }
+  MEMORY_EXT_HD bool operator>(const KeyF& o) const { return v > o.v; }
 };
 
 // double scores: 64 order bits, then the inverted index.
@@ -135,14 +85,14 @@ struct alignas(16) KeyD {
   uint32_t inv;
   uint32_t pad;
 
-  PK_HD static KeyD sentinel() { return KeyD{0, 0, 0}; }
-  PK_HD static KeyD make(double score, uint32_t index) {
+  MEMORY_EXT_HD static KeyD sentinel() { return KeyD{0, 0, 0}; }
+  MEMORY_EXT_HD static KeyD make(double score, uint32_t index) {
     return KeyD{order_bits(score), 0xFFFFFFFFu - index, 0};
   }
-  PK_HD double score() const { return order_bits_to_double(s); }
-  PK_HD uint32_t index() const { return 0xFFFFFFFFu - inv; }
-  PK_HD bool empty() const { return s == 0 && inv == 0; }
-  PK_HD bool operator>(const KeyD& o) const { return s > o.s || (s == o.s && inv > o.inv); }
+  MEMORY_EXT_HD double score() const { return order_bits_to<double>(s); }
+  MEMORY_EXT_HD uint32_t index() const { return 0xFFFFFFFFu - inv; }
+  MEMORY_EXT_HD bool empty() const { return s == 0 && inv == 0; }
+  MEMORY_EXT_HD bool operator>(const KeyD& o) const { return s > o.s || (s == o.s && inv > o.inv); }
 };
 
 template <typename S>
@@ -159,7 +109,7 @@ struct KeyOf<double> {
 // ---------------------------------------------------------------------------------------
 // Sizes.
 
-PK_HD int next_pow2(int x) {
+MEMORY_EXT_HD int next_pow2(int x) {
   int p = 1;
   while (p < x) p <<= 1;
   return p;
@@ -168,13 +118,13 @@ PK_HD int next_pow2(int x) {
 // Pairs (a, b) of half ranks with (a + 1) * (b + 1) <= k: the only ones that can reach the
 // top k of the sum, because a pair at ranks (a, b) is beaten by every pair above-left of
 // it in the sorted grid.
-PK_HD int pair_count(int k) {
+MEMORY_EXT_HD int pair_count(int k) {
   int n = 0;
   for (int a = 1; a <= k; ++a) n += k / a;
   return n;
 }
 
-PK_HD int align16(int x) { return (x + 15) & ~15; }
+MEMORY_EXT_HD int align16(int x) { return (x + 15) & ~15; }
 
 // Shared memory of one CTA (16 * nwarps tokens of one head), in bytes:
 //   [stage]   sub-key chunks in flight (tensor-core path) or the query and sub-key chunk
@@ -191,8 +141,8 @@ struct SmemLayout {
   int total;
 };
 
-PK_HD SmemLayout make_layout(bool tensor_cores, int score_bytes, int key_bytes, int nwarps,
-                             int kp, int k, int npairs) {
+MEMORY_EXT_HD SmemLayout make_layout(bool tensor_cores, int score_bytes, int key_bytes, int nwarps,
+                                     int kp, int k, int npairs) {
   SmemLayout l{};
   const int rows = nwarps * kRowsPerWarp;
   const int stage = tensor_cores ? kStages * kTileKeys * kMmaChunkStride * 2
@@ -216,13 +166,49 @@ PK_HD SmemLayout make_layout(bool tensor_cores, int score_bytes, int key_bytes, 
 struct Params {
   const void* query;  // (tokens, heads, 2 * half), any strides (elements)
   int64_t q_stride_t, q_stride_h, q_stride_d;
-  const void* keys;   // (heads, 2, n_keys, half), contiguous
-  void* scores;       // (tokens, heads, k) float32 / float64
-  int64_t* indices;   // (tokens, heads, k)
+  const void* keys;  // (heads, 2, n_keys, half), contiguous
+  void* scores;      // (tokens, heads, k) float32 / float64
+  int64_t* indices;  // (tokens, heads, k)
   int64_t tokens;
   int heads, n_keys, half, k, kp, npairs, nwarps;
-  int vector_keys;    // sub-key rows are 16-byte aligned: cp.async 16-byte copies
+  int vector_keys;  // sub-key rows are 16-byte aligned: cp.async 16-byte copies
   SmemLayout layout;
 };
 
-}  // namespace memory_ext::pk
+// ---------------------------------------------------------------------------------------
+// Launch decisions (host).
+
+// Tensor cores need bf16/fp16 inputs, sm_80 (mma.m16n8k16, cp.async) and the query half in
+// registers (half <= 512); everything else takes the plain path.
+inline bool use_tensor_cores(bool bf16_or_fp16, int64_t half, int cc_major) {
+  return bf16_or_fp16 && cc_major >= 8 && half <= 512;
+}
+
+// k16-steps of query the tensor-core kernel keeps in registers (its kHk).
+inline int query_k16_steps(int64_t half) { return half <= 256 ? 16 : 32; }
+
+// Warps per CTA (16 tokens each), from blocks_per_sm[i], the CTAs of 2^i warps one SM holds
+// (0: that size does not fit). More tokens per CTA means fewer sub-key reads from L2, but
+// each token needs (2 kp + 64) keys of shared memory; the choice maximises the warps kept
+// busy on the whole GPU (residency capped by the number of CTAs there are), preferring
+// smaller CTAs on ties. forced (1, 2, 4 or 8) wins where it fits. 0: no size fits.
+inline int choose_warps(const int (&blocks_per_sm)[4], int sms, int64_t tokens, int64_t heads,
+                        int forced) {
+  static_assert(kMaxWarps == 8, "blocks_per_sm has one entry per size 1, 2, 4, 8");
+  int best = 0;
+  int64_t best_busy = -1;
+  for (int i = 0, nw = 1; nw <= kMaxWarps; ++i, nw *= 2) {
+    if (blocks_per_sm[i] == 0) continue;
+    if (forced == nw) return nw;
+    const int64_t ctas = (tokens + nw * kRowsPerWarp - 1) / (nw * kRowsPerWarp) * heads;
+    const int64_t resident = static_cast<int64_t>(blocks_per_sm[i]) * sms;
+    const int64_t busy = (resident < ctas ? resident : ctas) * nw;
+    if (busy > best_busy) {
+      best_busy = busy;
+      best = nw;
+    }
+  }
+  return best;
+}
+
+}  // namespace memory_ext::cuda::pk

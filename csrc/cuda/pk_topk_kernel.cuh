@@ -10,44 +10,38 @@
 // sorted half lists of each of its tokens over the pairs with rank product <= k and writes
 // the k best.
 //
-// The primitives (lane_id, warp_sync, block_sync, warp_ballot, warp_any, popc,
-// lanemask_lt, lds_u32, sts_f2, half_bits_to_float, mma_16816, cp_async_*) come from
-// pk_topk_device.cuh on the GPU, or from the CPU emulation in tests/pk_topk_emulate.cpp.
+// Written in plain CUDA and the helpers of memory_ext/cuda_device.cuh and cuda_sm80.cuh,
+// with no torch types, so tests/pk_topk_emulate.cpp runs this source on the CPU.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
+#include "memory_ext/cuda_device.cuh"
+#include "memory_ext/cuda_sm80.cuh"
 #include "pk_topk_common.cuh"
 
-namespace memory_ext::pk {
+namespace memory_ext::cuda::pk {
 
 // ---------------------------------------------------------------------------------------
 // Input element kinds. bf16/fp16 stay raw 16-bit patterns until they reach a tensor core
 // or a conversion, so the kernel needs no half-precision arithmetic types.
 
-struct InF32 {
-  using Raw = float;
-  using Score = float;
+template <typename RawT, typename ScoreT>
+struct Input {
+  using Raw = RawT;
+  using Score = ScoreT;
 };
-struct InF64 {
-  using Raw = double;
-  using Score = double;
-};
-struct InBF16 {
-  using Raw = uint16_t;
-  using Score = float;
-};
-struct InF16 {
-  using Raw = uint16_t;
-  using Score = float;
-};
+struct InF32 : Input<float, float> {};
+struct InF64 : Input<double, double> {};
+struct InBF16 : Input<uint16_t, float> {};  // bf16 bits
+struct InF16 : Input<uint16_t, float> {};   // fp16 bits
 
 template <class In>
-PK_FN typename In::Score to_score(typename In::Raw v) {
+MEMORY_EXT_DEVICE typename In::Score to_score(typename In::Raw v) {
   if constexpr (std::is_same_v<In, InBF16>) {
-    return bits_float(static_cast<uint32_t>(v) << 16);
+    return bit_cast<float>(static_cast<uint32_t>(v) << 16);
   } else if constexpr (std::is_same_v<In, InF16>) {
     return half_bits_to_float(v);
   } else {
@@ -55,15 +49,15 @@ PK_FN typename In::Score to_score(typename In::Raw v) {
   }
 }
 
-PK_FN float madd(float a, float b, float c) { return fmaf(a, b, c); }
-PK_FN double madd(double a, double b, double c) { return fma(a, b, c); }
+MEMORY_EXT_DEVICE float madd(float a, float b, float c) { return fmaf(a, b, c); }
+MEMORY_EXT_DEVICE double madd(double a, double b, double c) { return fma(a, b, c); }
 
 template <typename S>
-PK_FN S negative_infinity() {
+MEMORY_EXT_DEVICE S negative_infinity() {
   if constexpr (std::is_same_v<S, float>) {
-    return bits_float(0xFF800000u);
+    return bit_cast<float>(0xFF800000u);
   } else {
-    return bits_double(0xFFF0000000000000ull);
+    return bit_cast<double>(0xFFF0000000000000ull);
   }
 }
 
@@ -73,15 +67,15 @@ PK_FN S negative_infinity() {
 
 // Index of the lower element of compare-exchange pair p at distance j (j a power of two):
 // p with a zero bit inserted at bit log2(j).
-PK_HD int pair_low(int p, int j) { return ((p & ~(j - 1)) << 1) | (p & (j - 1)); }
+MEMORY_EXT_HD int pair_low(int p, int j) { return ((p & ~(j - 1)) << 1) | (p & (j - 1)); }
 
 // Sorts a[0..n) in descending key order; n is a power of two.
 template <typename Key>
-PK_FN void bitonic_sort_desc(Key* a, int n) {
+MEMORY_EXT_DEVICE void bitonic_sort_desc(Key* a, int n) {
   const int lane = lane_id();
   for (int size = 2; size <= n; size <<= 1) {
     for (int j = size >> 1; j > 0; j >>= 1) {
-      for (int p = lane; p < n / 2; p += kWarp) {
+      for (int p = lane; p < n / 2; p += kWarpSize) {
         const int i = pair_low(p, j);
         const Key x = a[i], y = a[i + j];
         const bool descending = (i & size) == 0;
@@ -90,17 +84,17 @@ PK_FN void bitonic_sort_desc(Key* a, int n) {
           a[i + j] = x;
         }
       }
-      warp_sync();
+      __syncwarp();
     }
   }
 }
 
 // Sorts a bitonic sequence a[0..n) in descending order; n is a power of two.
 template <typename Key>
-PK_FN void bitonic_merge_desc(Key* a, int n) {
+MEMORY_EXT_DEVICE void bitonic_merge_desc(Key* a, int n) {
   const int lane = lane_id();
   for (int j = n >> 1; j > 0; j >>= 1) {
-    for (int p = lane; p < n / 2; p += kWarp) {
+    for (int p = lane; p < n / 2; p += kWarpSize) {
       const int i = pair_low(p, j);
       const Key x = a[i], y = a[i + j];
       if (y > x) {
@@ -108,7 +102,7 @@ PK_FN void bitonic_merge_desc(Key* a, int n) {
         a[i + j] = x;
       }
     }
-    warp_sync();
+    __syncwarp();
   }
 }
 
@@ -117,20 +111,20 @@ PK_FN void bitonic_merge_desc(Key* a, int n) {
 // the kp best of both and is bitonic (descending, then ascending), so one bitonic merge
 // sorts it.
 template <typename Key>
-PK_FN void flush_buffer(Key* list, Key* buf, int count, int kp) {
+MEMORY_EXT_DEVICE void flush_buffer(Key* list, Key* buf, int count, int kp) {
   const int lane = lane_id();
   const int n = next_pow2(count);
-  for (int i = count + lane; i < n; i += kWarp) buf[i] = Key::sentinel();
-  warp_sync();  // candidates appended by every lane are visible
+  for (int i = count + lane; i < n; i += kWarpSize) buf[i] = Key::sentinel();
+  __syncwarp();  // candidates appended by every lane are visible
   bitonic_sort_desc(buf, n);
-  for (int i = lane; i < kp; i += kWarp) {
+  for (int i = lane; i < kp; i += kWarpSize) {
     const int m = kp - 1 - i;
     if (m < n) {
       const Key b = buf[m];
       if (b > list[i]) list[i] = b;
     }
   }
-  warp_sync();
+  __syncwarp();
   bitonic_merge_desc(list, kp);
 }
 
@@ -146,14 +140,14 @@ struct RowSelect {
   Key thr;
   S thr_score;
 
-  PK_FN void refresh() {
+  MEMORY_EXT_DEVICE void refresh() {
     thr = list[k - 1];
     thr_score = thr.empty() ? negative_infinity<S>() : thr.score();
   }
 
   // Each lane offers one candidate (ignored when !valid). Warp-collective.
-  PK_FN void offer(bool valid, S score, uint32_t index) {
-    if (count > kBufCap - kWarp) {
+  MEMORY_EXT_DEVICE void offer(bool valid, S score, uint32_t index) {
+    if (count > kBufCap - kWarpSize) {
       flush_buffer(list, buf, count, kp);
       count = 0;
       refresh();
@@ -161,15 +155,15 @@ struct RowSelect {
     // The float comparison rejects almost everything once the list is full; it is
     // written so that NaN and ties fall through to the exact key comparison.
     const bool maybe = valid && !(score < thr_score);
-    if (!warp_any(maybe)) return;
+    if (!__any_sync(kFullMask, maybe)) return;
     const Key key = Key::make(score, index);
     const bool pass = maybe && key > thr;
-    const uint32_t mask = warp_ballot(pass);
-    if (pass) buf[count + popc(mask & lanemask_lt())] = key;
-    count += popc(mask);
+    const uint32_t mask = __ballot_sync(kFullMask, pass);
+    if (pass) buf[count + __popc(mask & lanemask_lt())] = key;
+    count += __popc(mask);
   }
 
-  PK_FN void finish() {
+  MEMORY_EXT_DEVICE void finish() {
     if (count > 0) {
       flush_buffer(list, buf, count, kp);
       count = 0;
@@ -181,30 +175,30 @@ struct RowSelect {
 // Per-token state in shared memory: [list of half 0 | list of half 1 | buffer].
 
 template <typename Key>
-PK_FN Key* row_state(const Params& p, char* smem, int row) {
+MEMORY_EXT_DEVICE Key* row_state(const Params& p, char* smem, int row) {
   return reinterpret_cast<Key*>(smem + p.layout.off_state + row * p.layout.row_bytes);
 }
 
-PK_FN int* row_counts(const Params& p, char* smem) {
+MEMORY_EXT_DEVICE int* row_counts(const Params& p, char* smem) {
   return reinterpret_cast<int*>(smem + p.layout.off_count);
 }
 
 template <typename Key>
-PK_FN void init_rows(const Params& p, char* smem, int warp) {
+MEMORY_EXT_DEVICE void init_rows(const Params& p, char* smem, int warp) {
   const int lane = lane_id();
   for (int r = 0; r < kRowsPerWarp; ++r) {
     Key* s = row_state<Key>(p, smem, warp * kRowsPerWarp + r);
-    for (int i = lane; i < 2 * p.kp; i += kWarp) s[i] = Key::sentinel();
+    for (int i = lane; i < 2 * p.kp; i += kWarpSize) s[i] = Key::sentinel();
   }
   if (lane < kRowsPerWarp) row_counts(p, smem)[warp * kRowsPerWarp + lane] = 0;
-  warp_sync();
+  __syncwarp();
 }
 
 // Folds the warp's tile of scores (16 rows x kTileKeys, row stride kScratchStride) for
 // sub-keys n0.. into the running lists of half x.
 template <typename Key>
-PK_FN void select_tile(const Params& p, char* smem, const typename Key::Score* scratch,
-                       int warp, int x, int n0, int64_t t0) {
+MEMORY_EXT_DEVICE void select_tile(const Params& p, char* smem, const typename Key::Score* scratch,
+                                   int warp, int x, int n0, int64_t t0) {
   const int lane = lane_id();
   int* counts = row_counts(p, smem);
   for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -214,20 +208,20 @@ PK_FN void select_tile(const Params& p, char* smem, const typename Key::Score* s
     RowSelect<Key> sel{s + x * p.kp, s + 2 * p.kp, p.k, p.kp, counts[row], Key::sentinel(), 0};
     sel.refresh();
     const typename Key::Score* scores = scratch + r * kScratchStride;
-    PK_UNROLL
-    for (int c = 0; c < kTileKeys / kWarp; ++c) {
-      const int j = c * kWarp + lane;
+#pragma unroll
+    for (int c = 0; c < kTileKeys / kWarpSize; ++c) {
+      const int j = c * kWarpSize + lane;
       sel.offer(n0 + j < p.n_keys, scores[j], static_cast<uint32_t>(n0 + j));
     }
-    warp_sync();  // every lane has read counts[row]
+    __syncwarp();  // every lane has read counts[row]
     if (lane == 0) counts[row] = sel.count;
   }
-  warp_sync();  // the scratch tile may be overwritten; counts are visible
+  __syncwarp();  // the scratch tile may be overwritten; counts are visible
 }
 
 // Flushes what is left in each row's buffer: the list of half x is then final.
 template <typename Key>
-PK_FN void finish_rows(const Params& p, char* smem, int warp, int x, int64_t t0) {
+MEMORY_EXT_DEVICE void finish_rows(const Params& p, char* smem, int warp, int x, int64_t t0) {
   const int lane = lane_id();
   int* counts = row_counts(p, smem);
   for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -236,15 +230,15 @@ PK_FN void finish_rows(const Params& p, char* smem, int warp, int x, int64_t t0)
     Key* s = row_state<Key>(p, smem, row);
     RowSelect<Key> sel{s + x * p.kp, s + 2 * p.kp, p.k, p.kp, counts[row], Key::sentinel(), 0};
     sel.finish();
-    warp_sync();
+    __syncwarp();
     if (lane == 0) counts[row] = 0;
   }
-  warp_sync();
+  __syncwarp();
 }
 
 // The (a, b) half-rank pairs with (a + 1)(b + 1) <= k, a in the low 16 bits; written into
 // the stage region, which is free once both halves are scanned.
-PK_FN void build_pair_table(const Params& p, char* smem, int tid, int nthreads) {
+MEMORY_EXT_DEVICE void build_pair_table(const Params& p, char* smem, int tid, int nthreads) {
   auto* table = reinterpret_cast<uint32_t*>(smem);
   uint32_t* first = table + p.npairs;  // first[a]: where row a of the table starts
   if (tid == 0) {
@@ -255,17 +249,18 @@ PK_FN void build_pair_table(const Params& p, char* smem, int tid, int nthreads) 
     }
     first[p.k] = o;
   }
-  block_sync();
+  __syncthreads();
   for (int a = tid; a < p.k; a += nthreads) {
     const int nb = p.k / (a + 1);
-    for (int b = 0; b < nb; ++b) table[first[a] + b] = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+    for (int b = 0; b < nb; ++b)
+      table[first[a] + b] = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
   }
-  block_sync();
+  __syncthreads();
 }
 
 // Exact combine of each of the warp's tokens and the write of its k results.
 template <typename Key>
-PK_FN void combine_rows(const Params& p, char* smem, int warp, int h, int64_t t0) {
+MEMORY_EXT_DEVICE void combine_rows(const Params& p, char* smem, int warp, int h, int64_t t0) {
   using S = typename Key::Score;
   const int lane = lane_id();
   const auto* table = reinterpret_cast<const uint32_t*>(smem);
@@ -276,13 +271,13 @@ PK_FN void combine_rows(const Params& p, char* smem, int warp, int h, int64_t t0
     const int row = warp * kRowsPerWarp + r;
     const int64_t t = t0 + row;
     if (t >= p.tokens) break;
-    for (int i = lane; i < p.kp; i += kWarp) list[i] = Key::sentinel();
-    warp_sync();
+    for (int i = lane; i < p.kp; i += kWarpSize) list[i] = Key::sentinel();
+    __syncwarp();
     const Key* half0 = row_state<Key>(p, smem, row);
     const Key* half1 = half0 + p.kp;
     RowSelect<Key> sel{list, buf, p.k, p.kp, 0, Key::sentinel(), 0};
     sel.refresh();
-    for (int q0 = 0; q0 < p.npairs; q0 += kWarp) {
+    for (int q0 = 0; q0 < p.npairs; q0 += kWarpSize) {
       const int q = q0 + lane;
       const bool valid = q < p.npairs;
       S score = 0;
@@ -296,14 +291,14 @@ PK_FN void combine_rows(const Params& p, char* smem, int warp, int h, int64_t t0
       sel.offer(valid, score, index);
     }
     sel.finish();
-    warp_sync();
+    __syncwarp();
     const int64_t o = (t * p.heads + h) * p.k;
-    for (int j = lane; j < p.k; j += kWarp) {
+    for (int j = lane; j < p.k; j += kWarpSize) {
       const Key e = list[j];
       out_scores[o + j] = e.score();
       p.indices[o + j] = static_cast<int64_t>(e.index());
     }
-    warp_sync();  // the list is reset for the next token
+    __syncwarp();  // the list is reset for the next token
   }
 }
 
@@ -312,124 +307,179 @@ PK_FN void combine_rows(const Params& p, char* smem, int warp, int h, int64_t t0
 // fragments for the whole half (kHk k16-steps, half <= 16 * kHk); sub-key chunks of
 // 64 keys x 64 dims stream through a 3-stage cp.async pipeline shared by the CTA.
 
-PK_FN uint32_t load_query_bits(const uint16_t* q, bool valid, int64_t base, int d, const Params& p,
-                               int x) {
-  return (valid && d < p.half) ? q[base + static_cast<int64_t>(x * p.half + d) * p.q_stride_d] : 0u;
+// The two query rows of one lane's A fragments: tokens g and g + 8 of its warp (rows past
+// the last token read as zeros).
+struct FragmentRows {
+  const uint16_t* query;
+  int64_t base_lo, base_hi;  // element offsets of the two rows at head h
+  bool valid_lo, valid_hi;
+
+  MEMORY_EXT_DEVICE static FragmentRows make(const Params& p, int64_t token_lo, int h) {
+    const int64_t token_hi = token_lo + 8;
+    FragmentRows r;
+    r.query = static_cast<const uint16_t*>(p.query);
+    r.valid_lo = token_lo < p.tokens;
+    r.valid_hi = token_hi < p.tokens;
+    const int64_t head = static_cast<int64_t>(h) * p.q_stride_h;
+    r.base_lo = (r.valid_lo ? token_lo : 0) * p.q_stride_t + head;
+    r.base_hi = (r.valid_hi ? token_hi : 0) * p.q_stride_t + head;
+    return r;
+  }
+
+  // Elements d and d + 1 of half x of one row, packed low element first.
+  MEMORY_EXT_DEVICE uint32_t pair(const Params& p, bool hi, int x, int d) const {
+    return element(p, hi, x, d) | (element(p, hi, x, d + 1) << 16);
+  }
+  MEMORY_EXT_DEVICE uint32_t element(const Params& p, bool hi, int x, int d) const {
+    const bool valid = hi ? valid_hi : valid_lo;
+    const int64_t base = hi ? base_hi : base_lo;
+    return (valid && d < p.half) ? query[base + static_cast<int64_t>(x * p.half + d) * p.q_stride_d]
+                                 : 0u;
+  }
+};
+
+// The A fragments of half x for the whole half: a[s] covers dims 16 s .. 16 s + 15.
+template <int kHk>
+MEMORY_EXT_DEVICE void load_query_fragments(const Params& p, const FragmentRows& rows, int x,
+                                            int quad_lane, uint32_t (&a)[kHk][4]) {
+#pragma unroll
+  for (int s = 0; s < kHk; ++s) {
+    const int d = s * 16 + 2 * quad_lane;
+    a[s][0] = rows.pair(p, false, x, d);
+    a[s][1] = rows.pair(p, true, x, d);
+    a[s][2] = rows.pair(p, false, x, d + 8);
+    a[s][3] = rows.pair(p, true, x, d + 8);
+  }
 }
 
-template <bool kBf16, int kHk>
-PK_FN void mma_block(const Params& p, int bx, int h, int tid, char* smem) {
-  using Key = KeyF;
-  static_assert(kHk % 4 == 0, "k16-steps come in chunks of 64 dims");
-  const int nthreads = p.nwarps * kWarp;
-  const int warp = tid / kWarp, lane = tid % kWarp;
-  const int g = lane >> 2, c = lane & 3;
-  const int64_t t0 = static_cast<int64_t>(bx) * (p.nwarps * kRowsPerWarp);
-  auto* stages = reinterpret_cast<uint16_t*>(smem);
-  auto* scratch = reinterpret_cast<float*>(smem + p.layout.off_scratch + warp * p.layout.scratch_bytes);
-  constexpr int kStageElems = kTileKeys * kMmaChunkStride;
+// The ring of sub-key chunks of one half: load i is tile i / n_chunks, chunk i % n_chunks,
+// into stage i % kStages. Invariant: when load i is consumed, loads 0..i+kStages-2 have
+// been committed as one group each (empty groups past the end), so waiting until at most
+// kStages-2 groups are pending completes load i; the __syncthreads that follows also
+// guarantees that every warp is done with stage (i - 1) % kStages, which load
+// i + kStages - 1 overwrites.
+struct KeyChunkRing {
+  static constexpr int kStageElems = kTileKeys * kMmaChunkStride;
+  const uint16_t* keys;  // (n_keys, half) sub-keys of this head and half
+  uint16_t* stages;
+  int n_chunks, n_loads;
+  int issued = 0, consumed = 0;
 
-  init_rows<Key>(p, smem, warp);
-
-  const int hk = (p.half + 15) / 16;
-  const int nch = (p.half + kMmaChunk - 1) / kMmaChunk;
-  const int ntiles = (p.n_keys + kTileKeys - 1) / kTileKeys;
-  const int total = ntiles * nch;
-  const auto* q = static_cast<const uint16_t*>(p.query);
-  // This lane's A-fragment rows: tokens g and g + 8 of the warp.
-  const int64_t ta = t0 + warp * kRowsPerWarp + g, tb = ta + 8;
-  const bool va = ta < p.tokens, vb = tb < p.tokens;
-  const int64_t qa = (va ? ta : 0) * p.q_stride_t + static_cast<int64_t>(h) * p.q_stride_h;
-  const int64_t qb = (vb ? tb : 0) * p.q_stride_t + static_cast<int64_t>(h) * p.q_stride_h;
-
-  for (int x = 0; x < 2; ++x) {
-    const auto* kx = static_cast<const uint16_t*>(p.keys) +
-                     (static_cast<int64_t>(h) * 2 + x) * p.n_keys * p.half;
-
-    uint32_t a[kHk][4];
-    PK_UNROLL
-    for (int s = 0; s < kHk; ++s) {
-      const int d = s * 16 + 2 * c;
-      a[s][0] = load_query_bits(q, va, qa, d, p, x) | (load_query_bits(q, va, qa, d + 1, p, x) << 16);
-      a[s][1] = load_query_bits(q, vb, qb, d, p, x) | (load_query_bits(q, vb, qb, d + 1, p, x) << 16);
-      a[s][2] = load_query_bits(q, va, qa, d + 8, p, x) | (load_query_bits(q, va, qa, d + 9, p, x) << 16);
-      a[s][3] = load_query_bits(q, vb, qb, d + 8, p, x) | (load_query_bits(q, vb, qb, d + 9, p, x) << 16);
-    }
-
-    // Load number i: tile i / nch, chunk i % nch, into stage i % kStages. Keys and dims
-    // past the end are zero-filled: zero A columns times garbage could still give NaN.
-    auto load_stage = [&](int i) {
-      const int tile = i / nch, ch = i - tile * nch;
-      const int n0 = tile * kTileKeys, d0 = ch * kMmaChunk;
-      uint16_t* dst = stages + (i % kStages) * kStageElems;
-      if (p.vector_keys) {
-        constexpr int kPieces = kMmaChunk / 8;  // 16-byte pieces per key row
-        for (int e = tid; e < kTileKeys * kPieces; e += nthreads) {
-          const int r = e / kPieces, d = (e % kPieces) * 8;
-          const bool ok = n0 + r < p.n_keys && d0 + d < p.half;
-          const uint16_t* src = ok ? kx + static_cast<int64_t>(n0 + r) * p.half + d0 + d : kx;
-          cp_async_16(dst + r * kMmaChunkStride + d, src, ok ? 16 : 0);
-        }
-      } else {
-        for (int e = tid; e < kTileKeys * kMmaChunk; e += nthreads) {
-          const int r = e / kMmaChunk, d = e % kMmaChunk;
-          const bool ok = n0 + r < p.n_keys && d0 + d < p.half;
-          dst[r * kMmaChunkStride + d] = ok ? kx[static_cast<int64_t>(n0 + r) * p.half + d0 + d] : uint16_t{0};
-        }
+  // Keys and dims past the end are zero-filled: zero A columns times garbage could still
+  // give NaN.
+  MEMORY_EXT_DEVICE void load(const Params& p, int i, int tid, int nthreads) const {
+    const int tile = i / n_chunks, ch = i - tile * n_chunks;
+    const int n0 = tile * kTileKeys, d0 = ch * kMmaChunk;
+    uint16_t* dst = stages + (i % kStages) * kStageElems;
+    if (p.vector_keys) {
+      constexpr int kPieces = kMmaChunk / 8;  // 16-byte pieces per key row
+      for (int e = tid; e < kTileKeys * kPieces; e += nthreads) {
+        const int r = e / kPieces, d = (e % kPieces) * 8;
+        const bool ok = n0 + r < p.n_keys && d0 + d < p.half;
+        const uint16_t* src = ok ? keys + static_cast<int64_t>(n0 + r) * p.half + d0 + d : keys;
+        cp_async_16(dst + r * kMmaChunkStride + d, src, ok ? 16 : 0);
       }
-    };
-
-    // Invariant: when load i is consumed, loads 0..i+kStages-2 have been committed as one
-    // group each (empty groups past the end), so waiting until at most kStages-2 groups are
-    // pending completes load i; the block_sync that follows also guarantees that every
-    // warp is done with stage (i - 1) % kStages, which load i + kStages - 1 overwrites.
-    int issued = 0, consumed = 0;
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (issued < total) load_stage(issued);
-      cp_async_commit();
-      ++issued;
+    } else {
+      for (int e = tid; e < kTileKeys * kMmaChunk; e += nthreads) {
+        const int r = e / kMmaChunk, d = e % kMmaChunk;
+        const bool ok = n0 + r < p.n_keys && d0 + d < p.half;
+        dst[r * kMmaChunkStride + d] =
+            ok ? keys[static_cast<int64_t>(n0 + r) * p.half + d0 + d] : uint16_t{0};
+      }
     }
-    for (int tile = 0; tile < ntiles; ++tile) {
-      float acc[kTileKeys / 8][4];
-      PK_UNROLL
-      for (int nt = 0; nt < kTileKeys / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  }
 
-      PK_UNROLL
-      for (int ch = 0; ch < kHk / 4; ++ch) {
-        if (ch < nch) {  // uniform across the CTA
-          cp_async_wait<kStages - 2>();
-          block_sync();
-          if (issued < total) load_stage(issued);
-          cp_async_commit();
-          ++issued;
-          const uint16_t* st = stages + (consumed % kStages) * kStageElems;
-          ++consumed;
-          PK_UNROLL
-          for (int s = 0; s < 4; ++s) {
-            if (ch * 4 + s < hk) {
-              PK_UNROLL
-              for (int nt = 0; nt < kTileKeys / 8; ++nt) {
-                // B[kk][n] = sub-key n, dim kk: b0 = dims 2c, 2c+1 and b1 = dims 2c+8, 2c+9
-                // of key nt*8 + g (contiguous pairs in the key row).
-                const uint16_t* bp = st + (nt * 8 + g) * kMmaChunkStride + s * 16 + 2 * c;
-                mma_16816<kBf16>(acc[nt], a[ch * 4 + s], lds_u32(bp), lds_u32(bp + 8));
-              }
-            }
+  // Starts the next load (an empty group past the end).
+  MEMORY_EXT_DEVICE void issue(const Params& p, int tid, int nthreads) {
+    if (issued < n_loads) load(p, issued, tid, nthreads);
+    cp_async_commit();
+    ++issued;
+  }
+
+  MEMORY_EXT_DEVICE void start(const Params& p, int tid, int nthreads) {
+    for (int s = 0; s < kStages - 1; ++s) issue(p, tid, nthreads);
+  }
+
+  // Waits for the oldest load, refills the stage freed before it, and returns the chunk.
+  MEMORY_EXT_DEVICE const uint16_t* next(const Params& p, int tid, int nthreads) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    issue(p, tid, nthreads);
+    return stages + (consumed++ % kStages) * kStageElems;
+  }
+};
+
+// acc = this warp's 16 tokens x 64 keys of one tile, over every chunk of the half.
+template <bool kBf16, int kHk>
+MEMORY_EXT_DEVICE void score_tile_mma(const Params& p, KeyChunkRing& ring,
+                                      const uint32_t (&a)[kHk][4], int lane, int tid, int nthreads,
+                                      float (&acc)[kTileKeys / 8][4]) {
+  const int g = lane >> 2, c = lane & 3;
+  const int k16_steps = (p.half + 15) / 16;
+#pragma unroll
+  for (int nt = 0; nt < kTileKeys / 8; ++nt)
+    acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+  for (int ch = 0; ch < kHk / 4; ++ch) {
+    if (ch < ring.n_chunks) {  // uniform across the CTA
+      const uint16_t* chunk = ring.next(p, tid, nthreads);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        if (ch * 4 + s < k16_steps) {
+#pragma unroll
+          for (int nt = 0; nt < kTileKeys / 8; ++nt) {
+            // B[kk][n] = sub-key n, dim kk: b0 = dims 2c, 2c+1 and b1 = dims 2c+8, 2c+9
+            // of key nt*8 + g (contiguous pairs in the key row).
+            const uint16_t* bp = chunk + (nt * 8 + g) * kMmaChunkStride + s * 16 + 2 * c;
+            mma_16816<kBf16>(acc[nt], a[ch * 4 + s], lds_u32(bp), lds_u32(bp + 8));
           }
         }
       }
+    }
+  }
+}
 
-      // D[g][2c..2c+1] and D[g+8][2c..2c+1] of each 8-key slice.
-      PK_UNROLL
-      for (int nt = 0; nt < kTileKeys / 8; ++nt) {
-        sts_f2(scratch + g * kScratchStride + nt * 8 + 2 * c, acc[nt][0], acc[nt][1]);
-        sts_f2(scratch + (g + 8) * kScratchStride + nt * 8 + 2 * c, acc[nt][2], acc[nt][3]);
-      }
-      warp_sync();
+// D[g][2c..2c+1] and D[g+8][2c..2c+1] of each 8-key slice into the warp's score tile.
+MEMORY_EXT_DEVICE void store_tile_scores(float* scratch, const float (&acc)[kTileKeys / 8][4],
+                                         int lane) {
+  const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < kTileKeys / 8; ++nt) {
+    sts_f2(scratch + g * kScratchStride + nt * 8 + 2 * c, acc[nt][0], acc[nt][1]);
+    sts_f2(scratch + (g + 8) * kScratchStride + nt * 8 + 2 * c, acc[nt][2], acc[nt][3]);
+  }
+}
+
+template <bool kBf16, int kHk>
+MEMORY_EXT_DEVICE void mma_block(const Params& p, int bx, int h, int tid, char* smem) {
+  using Key = KeyF;
+  static_assert(kHk % 4 == 0, "k16-steps come in chunks of 64 dims");
+  const int nthreads = p.nwarps * kWarpSize;
+  const int warp = tid / kWarpSize, lane = tid % kWarpSize;
+  const int64_t t0 = static_cast<int64_t>(bx) * (p.nwarps * kRowsPerWarp);
+  auto* scratch =
+      reinterpret_cast<float*>(smem + p.layout.off_scratch + warp * p.layout.scratch_bytes);
+  const int n_tiles = (p.n_keys + kTileKeys - 1) / kTileKeys;
+  const FragmentRows rows = FragmentRows::make(p, t0 + warp * kRowsPerWarp + (lane >> 2), h);
+
+  init_rows<Key>(p, smem, warp);
+  for (int x = 0; x < 2; ++x) {
+    uint32_t a[kHk][4];
+    load_query_fragments<kHk>(p, rows, x, lane & 3, a);
+    const int n_chunks = (p.half + kMmaChunk - 1) / kMmaChunk;
+    KeyChunkRing ring{static_cast<const uint16_t*>(p.keys) +
+                          (static_cast<int64_t>(h) * 2 + x) * p.n_keys * p.half,
+                      reinterpret_cast<uint16_t*>(smem), n_chunks, n_tiles * n_chunks};
+    ring.start(p, tid, nthreads);
+    for (int tile = 0; tile < n_tiles; ++tile) {
+      float acc[kTileKeys / 8][4];
+      score_tile_mma<kBf16, kHk>(p, ring, a, lane, tid, nthreads, acc);
+      store_tile_scores(scratch, acc, lane);
+      __syncwarp();
       select_tile<Key>(p, smem, scratch, warp, x, tile * kTileKeys, t0);
     }
     cp_async_wait<0>();
-    block_sync();  // no warp reads a stage any more: the next half may refill them
+    __syncthreads();  // no warp reads a stage any more: the next half may refill them
     finish_rows<Key>(p, smem, warp, x, t0);
   }
 
@@ -443,17 +493,17 @@ PK_FN void mma_block(const Params& p, int bx, int h, int tid, char* smem) {
 // l + 32 of the tile against the warp's 16 tokens with FMAs in dimension order.
 
 template <class In>
-PK_FN void plain_block(const Params& p, int bx, int h, int tid, char* smem) {
+MEMORY_EXT_DEVICE void plain_block(const Params& p, int bx, int h, int tid, char* smem) {
   using S = typename In::Score;
   using Raw = typename In::Raw;
   using Key = typename KeyOf<S>::type;
-  static_assert(kTileKeys == 2 * kWarp, "each lane scores two keys of a tile");
-  const int nthreads = p.nwarps * kWarp;
+  static_assert(kTileKeys == 2 * kWarpSize, "each lane scores two keys of a tile");
+  const int nthreads = p.nwarps * kWarpSize;
   const int rows = p.nwarps * kRowsPerWarp;
-  const int warp = tid / kWarp, lane = tid % kWarp;
+  const int warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int64_t t0 = static_cast<int64_t>(bx) * rows;
-  S* qs = reinterpret_cast<S*>(smem);        // [rows][kPlainStride]
-  S* ks = qs + rows * kPlainStride;          // [kTileKeys][kPlainStride]
+  S* qs = reinterpret_cast<S*>(smem);  // [rows][kPlainStride]
+  S* ks = qs + rows * kPlainStride;    // [kTileKeys][kPlainStride]
   auto* scratch = reinterpret_cast<S*>(smem + p.layout.off_scratch + warp * p.layout.scratch_bytes);
 
   init_rows<Key>(p, smem, warp);
@@ -461,14 +511,15 @@ PK_FN void plain_block(const Params& p, int bx, int h, int tid, char* smem) {
   const auto* q = static_cast<const Raw*>(p.query);
   const int ntiles = (p.n_keys + kTileKeys - 1) / kTileKeys;
   for (int x = 0; x < 2; ++x) {
-    const auto* kx = static_cast<const Raw*>(p.keys) + (static_cast<int64_t>(h) * 2 + x) * p.n_keys * p.half;
+    const auto* kx =
+        static_cast<const Raw*>(p.keys) + (static_cast<int64_t>(h) * 2 + x) * p.n_keys * p.half;
     for (int tile = 0; tile < ntiles; ++tile) {
       const int n0 = tile * kTileKeys;
       S acc[kRowsPerWarp][2];
-      PK_UNROLL
+#pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) acc[r][0] = acc[r][1] = S(0);
       for (int d0 = 0; d0 < p.half; d0 += kPlainChunk) {
-        block_sync();  // every warp is done with the previous chunk
+        __syncthreads();  // every warp is done with the previous chunk
         for (int e = tid; e < rows * kPlainChunk; e += nthreads) {
           const int r = e / kPlainChunk, d = e % kPlainChunk;
           const int64_t t = t0 + r;
@@ -481,15 +532,16 @@ PK_FN void plain_block(const Params& p, int bx, int h, int tid, char* smem) {
         for (int e = tid; e < kTileKeys * kPlainChunk; e += nthreads) {
           const int r = e / kPlainChunk, d = e % kPlainChunk;
           S v = S(0);
-          if (n0 + r < p.n_keys && d0 + d < p.half) v = to_score<In>(kx[static_cast<int64_t>(n0 + r) * p.half + d0 + d]);
+          if (n0 + r < p.n_keys && d0 + d < p.half)
+            v = to_score<In>(kx[static_cast<int64_t>(n0 + r) * p.half + d0 + d]);
           ks[r * kPlainStride + d] = v;
         }
-        block_sync();
+        __syncthreads();
         const int dims = p.half - d0 < kPlainChunk ? p.half - d0 : kPlainChunk;
         const S* qw = qs + warp * kRowsPerWarp * kPlainStride;
         for (int d = 0; d < dims; ++d) {
-          const S k0 = ks[lane * kPlainStride + d], k1 = ks[(lane + kWarp) * kPlainStride + d];
-          PK_UNROLL
+          const S k0 = ks[lane * kPlainStride + d], k1 = ks[(lane + kWarpSize) * kPlainStride + d];
+#pragma unroll
           for (int r = 0; r < kRowsPerWarp; ++r) {
             const S qv = qw[r * kPlainStride + d];
             acc[r][0] = madd(qv, k0, acc[r][0]);
@@ -497,20 +549,41 @@ PK_FN void plain_block(const Params& p, int bx, int h, int tid, char* smem) {
           }
         }
       }
-      PK_UNROLL
+#pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
         scratch[r * kScratchStride + lane] = acc[r][0];
-        scratch[r * kScratchStride + lane + kWarp] = acc[r][1];
+        scratch[r * kScratchStride + lane + kWarpSize] = acc[r][1];
       }
-      warp_sync();
+      __syncwarp();
       select_tile<Key>(p, smem, scratch, warp, x, n0, t0);
     }
     finish_rows<Key>(p, smem, warp, x, t0);
   }
 
-  block_sync();  // the chunk buffers become the pair table
+  __syncthreads();  // the chunk buffers become the pair table
   build_pair_table(p, smem, tid, nthreads);
   combine_rows<Key>(p, smem, warp, h, t0);
 }
 
-}  // namespace memory_ext::pk
+// ---------------------------------------------------------------------------------------
+// The kernels: block (x, y) = (token block, head); the launcher sizes the dynamic shared
+// memory with make_layout.
+
+namespace {
+
+template <bool kBf16, int kHk>
+__global__ void __launch_bounds__(kMaxWarps* kWarpSize) pk_topk_mma_kernel(const Params p) {
+  MEMORY_EXT_DYNAMIC_SMEM(smem);
+  mma_block<kBf16, kHk>(p, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
+                        static_cast<int>(threadIdx.x), smem);
+}
+
+template <class In>
+__global__ void __launch_bounds__(kMaxWarps* kWarpSize) pk_topk_plain_kernel(const Params p) {
+  MEMORY_EXT_DYNAMIC_SMEM(smem);
+  plain_block<In>(p, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
+                  static_cast<int>(threadIdx.x), smem);
+}
+
+}  // namespace
+}  // namespace memory_ext::cuda::pk

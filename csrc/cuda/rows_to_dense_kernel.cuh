@@ -19,26 +19,31 @@ namespace {
 constexpr int kDenseBlock = 256;
 constexpr int kDenseRows = 32;
 
-__device__ __forceinline__ int64_t lower_bound(const int64_t* a, int64_t n, int64_t v) {
+MEMORY_EXT_DEVICE int64_t lower_bound(const int64_t* a, int64_t n, int64_t v) {
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (a[mid] < v) lo = mid + 1; else hi = mid;
+    if (a[mid] < v)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   return lo;
 }
 
 template <typename W>
-__global__ void __launch_bounds__(kDenseBlock) rows_to_dense_kernel(const int64_t* __restrict__ rows,
-                                                                    int64_t n_unique, const W* __restrict__ src,
-                                                                    W* __restrict__ dst, int64_t n_rows,
-                                                                    int64_t units) {
+__global__ void __launch_bounds__(kDenseBlock)
+    rows_to_dense_kernel(const int64_t* __restrict__ rows, int64_t n_unique,
+                         const W* __restrict__ src, W* __restrict__ dst, int64_t n_rows,
+                         int64_t units) {
   __shared__ long long slot[kDenseRows];  // sparse index of each row of the block, or -1
   __shared__ int64_t range[2];
   constexpr int kWarps = kDenseBlock / kWarpSize;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  for (int64_t r0 = int64_t(blockIdx.x) * kDenseRows; r0 < n_rows; r0 += int64_t(gridDim.x) * kDenseRows) {
-    if (threadIdx.x < 2) range[threadIdx.x] = lower_bound(rows, n_unique, r0 + threadIdx.x * kDenseRows);
+  for (int64_t r0 = int64_t(blockIdx.x) * kDenseRows; r0 < n_rows;
+       r0 += int64_t(gridDim.x) * kDenseRows) {
+    if (threadIdx.x < 2)
+      range[threadIdx.x] = lower_bound(rows, n_unique, r0 + threadIdx.x * kDenseRows);
     if (threadIdx.x < kDenseRows) slot[threadIdx.x] = -1;
     __syncthreads();
     // Strictly ascending rows put at most kDenseRows in range; the clamp bounds the work
@@ -72,11 +77,14 @@ __global__ void __launch_bounds__(kDenseBlock) rows_to_dense_kernel(const int64_
 
 // Lowest u whose row is out of range or not above rows[u - 1] (the CPU kernel's order of
 // checks), via atomicMin.
-__global__ void __launch_bounds__(kDenseBlock) check_rows_kernel(const int64_t* __restrict__ rows, int64_t n,
-                                                                 int64_t n_rows, unsigned long long* first_bad) {
-  for (int64_t u = int64_t(blockIdx.x) * kDenseBlock + threadIdx.x; u < n; u += int64_t(gridDim.x) * kDenseBlock) {
+__global__ void __launch_bounds__(kDenseBlock)
+    check_rows_kernel(const int64_t* __restrict__ rows, int64_t n, int64_t n_rows,
+                      unsigned long long* first_bad) {
+  for (int64_t u = int64_t(blockIdx.x) * kDenseBlock + threadIdx.x; u < n;
+       u += int64_t(gridDim.x) * kDenseBlock) {
     const int64_t r = rows[u];
-    if (r < 0 || r >= n_rows || (u > 0 && r <= rows[u - 1])) atomicMin(first_bad, static_cast<unsigned long long>(u));
+    if (r < 0 || r >= n_rows || (u > 0 && r <= rows[u - 1]))
+      atomicMin(first_bad, static_cast<unsigned long long>(u));
   }
 }
 

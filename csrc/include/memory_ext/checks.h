@@ -1,6 +1,6 @@
 // Argument checks shared by the CPU and CUDA kernels, so both backends reject the same
 // inputs with the same messages. Index range is checked by the kernels themselves (it
-// needs the data); everything here looks at metadata only.
+// needs the data); the messages they raise for bad data are here too, once.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -10,6 +10,12 @@ namespace memory_ext {
 
 inline bool is_value_dtype(c10::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+// The accumulation rule of every kernel for ATen dtypes (acc_t in memory_ext/host_device.h
+// for kernel types): float64 for float64, float32 for every other floating dtype.
+inline c10::ScalarType acc_dtype(c10::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 inline void check_same_device(const char* op, const at::Tensor& a, const char* a_name,
@@ -24,45 +30,96 @@ inline void check_embedding_bag_args(const char* op, const at::Tensor& values,
                                      const at::Tensor& indices, const at::Tensor& weights) {
   TORCH_CHECK(values.dim() == 2, "memory.", op, ": values must be 2-D (rows, dim), got ",
               values.dim(), "-D shape ", values.sizes());
-  TORCH_CHECK(indices.dim() == 2, "memory.", op,
-              ": indices must be 2-D (tokens, bag), got shape ", indices.sizes());
+  TORCH_CHECK(indices.dim() == 2, "memory.", op, ": indices must be 2-D (tokens, bag), got shape ",
+              indices.sizes());
   TORCH_CHECK(weights.sizes() == indices.sizes(), "memory.", op,
               ": weights must have the shape of indices ", indices.sizes(), ", got ",
               weights.sizes());
   TORCH_CHECK(is_value_dtype(values.scalar_type()), "memory.", op,
-              ": values must be float32, bfloat16, float16 or float64, got ",
-              values.scalar_type());
-  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
-              "memory.", op, ": indices must be int64 or int32, got ", indices.scalar_type());
-  TORCH_CHECK(weights.scalar_type() == at::kFloat ||
-                  weights.scalar_type() == values.scalar_type(),
+              ": values must be float32, bfloat16, float16 or float64, got ", values.scalar_type());
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, "memory.",
+              op, ": indices must be int64 or int32, got ", indices.scalar_type());
+  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == values.scalar_type(),
               "memory.", op, ": weights must be float32 or the values' dtype (",
               values.scalar_type(), "), got ", weights.scalar_type());
   check_same_device(op, values, "values", indices, "indices");
   check_same_device(op, values, "values", weights, "weights");
-  TORCH_CHECK(indices.size(1) == 0 || indices.size(0) == 0 || values.size(0) > 0,
-              "memory.", op, ": values has no rows but indices is not empty");
+  TORCH_CHECK(indices.size(1) == 0 || indices.size(0) == 0 || values.size(0) > 0, "memory.", op,
+              ": values has no rows but indices is not empty");
 }
 
 inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& values,
                            const at::Tensor& indices) {
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == indices.size(0) &&
                   grad_out.size(1) == values.size(1),
-              "memory.", op, ": grad_out must have shape (tokens, dim) = (", indices.size(0),
-              ", ", values.size(1), "), got ", grad_out.sizes());
+              "memory.", op, ": grad_out must have shape (tokens, dim) = (", indices.size(0), ", ",
+              values.size(1), "), got ", grad_out.sizes());
   TORCH_CHECK(is_value_dtype(grad_out.scalar_type()), "memory.", op,
               ": grad_out must be a floating dtype, got ", grad_out.scalar_type());
   check_same_device(op, values, "values", grad_out, "grad_out");
 }
 
+// embedding_bag_backward: the forward's arguments, grad_out, and flat positions and rows
+// that fit the 32 bits the backward sorts on.
+inline void check_embedding_bag_backward_args(const at::Tensor& grad_out, const at::Tensor& values,
+                                              const at::Tensor& indices,
+                                              const at::Tensor& weights) {
+  check_embedding_bag_args("embedding_bag_backward", values, indices, weights);
+  check_grad_out("embedding_bag_backward", grad_out, values, indices);
+  TORCH_CHECK(
+      indices.numel() < (int64_t(1) << 32) && values.size(0) < (int64_t(1) << 32),
+      "memory.embedding_bag_backward: more than 2^32 lookups or rows are not supported, got ",
+      indices.numel(), " lookups and ", values.size(0), " rows");
+}
+
+// The error for an out-of-range lookup at flat position `pos` of (tokens, bag) indices.
+[[noreturn]] inline void fail_index_out_of_range(const char* op, int64_t pos, int64_t bag,
+                                                 int64_t value, int64_t rows) {
+  TORCH_CHECK(false, "memory.", op, ": index out of range: indices[", pos / bag, ", ", pos % bag,
+              "] = ", value, " but values has ", rows, " rows");
+}
+
+// Ops that take the rows of a sparse gradient (in range, strictly ascending) word their
+// errors differently; each rule holds one op's words.
+struct SparseRowsRule {
+  const char* op;
+  const char* range_before;  // between the row and n_rows
+  const char* range_after;   // after n_rows
+  const char* why_ascending;
+};
+constexpr SparseRowsRule kRowsToDenseRows{"rows_to_dense", " is out of range for n_rows = ", "",
+                                          ""};
+constexpr SparseRowsRule kRowAdamRows{"row_adam_", " is out of range for a table of ", " rows",
+                                      " (a coalesced gradient)"};
+
+// The error for rows[u] = row (after rows[u - 1] = previous): out of range is reported
+// first, as the checks run in that order.
+[[noreturn]] inline void fail_sparse_row(const SparseRowsRule& rule, int64_t u, int64_t previous,
+                                         int64_t row, int64_t n_rows) {
+  TORCH_CHECK(row >= 0 && row < n_rows, "memory.", rule.op, ": rows[", u, "] = ", row,
+              rule.range_before, n_rows, rule.range_after);
+  TORCH_CHECK(false, "memory.", rule.op, ": rows must be strictly ascending", rule.why_ascending,
+              ", but rows[", u - 1, "] = ", previous, " and rows[", u, "] = ", row);
+}
+
+// rows[0..n) (host memory) in [0, n_rows) and strictly ascending.
+inline void check_sparse_rows(const SparseRowsRule& rule, const int64_t* rows, int64_t n,
+                              int64_t n_rows) {
+  for (int64_t u = 0; u < n; ++u) {
+    const int64_t previous = u > 0 ? rows[u - 1] : 0;
+    if (rows[u] < 0 || rows[u] >= n_rows || (u > 0 && rows[u] <= previous))
+      fail_sparse_row(rule, u, previous, rows[u], n_rows);
+  }
+}
+
 inline void check_rows_to_dense_args(const at::Tensor& rows, const at::Tensor& rows_grad,
                                      int64_t n_rows) {
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong,
-              "memory.rows_to_dense: rows must be a 1-D int64 tensor, got ", rows.dim(),
-              "-D ", rows.scalar_type());
+              "memory.rows_to_dense: rows must be a 1-D int64 tensor, got ", rows.dim(), "-D ",
+              rows.scalar_type());
   TORCH_CHECK(rows_grad.dim() == 2 && rows_grad.size(0) == rows.size(0),
-              "memory.rows_to_dense: rows_grad must have shape (", rows.size(0),
-              ", dim), got ", rows_grad.sizes());
+              "memory.rows_to_dense: rows_grad must have shape (", rows.size(0), ", dim), got ",
+              rows_grad.sizes());
   TORCH_CHECK(n_rows >= 0, "memory.rows_to_dense: n_rows must be >= 0, got ", n_rows);
   check_same_device("rows_to_dense", rows, "rows", rows_grad, "rows_grad");
 }
@@ -77,11 +134,12 @@ inline void check_row_adam_args(const at::Tensor& param, const at::Tensor& exp_a
               "memory.row_adam_: param must be a contiguous 2-D tensor, got shape ", param.sizes());
   TORCH_CHECK(at::isFloatingType(param.scalar_type()),
               "memory.row_adam_: param must be floating point, got ", param.scalar_type());
-  const auto state_type = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto state_type = acc_dtype(param.scalar_type());
   for (const at::Tensor* t : {&exp_avg, &exp_avg_sq}) {
     TORCH_CHECK(t->sizes() == param.sizes() && t->is_contiguous() && t->scalar_type() == state_type,
                 "memory.row_adam_: exp_avg and exp_avg_sq must be contiguous ", state_type,
-                " tensors of param's shape ", param.sizes(), ", got ", t->scalar_type(), " ", t->sizes());
+                " tensors of param's shape ", param.sizes(), ", got ", t->scalar_type(), " ",
+                t->sizes());
     check_same_device("row_adam_", param, "param", *t, "optimizer state");
   }
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong,
@@ -91,8 +149,9 @@ inline void check_row_adam_args(const at::Tensor& param, const at::Tensor& exp_a
                   rows_grad.size(1) == param.size(1),
               "memory.row_adam_: rows_grad must have shape (", rows.size(0), ", ", param.size(1),
               "), got ", rows_grad.sizes());
-  TORCH_CHECK(rows_grad.scalar_type() == param.scalar_type(), "memory.row_adam_: rows_grad must have param's dtype ",
-              param.scalar_type(), ", got ", rows_grad.scalar_type());
+  TORCH_CHECK(rows_grad.scalar_type() == param.scalar_type(),
+              "memory.row_adam_: rows_grad must have param's dtype ", param.scalar_type(), ", got ",
+              rows_grad.scalar_type());
   check_same_device("row_adam_", param, "param", rows, "rows");
   check_same_device("row_adam_", param, "param", rows_grad, "rows_grad");
   TORCH_CHECK(0.0 <= beta1 && beta1 < 1.0 && 0.0 <= beta2 && beta2 < 1.0,
@@ -102,23 +161,32 @@ inline void check_row_adam_args(const at::Tensor& param, const at::Tensor& exp_a
 
 // query (tokens, heads, 2 * half); keys (heads, 2, n_keys, half); 1 <= k <= n_keys.
 inline void check_pk_topk_args(const at::Tensor& query, const at::Tensor& keys, int64_t k) {
-  TORCH_CHECK(query.dim() == 3, "memory.pk_topk: query must be 3-D (tokens, heads, 2 * half), got shape ",
+  TORCH_CHECK(query.dim() == 3,
+              "memory.pk_topk: query must be 3-D (tokens, heads, 2 * half), got shape ",
               query.sizes());
-  TORCH_CHECK(keys.dim() == 4 && keys.size(1) == 2, "memory.pk_topk: keys must be 4-D "
-              "(heads, 2, n_keys, half), got shape ", keys.sizes());
-  TORCH_CHECK(query.size(2) % 2 == 0, "memory.pk_topk: query width must be even "
-              "(two halves), got ", query.size(2));
+  TORCH_CHECK(keys.dim() == 4 && keys.size(1) == 2,
+              "memory.pk_topk: keys must be 4-D "
+              "(heads, 2, n_keys, half), got shape ",
+              keys.sizes());
+  TORCH_CHECK(query.size(2) % 2 == 0,
+              "memory.pk_topk: query width must be even "
+              "(two halves), got ",
+              query.size(2));
   TORCH_CHECK(query.size(1) == keys.size(0), "memory.pk_topk: query has ", query.size(1),
               " heads but keys has ", keys.size(0));
   TORCH_CHECK(query.size(2) / 2 == keys.size(3), "memory.pk_topk: query half width ",
               query.size(2) / 2, " does not match the sub-key width ", keys.size(3));
-  TORCH_CHECK(query.scalar_type() == keys.scalar_type(), "memory.pk_topk: query and keys "
-              "must have the same dtype, got ", query.scalar_type(), " and ", keys.scalar_type());
-  TORCH_CHECK(is_value_dtype(query.scalar_type()), "memory.pk_topk: query must be float32, "
-              "bfloat16, float16 or float64, got ", query.scalar_type());
+  TORCH_CHECK(query.scalar_type() == keys.scalar_type(),
+              "memory.pk_topk: query and keys "
+              "must have the same dtype, got ",
+              query.scalar_type(), " and ", keys.scalar_type());
+  TORCH_CHECK(is_value_dtype(query.scalar_type()),
+              "memory.pk_topk: query must be float32, "
+              "bfloat16, float16 or float64, got ",
+              query.scalar_type());
   check_same_device("pk_topk", query, "query", keys, "keys");
-  TORCH_CHECK(k >= 1 && k <= keys.size(2), "memory.pk_topk: k must be in [1, n_keys = ",
-              keys.size(2), "], got ", k);
+  TORCH_CHECK(k >= 1 && k <= keys.size(2),
+              "memory.pk_topk: k must be in [1, n_keys = ", keys.size(2), "], got ", k);
 }
 
 }  // namespace memory_ext

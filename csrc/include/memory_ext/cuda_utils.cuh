@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "memory_ext/cuda_device.cuh"
+#include "memory_ext/launch_rules.h"
 
 namespace memory_ext::cuda {
 
@@ -19,23 +20,27 @@ inline unsigned int grid_for(int64_t items, int64_t per_block, int64_t cap = int
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 
-inline bool is_aligned(const void* p, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
 // ATen's bf16/fp16 are bit-compatible with CUDA's; the kernels use CUDA's so that
 // conversions are the hardware instructions (round to nearest even, like c10's).
-template <typename T> struct TypeTag { using type = T; };
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
 
 // Calls f(TypeTag<T>{}) with T the device type of a floating ATen dtype.
 template <typename F>
 decltype(auto) dispatch_value_type(c10::ScalarType st, const char* op, F&& f) {
   switch (st) {
-    case c10::ScalarType::Float: return f(TypeTag<float>{});
-    case c10::ScalarType::Double: return f(TypeTag<double>{});
-    case c10::ScalarType::BFloat16: return f(TypeTag<__nv_bfloat16>{});
-    case c10::ScalarType::Half: return f(TypeTag<__half>{});
-    default: TORCH_CHECK(false, "memory.", op, ": unsupported dtype ", st);
+    case c10::ScalarType::Float:
+      return f(TypeTag<float>{});
+    case c10::ScalarType::Double:
+      return f(TypeTag<double>{});
+    case c10::ScalarType::BFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+    case c10::ScalarType::Half:
+      return f(TypeTag<__half>{});
+    default:
+      TORCH_CHECK(false, "memory.", op, ": unsupported dtype ", st);
   }
 }
 

@@ -5,11 +5,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define MEMORY_EXT_HOST_DEVICE __host__ __device__
-#else
-#define MEMORY_EXT_HOST_DEVICE
-#endif
+#include "memory_ext/host_device.h"
 
 namespace memory_ext {
 
@@ -17,20 +13,21 @@ namespace memory_ext {
 template <typename S>
 struct RowAdamCoefficients {
   S beta1, beta2, eps;
-  S decay;         // 1 - lr * weight_decay
-  S step_size;     // lr / (1 - beta1^step)
-  S bc2_sqrt;      // sqrt(1 - beta2^step)
+  S decay;      // 1 - lr * weight_decay
+  S step_size;  // lr / (1 - beta1^step)
+  S bc2_sqrt;   // sqrt(1 - beta2^step)
 
-  static RowAdamCoefficients make(double lr, double beta1, double beta2, double eps, double weight_decay,
-                                  long long step) {
-    const double bc1 = 1.0 - std::pow(beta1, double(step)), bc2 = 1.0 - std::pow(beta2, double(step));
+  static RowAdamCoefficients make(double lr, double beta1, double beta2, double eps,
+                                  double weight_decay, long long step) {
+    const double bc1 = 1.0 - std::pow(beta1, double(step)),
+                 bc2 = 1.0 - std::pow(beta2, double(step));
     return {S(beta1), S(beta2), S(eps), S(1.0 - lr * weight_decay), S(lr / bc1), S(std::sqrt(bc2))};
   }
 };
 
 // Updates the moments m, v in place and returns the new parameter value.
 template <typename S>
-MEMORY_EXT_HOST_DEVICE inline S row_adam_element(S p, S g, S& m, S& v, const RowAdamCoefficients<S>& c) {
+MEMORY_EXT_HD S row_adam_element(S p, S g, S& m, S& v, const RowAdamCoefficients<S>& c) {
   m = m + (S(1) - c.beta1) * (g - m);
   v = v * c.beta2 + (S(1) - c.beta2) * g * g;
 #if defined(__CUDA_ARCH__)
