@@ -5,24 +5,20 @@ Covers what only the CUDA kernels can get wrong: launch shapes for every row wid
 whose runs are split into segments, bitwise determinism, outputs fully written (poisoned
 allocator cache), index validation on and off, empty inputs, the current stream and int64
 offsets. Every test skips, with the reason, when no GPU is visible or the library was
-built without its CUDA kernels, except one: test_kernel_emulation_on_cpu runs the kernel
-source itself on the CPU (tests/embedding_bag_emulate.cpp) wherever a C++20 compiler
-exists.
+built without its CUDA kernels; tests/test_cuda_emulation.py runs the kernel source itself
+on the CPU.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import requires_cuda
 
 from memory_ext import ops
 from memory_ext.reference import embedding_bag_backward_sparse_ref as embedding_bag_backward_ref
 from memory_ext.reference import embedding_bag_ref, rows_to_dense_ref
 from memory_ext.testing import BACKWARD_SEGMENT, sample_inputs, tolerance
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import requires_cuda
 
 DEV = "cuda"
 VALUE_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

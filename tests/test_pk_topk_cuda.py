@@ -1,8 +1,7 @@
 """Tests of the CUDA kernel of torch.ops.memory.pk_topk (fused scoring + exact top-k).
 
 GPU tests run when a GPU is visible and the CUDA kernels were built, and say which is
-missing otherwise. test_kernel_emulation_on_cpu runs the same kernel source on the CPU
-(tests/pk_topk_emulate.cpp) wherever a C++20 compiler exists.
+missing otherwise. tests/test_cuda_emulation.py runs the same kernel source on the CPU.
 
 Two kinds of inputs:
 - dyadic: integers in [-32, 32] / 32. Every product and partial sum is then exact in fp32
@@ -15,17 +14,14 @@ Two kinds of inputs:
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import CUDA_SKIP, requires_cuda
 
 import memory_ext
 from memory_ext.reference import pair_scores, pk_topk_bruteforce
 from memory_ext.testing import accumulation_dtype, sample_inputs, tolerance
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import CUDA_SKIP, requires_cuda
 
 
 def _has_cuda_kernel(op: str) -> bool:
