@@ -6,7 +6,8 @@ with memory parallel 2 it is column-sharded over both ranks (loaded from the one
 model's table, since the sharded table draws its columns differently). Either way the
 ranks' mean loss must equal the one-process loss at every step: DDP and the sharded
 lookup average the gradients over the ranks, and the global-batch loss is the mean of
-the ranks' losses.
+the ranks' losses. (Adam and the clipping hide a wrong scale of the value gradient, sum
+for mean; dist_model_job.py checks that scale with SGD.)
 """
 from __future__ import annotations
 
