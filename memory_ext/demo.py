@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -199,9 +200,12 @@ class Progress:
 
     def __init__(self, name: str) -> None:
         self.name, self.start = name, time.perf_counter()
+        # The size from shutil, which falls back to 80 x 24: a terminal that reports a size
+        # of 0 (some pseudo-terminals) would get no bar at all from tqdm's own guess.
+        cols, rows = shutil.get_terminal_size()
         self.bar = tqdm(
             total=1.0, desc=f"{name:<9}", file=sys.stderr, disable=not sys.stderr.isatty(), mininterval=0.5,
-            bar_format="{desc} [{bar:24}] {percentage:3.0f}%{postfix} {elapsed}",
+            ncols=cols, nrows=rows, bar_format="{desc} [{bar:24}] {percentage:3.0f}%{postfix} {elapsed}",
         )
 
     def advance(self, frac: float) -> None:
