@@ -16,12 +16,17 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import memory_ext
 from memory_ext import distributed as md
@@ -61,7 +66,81 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build(name: str, args: argparse.Namespace, vocab_size: int) -> Decoder:
+@dataclass
+class Runtime:
+    """Where this process runs, set up once from the launch environment (kept apart from the CLI options)."""
+
+    world: int = 1
+    rank: int = 0
+    device: str = "cpu"
+    backend: str | None = None  # of the default process group; None in a one-process run
+    memory_group: dist.ProcessGroup | None = None
+    replica_group: dist.ProcessGroup | None = None
+
+    def describe(self) -> dict:
+        """The JSON-friendly part, for results.json."""
+        return {"world": self.world, "device": self.device, "backend": self.backend}
+
+
+def choose_device(
+    requested: str, world: int, local_rank: int, local_world: int, n_gpus: int
+) -> tuple[str, str | None, str | None]:
+    """(device, process-group backend, a note for stderr or None) of one rank.
+
+    One process keeps the requested device. Under torchrun a CUDA request gives each rank
+    cuda:LOCAL_RANK and NCCL when the node has a GPU for each of its LOCAL_WORLD_SIZE
+    ranks, and otherwise sends every rank to the CPU with Gloo: the choice rests on the
+    node's counts, not on this rank's index, so all ranks pick the same backend.
+    """
+    if world == 1:
+        return requested, None, None
+    if not requested.startswith("cuda"):
+        return requested, "gloo", None
+    if local_world <= n_gpus:
+        return f"cuda:{local_rank}", "nccl", None
+    note = (
+        f"memory_ext.demo: {local_world} ranks per node but {n_gpus} GPU(s) visible, so no GPU for each rank; "
+        "all ranks run on the CPU with Gloo"
+    )
+    return "cpu", "gloo", note
+
+
+def setup_runtime(args: argparse.Namespace) -> Runtime:
+    """Device and process groups for --memory-parallel (under torchrun); output from rank 0 only."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.memory_parallel > 1 and world == 1:
+        raise SystemExit("--memory-parallel P needs P processes: torchrun --nproc-per-node P -m memory_ext.demo ...")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    n_gpus = torch.cuda.device_count() if world > 1 and args.device.startswith("cuda") else 0
+    device, backend, note = choose_device(args.device, world, local_rank, local_world, n_gpus)
+    if world == 1:
+        return Runtime(device=device)
+    if note and rank == 0:
+        print(note, file=sys.stderr, flush=True)
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
+    memory_group, replica_group = md.new_memory_groups(args.memory_parallel)
+    if rank != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return Runtime(world, rank, device, backend, memory_group, replica_group)
+
+
+def sharded_pool(args: argparse.Namespace, run: Runtime) -> memory_ext.MemoryValues | None:
+    """The Memory+ value pool with its columns split over the memory group, or None when
+    the group is this rank alone: then the decoder makes its own pool, drawn as in a
+    one-process run, and DDP averages its gradient like any other weight's."""
+    if run.memory_group is None or dist.get_world_size(run.memory_group) == 1:
+        return None
+    values = memory_ext.MemoryValues(args.n_keys**2, args.dim, device=run.device, process_group=run.memory_group)
+    # The sharded lookup sums the group's gradients; average_grads makes it the
+    # data-parallel mean, like DDP's for every other weight.
+    values.memory_shard.average_grads = True
+    return values
+
+
+def build(name: str, args: argparse.Namespace, run: Runtime, vocab_size: int) -> Decoder:
     """The three contenders; the memory model is the dense one with three FFNs swapped."""
     layers = 2 * args.layers if name == "dense-2x" else args.layers
     cfg = DecoderConfig(vocab_size, dim=args.dim, n_layers=layers, n_heads=args.heads, max_seq_len=args.seq)
@@ -71,15 +150,12 @@ def build(name: str, args: argparse.Namespace, vocab_size: int) -> Decoder:
         )
         cfg.memory = dict(n_keys=args.n_keys, heads=args.mem_heads, k=args.topk, qk_norm=args.qk_norm)
     torch.manual_seed(args.seed)
-    if name == "memory+" and args.memory_group is not None:
-        # One pool for the three layers, its columns split over the memory group; average_grads
-        # makes its gradient the data-parallel mean, like DDP's for every other weight.
-        cfg.memory["values"] = memory_ext.MemoryValues(
-            args.n_keys**2, args.dim, device=args.device, process_group=args.memory_group
-        )
-        cfg.memory["values"].memory_shard.average_grads = True
-    model = Decoder(cfg).to(args.device)
-    if args.world > 1:
+    if name == "memory+":
+        pool = sharded_pool(args, run)  # one pool for the three layers
+        if pool is not None:
+            cfg.memory["values"] = pool
+    model = Decoder(cfg).to(run.device)
+    if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         md.exclude_from_ddp(model)
@@ -111,20 +187,44 @@ def evaluate(model: Decoder, questions: list, device: str, batch: int = 256) -> 
     return correct / len(questions), nll / len(questions)
 
 
+def eval_subset(questions: list, n: int, seed: int) -> list:
+    """n questions scored during training, a seeded sample kept in order: the questions come
+    entity by entity, attribute by attribute, and a stride would skip whole attributes."""
+    picked = random.Random(seed).sample(range(len(questions)), min(n, len(questions)))
+    return [questions[i] for i in sorted(picked)]
+
+
 class Progress:
-    """Plain-text progress bar on stderr: redrawn in place on a terminal, a line per evaluation otherwise."""
+    """One model's progress on stderr: a tqdm bar over the budget on a terminal; elsewhere
+    (a log file, a pipe) no bar, only a line per evaluation, so logs hold no redraws."""
 
-    def __init__(self, label: str) -> None:
-        self.label, self.start, self.shown, self.tty = label, time.perf_counter(), 0.0, sys.stderr.isatty()
+    def __init__(self, name: str) -> None:
+        self.name, self.start = name, time.perf_counter()
+        # The size from shutil, which falls back to 80 x 24: a terminal that reports a size
+        # of 0 (some pseudo-terminals) would get no bar at all from tqdm's own guess.
+        cols, rows = shutil.get_terminal_size()
+        self.bar = tqdm(
+            total=1.0, desc=f"{name:<9}", file=sys.stderr, disable=not sys.stderr.isatty(), mininterval=0.5,
+            ncols=cols, nrows=rows, bar_format="{desc} [{bar:24}] {percentage:3.0f}%{postfix} {elapsed}",
+        )
 
-    def update(self, frac: float, text: str, *, new_line: bool = False) -> None:
-        """Redraw at most twice a second on a terminal; elsewhere print only lines that end (new_line)."""
-        now = time.perf_counter()
-        if not new_line and (not self.tty or now - self.shown < 0.5):
-            return
-        self.shown, filled = now, int(24 * min(frac, 1.0))
-        line = f"{self.label:<9} [{'#' * filled}{'.' * (24 - filled)}] {100 * min(frac, 1.0):3.0f}% {text} {now - self.start:6.1f}s"
-        print(("\r" if self.tty else "") + line, end="\n" if new_line else "", file=sys.stderr, flush=True)
+    def advance(self, frac: float) -> None:
+        """Move the bar to frac of the budget (redrawn at most twice a second)."""
+        self.bar.update(min(frac, 1.0) - self.bar.n)
+
+    def show(self, frac: float, status: str) -> None:
+        """An evaluation's status: the bar's text on a terminal, a line of its own elsewhere."""
+        if self.bar.disable:
+            elapsed = time.perf_counter() - self.start
+            print(f"{self.name:<9} {100 * min(frac, 1.0):3.0f}% {status} {elapsed:6.1f}s", file=sys.stderr, flush=True)
+        else:
+            self.bar.set_postfix_str(status)
+
+    def close(self, status: str) -> None:
+        """The final status, on the full bar or as the last line."""
+        self.advance(1.0)
+        self.show(1.0, status)
+        self.bar.close()
 
 
 def train_step(model: Decoder, opt: torch.optim.Optimizer, batch: torch.Tensor, replica_group=None) -> torch.Tensor:
@@ -142,62 +242,97 @@ def train_step(model: Decoder, opt: torch.optim.Optimizer, batch: torch.Tensor, 
     return loss.detach()
 
 
-def train(name: str, model: Decoder, facts: FactSet, args: argparse.Namespace) -> tuple[dict, torch.optim.Optimizer]:
-    """Train with AdamW (0.9, 0.95), warmup then linear decay; values at their own lr and clip."""
-    opt = torch.optim.AdamW(param_groups(model, args.lr, values_lr_scale=args.values_lr_scale), betas=(0.9, 0.95))
+def make_optimizer(model: Decoder, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95); the values at their own learning rate (param_groups)."""
+    return torch.optim.AdamW(param_groups(model, args.lr, values_lr_scale=args.values_lr_scale), betas=(0.9, 0.95))
+
+
+def set_lr(opt: torch.optim.Optimizer, base: list[float], step: int, frac: float, steps: int) -> None:
+    """Linear warmup over the first 5% of the steps, then linear decay with the budget spent, to 0.1x."""
+    warm = min(1.0, (step + 1) / max(1, steps // 20))
+    for g, lr in zip(opt.param_groups, base, strict=True):
+        g["lr"] = lr * warm * max(0.1, 1.0 - frac)
+
+
+def curve_point(model: Decoder, subset: list, step: int, seconds: float, losses: list, device: str) -> tuple[dict, dict]:
+    """One point of the learning curve (losses: the steps since the last point), and the
+    row-usage statistics of that window, which starts a new one."""
+    acc, nll = evaluate(model, subset, device)
+    point = {"step": step, "seconds": seconds, "train_loss": torch.stack(losses).mean().item(), "accuracy": acc, "nll": nll}
+    usage = memory_usage(model)
+    if usage:
+        point["rows_read"] = sum(u["rows_read"] for u in usage.values()) / len(usage)
+    return point, usage
+
+
+def train(
+    model: Decoder, batches: Iterator[torch.Tensor], subset: list, args: argparse.Namespace, run: Runtime,
+    progress: Progress,
+) -> tuple[dict, torch.optim.Optimizer]:
+    """Train until --steps or --seconds is spent, scoring subset every --eval-every steps and
+    at the end; the learning curve and step times, and the optimizer."""
+    opt = make_optimizer(model, args)
     base = [g["lr"] for g in opt.param_groups]
-    # A seeded sample: the questions come entity by entity, attribute by attribute, and a
-    # stride would skip whole attributes.
-    questions = facts.questions()
-    picked = random.Random(args.seed).sample(range(len(questions)), min(args.eval_subset, len(questions)))
-    subset = [questions[i] for i in sorted(picked)]
-    batches = facts.batches(args.batch, args.seq, seed=args.seed + args.rank)  # each rank its own data
     track_usage(model)
-    curve, step_times, losses = [], [], []
-    bar, t0, step = Progress(name), time.perf_counter(), 0
-    frac, status = 0.0, "starting"
+    curve, step_times, losses, usage = [], [], [], {}
+    t0, step, frac = time.perf_counter(), 0, 0.0
     while frac < 1.0:
         ts = time.perf_counter()
-        warm = min(1.0, (step + 1) / max(1, args.steps // 20))
-        for g, lr in zip(opt.param_groups, base):
-            g["lr"] = lr * warm * max(0.1, 1.0 - frac)
-        losses.append(train_step(model, opt, next(batches).to(args.device), args.replica_group))
+        set_lr(opt, base, step, frac, args.steps)
+        losses.append(train_step(model, opt, next(batches).to(run.device), run.replica_group))
         step += 1
-        _sync(args.device)
+        _sync(run.device)
         step_times.append(time.perf_counter() - ts)
         elapsed = time.perf_counter() - t0
         frac = max(step / args.steps, elapsed / args.seconds if args.seconds else 0.0)
         if step % args.eval_every == 0 or frac >= 1.0:
-            acc, nll = evaluate(model, subset, args.device)
-            train_loss = torch.stack(losses).mean().item()
-            losses = []
-            point = {"step": step, "seconds": elapsed, "train_loss": train_loss, "accuracy": acc, "nll": nll}
-            usage = memory_usage(model)
-            if usage:
-                point["rows_read"] = sum(u["rows_read"] for u in usage.values()) / len(usage)
+            point, usage = curve_point(model, subset, step, elapsed, losses, run.device)
             curve.append(point)
-            status = f"step {step} loss {train_loss:.3f} acc {100 * acc:5.1f}%"
-            bar.update(frac, status, new_line=not bar.tty)
-        bar.update(frac, status)
+            losses = []
+            progress.show(frac, f"step {step} loss {point['train_loss']:.3f} acc {100 * point['accuracy']:5.1f}%")
+        progress.advance(frac)
     track_usage(model, enabled=False)
-    acc, nll = evaluate(model, facts.questions(), args.device)
-    acc_seen, _ = evaluate(model, facts.questions(held_out=False), args.device)
-    bar.update(1.0, f"step {step} held-out acc {100 * acc:5.1f}% nll {nll:.3f}", new_line=True)
     steady = sorted(step_times[len(step_times) // 10 :]) or step_times
+    return {
+        "steps": step,
+        "step_ms_in_training": 1000 * steady[len(steady) // 2],
+        "memory_usage_last_window": usage,
+        "curve": curve,
+    }, opt
+
+
+def score(model: Decoder, facts: FactSet, device: str) -> dict:
+    """Accuracy and NLL on every held-out question, and accuracy with a training question template."""
+    acc, nll = evaluate(model, facts.questions(), device)
+    acc_seen, _ = evaluate(model, facts.questions(held_out=False), device)
+    return {"accuracy": acc, "nll": nll, "accuracy_seen_template": acc_seen}
+
+
+def size(model: Decoder, seq_len: int) -> dict:
+    """Parameters outside and inside the value tables, and forward FLOPs per token."""
     n_values = sum(p.numel() for p in value_parameters(model))
     return {
         "params": sum(p.numel() for p in model.parameters()) - n_values,
         "memory_params": n_values,
-        "flops_per_token": flops_per_token(getattr(model, "module", model), args.seq),
-        "steps": step,
-        "seconds": time.perf_counter() - t0,
-        "step_ms_in_training": 1000 * steady[len(steady) // 2],
-        "accuracy": acc,
-        "nll": nll,
-        "accuracy_seen_template": acc_seen,
-        "memory_usage_last_window": usage,
-        "curve": curve,
-    }, opt
+        "flops_per_token": flops_per_token(getattr(model, "module", model), seq_len),
+    }
+
+
+def run_model(
+    name: str, facts: FactSet, subset: list, args: argparse.Namespace, run: Runtime
+) -> tuple[dict, tuple[Decoder, torch.optim.Optimizer]]:
+    """Build, train and score one contender; its results, and the model and optimizer for time_steps."""
+    model = build(name, args, run, len(facts.vocab))
+    progress, start = Progress(name), time.perf_counter()
+    batches = facts.batches(args.batch, args.seq, seed=args.seed + run.rank)  # each rank its own data
+    trained, opt = train(model, batches, subset, args, run, progress)
+    scores = score(model, facts, run.device)
+    progress.close(f"step {trained['steps']} held-out acc {100 * scores['accuracy']:5.1f}% nll {scores['nll']:.3f}")
+    seconds = time.perf_counter() - start
+    result = {**size(model, args.seq), **trained, **scores, "seconds": seconds}
+    order = ("params", "memory_params", "flops_per_token", "steps", "seconds", "step_ms_in_training", "accuracy",
+             "nll", "accuracy_seen_template", "memory_usage_last_window", "curve")
+    return {k: result[k] for k in order}, (model, opt)
 
 
 def _sync(device: str) -> None:
@@ -257,64 +392,46 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-def setup_parallel(args: argparse.Namespace) -> None:
-    """Process groups for --memory-parallel (under torchrun); output from rank 0 only."""
-    args.world, args.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    args.memory_group = args.replica_group = None
-    if args.memory_parallel > 1 and args.world == 1:
-        raise SystemExit("--memory-parallel P needs P processes: torchrun --nproc-per-node P -m memory_ext.demo ...")
-    if args.world == 1:
-        return
-    import torch.distributed as dist
-
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    args.memory_group, args.replica_group = md.new_memory_groups(args.memory_parallel)
-    if args.rank != 0:
-        sys.stdout = sys.stderr = open(os.devnull, "w")
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    setup_parallel(args)
+    run = setup_runtime(args)
     facts = FactSet(args.entities, seed=args.seed)
     n_q = len(facts.questions())
-    print(f"{args.entities} entities, {n_q} facts, vocabulary {len(facts.vocab)}; device {args.device}, "
+    print(f"{args.entities} entities, {n_q} facts, vocabulary {len(facts.vocab)}; device {run.device}, "
           f"{torch.get_num_threads()} threads; budget {args.steps} steps"
           + (f" or {args.seconds:.0f} s" if args.seconds else "") + " per model", file=sys.stderr)
+    subset = eval_subset(facts.questions(), args.eval_subset, args.seed)
     results, trained = {}, {}
     for name in args.models.split(","):
-        model = build(name, args, len(facts.vocab))
-        results[name], opt = train(name, model, facts, args)
-        trained[name] = (model, opt)
+        results[name], trained[name] = run_model(name, facts, subset, args, run)
     # After the evaluations, so these extra steps change no reported accuracy.
-    batch = next(facts.batches(args.batch, args.seq, seed=args.seed)).to(args.device)
-    for name, ms in time_steps(trained, batch, args.device, args.timing_rounds, args.replica_group).items():
+    batch = next(facts.batches(args.batch, args.seq, seed=args.seed)).to(run.device)
+    for name, ms in time_steps(trained, batch, run.device, args.timing_rounds, run.replica_group).items():
         results[name]["step_ms"] = ms if args.timing_rounds else results[name]["step_ms_in_training"]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = summary(results)
-    print(table)
+    print(summary(results))
     report = {
         "config": vars(args),
-        "machine": machine_info(args.device),
+        "run": run.describe(),
+        "machine": machine_info(run.device),
         "questions": n_q,
         "models": results,
     }
     if {"dense", "memory+"} <= results.keys():
         report["memory_over_dense_step_time"] = results["memory+"]["step_ms"] / results["dense"]["step_ms"]
         print(f"Memory+ step time / dense step time: {report['memory_over_dense_step_time']:.2f}")
-    if args.rank != 0:
-        return report
-    report["config"] = {k: v for k, v in vars(args).items() if not k.endswith("_group")}
+    if run.rank == 0:
+        write(report, Path(args.out))
+    return report
+
+
+def write(report: dict, out: Path) -> None:
+    """results.json and curves.png in out."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1))
-    if plot(results, out / "curves.png"):
+    if plot(report["models"], out / "curves.png"):
         print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
     else:
         print(f"wrote {out / 'results.json'}; plot skipped (matplotlib is not installed)")
-    return report
 
 
 if __name__ == "__main__":

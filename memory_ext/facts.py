@@ -76,8 +76,8 @@ class FactSet:
                 fixed |= set(t.split()) - {"{name}", "{value}"}
         words = self._words(rng, 2 * pool + _N_EMPLOYERS, taken=fixed)
         first, last, employers = words[:pool], words[pool : 2 * pool], words[2 * pool :]
-        pairs = rng.sample([(f, l) for f in first for l in last], n_entities)
-        self.names = [f"{f} {l}" for f, l in pairs]
+        pairs = rng.sample([(given, family) for given in first for family in last], n_entities)
+        self.names = [f"{given} {family}" for given, family in pairs]
         choices = {a: spec[0] or employers for a, spec in ATTRIBUTES.items()}
         # facts[e][attribute] = value
         self.facts = [{a: rng.choice(choices[a]) for a in ATTRIBUTES} for _ in range(n_entities)]

@@ -108,9 +108,33 @@ class Decoder(nn.Module):
         if cfg.memory_layers:
             swap_ffn(self.layers, cfg.memory_layers, cfg.dim, **cfg.memory)
 
+    def _check_tokens(self, tokens: Tensor) -> None:
+        # Shape, dtype and device are metadata: no host sync, constant under torch.compile.
+        if tokens.dim() != 2:
+            raise ValueError(f"Decoder: tokens must be 2-D (batch, seq), got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"Decoder: tokens must be int64 or int32 token ids, got dtype {tokens.dtype}")
+        if tokens.device != self.embed.weight.device:
+            raise ValueError(
+                f"Decoder: tokens are on {tokens.device} but the model's parameters are on {self.embed.weight.device}"
+            )
+        if tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(
+                f"Decoder: sequence length {tokens.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}"
+            )
+        # The id range needs the values: read on the CPU only (elsewhere it would wait for
+        # the device) and only in eager mode (under torch.compile it would be data-dependent).
+        if tokens.device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(tokens)
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(
+                    f"Decoder: token ids must be in [0, vocab_size = {self.cfg.vocab_size}), "
+                    f"got ids from {int(lo)} to {int(hi)}"
+                )
+
     def reset_parameters(self) -> None:
         """Normal(0, 0.02) weights, residual projections scaled by (2 * n_layers)^-0.5, unit
-        norm gains. Memory layers keep their own initialisation (PAPER.md section 1)."""
+        norm gains. Memory layers keep their own initialisation (ProductKeyMemory.reset_parameters)."""
         residual_std = 0.02 * (2 * self.cfg.n_layers) ** -0.5
         nn.init.normal_(self.embed.weight, 0.0, 0.02)
         nn.init.normal_(self.head.weight, 0.0, 0.02)
@@ -122,10 +146,10 @@ class Decoder(nn.Module):
                     nn.init.normal_(p, 0.0, residual_std if name in ("proj.weight", "w2.weight") else 0.02)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        s = tokens.shape[1]
-        if s > self.cfg.max_seq_len:
-            raise ValueError(f"Decoder: sequence length {s} exceeds max_seq_len {self.cfg.max_seq_len}")
+        """tokens: (batch, seq) int64/int32 in [0, vocab_size) -> logits (batch, seq, vocab_size)."""
+        self._check_tokens(tokens)
         x = self.embed(tokens)
+        s = tokens.shape[1]
         cos, sin = self.cos[:s].to(x.dtype), self.sin[:s].to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)

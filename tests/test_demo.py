@@ -1,5 +1,8 @@
-"""A few steps of the demo at tiny sizes: it trains the three models and writes its results."""
+"""A few steps of the demo at tiny sizes: it trains the three models and writes its results,
+alone and on two ranks; and its device choice under torchrun."""
 import json
+
+import pytest
 
 from memory_ext import demo
 
@@ -21,6 +24,11 @@ def test_demo_smoke(tmp_path, capsys):
     assert mem["curve"][-1]["rows_read"] > 0 and mem["memory_usage_last_window"]
     out = capsys.readouterr()
     assert "memory+" in out.out and "accuracy" in out.out and "held-out acc" in out.err
+    # stderr is not a terminal here: no bar redraws, a line per evaluation and one at the end
+    assert "\r" not in out.err
+    assert [line.split()[0] for line in out.err.splitlines()[1:]] == ["dense"] * 3 + ["memory+"] * 3 + ["dense-2x"] * 3
+    assert saved["config"] == vars(demo.parse_args(TINY + ["--out", str(tmp_path)]))  # the CLI options, as given
+    assert saved["run"] == {"world": 1, "device": "cpu", "backend": None}
     assert (tmp_path / "curves.png").exists() or "plot skipped" in out.out
 
 
@@ -37,14 +45,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_demo_with_memory_parallel_2(tmp_path):
-    """torchrun with two ranks and one memory group of 2: the Memory+ model trains with its
-    value table column-sharded, evaluates on every rank, and rank 0 reports.
+@pytest.mark.parametrize("memory_parallel", [1, 2])
+def test_demo_under_torchrun_with_two_ranks(tmp_path, memory_parallel):
+    """torchrun with two ranks: plain data parallel (memory parallel 1, the default) or one
+    memory group of 2 (the value table column-sharded); the Memory+ model trains, evaluates
+    on every rank, and rank 0 reports.
 
-    The sharded table draws each column from its own seed (so it is the same table for any
-    group size) while the one-process table uses one normal_ draw, so the two runs start
-    from different values and their losses agree only loosely; exact equality of a sharded
-    and an unsharded model step is tested in tests/test_distributed.py (model job)."""
+    Rank 0 starts from the one-process model and sees its batches, so its first loss is
+    the one-process first loss, except that the sharded table draws each column from its
+    own seed (the same table for any group size) while the one-process table uses one
+    normal_ draw: then the two agree only loosely. Equality of whole runs on the same
+    global batch is test_two_ranks_match_one_process_on_the_global_batch."""
     import os
     import subprocess
     import sys
@@ -54,12 +65,62 @@ def test_demo_with_memory_parallel_2(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "memory_ext.demo", *args, "--memory-parallel", "2", "--out", str(tmp_path / "mp")]
+           "-m", "memory_ext.demo", *args, "--device", "cpu", "--memory-parallel", str(memory_parallel),
+           "--out", str(tmp_path / "mp")]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    sharded = json.loads((tmp_path / "mp" / "results.json").read_text())["models"]["memory+"]
+    saved = json.loads((tmp_path / "mp" / "results.json").read_text())
+    assert saved["run"] == {"world": 2, "device": "cpu", "backend": "gloo"}
+    two = saved["models"]["memory+"]
     single = demo.main(args + ["--out", str(tmp_path / "one")])["models"]["memory+"]
-    assert sharded["steps"] == single["steps"] == 2
-    assert [p["step"] for p in sharded["curve"]] == [1, 2]
-    first_sharded, first_single = sharded["curve"][0]["train_loss"], single["curve"][0]["train_loss"]
-    assert abs(first_sharded - first_single) < 0.05 * first_single
+    assert two["steps"] == single["steps"] == 2
+    assert [p["step"] for p in two["curve"]] == [1, 2]
+    first_two, first_single = two["curve"][0]["train_loss"], single["curve"][0]["train_loss"]
+    assert abs(first_two - first_single) < (0.05 if memory_parallel > 1 else 1e-5) * first_single
+
+
+def test_two_ranks_match_one_process_on_the_global_batch():
+    """Two Gloo ranks, each on its own batches, against one process on both ranks' batches:
+    the mean loss agrees at every step, with plain data parallelism and with the value
+    table sharded (cases in dist_demo_job.py)."""
+    import dist_demo_job
+    from dist_harness import case_names, failures, run_job
+
+    results = run_job(2, dist_demo_job.demo_job, deadline_s=600)
+    bad = failures(results, "demo/")
+    assert not bad, "\n".join(bad)
+    assert case_names(results, "demo/") == {"demo/memory_parallel_1", "demo/memory_parallel_2"}
+
+
+@pytest.mark.parametrize(
+    "requested,world,local_rank,local_world,n_gpus,want",
+    [
+        ("cpu", 1, 0, 1, 0, ("cpu", None)),
+        ("cuda", 1, 0, 1, 1, ("cuda", None)),  # one process keeps what it asked for
+        ("cuda:1", 1, 0, 1, 2, ("cuda:1", None)),
+        ("cpu", 2, 1, 2, 2, ("cpu", "gloo")),
+        ("cuda", 2, 0, 2, 2, ("cuda:0", "nccl")),
+        ("cuda", 2, 1, 2, 2, ("cuda:1", "nccl")),
+        ("cuda", 4, 1, 2, 2, ("cuda:1", "nccl")),  # two nodes of two GPUs
+        ("cuda", 2, 1, 2, 8, ("cuda:1", "nccl")),
+        ("cuda", 2, 0, 2, 1, ("cpu", "gloo")),  # one GPU, two ranks: rank 0 too, so all agree
+        ("cuda", 2, 1, 2, 1, ("cpu", "gloo")),
+        ("cuda", 3, 2, 3, 0, ("cpu", "gloo")),
+    ],
+)
+def test_device_choice(requested, world, local_rank, local_world, n_gpus, want):
+    device, backend, note = demo.choose_device(requested, world, local_rank, local_world, n_gpus)
+    assert (device, backend) == want
+    if device == "cpu" and requested.startswith("cuda"):
+        assert note == (f"memory_ext.demo: {local_world} ranks per node but {n_gpus} GPU(s) visible, "
+                        "so no GPU for each rank; all ranks run on the CPU with Gloo")
+    else:
+        assert note is None
+
+
+def test_device_choice_agrees_over_the_ranks_of_a_node():
+    for n_gpus in range(4):
+        for local_world in range(1, 5):
+            picks = [demo.choose_device("cuda", local_world * 2, r, local_world, n_gpus) for r in range(local_world)]
+            assert len({(d.split(":")[0], b) for d, b, _ in picks}) == 1
+            assert all(d == "cpu" or int(d.split(":")[1]) < n_gpus for d, _, _ in picks)

@@ -10,7 +10,7 @@ def test_same_seed_same_data_other_seed_other_data():
     a, b, c = FactSet(200, seed=3), FactSet(200, seed=3), FactSet(200, seed=4)
     assert a.names == b.names and a.facts == b.facts and a.vocab == b.vocab
     assert a.train_items() == b.train_items() and a.questions() == b.questions()
-    for x, y in zip(itertools.islice(a.batches(4, 16, seed=1), 30), itertools.islice(b.batches(4, 16, seed=1), 30)):
+    for x, y in zip(itertools.islice(a.batches(4, 16, seed=1), 30), itertools.islice(b.batches(4, 16, seed=1), 30), strict=True):
         assert torch.equal(x, y)
     assert a.names != c.names
     assert not torch.equal(next(a.batches(4, 16, seed=1)), next(a.batches(4, 16, seed=2)))
@@ -42,7 +42,7 @@ def test_training_text_holds_every_fact_and_no_held_out_question():
             assert not any(held_out in line for line in text)
     held = data.questions()
     assert len(held) == 50 * len(ATTRIBUTES)
-    for (prompt, answer), (e, a) in zip(held, itertools.product(range(50), ATTRIBUTES)):
+    for (prompt, answer), (e, a) in zip(held, itertools.product(range(50), ATTRIBUTES), strict=True):
         assert data.decode(prompt).endswith("? A :") and data.decode(answer) == data.facts[e][a]
     seen = {tuple(p + a) for p, a in data.questions(held_out=False)}
     assert seen <= {tuple(item) for item in data.train_items()}
@@ -57,7 +57,7 @@ def test_batches_are_the_shuffled_items_back_to_back():
     stream = torch.cat([b.flatten() for b in batches]).tolist()
     sep = data.index[SEP]
     starts = [i for i, t in enumerate(stream) if t == sep]
-    pieces = [tuple(stream[a:b]) for a, b in zip(starts, starts[1:])]  # complete items only
+    pieces = [tuple(stream[a:b]) for a, b in itertools.pairwise(starts)]  # complete items only
     remaining = {}
     for item in items:
         remaining[tuple(item)] = remaining.get(tuple(item), 0) + 1

@@ -72,7 +72,7 @@ def test_state_dict_round_trip_into_fresh_model():
     torch.manual_seed(7)
     fresh = Decoder(model.cfg)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    for (n, p), q in zip(model.state_dict().items(), fresh.state_dict().values()):
+    for (n, p), q in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(p, q), n
     pools = {id(b.ffn.values) for b in fresh.layers if isinstance(b.ffn, ProductKeyMemory)}
     assert len(pools) == 1
@@ -147,7 +147,7 @@ def test_clip_grad_norms_clips_values_separately():
     torch.testing.assert_close(norm_other, want_others)
     torch.testing.assert_close(norm_values, want_values)
     torch.testing.assert_close(pool.grad, expected_values)
-    for p, e in zip(others, expected_other):
+    for p, e in zip(others, expected_other, strict=True):
         torch.testing.assert_close(p.grad, e)
     assert pool.grad.norm() <= 0.5 + 1e-5
 
@@ -163,7 +163,7 @@ def test_usage_statistics():
     assert all(c.sum() == 2 * 16 * 2 * 4 for c in counts)  # tokens * heads * k reads each
     stats = memory_usage(model)
     assert list(stats) == [f"layers.{i}.ffn" for i in (0, 2, 3)]
-    for c, s in zip(counts, stats.values()):
+    for c, s in zip(counts, stats.values(), strict=True):
         p = c.double() / c.sum()
         kl = sum(pi * math.log(pi * 64) for pi in p.tolist() if pi > 0)
         assert s["rows_read"] == pytest.approx((c > 0).double().mean().item())

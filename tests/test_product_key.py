@@ -56,7 +56,7 @@ def test_matches_full_score_reference(qk_norm, swilu, k_dim):
     params = [p for _, p in layer.named_parameters()]
     got = torch.autograd.grad(out, [x, *params], grad)
     want = torch.autograd.grad(ref, [x_ref, *params], grad)
-    for name, g, w in zip(["x"] + [n for n, _ in layer.named_parameters()], got, want):
+    for name, g, w in zip(["x"] + [n for n, _ in layer.named_parameters()], got, want, strict=True):
         torch.testing.assert_close(g, w, msg=name)
 
 

@@ -1,4 +1,5 @@
-"""Product-key memory layer (Lample et al. 2019) with the Memory+ output of PAPER.md."""
+"""Product-key memory layer (Lample et al. 2019) with the Memory+ output of "Memory Layers at
+Scale" (Berges et al. 2024): the bag of values read is gated by silu(W1 x) and projected by W2."""
 from __future__ import annotations
 
 import torch
@@ -66,7 +67,9 @@ class ProductKeyMemory(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """PAPER.md section 1; biases start at zero. The (possibly shared) values are left alone."""
+        """The initialisation of Memory Layers at Scale: keys uniform in +-k_dim^-0.5 (scores of unit
+        scale), the query Xavier-uniform, W1 and W2 normal(0, dim^-0.5); biases zero, query
+        gains one. The (possibly shared) values are left alone."""
         nn.init.uniform_(self.keys, -self.k_dim**-0.5, self.k_dim**-0.5)
         nn.init.xavier_uniform_(self.query.weight)
         nn.init.zeros_(self.query.bias)
@@ -77,9 +80,29 @@ class ProductKeyMemory(nn.Module):
                 nn.init.normal_(lin.weight, 0.0, self.dim**-0.5)
                 nn.init.zeros_(lin.bias)
 
+    def _check_input(self, x: Tensor) -> None:
+        # Metadata only (shape, dtype, device): no host sync, and constant under torch.compile.
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"ProductKeyMemory: input must have last dimension {self.dim} (the layer's dim), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"ProductKeyMemory: input must be a floating-point tensor, got dtype {x.dtype}")
+        if x.device != self.keys.device:
+            raise ValueError(
+                f"ProductKeyMemory: input is on {x.device} but the layer's parameters are on {self.keys.device}"
+            )
+
     def lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (tokens, dim) -> indices (tokens, heads * k) int64, weights (tokens, heads * k) fp32
         (fp64 for fp64 parameters)."""
+        self._check_input(x)
+        if x.dim() != 2:
+            raise ValueError(f"ProductKeyMemory.lookup: input must be 2-D (tokens, dim), got shape {tuple(x.shape)}")
+        return self._lookup(x)
+
+    def _lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
         tokens, half = x.shape[0], self.k_dim // 2
         # The ops do not autocast: score in the keys' dtype (fp32 parameters under autocast).
         query = self.query(x).to(self.keys.dtype).view(tokens, self.heads, 2, half)
@@ -94,8 +117,9 @@ class ProductKeyMemory(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., dim) -> (..., dim)."""
+        self._check_input(x)
         flat = x.reshape(-1, self.dim)
-        indices, weights = self.lookup(flat)
+        indices, weights = self._lookup(flat)
         if self.usage is not None:
             self.usage.index_add_(0, indices.reshape(-1), indices.new_ones(()).expand(indices.numel()))
         y = self.values(indices, weights)
