@@ -107,6 +107,6 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={"test": ["pytest", "hypothesis", "expecttest"]},
 )

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from dist_harness import case
 
 from memory_ext import demo
 from memory_ext import distributed as md
 from memory_ext.facts import FactSet
+
+from dist_harness import case
 
 ARGS = ["--steps", "4", "--entities", "12", "--dim", "32", "--layers", "3", "--heads", "2", "--n-keys", "8",
         "--mem-heads", "2", "--topk", "4", "--batch", "2", "--seq", "16", "--eval-every", "1", "--eval-subset", "8",

@@ -84,6 +84,7 @@ def test_two_ranks_match_one_process_on_the_global_batch():
     the mean loss agrees at every step, with plain data parallelism and with the value
     table sharded (cases in dist_demo_job.py)."""
     import dist_demo_job
+
     from dist_harness import case_names, failures, run_job
 
     results = run_job(2, dist_demo_job.demo_job, deadline_s=600)
