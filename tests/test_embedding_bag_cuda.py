@@ -69,14 +69,24 @@ def _poison_cache(*shapes_dtypes):
 
 
 # ---------------------------------------------------------------------------------------
+def launch_grid(test):
+    """Every row width of the launch table x bag 1 and 128 x value dtype x index dtype, on CUDA."""
+    marks = [
+        requires_cuda,
+        pytest.mark.parametrize("dim", DIMS),
+        pytest.mark.parametrize("bag", [1, 128]),
+        pytest.mark.parametrize("dtype", VALUE_DTYPES),
+        pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32]),
+    ]
+    for mark in reversed(marks):
+        test = mark(test)
+    return test
+
+
 # Forward.
 
 
-@requires_cuda
-@pytest.mark.parametrize("dim", DIMS)
-@pytest.mark.parametrize("bag", [1, 128])
-@pytest.mark.parametrize("dtype", VALUE_DTYPES)
-@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+@launch_grid
 def test_forward_matches_reference(dim, bag, dtype, idx_dtype):
     w_dtype = torch.float32 if idx_dtype == torch.int64 else dtype
     values, indices, weights, _ = _random_case(23, bag, 300, dim, dtype, idx_dtype, w_dtype, seed=dim + bag)
@@ -155,11 +165,7 @@ def _check_backward(values, indices, weights, grad_out, need_wg, dtype):
     return rows, rows_grad, wg
 
 
-@requires_cuda
-@pytest.mark.parametrize("dim", DIMS)
-@pytest.mark.parametrize("bag", [1, 128])
-@pytest.mark.parametrize("dtype", VALUE_DTYPES)
-@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+@launch_grid
 def test_backward_matches_reference(dim, bag, dtype, idx_dtype):
     w_dtype = dtype if idx_dtype == torch.int64 else torch.float32
     values, indices, weights, grad_out = _random_case(23, bag, 300, dim, dtype, idx_dtype, w_dtype, seed=dim * 7 + bag)
