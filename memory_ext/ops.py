@@ -68,10 +68,13 @@ def pk_topk(query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
     q1 . K1[i] + q2 . K2[j]; indices: (tokens, heads, k) int64, i * n_keys + j.
     Differentiable in query and keys through the selected pairs.
 
-    Ties go to the lower index when the tied sums come from tied half-scores. Non-finite
-    half-scores: NaN ranks first (as in torch.topk), but which NaN pairs are returned, and
-    the order of sums equal only after rounding, are not specified; a +inf half-score met
-    by a -inf one is not reported as NaN.
+    Ties go to the lower index when the tied sums come from tied half-scores (so with
+    exactly representable sums the order is score descending, then index ascending); the
+    order of sums equal only after rounding is not specified. Non-finite half-scores: NaN
+    ranks first (as in torch.topk), but which NaN pairs are returned is not specified; a
+    +inf half-score met by a -inf one sums to NaN, and that pair may or may not be among
+    those returned. The CUDA kernel takes n_keys <= 65536 and heads <= 65535, and k is
+    bounded by its shared memory (the error says how much a k needs).
     """
     return _ops.pk_topk(query, keys, k)
 
