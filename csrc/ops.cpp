@@ -5,14 +5,16 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(memory, m) {
-  // out[t] = sum_j weights[t, j] * values[indices[t, j]], accumulated in float32.
+  // out[t] = sum_j weights[t, j] * values[indices[t, j]], accumulated in float32
+  // (float64 for float64 values).
   // values: (rows, dim); indices: (tokens, bag) int64/int32; weights: (tokens, bag).
   m.def("embedding_bag(Tensor values, Tensor indices, Tensor weights) -> Tensor");
 
   // Backward of embedding_bag in sparse form, one pass over the touched rows:
   //   rows:       (U,) int64, the unique touched rows, ascending;
   //   rows_grad:  (U, dim) values dtype, sum of weights[t, j] * grad_out[t] over (t, j)
-  //               with indices[t, j] == rows[u], summed in input order in float32;
+  //               with indices[t, j] == rows[u], summed in input order in float32
+  //               (float64 for float64);
   //   weights_grad: (tokens, bag) weights dtype, <grad_out[t], values[indices[t, j]]>,
   //               or (0,) when need_weights_grad is false.
   m.def(
@@ -25,8 +27,8 @@ TORCH_LIBRARY(memory, m) {
   m.def("rows_to_dense(Tensor rows, Tensor rows_grad, SymInt n_rows) -> Tensor");
 
   // Exact product-key top-k. query: (tokens, heads, 2 * half); keys: (heads, 2, n_keys,
-  // half). scores: (tokens, heads, k) float32 descending, q1.K1[i] + q2.K2[j];
-  // indices: (tokens, heads, k) int64, i * n_keys + j.
+  // half). scores: (tokens, heads, k) float32 (float64 for float64 inputs) descending, q1.K1[i] +
+  // q2.K2[j]; indices: (tokens, heads, k) int64, i * n_keys + j.
   m.def("pk_topk(Tensor query, Tensor keys, int k) -> (Tensor scores, Tensor indices)");
 
   // Lazy Adam(W) on the rows of a sparse gradient, in place (torch.optim.AdamW's update,
