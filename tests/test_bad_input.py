@@ -347,7 +347,6 @@ def test_rows_checked_by_the_cpu_kernels():
 @pytest.fixture
 def sharded_table():
     import torch.distributed as dist
-    from torch import nn
 
     from memory_ext import distributed as md
 
@@ -355,9 +354,7 @@ def sharded_table():
         pytest.skip("a default process group exists in this process")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        module = nn.Module()
-        md.init_sharded_values(module, 10, 4, seed=0)
-        yield module
+        yield md.ShardedValues(10, 4, seed=0)
     finally:
         dist.destroy_process_group()
 
