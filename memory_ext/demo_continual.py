@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="for every method")
     p.add_argument("--lr", type=float, default=1e-3, help="dense weights in full finetuning")
     p.add_argument("--lora-lr", type=float, default=3e-3)
-    p.add_argument("--values-lr", type=float, default=1e-2, help="memory rows, in every method that trains them")
+    p.add_argument("--values-lr", type=float, default=0.1, help="memory rows, in every method that trains them")
     p.add_argument("--top-t", type=int, default=500, help="rows per pool per step for sparse memory finetuning")
     p.add_argument("--score", default="tfidf", choices=("tfidf", "kl"))
     p.add_argument("--lora-rank", type=int, default=8)
