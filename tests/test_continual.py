@@ -116,13 +116,13 @@ def _snapshot(model):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("sparse_grad", [False, True])
 @pytest.mark.parametrize("score", ["tfidf", "kl"])
-def test_only_selected_rows_change(optimizer, sparse_grad, score, device="cpu"):
-    model = tiny(sparse_grad=sparse_grad)
-    bg = background_usage(model, [b[:, :-1] for b in batches(6, seed=1)])
+def test_only_selected_rows_change(optimizer, sparse_grad, score, device):
+    model = tiny(sparse_grad=sparse_grad, device=device)
+    bg = background_usage(model, [b[:, :-1] for b in batches(6, seed=1, device=device)])
     top_t = 7
     ft = SparseMemoryFinetuner(model, bg, top_t=top_t, lr=0.1, optimizer=optimizer, score=score)
     (name, pool), = memory_pools(model)
-    for step, b in enumerate(batches(3, seed=2)):
+    for step, b in enumerate(batches(3, seed=2, device=device)):
         before = _snapshot(model)
         counter = background_usage(model, [b[:, :-1]])  # the rows this batch reads
         loss_of(model, b).backward()
