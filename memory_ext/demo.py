@@ -1,6 +1,7 @@
 """What memory buys: dense vs Memory+ vs 2x-dense on synthetic factual recall.
 
     python -m memory_ext.demo [--device cpu] [--steps N | --seconds S] [--out DIR]
+    python -m memory_ext.demo continual [...]   (new facts without forgetting: demo_continual)
 
 Trains three decoders from the same seed on the same data (memory_ext.facts): a dense
 model, a Memory+ model of about the same FLOPs per token (three memory layers sharing one
@@ -393,6 +394,11 @@ def summary(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["continual"]:  # the second main job: python -m memory_ext.demo continual
+        from memory_ext import demo_continual
+
+        return demo_continual.main(argv[1:])
     args = parse_args(argv)
     run = setup_runtime(args)
     facts = FactSet(args.entities, seed=args.seed)
