@@ -40,7 +40,7 @@ STEPS=(
   "tests_cuda|110|pytest tests -k 'cuda and not emulation' (every CUDA case of every test module, no -x)|tests_cuda.log junit_cuda.xml"
   "memcheck|35|compute-sanitizer memcheck on bench/sanitize_cases.py (small cases, every CUDA op)|memcheck.log memcheck_cases.json"
   "racecheck|35|compute-sanitizer racecheck on bench/sanitize_cases.py|racecheck.log racecheck_cases.json"
-  "demo_cuda|25|python -m memory_ext.demo on the GPU, a few steps of every model|demo_cuda.log demo/results.json"
+  "demo_cuda|25|python -m memory_ext.demo (and demo continual) on the GPU, a few steps of every model|demo_cuda.log demo/results.json"
   "py_bench_embedding_bag|30|bench/bench_embedding_bag.py --device cuda|py_bench_embedding_bag.log py_bench_embedding_bag.json"
   "py_bench_pk_topk|25|bench/bench_pk_topk.py --device cuda|py_bench_pk_topk.log py_bench_pk_topk.json"
   "py_bench_value_update|25|bench/bench_value_update.py --device cuda|py_bench_value_update.log py_bench_value_update.json"
@@ -136,7 +136,9 @@ sanitizer() { command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanit
 
 step_demo_cuda() {
   "$PY" -m memory_ext.demo --device cuda --steps 40 --entities 50 --eval-every 20 --timing-rounds 2 \
-    --out "$WORK/demo"
+    --out "$WORK/demo" &&
+    "$PY" -m memory_ext.demo continual --device cuda --entities 20 --new-entities 4 --pretrain-steps 40 \
+      --background-batches 5 --steps 10 --eval-every 5 --out "$WORK/demo_continual"
 }
 
 py_bench() { "$PY" "bench/bench_$1.py" --device cuda --out "$WORK/py_bench_$1.json"; }
