@@ -259,9 +259,10 @@ def summary(results: dict, pretrained: dict) -> str:
              f"{100 * pretrained['old_seen']:6.1f}% {100.0:6.1f}% {100 * pretrained['old_held_out']:6.1f}% "
              f"{pretrained['background_nll']:7.3f}"]
     for name, r in results.items():
-        kept = r["old_seen"] / max(pretrained["old_seen"], 1e-9)
+        # The share of A kept is undefined when the pretrained model answered nothing on A.
+        kept = f"{100 * r['old_seen'] / pretrained['old_seen']:6.1f}%" if pretrained["old_seen"] > 0 else f"{'-':>7}"
         lines.append(f"{name:<12} {100 * r['new_seen']:6.1f}% {100 * r['new_held_out']:6.1f}% {100 * r['old_seen']:6.1f}% "
-                     f"{100 * kept:6.1f}% {100 * r['old_held_out']:6.1f}% {r['background_nll']:7.3f} "
+                     f"{kept} {100 * r['old_held_out']:6.1f}% {r['background_nll']:7.3f} "
                      f"{r['trainable_params']:10d} {r['seconds']:6.1f}")
     return "\n".join(lines)
 
