@@ -17,6 +17,8 @@ from torch.testing import assert_close
 
 import memory_ext
 from memory_ext import distributed as md
+from memory_ext.reference import embedding_bag_backward_ref, embedding_bag_ref
+from memory_ext.testing import tolerance
 
 from dist_harness import case
 
@@ -300,13 +302,19 @@ def error_cases(rank, world, results):
 
     def expect_error(name, pattern, build, call):
         with case(results, f"error/{name}"):
-            module = build()
+            module, message = build(), None
             try:
                 call(module)
             except ValueError as err:
-                assert re.search(pattern, str(err)), str(err)
-            else:
-                raise AssertionError(f"no error raised, expected {pattern!r}")
+                message = str(err)
+            # Every rank takes part in the comparison, whatever it got, so a rank that
+            # raised nothing fails its case instead of hanging the others.
+            messages = [None] * world
+            dist.all_gather_object(messages, message, group=group)
+            assert message is not None, f"no error raised, expected {pattern!r}"
+            assert re.search(pattern, message), message
+            assert all(m == message for m in messages), f"ranks raised different errors: {messages}"
+            _still_usable(group)
 
     def std(dim=10, dtype=torch.float32):
         return lambda: sharded(20, dim, group, dtype=dtype)
@@ -346,6 +354,38 @@ def error_cases(rank, world, results):
 
     expect_error("call_count", r"disagree on the number of lookups", std(), skipped_call)
 
+    def negative_index(m):
+        idx, w = inputs()
+        if rank == last:
+            idx[1, 2] = -1
+        m(idx, w)
+
+    expect_error("negative_index", rf"index out of range on group rank {last}: indices span \[-1, \d+\] "
+                 r"but the table has 20 rows", std(), negative_index)
+    expect_error("float_indices", rf"^memory.sharded_lookup: group rank {last}: indices must be int64 or int32, "
+                 r"got Float$", std(),
+                 lambda m: m(*inputs(index_dtype=torch.float32 if rank == last else torch.int64)))
+
+    def integer_weights(m):
+        idx, w = inputs()
+        m(idx, (w * 10).long() if rank == 0 else w)
+
+    expect_error("integer_weights", r"^memory.sharded_lookup: group rank 0: weights must be float32 or the "
+                 r"values' dtype \(Float\), got Long$", std(), integer_weights)
+
+    def other_columns():
+        # The last rank's table was built for another split (one column more than the
+        # split gives it), as a slice loaded by hand from another world size would be.
+        m = sharded(20, 10, group)
+        if rank == last:
+            m.weight = nn.Parameter(torch.randn(20, m.memory_shard.size + 1))
+        return m
+
+    start, size = md.column_split(10, world)[last]
+    expect_error("layout_mismatch", rf"^memory.sharded_lookup: group rank {last} holds columns \[{start}, "
+                 rf"{start + size + 1}\) but the split of dim 10 gives it \({start}, {size}\) \(start, size\), "
+                 r"got a table built or loaded differently$", other_columns, lambda m: m(*inputs()))
+
     with case(results, "error/group_still_usable"):
         module = sharded(20, 10, group)
         module(*inputs())[0].sum().backward()
@@ -359,6 +399,27 @@ def error_cases(rank, world, results):
             assert "loads the whole table (20, 10)" in str(err), str(err)
         else:
             raise AssertionError("loading a slice-shaped plain tensor did not raise")
+
+
+def _still_usable(group):
+    """A lookup and backward on ``group`` right after an error: every rank gets the plain-PyTorch answer."""
+    me, P = dist.get_rank(group), group.size()
+    counts = [2 + p % 3 for p in range(P)]
+    table = make_table(91, 20, 10, torch.float32)
+    inputs = make_inputs(91, 20, 10, 4, counts, torch.int64)
+    module = md.load_full_(sharded(20, 10, group), table)
+    idx, w, gout = inputs[me]
+    w = w.clone().requires_grad_(True)
+    out = module(idx, w)
+    (out * gout).sum().backward()
+    all_idx, all_w, all_gout = (torch.cat(t) for t in zip(*inputs, strict=True))
+    ref_out = embedding_bag_ref(table, all_idx, all_w, rounded=False)
+    ref_table, ref_w = embedding_bag_backward_ref(all_gout, table, all_idx, all_w)
+    lo, shard = sum(counts[:me]), md.shard_of(module)
+    assert_close(out.double(), ref_out[lo : lo + counts[me]], **tolerance(torch.float32, terms=4), check_dtype=False)
+    assert_close(w.grad.double(), ref_w[lo : lo + counts[me]], **tolerance(torch.float32, terms=10), check_dtype=False)
+    assert_close(module.weight.grad.double(), ref_table[:, shard.start : shard.start + shard.size],
+                 **tolerance(torch.float32, terms=4 * sum(counts)), check_dtype=False)
 
 
 def _expect_timeout(call, what):
@@ -377,7 +438,7 @@ def timeout_cases(rank, world, results):
     """A rank that never joins makes the others raise within the table's timeout."""
     short = timedelta(seconds=1.5)
     # One spare group per case: each is poisoned by its abandoned call and never reused.
-    spares = [dist.new_group(list(range(world))) for _ in range(3)]
+    spares = [dist.new_group(list(range(world))) for _ in range(4)]
     solo, _ = dist.new_subgroups(1)
     with case(results, "error/timeout"):
         module = sharded(20, 10, spares[0], timeout=short)
@@ -395,7 +456,18 @@ def timeout_cases(rank, world, results):
         module.weight.grad = torch.ones_like(module.weight)
         if rank == 0:
             _expect_timeout(lambda: md.sync_replica_grads(module, spares[2]), "sync_replica_grads")
+    with case(results, "error/timeout_skipped_backward"):
+        # Rank 0 runs the forward and drops the output; the others' backward waits for
+        # it in the output-gradient all-to-all and must give up within the timeout. The
+        # group is left with an abandoned collective: it is not reused (not promised).
+        module = sharded(20, 10, spares[3])  # the ranks arrive apart: a long wait for the forward
+        out = module(torch.randint(0, 20, (2, 3)), torch.rand(2, 3))
+        module.memory_shard.timeout = short  # read at backward time
+        if rank != 0:
+            _expect_timeout(lambda: out.sum().backward(), "all_to_all_output_grads")
     dist.barrier()  # the world group is unaffected
+    with case(results, "error/timeout_world_still_usable"):
+        _still_usable(dist.group.WORLD)
 
 
 def _ckpt_modules(group):

@@ -77,6 +77,7 @@ def test_disagreeing_ranks_raise_everywhere(jobs, world):
         f"error/{c}" for c in (
             "bag", "weights_shape", "index_dtype", "dim", "table_dtype", "out_of_range",
             "needs_backward", "call_count", "group_still_usable", "load_slice_shape",
+            "negative_index", "float_indices", "integer_weights", "layout_mismatch",
         )
     }
     _assert_cases(jobs[0][world], "error/", expected)
@@ -84,6 +85,12 @@ def test_disagreeing_ranks_raise_everywhere(jobs, world):
 
 def test_timeout_when_a_rank_does_not_join(jobs):
     _assert_cases(jobs[0][2], "error/timeout", {"error/timeout"})
+
+
+def test_timeout_when_a_rank_skips_the_backward(jobs):
+    # The abandoned group is not reused; the world group still runs a lookup and backward.
+    expected = {"error/timeout_skipped_backward", "error/timeout_world_still_usable"}
+    _assert_cases(jobs[0][2], "error/timeout_", expected)
 
 
 def test_clip_and_replica_sync_wait_at_most_the_table_timeout(jobs):
