@@ -536,6 +536,138 @@ def checkpoint_cases(rank, world, results, load_from, save_to):
             assert torch.equal(md.full_table(m), full)
 
 
+OPT_ROWS, OPT_DIM, OPT_BAG, OPT_TOKENS, OPT_SAVED_AT, OPT_STEPS = 23, 7, 3, 10, 3, 5
+
+
+class OptimModel(nn.Module):
+    """A sharded table trained alone: fixed weights, so its update does not depend on the split."""
+
+    def __init__(self, group, seed):
+        super().__init__()
+        self.table = sharded(OPT_ROWS, OPT_DIM, group, seed=seed)
+
+    def forward(self, indices, weights):
+        return self.table(indices, weights)
+
+
+def _optim_setup(group, seed=31):
+    model = OptimModel(group, seed)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+
+
+def _optim_steps(model, opt, group, steps):
+    """Train steps [first, last): the global batch of each step split over the group's ranks in order."""
+    me = dist.get_rank(group)
+    counts = [n for _, n in md.column_split(OPT_TOKENS, group.size())]
+    lo = sum(counts[:me])
+    for step in range(*steps):
+        g = torch.Generator().manual_seed(1000 + step)
+        idx = torch.randint(0, OPT_ROWS, (OPT_TOKENS, OPT_BAG), generator=g)[lo : lo + counts[me]]
+        w = torch.rand(OPT_TOKENS, OPT_BAG, generator=g)[lo : lo + counts[me]]
+        gout = torch.randn(OPT_TOKENS, OPT_DIM, generator=g)[lo : lo + counts[me]]
+        opt.zero_grad()
+        (model(idx, w) * gout).sum().backward()
+        opt.step()
+
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def optim_state_for_dcp(model, opt):
+    """get_state_dict of model and optimizer, with the moments of the sharded table as DTensors.
+
+    get_state_dict returns the table as a DTensor (its state_dict) but the optimizer's moments
+    of it as this rank's plain (n_rows, size) slices, which DCP would take for one replicated
+    tensor; wrapped like the table, they reshard like it. The DTensors share the slices' storage,
+    so dcp.load fills the optimizer state in place.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    for name, module in model.named_modules():
+        if md.is_sharded(module):
+            # A new dict: get_state_dict's per-parameter dicts may be the optimizer's own.
+            state = osd["state"][f"{name}.weight"] = dict(osd["state"][f"{name}.weight"])
+            for key in _MOMENTS:
+                state[key] = md.as_dtensor(module, state[key])
+    return {"model": msd, "optim": osd}
+
+
+def load_optim_state(model, opt, sd):
+    """set_state_dict from optim_state_for_dcp's form (after dcp.load): moments back to plain slices."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    for name, module in model.named_modules():
+        if md.is_sharded(module):
+            state = sd["optim"]["state"][f"{name}.weight"]
+            for key in _MOMENTS:
+                state[key] = md.local_columns(module, state[key])
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def _optim_snapshot(model, opt):
+    """Full table and full moments (assembled over the group) and the step count."""
+    table = model.table
+    state = opt.state[table.weight]
+    full = [md.full_table(table)] + [md.as_dtensor(table, state[k]).full_tensor() for k in _MOMENTS]
+    return full, float(state["step"])
+
+
+def _assert_same_training(a, b):
+    (tensors_a, step_a), (tensors_b, step_b) = a, b
+    assert step_a == step_b, (step_a, step_b)
+    for name, x, y in zip(("table", *_MOMENTS), tensors_a, tensors_b, strict=True):
+        assert torch.equal(x, y), f"{name} differs after resuming: max |diff| {(x - y).abs().max().item()}"
+
+
+def optim_checkpoint_cases(rank, world, results, load_from, save_to):
+    """AdamW on a sharded table through DCP: resumed training is bitwise the uninterrupted run.
+
+    World 2 saves after OPT_SAVED_AT steps and resumes in fresh objects; world 3 resumes
+    from world 2's checkpoint (the table and moments resharded 2 -> 3). Bitwise, since the
+    table's gradient and AdamW's update act column by column, whatever the split.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    group = dist.group.WORLD
+    if world == 2:
+        with case(results, "optim/state_of_sharded_table_is_local"):
+            model, opt = _optim_setup(group)
+            _optim_steps(model, opt, group, (0, 1))
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            _, osd = get_state_dict(model, opt)
+            moment = osd["state"]["table.weight"]["exp_avg"]
+            # Why optim_state_for_dcp wraps the moments: left as they are, they are slices.
+            assert type(moment) is torch.Tensor and moment.shape == (OPT_ROWS, md.shard_of(model.table).size)
+
+        with case(results, "optim/resume_same_world"):
+            model, opt = _optim_setup(group)
+            _optim_steps(model, opt, group, (0, OPT_SAVED_AT))
+            dcp.save(optim_state_for_dcp(model, opt), checkpoint_id=save_to + "_optim")
+            _optim_steps(model, opt, group, (OPT_SAVED_AT, OPT_STEPS))
+            uninterrupted = _optim_snapshot(model, opt)
+
+            model, opt = _optim_setup(group, seed=32)  # fresh: another init, no optimizer state yet
+            sd = optim_state_for_dcp(model, opt)
+            dcp.load(sd, checkpoint_id=save_to + "_optim")
+            load_optim_state(model, opt, sd)
+            _optim_steps(model, opt, group, (OPT_SAVED_AT, OPT_STEPS))
+            _assert_same_training(_optim_snapshot(model, opt), uninterrupted)
+    if world == 3:
+        with case(results, "optim/resume_other_world"):
+            model, opt = _optim_setup(group)
+            _optim_steps(model, opt, group, (0, OPT_STEPS))
+            uninterrupted = _optim_snapshot(model, opt)
+
+            model, opt = _optim_setup(group, seed=32)
+            sd = optim_state_for_dcp(model, opt)
+            dcp.load(sd, checkpoint_id=load_from + "_optim")  # written by 2 ranks
+            load_optim_state(model, opt, sd)
+            _optim_steps(model, opt, group, (OPT_SAVED_AT, OPT_STEPS))
+            _assert_same_training(_optim_snapshot(model, opt), uninterrupted)
+
+
 def replica_checkpoint_case(rank, world, results, tmp):
     """Two memory groups each hold the table: DCP keeps one copy and loads into one group of 4."""
     import torch.distributed.checkpoint as dcp
@@ -608,6 +740,7 @@ def main_job(rank, world, results, load_from, save_to, tmp):
         error_cases(rank, world, results)
     if load_from:
         checkpoint_cases(rank, world, results, load_from, save_to)
+        optim_checkpoint_cases(rank, world, results, load_from, save_to)
     if world == 2 and hasattr(memory_ext, "ProductKeyMemory"):
         import dist_model_job
 

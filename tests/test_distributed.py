@@ -130,6 +130,13 @@ def test_checkpoint_reshards_4_2_3_1_exactly(jobs):
         assert torch.equal(m.weight, expect[k]), k
 
 
+def test_adamw_resume_through_dcp_is_bitwise_the_uninterrupted_run(jobs):
+    # Saved at world 2 after 3 steps; resumed at world 2 and, resharded, at world 3.
+    results = jobs[0]
+    _assert_cases(results[2], "optim/", {"optim/state_of_sharded_table_is_local", "optim/resume_same_world"})
+    _assert_cases(results[3], "optim/", {"optim/resume_other_world"})
+
+
 @pytest.mark.skipif(cuda_skip_reason() is not None, reason=f"NCCL test: {cuda_skip_reason()}")
 def test_world_1_on_nccl():
     # One GPU cannot host several NCCL ranks; world size 1 still runs every collective.
