@@ -1,8 +1,10 @@
 """Job bodies of the multi-process tests (run by dist_harness on every rank).
 
 Every rank builds the same full table and every rank's inputs from one seed, so each
-can compute the single-process reference itself and compare its own share of the
-sharded results with it, without extra communication.
+can compute the reference itself and compare its own share of the sharded results with
+it, without extra communication. References are plain PyTorch in float64
+(memory_ext.reference), compared with tolerance(dtype, terms=...); comparisons between
+runs of the same kernels (repeated runs, other splits, checkpoints) are bitwise.
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ class PlainValues(nn.Module):
 
 
 def lookup_case(rank, group, spec, results, name, device="cpu"):
-    """Sharded lookup on ``group`` (tables on ``device``) vs the single-process reference on the CPU."""
+    """Sharded lookup on ``group`` (tables on ``device``) vs the float64 plain-PyTorch reference on the CPU."""
     with case(results, name):
         n_rows, dim, bag, counts = spec["n_rows"], spec["dim"], spec["bag"], spec["counts"]
         dtype = spec.get("dtype", torch.float32)
@@ -313,7 +315,7 @@ def class_cases(rank, world, results):
 
 
 def error_cases(rank, world, results):
-    """Ranks that disagree raise the same clear error everywhere; the group stays usable."""
+    """Ranks that disagree or pass bad input raise the same clear error everywhere; the group stays usable."""
     group = dist.group.WORLD
     last = world - 1
 

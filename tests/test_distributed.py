@@ -1,8 +1,9 @@
 """Column-sharded value table over torch.distributed (Gloo on CPU), world sizes 1 to 4.
 
-The spawned jobs (one per world size, reused by all tests) check every case against the
-single-process lookup on the gathered inputs; see dist_workers.py for the cases. The
-checkpoint chain goes 1 (plain table, this process) -> 4 -> 2 -> 3 -> 1 (plain table).
+The spawned jobs (one per world size, reused by all tests) check every case against a
+plain-PyTorch float64 lookup of the gathered inputs; see dist_workers.py for the cases. The
+checkpoint chain goes 1 (plain table, this process) -> 4 -> 2 -> 3 -> 1 (plain table); the
+AdamW resume saves at 2 and loads at 2 and 3.
 """
 from __future__ import annotations
 
