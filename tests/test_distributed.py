@@ -1,8 +1,9 @@
 """Column-sharded value table over torch.distributed (Gloo on CPU), world sizes 1 to 4.
 
-The spawned jobs (one per world size, reused by all tests) check every case against the
-single-process lookup on the gathered inputs; see dist_workers.py for the cases. The
-checkpoint chain goes 1 (plain table, this process) -> 4 -> 2 -> 3 -> 1 (plain table).
+The spawned jobs (one per world size, reused by all tests) check every case against a
+plain-PyTorch float64 lookup of the gathered inputs; see dist_workers.py for the cases. The
+checkpoint chain goes 1 (plain table, this process) -> 4 -> 2 -> 3 -> 1 (plain table); the
+AdamW resume saves at 2 and loads at 2 and 3.
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def test_disagreeing_ranks_raise_everywhere(jobs, world):
         f"error/{c}" for c in (
             "bag", "weights_shape", "index_dtype", "dim", "table_dtype", "out_of_range",
             "needs_backward", "call_count", "group_still_usable", "load_slice_shape",
+            "negative_index", "float_indices", "integer_weights", "layout_mismatch",
         )
     }
     _assert_cases(jobs[0][world], "error/", expected)
@@ -84,6 +86,12 @@ def test_disagreeing_ranks_raise_everywhere(jobs, world):
 
 def test_timeout_when_a_rank_does_not_join(jobs):
     _assert_cases(jobs[0][2], "error/timeout", {"error/timeout"})
+
+
+def test_timeout_when_a_rank_skips_the_backward(jobs):
+    # The abandoned group is not reused; the world group still runs a lookup and backward.
+    expected = {"error/timeout_skipped_backward", "error/timeout_world_still_usable"}
+    _assert_cases(jobs[0][2], "error/timeout_", expected)
 
 
 def test_clip_and_replica_sync_wait_at_most_the_table_timeout(jobs):
@@ -121,6 +129,13 @@ def test_checkpoint_reshards_4_2_3_1_exactly(jobs):
     for k, m in modules.items():
         m.load_state_dict(sd[k])
         assert torch.equal(m.weight, expect[k]), k
+
+
+def test_adamw_resume_through_dcp_is_bitwise_the_uninterrupted_run(jobs):
+    # Saved at world 2 after 3 steps; resumed at world 2 and, resharded, at world 3.
+    results = jobs[0]
+    _assert_cases(results[2], "optim/", {"optim/state_of_sharded_table_is_local", "optim/resume_same_world"})
+    _assert_cases(results[3], "optim/", {"optim/resume_other_world"})
 
 
 @pytest.mark.skipif(cuda_skip_reason() is not None, reason=f"NCCL test: {cuda_skip_reason()}")
