@@ -575,38 +575,6 @@ def _optim_steps(model, opt, group, steps):
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def optim_state_for_dcp(model, opt):
-    """get_state_dict of model and optimizer, with the moments of the sharded table as DTensors.
-
-    get_state_dict returns the table as a DTensor (its state_dict) but the optimizer's moments
-    of it as this rank's plain (n_rows, size) slices, which DCP would take for one replicated
-    tensor; wrapped like the table, they reshard like it. The DTensors share the slices' storage,
-    so dcp.load fills the optimizer state in place.
-    """
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    msd, osd = get_state_dict(model, opt)
-    for name, module in model.named_modules():
-        if md.is_sharded(module):
-            # A new dict: get_state_dict's per-parameter dicts may be the optimizer's own.
-            state = osd["state"][f"{name}.weight"] = dict(osd["state"][f"{name}.weight"])
-            for key in _MOMENTS:
-                state[key] = md.as_dtensor(module, state[key])
-    return {"model": msd, "optim": osd}
-
-
-def load_optim_state(model, opt, sd):
-    """set_state_dict from optim_state_for_dcp's form (after dcp.load): moments back to plain slices."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    for name, module in model.named_modules():
-        if md.is_sharded(module):
-            state = sd["optim"]["state"][f"{name}.weight"]
-            for key in _MOMENTS:
-                state[key] = md.local_columns(module, state[key])
-    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-
-
 def _optim_snapshot(model, opt):
     """Full table and full moments (assembled over the group) and the step count."""
     table = model.table
@@ -640,20 +608,20 @@ def optim_checkpoint_cases(rank, world, results, load_from, save_to):
 
             _, osd = get_state_dict(model, opt)
             moment = osd["state"]["table.weight"]["exp_avg"]
-            # Why optim_state_for_dcp wraps the moments: left as they are, they are slices.
+            # Why md.dcp_state_dict wraps the moments: left as they are, they are slices.
             assert type(moment) is torch.Tensor and moment.shape == (OPT_ROWS, md.shard_of(model.table).size)
 
         with case(results, "optim/resume_same_world"):
             model, opt = _optim_setup(group)
             _optim_steps(model, opt, group, (0, OPT_SAVED_AT))
-            dcp.save(optim_state_for_dcp(model, opt), checkpoint_id=save_to + "_optim")
+            dcp.save(md.dcp_state_dict(model, opt), checkpoint_id=save_to + "_optim")
             _optim_steps(model, opt, group, (OPT_SAVED_AT, OPT_STEPS))
             uninterrupted = _optim_snapshot(model, opt)
 
             model, opt = _optim_setup(group, seed=32)  # fresh: another init, no optimizer state yet
-            sd = optim_state_for_dcp(model, opt)
+            sd = md.dcp_state_dict(model, opt)
             dcp.load(sd, checkpoint_id=save_to + "_optim")
-            load_optim_state(model, opt, sd)
+            md.load_dcp_state_dict(model, opt, sd)
             _optim_steps(model, opt, group, (OPT_SAVED_AT, OPT_STEPS))
             _assert_same_training(_optim_snapshot(model, opt), uninterrupted)
     if world == 3:
@@ -663,9 +631,9 @@ def optim_checkpoint_cases(rank, world, results, load_from, save_to):
             uninterrupted = _optim_snapshot(model, opt)
 
             model, opt = _optim_setup(group, seed=32)
-            sd = optim_state_for_dcp(model, opt)
+            sd = md.dcp_state_dict(model, opt)
             dcp.load(sd, checkpoint_id=load_from + "_optim")  # written by 2 ranks
-            load_optim_state(model, opt, sd)
+            md.load_dcp_state_dict(model, opt, sd)
             _optim_steps(model, opt, group, (OPT_SAVED_AT, OPT_STEPS))
             _assert_same_training(_optim_snapshot(model, opt), uninterrupted)
 

@@ -9,10 +9,12 @@ of whole output rows as with a row-sharded table.
 
 Entry points: ShardedValues (the table: a MemoryValues, which builds one when given a
 process group of several ranks), sharded_lookup (its forward), full_table / load_full_
-(whole-table views), as_dtensor (its checkpoint form), new_memory_groups /
+(whole-table views), as_dtensor (its checkpoint form), dcp_state_dict /
+load_dcp_state_dict (model and optimizer checkpoints that reshard), new_memory_groups /
 exclude_from_ddp / sync_replica_grads / sharded_grad_norm (combining with data
 parallelism and gradient clipping), count_comm (bytes moved).
 """
+from memory_ext.distributed.checkpoint import dcp_state_dict, load_dcp_state_dict
 from memory_ext.distributed.comm import CommStats, count_comm
 from memory_ext.distributed.groups import (
     exclude_from_ddp,
@@ -53,6 +55,8 @@ __all__ = [
     "sharded_grad_norm",
     "count_comm",
     "CommStats",
+    "dcp_state_dict",
+    "load_dcp_state_dict",
 ]
 
 
