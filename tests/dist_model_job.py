@@ -83,21 +83,16 @@ class PlainProductKeyMemory(nn.Module):
         return self.out(y * F.silu(self.gate(x))).view(shape)
 
 
-class PlainMemoryModel(nn.Module):
-    """TinyMemoryModel in plain PyTorch, the reference of the sharded one (same state_dict keys)."""
+class PlainMemoryModel(TinyMemoryModel):
+    """TinyMemoryModel in plain PyTorch, the reference of the sharded one (same state_dict keys
+    and forward; only the layers differ)."""
 
     def __init__(self):
-        super().__init__()
+        nn.Module.__init__(self)  # not TinyMemoryModel's: it would build memory_ext layers
         self.embed = nn.Embedding(VOCAB, DIM)
         self.values = PlainValues(N_KEYS * N_KEYS, DIM)
         self.memories = nn.ModuleList(PlainProductKeyMemory(self.values) for _ in range(2))
         self.head = nn.Linear(DIM, VOCAB)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for memory in self.memories:
-            x = x + memory(x)
-        return self.head(x)
 
 
 def plain_clip_(model, max_norm):
