@@ -33,7 +33,15 @@ import memory_ext
 from memory_ext import distributed as md
 from memory_ext.facts import FactSet
 from memory_ext.model import Decoder, DecoderConfig, flops_per_token, memory_placement
-from memory_ext.nn import clip_grad_norms, memory_usage, param_groups, track_usage, value_parameters
+from memory_ext.nn import (
+    clip_grad_norms,
+    memory_usage,
+    param_groups,
+    track_usage,
+    value_optimizer,
+    value_parameters,
+    value_tables,
+)
 from memory_ext.provenance import machine_info
 
 
@@ -57,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--values-lr-scale", type=float, default=10.0)
+    p.add_argument("--values-path", choices=("sparse", "fused", "dense"), default="sparse",
+                   help="how the memory values train: sparse row gradients + a row optimizer (default), "
+                        "the row update fused into the backward, or dense gradients + AdamW")
+    p.add_argument("--values-optimizer", choices=("adam", "adagrad"), default="adam",
+                   help="row optimizer of the values on the sparse and fused paths (row-wise Adagrad: one float per row)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-subset", type=int, default=512, help="questions scored during training")
     p.add_argument("--models", default="dense,memory+,dense-2x", help="comma-separated subset to train")
@@ -228,7 +241,27 @@ class Progress:
         self.bar.close()
 
 
-def train_step(model: Decoder, opt: torch.optim.Optimizer, batch: torch.Tensor, replica_group=None) -> torch.Tensor:
+class Optimizers:
+    """The dense optimizer and, for a memory model on the sparse or fused path, the values'
+    row optimizer, used as one (their param_groups concatenated, for the schedule)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer | None) -> None:
+        self.optimizers = [o for o in optimizers if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+
+def train_step(model: Decoder, opt: Optimizers, batch: torch.Tensor, replica_group=None) -> torch.Tensor:
     """One step of next-token prediction on batch (batch, seq + 1); values and the rest clipped apart.
 
     With memory parallelism, sharded value slices are averaged over their replica group
@@ -243,9 +276,20 @@ def train_step(model: Decoder, opt: torch.optim.Optimizer, batch: torch.Tensor, 
     return loss.detach()
 
 
-def make_optimizer(model: Decoder, args: argparse.Namespace) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95); the values at their own learning rate (param_groups)."""
-    return torch.optim.AdamW(param_groups(model, args.lr, values_lr_scale=args.values_lr_scale), betas=(0.9, 0.95))
+def make_optimizer(model: Decoder, args: argparse.Namespace) -> Optimizers:
+    """AdamW (0.9, 0.95) for the dense weights; the values at their own learning rate
+    (param_groups), on the path --values-path picks (value_optimizer for sparse and fused,
+    the fused update clipped to norm 1 in the backward as clip_grad_norms would)."""
+    dense_values = args.values_path == "dense" or not value_tables(model)
+    groups = param_groups(model, args.lr, values="dense" if dense_values else "sparse",
+                          values_lr_scale=args.values_lr_scale)
+    dense = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    if dense_values:
+        return Optimizers(dense)
+    fused = args.values_path == "fused"
+    values = value_optimizer(model, args.lr, rule=args.values_optimizer, fused=fused,
+                             values_lr_scale=args.values_lr_scale, max_norm=1.0 if fused else None)
+    return Optimizers(dense, values)
 
 
 def set_lr(opt: torch.optim.Optimizer, base: list[float], step: int, frac: float, steps: int) -> None:
@@ -269,7 +313,7 @@ def curve_point(model: Decoder, subset: list, step: int, seconds: float, losses:
 def train(
     model: Decoder, batches: Iterator[torch.Tensor], subset: list, args: argparse.Namespace, run: Runtime,
     progress: Progress,
-) -> tuple[dict, torch.optim.Optimizer]:
+) -> tuple[dict, Optimizers]:
     """Train until --steps or --seconds is spent, scoring subset every --eval-every steps and
     at the end; the learning curve and step times, and the optimizer."""
     opt = make_optimizer(model, args)
@@ -321,7 +365,7 @@ def size(model: Decoder, seq_len: int) -> dict:
 
 def run_model(
     name: str, facts: FactSet, subset: list, args: argparse.Namespace, run: Runtime
-) -> tuple[dict, tuple[Decoder, torch.optim.Optimizer]]:
+) -> tuple[dict, tuple[Decoder, Optimizers]]:
     """Build, train and score one contender; its results, and the model and optimizer for time_steps."""
     model = build(name, args, run, len(facts.vocab))
     progress, start = Progress(name), time.perf_counter()

@@ -20,6 +20,7 @@ from torch.testing import assert_close
 import memory_ext
 from memory_ext import distributed as md
 from memory_ext.reference import embedding_bag_backward_ref, embedding_bag_ref
+from memory_ext.sparse_rows import coalesced
 from memory_ext.testing import tolerance
 
 from dist_harness import case
@@ -89,6 +90,7 @@ def lookup_case(rank, group, spec, results, name, device="cpu"):
         calls = spec.get("calls", 1)
         grad_ranks = spec.get("weights_grad_ranks", range(len(counts)))
         average = spec.get("average_grads", False)
+        sparse = spec.get("sparse", False)
         me = dist.get_rank(group)
         seed = spec["seed"]
         table = make_table(seed, n_rows, dim, dtype)
@@ -98,7 +100,7 @@ def lookup_case(rank, group, spec, results, name, device="cpu"):
         ]
 
         def run():
-            module = sharded(n_rows, dim, group, dtype=dtype, device=device, average_grads=average)
+            module = sharded(n_rows, dim, group, dtype=dtype, device=device, average_grads=average, sparse_grad=sparse)
             md.load_full_(module, table.to(device))
             loss, outs, leaves = 0.0, [], []
             for call in inputs:
@@ -126,16 +128,46 @@ def lookup_case(rank, group, spec, results, name, device="cpu"):
                 close_to_reference(w_grads[c], ref_w_grads[c][lo : lo + counts[me]], torch.float32, dim)
             else:
                 assert w_grads[c] is None
+        grad = module.weight.grad
+        if sparse:
+            grad = sparse_slice_grad(grad, inputs)
+            if calls == 1 and not average:
+                # The same kernel over the same gathered tokens, column by column: bitwise.
+                assert torch.equal(grad, unsharded_sparse_grad(table, inputs)[:, start : start + size].to(device))
         close_to_reference(
-            module.weight.grad.cpu(), ref_table_grad[:, start : start + size], dtype, calls * sum(counts) * bag,
+            grad.cpu(), ref_table_grad[:, start : start + size], dtype, calls * sum(counts) * bag,
             rounded_twice=average or calls > 1,
         )
         # Determinism (bitwise): the same kernels on the same split, run again.
         if spec.get("check_determinism"):
             again, outs2, w_grads2 = run()
             assert all(torch.equal(a, b) for a, b in zip(outs, outs2, strict=True))
-            assert torch.equal(module.weight.grad, again.weight.grad)
+            assert torch.equal(module.weight.grad.to_dense(), again.weight.grad.to_dense())
             assert all(torch.equal(a, b) for a, b in zip(w_grads, w_grads2, strict=True) if a is not None)
+
+
+def gathered_rows(inputs):
+    """The rows read by the whole group in every call: unique, ascending."""
+    return torch.unique(torch.cat([idx.long().flatten() for call in inputs for idx, _, _ in call]))
+
+
+def sparse_slice_grad(grad, inputs):
+    """A sharded table's sparse gradient, checked to hold exactly the rows the group read, as dense."""
+    assert grad.is_sparse, "sparse_grad=True must give a sparse gradient"
+    grad = coalesced(grad)
+    assert torch.equal(grad.indices()[0].cpu(), gathered_rows(inputs)), "rows: the group's rows, once, ascending"
+    return grad.to_dense()
+
+
+def unsharded_sparse_grad(table, inputs):
+    """The gradient of one unsharded MemoryValues(sparse_grad=True) on the gathered batch, as dense."""
+    whole = memory_ext.MemoryValues(*table.shape, dtype=table.dtype, sparse_grad=True)
+    with torch.no_grad():
+        whole.weight.copy_(table)
+    for call in inputs:
+        idx, w, gout = (torch.cat(t) for t in zip(*call, strict=True))
+        (whole(idx, w).float() * gout).sum().backward()
+    return whole.weight.grad.to_dense()
 
 
 def lookup_cases(rank, world, results, group, tag, device="cpu"):
@@ -150,6 +182,15 @@ def lookup_cases(rank, world, results, group, tag, device="cpu"):
         "all_empty": dict(n_rows=9, dim=10, bag=4, counts=[0] * P),
         "shared_twice_average": dict(
             n_rows=23, dim=7, bag=6, counts=pick([4, 3, 2, 1]), calls=2, average_grads=True, weights_grad_ranks=[0]
+        ),
+        "sparse_uneven_fp32": dict(
+            n_rows=37, dim=10, bag=5, counts=pick([5, 0, 9, 2]), sparse=True, check_determinism=True
+        ),
+        "sparse_fp64": dict(n_rows=64, dim=12, bag=7, counts=[6] * P, dtype=torch.float64, sparse=True),
+        "sparse_bf16": dict(n_rows=50, dim=10, bag=4, counts=pick([3, 4, 5, 6]), dtype=torch.bfloat16, sparse=True),
+        "sparse_all_empty": dict(n_rows=9, dim=10, bag=4, counts=[0] * P, sparse=True),
+        "sparse_shared_twice_average": dict(
+            n_rows=23, dim=7, bag=6, counts=pick([4, 3, 2, 1]), calls=2, average_grads=True, sparse=True
         ),
     }
     for i, (name, spec) in enumerate(specs.items()):
@@ -544,16 +585,19 @@ OPT_ROWS, OPT_DIM, OPT_BAG, OPT_TOKENS, OPT_SAVED_AT, OPT_STEPS = 23, 7, 3, 10, 
 class OptimModel(nn.Module):
     """A sharded table trained alone: fixed weights, so its update does not depend on the split."""
 
-    def __init__(self, group, seed):
+    def __init__(self, group, seed, sparse=False):
         super().__init__()
-        self.table = sharded(OPT_ROWS, OPT_DIM, group, seed=seed)
+        self.table = sharded(OPT_ROWS, OPT_DIM, group, seed=seed, sparse_grad=sparse)
 
     def forward(self, indices, weights):
         return self.table(indices, weights)
 
 
-def _optim_setup(group, seed=31):
-    model = OptimModel(group, seed)
+def _optim_setup(group, seed=31, sparse=False):
+    """The table and its optimizer: AdamW on a dense gradient, or SparseRowAdam on a sparse one."""
+    model = OptimModel(group, seed, sparse)
+    if sparse:
+        return model, memory_ext.nn.SparseRowAdam(model.parameters(), lr=0.05, weight_decay=0.1)
     return model, torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
 
 
@@ -610,32 +654,56 @@ def optim_checkpoint_cases(rank, world, results, load_from, save_to):
             moment = osd["state"]["table.weight"]["exp_avg"]
             # Why md.dcp_state_dict wraps the moments: left as they are, they are slices.
             assert type(moment) is torch.Tensor and moment.shape == (OPT_ROWS, md.shard_of(model.table).size)
+    for sparse, tag in ((False, ""), (True, "sparse_")):
+        ckpt = f"{save_to}_{tag}optim" if world == 2 else f"{load_from}_{tag}optim"
+        if world == 2:
+            with case(results, f"optim/{tag}resume_same_world"):
+                model, opt = _optim_setup(group, sparse=sparse)
+                _optim_steps(model, opt, group, (0, OPT_SAVED_AT))
+                dcp.save(md.dcp_state_dict(model, opt), checkpoint_id=ckpt)
+                _optim_steps(model, opt, group, (OPT_SAVED_AT, OPT_STEPS))
+                uninterrupted = _optim_snapshot(model, opt)
 
-        with case(results, "optim/resume_same_world"):
-            model, opt = _optim_setup(group)
-            _optim_steps(model, opt, group, (0, OPT_SAVED_AT))
-            dcp.save(md.dcp_state_dict(model, opt), checkpoint_id=save_to + "_optim")
-            _optim_steps(model, opt, group, (OPT_SAVED_AT, OPT_STEPS))
-            uninterrupted = _optim_snapshot(model, opt)
+                model, opt = _optim_setup(group, seed=32, sparse=sparse)  # fresh: another init, no state yet
+                sd = md.dcp_state_dict(model, opt)
+                dcp.load(sd, checkpoint_id=ckpt)
+                md.load_dcp_state_dict(model, opt, sd)
+                _optim_steps(model, opt, group, (OPT_SAVED_AT, OPT_STEPS))
+                _assert_same_training(_optim_snapshot(model, opt), uninterrupted)
+        if world == 3:
+            with case(results, f"optim/{tag}resume_other_world"):
+                model, opt = _optim_setup(group, sparse=sparse)
+                _optim_steps(model, opt, group, (0, OPT_STEPS))
+                uninterrupted = _optim_snapshot(model, opt)
 
-            model, opt = _optim_setup(group, seed=32)  # fresh: another init, no optimizer state yet
-            sd = md.dcp_state_dict(model, opt)
-            dcp.load(sd, checkpoint_id=save_to + "_optim")
-            md.load_dcp_state_dict(model, opt, sd)
-            _optim_steps(model, opt, group, (OPT_SAVED_AT, OPT_STEPS))
-            _assert_same_training(_optim_snapshot(model, opt), uninterrupted)
-    if world == 3:
-        with case(results, "optim/resume_other_world"):
-            model, opt = _optim_setup(group)
-            _optim_steps(model, opt, group, (0, OPT_STEPS))
-            uninterrupted = _optim_snapshot(model, opt)
+                model, opt = _optim_setup(group, seed=32, sparse=sparse)
+                sd = md.dcp_state_dict(model, opt)
+                dcp.load(sd, checkpoint_id=ckpt)  # written by 2 ranks
+                md.load_dcp_state_dict(model, opt, sd)
+                _optim_steps(model, opt, group, (OPT_SAVED_AT, OPT_STEPS))
+                _assert_same_training(_optim_snapshot(model, opt), uninterrupted)
+    with case(results, "optim/sparse_equals_unsharded"):
+        # SparseRowAdam on the sharded sparse table: bitwise one process's sparse training.
+        model, opt = _optim_setup(group, sparse=True)
+        _optim_steps(model, opt, group, (0, OPT_STEPS))
+        whole = _unsharded_sparse_training(seed=31)
+        assert torch.equal(md.full_table(model.table), whole)
 
-            model, opt = _optim_setup(group, seed=32)
-            sd = md.dcp_state_dict(model, opt)
-            dcp.load(sd, checkpoint_id=load_from + "_optim")  # written by 2 ranks
-            md.load_dcp_state_dict(model, opt, sd)
-            _optim_steps(model, opt, group, (OPT_SAVED_AT, OPT_STEPS))
-            _assert_same_training(_optim_snapshot(model, opt), uninterrupted)
+
+def _unsharded_sparse_training(seed):
+    """The table of _optim_steps trained by one process: MemoryValues(sparse_grad=True) + SparseRowAdam."""
+    table = memory_ext.MemoryValues(OPT_ROWS, OPT_DIM, sparse_grad=True)
+    md.seeded_normal_columns_(table.weight.data, 0, seed, OPT_DIM**-0.5)  # what ShardedValues(seed=seed) holds
+    opt = memory_ext.nn.SparseRowAdam(table.parameters(), lr=0.05, weight_decay=0.1)
+    for step in range(OPT_STEPS):
+        g = torch.Generator().manual_seed(1000 + step)
+        idx = torch.randint(0, OPT_ROWS, (OPT_TOKENS, OPT_BAG), generator=g)
+        w = torch.rand(OPT_TOKENS, OPT_BAG, generator=g)
+        gout = torch.randn(OPT_TOKENS, OPT_DIM, generator=g)
+        opt.zero_grad()
+        (table(idx, w) * gout).sum().backward()
+        opt.step()
+    return table.weight.detach()
 
 
 def replica_checkpoint_case(rank, world, results, tmp):
@@ -697,6 +765,34 @@ def data_parallel_case(rank, world, results):
         close_to_reference(model.proj.bias.grad, ref.proj.bias.grad, torch.float32, tokens * dim * bag)
         norm = md.sharded_grad_norm(model)
         close_to_reference(norm, ref_values.norm(), torch.float32, ref_values.numel() + tokens * bag)
+
+    with case(results, "groups/sparse_replicas"):
+        # Sparse slice gradients averaged over the replica group: the union of the rows the
+        # two memory groups read, the mean of all four ranks' gradients, the same bits on
+        # both replicas, and the same norm as the dense path.
+        n_rows, dim, bag = 41, 9, 3
+        counts = [4, 2, 0, 5]
+        inputs = make_inputs(91, n_rows, dim, bag, counts, torch.int64)
+        table = make_table(92, n_rows, dim, torch.float32)
+        grads, norms = {}, {}
+        for sparse in (False, True):
+            m = md.load_full_(sharded(n_rows, dim, memory, average_grads=True, sparse_grad=sparse), table)
+            idx, w, gout = inputs[rank]
+            (m(idx, w) * gout).sum().backward()
+            md.sync_replica_grads(m, replica)
+            grads[sparse], norms[sparse] = m.weight.grad, md.sharded_grad_norm(m)
+        g = grads[True]
+        assert g.is_sparse
+        assert torch.equal(g.indices()[0], gathered_rows([inputs])), "the union of the replicas' rows"
+        shard = md.shard_of(m)
+        _, ref_grad, _ = reference(table, [inputs], 1.0 / world)
+        close_to_reference(g.to_dense(), ref_grad[:, shard.start : shard.start + shard.size], torch.float32,
+                           sum(counts) * bag, rounded_twice=True)
+        close_to_reference(g.to_dense(), grads[False].double(), torch.float32, sum(counts) * bag, rounded_twice=True)
+        close_to_reference(norms[True], norms[False].double(), torch.float32, sum(counts) * bag)
+        both = [torch.empty_like(g.to_dense()) for _ in range(dist.get_world_size(replica))]
+        dist.all_gather(both, g.to_dense(), group=replica)
+        assert all(torch.equal(both[0], x) for x in both), "replicas must hold the same bits"
 
 
 def main_job(rank, world, results, load_from, save_to, tmp):

@@ -59,6 +59,7 @@ def _assert_cases(results, prefix, expected):
 LOOKUP_CASES = {
     "uneven_fp32", "even_fp64_int32", "narrow_table", "bf16", "all_empty",
     "shared_twice_average", "no_grad", "bytes_counted", "init_and_full_table",
+    "sparse_uneven_fp32", "sparse_fp64", "sparse_bf16", "sparse_all_empty", "sparse_shared_twice_average",
 }
 
 
@@ -68,7 +69,7 @@ def test_lookup_matches_single_process(jobs, world):
 
 
 def test_memory_groups_with_ddp_and_replicas(jobs):
-    expected = {f"groups/{c}" for c in LOOKUP_CASES} | {"groups/ddp_and_replicas"}
+    expected = {f"groups/{c}" for c in LOOKUP_CASES} | {"groups/ddp_and_replicas", "groups/sparse_replicas"}
     _assert_cases(jobs[0][4], "groups/", expected)
 
 
@@ -132,10 +133,17 @@ def test_checkpoint_reshards_4_2_3_1_exactly(jobs):
 
 
 def test_adamw_resume_through_dcp_is_bitwise_the_uninterrupted_run(jobs):
-    # Saved at world 2 after 3 steps; resumed at world 2 and, resharded, at world 3.
+    # Saved at world 2 after 3 steps; resumed at world 2 and, resharded, at world 3; AdamW on a
+    # dense gradient and SparseRowAdam on a sparse one (which also trains as one process would).
     results = jobs[0]
-    _assert_cases(results[2], "optim/", {"optim/state_of_sharded_table_is_local", "optim/resume_same_world"})
-    _assert_cases(results[3], "optim/", {"optim/resume_other_world"})
+    _assert_cases(results[2], "optim/", {
+        "optim/state_of_sharded_table_is_local", "optim/resume_same_world", "optim/sparse_resume_same_world",
+        "optim/sparse_equals_unsharded",
+    })
+    _assert_cases(results[3], "optim/", {
+        "optim/resume_other_world", "optim/sparse_resume_other_world", "optim/sparse_equals_unsharded",
+    })
+    _assert_cases(results[4], "optim/", {"optim/sparse_equals_unsharded"})
 
 
 @pytest.mark.skipif(cuda_skip_reason() is not None, reason=f"NCCL test: {cuda_skip_reason()}")
@@ -194,11 +202,6 @@ def test_sharded_table_needs_a_process_group():
 def test_sharded_table_rejects_nonpositive_sizes(n_rows, dim):
     with pytest.raises(ValueError, match=f"ShardedValues: n_rows and dim must be positive, got {n_rows} and {dim}"):
         md.ShardedValues(n_rows, dim)
-
-
-def test_sharded_table_refuses_sparse_grad():
-    with pytest.raises(ValueError, match="ShardedValues: sparse_grad is not supported"):
-        md.ShardedValues(4, 4, sparse_grad=True)
 
 
 def test_init_sharded_values_was_removed():

@@ -120,7 +120,7 @@ def test_flops_per_token_by_hand():
 
 def test_param_groups():
     model = tiny()
-    groups = param_groups(model, 1e-3, weight_decay=0.1)
+    groups = param_groups(model, 1e-3, weight_decay=0.1, values="dense")
     by_name = {g["name"]: g for g in groups}
     pool = next(m for m in model.modules() if isinstance(m, MemoryValues))
     assert by_name["values"]["params"] == [pool.weight]
@@ -129,7 +129,10 @@ def test_param_groups():
     assert all(p.dim() < 2 for p in by_name["no_decay"]["params"])
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each parameter once
-    asked = {g["name"]: g for g in param_groups(model, 1e-3, values_lr_scale=3.0, values_weight_decay=0.05)}
+    asked = {
+        g["name"]: g
+        for g in param_groups(model, 1e-3, values="dense", values_lr_scale=3.0, values_weight_decay=0.05)
+    }
     assert asked["values"]["lr"] == pytest.approx(3e-3) and asked["values"]["weight_decay"] == 0.05
     torch.optim.AdamW(groups).step()  # accepted by a torch optimizer as they are
 

@@ -1,6 +1,5 @@
 """The sparse value path: MemoryValues(sparse_grad=True), the fused row update row_adam_ and
-SparseRowAdam / sparse_value_optimizer."""
-import types
+SparseRowAdam / value_optimizer."""
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch.nn.functional as F
 
 from memory_ext import MemoryValues, ProductKeyMemory, ops
 from memory_ext.model import Decoder, DecoderConfig
-from memory_ext.nn import SparseRowAdam, clip_grad_norms, param_groups, sparse_value_optimizer, value_parameters
+from memory_ext.nn import SparseRowAdam, clip_grad_norms, param_groups, value_optimizer, value_parameters
 from memory_ext.reference import row_adam_ref
 from memory_ext.testing import UNIT_ROUNDOFF, accumulation_dtype, op_args, sample_inputs
 
@@ -52,13 +51,13 @@ def test_only_rows_read_are_in_the_gradient():
     assert g.indices().flatten().tolist() == [3, 7, 42, 999]
 
 
-def test_sparse_value_optimizer_updates_only_rows_read():
+def test_value_optimizer_updates_only_rows_read():
     torch.manual_seed(0)
     pool = MemoryValues(500, 8, sparse_grad=True)
     model = torch.nn.Module()
     model.values = pool
     before = pool.weight.detach().clone()
-    opt = sparse_value_optimizer(model, lr=0.01)
+    opt = value_optimizer(model, 0.01, values_lr_scale=1.0)
     indices = torch.randint(0, 500, (16, 4))
     pool(indices, torch.rand(16, 4)).square().sum().backward()
     opt.step()
@@ -78,8 +77,8 @@ def test_param_groups_leave_sparse_tables_to_the_sparse_optimizer():
     assert id(pool.weight) not in grouped
     assert value_parameters(layers, sparse=True) == [pool.weight]
     assert value_parameters(layers, sparse=False) == []
-    with pytest.raises(ValueError, match="no MemoryValues built with sparse_grad=True"):
-        sparse_value_optimizer(torch.nn.Linear(2, 2), lr=1e-3)
+    with pytest.raises(ValueError, match="value_optimizer: the model has no MemoryValues"):
+        value_optimizer(torch.nn.Linear(2, 2), 1e-3)
 
 
 def test_clipping_sparse_gradients_matches_dense():
@@ -95,12 +94,6 @@ def test_clipping_sparse_gradients_matches_dense():
     torch.testing.assert_close(sparse_pool.weight.grad.to_dense(), dense_pool.weight.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_sharded_sparse_table_is_refused():
-    group = types.SimpleNamespace(size=lambda: 2)
-    with pytest.raises(ValueError, match="sparse_grad is not supported"):
-        MemoryValues(16, 8, sparse_grad=True, process_group=group)
-
-
 def test_decoder_trains_with_sparse_values_deterministically():
     def train():
         torch.manual_seed(0)
@@ -108,7 +101,7 @@ def test_decoder_trains_with_sparse_values_deterministically():
         cfg.memory = dict(n_keys=8, heads=2, k=4, values=MemoryValues(64, 32, sparse_grad=True))
         model = Decoder(cfg)
         dense_opt = torch.optim.AdamW(param_groups(model, 1e-2), betas=(0.9, 0.95))
-        sparse_opt = sparse_value_optimizer(model, lr=1e-1)
+        sparse_opt = value_optimizer(model, 1e-2)
         tokens = torch.randint(0, 50, (4, 17), generator=torch.Generator().manual_seed(1))
         losses = []
         for _ in range(8):

@@ -3,7 +3,7 @@ continues bit for bit like the uninterrupted run.
 
 The model is the realistic one for a big table: two ProductKeyMemory layers sharing one
 bf16 MemoryValues pool with sparse row gradients, trained by AdamW over
-``param_groups(model, lr)`` (everything but the pool) and ``sparse_value_optimizer``
+``param_groups(model, lr)`` (everything but the pool) and ``value_optimizer``
 (SparseRowAdam, float32 moments for the bf16 table), with the paper's separate clipping.
 The checkpoint goes through ``torch.save`` and ``torch.load(weights_only=True)``.
 """
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from memory_ext import MemoryValues, ProductKeyMemory
-from memory_ext.nn import clip_grad_norms, param_groups, sparse_value_optimizer
+from memory_ext.nn import clip_grad_norms, param_groups, value_optimizer
 
 DIM, N_KEYS, LR = 24, 16, 1e-2
 STEPS_BEFORE, STEPS_AFTER = 3, 3
@@ -38,7 +38,7 @@ def build(seed):
     torch.manual_seed(seed)
     model = TwoLayers()
     dense = torch.optim.AdamW(param_groups(model, LR), lr=LR, betas=(0.9, 0.95))
-    sparse = sparse_value_optimizer(model, LR * 10)
+    sparse = value_optimizer(model, LR)
     return model, dense, sparse
 
 

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from memory_ext.distributed.comm import _wait
+from memory_ext.distributed.comm import _wait, all_gather_fixed, all_gather_rows
 from memory_ext.distributed.layout import ColumnShard, is_sharded
+from memory_ext.sparse_rows import coalesced, sparse_rows_grad
 
 __all__ = [
     "new_memory_groups",
@@ -106,6 +107,11 @@ def sync_replica_grads(
     Call after backward, before the optimizer step, on every rank. With average_grads on
     the memory group and average here, a table gets the mean over all W ranks' losses,
     as DDP gives every other parameter. timeout None: each table's ``memory_shard.timeout``.
+
+    A sparse gradient (``sparse_grad=True``) becomes the sparse gradient of the union of
+    the replicas' rows: each replica's rows are gathered, and every row's gradients
+    summed in replica-rank order in float32 (the library's deterministic row-sum
+    kernel), so all replicas hold the same bits, whatever the backend.
     """
     size = dist.get_world_size(replica_group)
     if size == 1:
@@ -117,9 +123,27 @@ def sync_replica_grads(
                 "memory.sync_replica_grads: a sharded table has no gradient on this rank, got grad None "
                 "(run backward on every rank first)"
             )
-        _all_reduce_sum_(grad, replica_group, _timeout(table.memory_shard, timeout), "sync_replica_grads")
+        wait = _timeout(table.memory_shard, timeout)
+        if grad.is_sparse:
+            table.weight.grad = grad = _union_of_replicas(table.weight, coalesced(grad), replica_group, wait)
+        else:
+            _all_reduce_sum_(grad, replica_group, wait, "sync_replica_grads")
         if average:
             grad.div_(size)
+
+
+def _union_of_replicas(weight: Tensor, grad: Tensor, group: dist.ProcessGroup, timeout: timedelta | None) -> Tensor:
+    """The sum over the replica group of sparse row gradients (coalesced), as a coalesced sparse gradient."""
+    rows, values = grad.indices()[0], grad.values()
+    count = torch.tensor([rows.numel()], dtype=torch.int64, device=weight.device)
+    counts = all_gather_fixed(count, group, timeout, "sync_replica_grads_counts").flatten().tolist()
+    all_rows = all_gather_rows(rows, counts, group, timeout, "sync_replica_grads_rows")
+    all_values = all_gather_rows(values, counts, group, timeout, "sync_replica_grads_values")
+    # Summing each row's gradients is the backward of a bag of one row per gathered entry
+    # with weight 1: the row-sum kernel adds them in input order, i.e. replica-rank order.
+    ones = torch.ones(all_rows.numel(), 1, dtype=torch.float32, device=weight.device)
+    union, summed, _ = torch.ops.memory.embedding_bag_backward(all_values, weight, all_rows.view(-1, 1), ones, False)
+    return sparse_rows_grad(union, summed, weight.shape)
 
 
 def _local_square_norm(table: nn.Module) -> Tensor:
@@ -127,6 +151,9 @@ def _local_square_norm(table: nn.Module) -> Tensor:
     grad = table.weight.grad
     if grad is None:
         return torch.zeros((), dtype=torch.float32, device=table.weight.device)
+    if grad.is_sparse:
+        table.weight.grad = grad = coalesced(grad)  # each row once
+        grad = grad.values()
     return torch.linalg.vector_norm(grad, dtype=torch.float32).square()
 
 

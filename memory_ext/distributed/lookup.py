@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 from memory_ext._checks import InputError, accumulation_dtype, check_embedding_bag
 from memory_ext.distributed.comm import all_gather_fixed, all_gather_rows, all_to_all_flat
 from memory_ext.distributed.layout import ColumnShard, shard_of
+from memory_ext.sparse_rows import sparse_rows_grad
 
 __all__ = ["sharded_lookup"]
 
@@ -169,7 +170,9 @@ def _compute_dtype(weight: Tensor) -> torch.dtype:
 
 class _ShardedLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight: Tensor, indices: Tensor, weights: Tensor, shard: ColumnShard, plan: _Plan) -> Tensor:
+    def forward(
+        ctx, weight: Tensor, indices: Tensor, weights: Tensor, shard: ColumnShard, plan: _Plan, sparse: bool
+    ) -> Tensor:
         me, group, timeout = shard.group_rank, shard.group, shard.timeout
         counts, width = plan.counts, weight.shape[1]
         all_indices = all_gather_rows(indices, list(counts), group, timeout, "all_gather_indices")
@@ -187,7 +190,7 @@ class _ShardedLookup(torch.autograd.Function):
         out = torch.cat(pieces, dim=1)
         if plan.need_backward:
             ctx.save_for_backward(weight, all_indices, all_weights)
-            ctx.shard, ctx.plan, ctx.weights_dtype = shard, plan, weights.dtype
+            ctx.shard, ctx.plan, ctx.weights_dtype, ctx.sparse = shard, plan, weights.dtype, sparse
         return out
 
     @staticmethod
@@ -211,7 +214,10 @@ class _ShardedLookup(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if shard.grad_scale != 1.0:
                 rows_grad = rows_grad * shard.grad_scale
-            grad_weight = torch.ops.memory.rows_to_dense(rows, rows_grad, weight.shape[0])
+            if ctx.sparse:  # the rows read by the whole group: the same on every rank
+                grad_weight = sparse_rows_grad(rows, rows_grad, weight.shape)
+            else:
+                grad_weight = torch.ops.memory.rows_to_dense(rows, rows_grad, weight.shape[0])
         grad_weights = None
         if plan.need_weights_grad:
             # Every rank must take part, even one whose own weights need no gradient.
@@ -225,7 +231,7 @@ class _ShardedLookup(torch.autograd.Function):
                 total += blocks[p]
             if ctx.needs_input_grad[2]:
                 grad_weights = total.to(ctx.weights_dtype)
-        return grad_weight, None, grad_weights, None, None
+        return grad_weight, None, grad_weights, None, None, None
 
 
 @torch.compiler.disable
@@ -241,10 +247,12 @@ def sharded_lookup(module, indices: Tensor, weights: Tensor) -> Tensor:
 
     Gradients: this rank's column slice of the table receives the gradient that one
     process would compute for the sum of all ranks' losses over the gathered batch
-    (times 1 / group size with ``average_grads``); weights receive exactly the
-    gradient of this rank's own loss, as unsharded.
+    (times 1 / group size with ``average_grads``): dense, or with the module's
+    ``sparse_grad`` a sparse COO tensor of the rows the group read (unique, ascending,
+    the same rows on every rank); weights receive exactly the gradient of this rank's
+    own loss, as unsharded.
     """
     shard = shard_of(module)
     weight = module.weight
     plan = _exchange_metadata(shard, weight, indices, weights)
-    return _ShardedLookup.apply(weight, indices, weights, shard, plan)
+    return _ShardedLookup.apply(weight, indices, weights, shard, plan, bool(getattr(module, "sparse_grad", False)))

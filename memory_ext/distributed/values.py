@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from memory_ext.distributed.layout import SHARD_ATTR, ColumnShard
 from memory_ext.distributed.lookup import sharded_lookup
 from memory_ext.distributed.table import as_dtensor, local_columns, seeded_normal_columns_
+from memory_ext.nn import optimizer_guard
 from memory_ext.nn.values import MemoryValues
 
 __all__ = ["ShardedValues"]
@@ -35,7 +36,9 @@ class ShardedValues(MemoryValues):
     reset_parameters). ``state_dict()['weight']`` is a DTensor sharded on dim 1 over the
     group; ``load_state_dict`` takes such a DTensor (any mesh or placement) or the full
     plain table. Building the table runs no collective; every lookup is one, on every
-    rank of the group (see sharded_lookup). ``sparse_grad=True`` is not supported yet.
+    rank of the group (see sharded_lookup). With ``sparse_grad=True`` the slice's gradient
+    is a sparse COO tensor of the rows the group read (train it with SparseRowAdam;
+    sync_replica_grads averages such gradients too); the fused update is not supported.
     """
 
     def __init__(
@@ -51,17 +54,12 @@ class ShardedValues(MemoryValues):
         timeout: timedelta | None = None,
         seed: int | None = None,
     ) -> None:
-        if sparse_grad:
-            raise ValueError(
-                "ShardedValues: sparse_grad is not supported for a table sharded over a process group, "
-                "got sparse_grad=True (build it with sparse_grad=False)"
-            )
         if n_rows <= 0 or dim <= 0:
             raise ValueError(f"ShardedValues: n_rows and dim must be positive, got {n_rows} and {dim}")
         # Not MemoryValues.__init__: it allocates and draws the whole table, of which this
         # rank holds a slice.
         nn.Module.__init__(self)
-        self.n_rows, self.dim, self.sparse_grad = n_rows, dim, False
+        self.n_rows, self.dim, self.sparse_grad, self.fused = n_rows, dim, bool(sparse_grad), None
         shard = ColumnShard.over_group(process_group, n_rows, dim, average_grads=average_grads, timeout=timeout)
         setattr(self, SHARD_ATTR, shard)
         self.weight = nn.Parameter(torch.empty(n_rows, shard.size, dtype=dtype, device=device))
@@ -92,6 +90,8 @@ class ShardedValues(MemoryValues):
 
         A collective over the memory group: see sharded_lookup.
         """
+        if self.sparse_grad:
+            optimizer_guard.watch(self)
         return sharded_lookup(self, indices, weights)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
@@ -117,5 +117,5 @@ class ShardedValues(MemoryValues):
         shard = self.memory_shard
         return (
             f"{self.n_rows}, {self.dim}, dtype={self.weight.dtype}, ranks={shard.group_size}, "
-            f"columns=[{shard.start}, {shard.start + shard.size})"
+            f"columns=[{shard.start}, {shard.start + shard.size}){', sparse_grad=True' if self.sparse_grad else ''}"
         )

@@ -5,6 +5,10 @@ import torch
 from torch import Tensor, nn
 
 from memory_ext import ops
+from memory_ext.nn import optimizer_guard
+from memory_ext.nn.fused import FusedRowUpdate, fused_lookup
+from memory_ext.nn.row_optimizer import RowOptimizer
+from memory_ext.sparse_rows import sparse_rows_grad
 
 __all__ = ["MemoryValues"]
 
@@ -21,10 +25,19 @@ class MemoryValues(nn.Module):
     :class:`memory_ext.distributed.ShardedValues` (a subclass): the table split by columns
     over the group, ``dim`` still the full width. A group of one rank keeps a plain table.
 
-    With ``sparse_grad=True`` the table's gradient is a sparse COO tensor holding only the
-    rows read in the step (what a table of millions of rows needs: no dense gradient is
-    ever written); train it with :func:`memory_ext.nn.sparse_value_optimizer`. That path
-    runs eagerly (not under ``torch.compile``) and not with a sharded table.
+    Three training paths, for the cost of a step at large n_rows:
+
+    - dense (the default): ``weight.grad`` is a dense (n_rows, dim) tensor, which any
+      torch optimizer takes; writing it and walking it in AdamW cost O(n_rows * dim) per
+      step, whatever was read.
+    - sparse (``sparse_grad=True``, or what :func:`memory_ext.nn.value_optimizer` sets):
+      ``weight.grad`` is a sparse COO tensor of the rows read only; a RowOptimizer
+      (SparseRowAdam, SparseRowAdagrad) steps just those rows.
+    - fused (``fuse(optimizer)``, or ``value_optimizer(model, lr, fused=True)``): the
+      backward applies the RowOptimizer to the rows read and stores no gradient at all.
+
+    ``sparse_grad`` may be changed between steps. The sparse and fused lookups run eagerly
+    under ``torch.compile`` (a graph break around the lookup; the rest of the model compiles).
     """
 
     def __new__(cls, *args, **kwargs):
@@ -57,6 +70,7 @@ class MemoryValues(nn.Module):
             )
         self.n_rows, self.dim, self.process_group = n_rows, dim, process_group
         self.sparse_grad = bool(sparse_grad)
+        self.fused: FusedRowUpdate | None = None
         self.weight = nn.Parameter(torch.empty(n_rows, dim, dtype=dtype, device=device))
         self.reset_parameters()
 
@@ -75,14 +89,37 @@ class MemoryValues(nn.Module):
         # The op takes float32 weights or the table's dtype; anything else goes via float32.
         if weights.dtype not in (torch.float32, self.weight.dtype):
             weights = weights.float()
-        if self.sparse_grad and torch.is_grad_enabled() and self.weight.requires_grad:
-            return _SparseGradBag.apply(self.weight, indices, weights)
+        if (self.sparse_grad or self.fused is not None) and torch.is_grad_enabled() and self.weight.requires_grad:
+            optimizer_guard.watch(self)
+            if self.fused is not None:
+                return fused_lookup(self.weight, indices, weights, self.fused)
+            return sparse_lookup(self.weight, indices, weights)
         return ops.embedding_bag(self.weight, indices, weights)
+
+    def fuse(self, optimizer: RowOptimizer, *, max_norm: float | None = None) -> None:
+        """Update this table in its backward with ``optimizer`` (which must hold ``weight``).
+
+        From now on no gradient is stored: at the end of each backward pass that read the
+        table, the rows read get ``optimizer``'s update (see memory_ext.nn.fused), their
+        gradient clipped to ``max_norm`` first if given. ``optimizer.step()`` then has
+        nothing to do for it; its lr, state and state_dict work as usual. Undo with unfuse().
+        """
+        if self.sharded:
+            raise ValueError(
+                f"{type(self).__name__}.fuse: the fused update is not supported for a table sharded over a "
+                "process group; use sparse_grad=True with a SparseRowAdam instead"
+            )
+        self.fused = FusedRowUpdate(optimizer, self.weight, max_norm)
+        optimizer_guard.watch(self)
+
+    def unfuse(self) -> None:
+        """Back to a stored gradient (sparse or dense, as ``sparse_grad`` says)."""
+        self.fused = None
 
     def extra_repr(self) -> str:
         group = "" if self.process_group is None else f", ranks={self.process_group.size()}"
-        sparse = ", sparse_grad=True" if self.sparse_grad else ""
-        return f"{self.n_rows}, {self.dim}, dtype={self.weight.dtype}{group}{sparse}"
+        path = ", fused" if self.fused is not None else ", sparse_grad=True" if self.sparse_grad else ""
+        return f"{self.n_rows}, {self.dim}, dtype={self.weight.dtype}{group}{path}"
 
 
 def _spans_several_ranks(process_group) -> bool:
@@ -107,9 +144,14 @@ class _SparseGradBag(torch.autograd.Function):
         rows, rows_grad, weights_grad = ops.embedding_bag_backward(
             grad_out.contiguous(), table, indices, weights, need_weights
         )
-        grad_table = None
-        if need_table:
-            grad_table = torch.sparse_coo_tensor(
-                rows.unsqueeze(0), rows_grad, table.shape, is_coalesced=True, check_invariants=False
-            )  # rows are unique, ascending and in range by construction
+        grad_table = sparse_rows_grad(rows, rows_grad, table.shape) if need_table else None
         return grad_table, None, weights_grad if need_weights else None
+
+
+@torch.compiler.disable
+def sparse_lookup(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """embedding_bag with a sparse COO gradient for ``table``.
+
+    Runs eagerly under torch.compile (a graph break): compiled graphs cannot return a
+    sparse gradient."""
+    return _SparseGradBag.apply(table, indices, weights)

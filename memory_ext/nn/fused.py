@@ -1,0 +1,99 @@
+"""Fused update-in-backward: a value table's backward applies its row optimizer to the rows
+read and stores no gradient (the idea behind FBGEMM's table-batched embeddings at scale).
+
+The backward of each lookup computes the rows' gradient with the library's sparse kernel
+and hands it to the table's FusedRowUpdate, which queues one callback at the end of the
+backward pass. The callback adds the gradients of every read of the table in that pass
+(a pool shared by several layers), in the order autograd would have accumulated them,
+optionally clips them, and calls the optimizer's ``update_rows``. So an update happens
+after every backward pass, with the same rows and the same formula as "sparse gradient,
+then optimizer.step()"; only the gradient tensor between the two is never kept.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from memory_ext import ops
+from memory_ext.nn.clipping import clip_coefficient, square_norm
+from memory_ext.nn.row_optimizer import RowOptimizer
+from memory_ext.sparse_rows import coalesced, sparse_rows_grad
+
+__all__ = ["FusedRowUpdate", "fused_lookup"]
+
+
+class FusedRowUpdate:
+    """The link from one table (``weight``) to the RowOptimizer that updates it in its backward.
+
+    max_norm: clip the table's gradient of each backward pass to this L2 norm before the
+    update (the paper's separate clipping of the values; per table). ``last_norm`` is
+    that gradient's norm before clipping (a 0-d float32 tensor, set when clipping), for
+    logging. Gradient accumulation over several backward passes is not possible: each
+    pass updates the table.
+    """
+
+    def __init__(self, optimizer: RowOptimizer, weight: Tensor, max_norm: float | None = None) -> None:
+        if not isinstance(optimizer, RowOptimizer):
+            raise ValueError(
+                "fused value update: the optimizer must be a memory_ext.nn.RowOptimizer (SparseRowAdam, "
+                f"SparseRowAdagrad), got {type(optimizer).__name__}"
+            )
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"fused value update: max_norm must be positive or None, got {max_norm}")
+        optimizer.group_of(weight)  # the optimizer must hold the table
+        self.optimizer, self.weight, self.max_norm = optimizer, weight, max_norm
+        self.last_norm: Tensor | None = None
+        self._pending: list[Tensor] = []
+        self._task: int | None = None
+
+    def arrive(self, rows: Tensor, rows_grad: Tensor) -> None:
+        """Called by each lookup's backward: keep its rows' gradient until the pass ends."""
+        task = torch._C._current_graph_task_id()
+        if task != self._task:
+            # The first read of this pass. Anything pending was left by a pass that failed
+            # before its end: it never reached its callback and must not leak into this one.
+            self._pending, self._task = [], task
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+        self._pending.append(sparse_rows_grad(rows, rows_grad, self.weight.shape))
+
+    @torch.no_grad()
+    def _flush(self) -> None:
+        pending, self._pending, self._task = self._pending, [], None
+        grad = pending[0]
+        for g in pending[1:]:
+            grad = grad + g  # concatenation, as autograd accumulates sparse gradients
+        grad = coalesced(grad)
+        rows, rows_grad = grad.indices()[0], grad.values()
+        if self.max_norm is not None:
+            self.last_norm = square_norm([grad]).sqrt()  # as clip_grad_norms computes it
+            rows_grad = rows_grad * clip_coefficient(self.last_norm, self.max_norm)
+        p = self.weight
+        self.optimizer.update_rows(p, self.optimizer.group_of(p), rows, rows_grad.to(p.dtype))
+
+
+class _FusedBag(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: Tensor, indices: Tensor, weights: Tensor, link: FusedRowUpdate) -> Tensor:
+        ctx.save_for_backward(table, indices, weights)
+        ctx.link = link
+        return ops.embedding_bag(table, indices, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        table, indices, weights = ctx.saved_tensors
+        need_weights = ctx.needs_input_grad[2]
+        # The weights' gradient reads the table: computed here, before any update of the pass.
+        rows, rows_grad, weights_grad = ops.embedding_bag_backward(
+            grad_out.contiguous(), table, indices, weights, need_weights
+        )
+        ctx.link.arrive(rows, rows_grad)
+        return None, None, weights_grad if need_weights else None, None
+
+
+@torch.compiler.disable
+def fused_lookup(table: Tensor, indices: Tensor, weights: Tensor, link: FusedRowUpdate) -> Tensor:
+    """embedding_bag whose backward updates ``table`` through ``link`` instead of writing its gradient.
+
+    Runs eagerly under torch.compile (a graph break): the update is a side effect of the
+    backward, which a compiled graph cannot hold."""
+    return _FusedBag.apply(table, indices, weights, link)
