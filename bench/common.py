@@ -22,8 +22,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 2, iters: int = 7) -> float:
-    """Median wall time of fn in ms (CUDA: events around each call on the current stream)."""
+def time_samples_ms(fn: Callable[[], object], device: str, *, warmup: int = 2, iters: int = 7) -> list[float]:
+    """Wall time of each of iters calls of fn in ms, after warmup calls (CUDA: events around
+    each call on the current stream)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -40,7 +41,17 @@ def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 2, iters: in
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    return samples
+
+
+def time_ms(fn: Callable[[], object], device: str, *, warmup: int = 2, iters: int = 7) -> float:
+    """Median wall time of fn in ms (see time_samples_ms)."""
+    return statistics.median(time_samples_ms(fn, device, warmup=warmup, iters=iters))
+
+
+def spread_ms(samples: list[float]) -> dict:
+    """min_ms, median_ms, max_ms of timing samples."""
+    return {"min_ms": min(samples), "median_ms": statistics.median(samples), "max_ms": max(samples)}
 
 
 def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:

@@ -1,6 +1,7 @@
 """Each Python benchmark runs end to end on a tiny shape (--quick) and writes its JSON:
 a smoke run, not a timing, so that a broken benchmark fails here rather than on a
 borrowed GPU."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,12 +9,13 @@ import sys
 
 import pytest
 
+import memory_ext.nn
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", ["embedding_bag", "pk_topk", "value_update"])
-def test_benchmark_quick_run_writes_complete_json(name, tmp_path):
-    out = tmp_path / f"{name}.json"
+def quick_run(name: str, out) -> dict:
+    """bench/bench_<name>.py --quick --out out -> its JSON, checked complete and with a commit."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     run = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", f"bench_{name}.py"), "--quick", "--out", str(out)],
@@ -24,3 +26,33 @@ def test_benchmark_quick_run_writes_complete_json(name, tmp_path):
     assert report.get("complete") is True, report.keys()
     assert report["machine"]["commit"], report["machine"]
     assert report["results"], report
+    return report
+
+
+@pytest.mark.parametrize("name", ["embedding_bag", "pk_topk", "value_update"])
+def test_benchmark_quick_run_writes_complete_json(name, tmp_path):
+    quick_run(name, tmp_path / f"{name}.json")
+
+
+def test_scaling_quick_run_measures_every_installed_peer(tmp_path):
+    report = quick_run("scaling", tmp_path / "scaling.json")
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+    rows = report["results"]
+    configurations = {(shape, log2_n) for shape in ("heads1_k32", "heads4_k32") for log2_n in (14, 16)}
+    fused = hasattr(memory_ext.nn, "value_optimizer")
+    pkm = importlib.util.find_spec("product_key_memory") is not None
+    installed = {"sparse": True, "dense": True, "torch": True, "fused": fused, "fused_adagrad": fused, "pkm": pkm}
+    for peer, present in installed.items():
+        mine = [r for r in rows if r["peer"] == peer]
+        assert {(r["shape"], r["log2_n"]) for r in mine} == configurations, peer
+        for r in mine:
+            if not present:
+                if peer != "pkm":  # without the package its peer is not checked
+                    assert r["status"] == "skipped" and "not available in this version" in r["reason"], r
+                continue
+            assert r["status"] == "ok", r
+            assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"], r
+            assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0, r
+            assert r["configuration"], r
+    checks = report["target_checks"]
+    assert len(checks) == 6 and all(c["met"] in (True, False, None) for c in checks), checks
