@@ -41,9 +41,10 @@ STEPS=(
   "memcheck|35|compute-sanitizer memcheck on bench/sanitize_cases.py (small cases, every CUDA op)|memcheck.log memcheck_cases.json"
   "racecheck|35|compute-sanitizer racecheck on bench/sanitize_cases.py|racecheck.log racecheck_cases.json"
   "demo_cuda|25|python -m memory_ext.demo (and demo continual) on the GPU, a few steps of every model|demo_cuda.log demo/results.json"
-  "py_bench_embedding_bag|30|bench/bench_embedding_bag.py --device cuda|py_bench_embedding_bag.log py_bench_embedding_bag.json"
-  "py_bench_pk_topk|25|bench/bench_pk_topk.py --device cuda|py_bench_pk_topk.log py_bench_pk_topk.json"
-  "py_bench_value_update|25|bench/bench_value_update.py --device cuda|py_bench_value_update.log py_bench_value_update.json"
+  "py_bench_embedding_bag|25|bench/bench_embedding_bag.py --device cuda|py_bench_embedding_bag.log py_bench_embedding_bag.json"
+  "py_bench_pk_topk|20|bench/bench_pk_topk.py --device cuda|py_bench_pk_topk.log py_bench_pk_topk.json"
+  "py_bench_scaling|20|bench/bench_scaling.py --device cuda, 32 rows per token, N = 2^20 to 2^24: sparse, fused, plain torch|py_bench_scaling.log py_bench_scaling.json"
+  "py_bench_value_update|10|bench/bench_value_update.py --device cuda|py_bench_value_update.log py_bench_value_update.json"
   "cpp_benchmarks|rest|with the time left: CMake build with CUDA, then each bench/cpp benchmark|cpp_benchmarks.log cpp_*.json"
 )
 
@@ -145,6 +146,10 @@ py_bench() { "$PY" "bench/bench_$1.py" --device cuda --out "$WORK/py_bench_$1.js
 step_py_bench_embedding_bag() { py_bench embedding_bag; }
 step_py_bench_pk_topk() { py_bench pk_topk; }
 step_py_bench_value_update() { py_bench value_update; }
+step_py_bench_scaling() {
+  "$PY" bench/bench_scaling.py --device cuda --shapes heads1_k32 --peers sparse fused torch \
+    --min-log2 20 --max-log2 24 --repeats 3 --warmup 1 --out "$WORK/py_bench_scaling.json"
+}
 
 step_cpp_benchmarks() {
   local build="$ROOT/build/gpu_check_cmake" exe found=0
@@ -160,7 +165,7 @@ step_cpp_benchmarks() {
 }
 export -f step_env step_build step_built_with_cuda step_tests_cuda step_memcheck step_racecheck \
   sanitizer step_demo_cuda py_bench step_py_bench_embedding_bag step_py_bench_pk_topk \
-  step_py_bench_value_update step_cpp_benchmarks
+  step_py_bench_value_update step_py_bench_scaling step_cpp_benchmarks
 
 # --- bookkeeping ----------------------------------------------------------------------------
 # Key numbers for the table: test counts, sanitizer verdicts, benchmark headlines.

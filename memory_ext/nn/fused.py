@@ -90,10 +90,9 @@ class _FusedBag(torch.autograd.Function):
         return None, None, weights_grad if need_weights else None, None
 
 
-@torch.compiler.disable
 def fused_lookup(table: Tensor, indices: Tensor, weights: Tensor, link: FusedRowUpdate) -> Tensor:
     """embedding_bag whose backward updates ``table`` through ``link`` instead of writing its gradient.
 
-    Runs eagerly under torch.compile (a graph break): the update is a side effect of the
-    backward, which a compiled graph cannot hold."""
+    Eager only: MemoryValues calls it outside compiled graphs, the update being a side
+    effect of the backward."""
     return _FusedBag.apply(table, indices, weights, link)

@@ -90,10 +90,7 @@ class MemoryValues(nn.Module):
         if weights.dtype not in (torch.float32, self.weight.dtype):
             weights = weights.float()
         if (self.sparse_grad or self.fused is not None) and torch.is_grad_enabled() and self.weight.requires_grad:
-            optimizer_guard.watch(self)
-            if self.fused is not None:
-                return fused_lookup(self.weight, indices, weights, self.fused)
-            return sparse_lookup(self.weight, indices, weights)
+            return _lookup_off_dense(self, indices, weights)
         return ops.embedding_bag(self.weight, indices, weights)
 
     def fuse(self, optimizer: RowOptimizer, *, max_norm: float | None = None) -> None:
@@ -148,10 +145,17 @@ class _SparseGradBag(torch.autograd.Function):
         return grad_table, None, weights_grad if need_weights else None
 
 
-@torch.compiler.disable
 def sparse_lookup(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
-    """embedding_bag with a sparse COO gradient for ``table``.
-
-    Runs eagerly under torch.compile (a graph break): compiled graphs cannot return a
-    sparse gradient."""
+    """embedding_bag with a sparse COO gradient for ``table``."""
     return _SparseGradBag.apply(table, indices, weights)
+
+
+@torch.compiler.disable
+def _lookup_off_dense(module: MemoryValues, indices: Tensor, weights: Tensor) -> Tensor:
+    """The sparse or fused lookup of a table. Runs eagerly under torch.compile (one graph
+    break per lookup): a compiled graph can neither return a sparse gradient nor hold an
+    optimizer update inside its backward."""
+    optimizer_guard.watch(module)
+    if module.fused is not None:
+        return fused_lookup(module.weight, indices, weights, module.fused)
+    return sparse_lookup(module.weight, indices, weights)
