@@ -8,18 +8,16 @@ with bias, k_dim = dim / 2, keys (heads, 2, n_keys, k_dim / 2), no query/key nor
 output gate (ProductKeyMemory(qk_norm=False, swilu=False)); the package peer keeps its own
 query LayerNorm. N = 2^14, 2^16, ... (n_keys = sqrt(N)), fp32. Peers:
 
-  sparse         "memory_ext sparse": ProductKeyMemory over MemoryValues(N, dim,
-                 sparse_grad=True); SparseRowAdam over the values
-                 (memory_ext.nn.sparse_value_optimizer), torch AdamW over the rest
-                 (memory_ext.nn.param_groups)
-  fused          "memory_ext fused": the same layer, values trained by
-                 memory_ext.nn.value_optimizer(model, lr, fused=True) (the update made in
-                 the backward), AdamW over the rest; skipped where memory_ext.nn has no
-                 value_optimizer
+  sparse         "memory_ext sparse": ProductKeyMemory over MemoryValues(N, dim), the
+                 README recipe: torch AdamW over param_groups(model, lr) (everything but
+                 the values) and value_optimizer(model, lr) (SparseRowAdam on the sparse
+                 gradient of the rows read)
+  fused          "memory_ext fused": the same, value_optimizer(model, lr, fused=True)
+                 (the row update made in the backward, no gradient stored)
   fused_adagrad  "memory_ext fused adagrad": value_optimizer(model, lr, fused=True,
-                 rule="adagrad"), row-wise Adagrad; skipped likewise
-  dense          "memory_ext dense": MemoryValues(N, dim) with its dense gradient, AdamW
-                 over everything (param_groups)
+                 rule="adagrad"), row-wise Adagrad (one float of state per row)
+  dense          "memory_ext dense": the table's dense gradient, AdamW over everything
+                 (param_groups(model, lr, values="dense"))
   torch          "torch EmbeddingBag": the same layer in plain PyTorch ops (both halves'
                  scores by matmul, topk per half, the k x k candidate sums, topk, softmax)
                  and nn.EmbeddingBag(N, dim, mode="sum") with per_sample_weights; AdamW
@@ -61,8 +59,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_info, print_table, save_json, spread_ms, time_samples_ms  # noqa: E402
 
-import memory_ext.nn as mnn  # noqa: E402
-from memory_ext.nn import MemoryValues, ProductKeyMemory, param_groups, sparse_value_optimizer  # noqa: E402
+from memory_ext.nn import MemoryValues, ProductKeyMemory, param_groups, value_optimizer  # noqa: E402
 from memory_ext.testing import generator  # noqa: E402
 
 try:  # an optional peer: any import failure means skip it
@@ -93,8 +90,8 @@ TARGET_SHAPE = "heads1_k32"
 # x (tokens, dim) -> (tokens, dim), its optimizers, how it was built in words).
 
 
-def _memory_ext_layer(n_rows: int, shape: dict, device: str, sparse_grad: bool) -> ProductKeyMemory:
-    values = MemoryValues(n_rows, shape["dim"], device=device, sparse_grad=sparse_grad)
+def _memory_ext_layer(n_rows: int, shape: dict, device: str) -> ProductKeyMemory:
+    values = MemoryValues(n_rows, shape["dim"], device=device)
     return ProductKeyMemory(shape["dim"], n_keys=math.isqrt(n_rows), heads=shape["heads"], k=shape["k"],
                             values=values, qk_norm=False, swilu=False, device=device)
 
@@ -102,41 +99,36 @@ def _memory_ext_layer(n_rows: int, shape: dict, device: str, sparse_grad: bool) 
 def _layer_words(model: ProductKeyMemory) -> str:
     return (f"ProductKeyMemory({model.dim}, n_keys={model.n_keys}, heads={model.heads}, k={model.k}, "
             f"k_dim={model.k_dim}, qk_norm=False, swilu=False) over MemoryValues({model.values.n_rows}, "
-            f"{model.values.dim}, sparse_grad={model.values.sparse_grad})")
+            f"{model.values.dim})")
+
+
+def _build_row_path(n_rows, shape, device, **options):
+    """The README recipe: AdamW over param_groups, value_optimizer(**options) for the table."""
+    model = _memory_ext_layer(n_rows, shape, device)
+    opts = [torch.optim.AdamW(param_groups(model, LR), lr=LR),
+            value_optimizer(model, LR, values_lr_scale=VALUES_LR_SCALE, **options)]
+    args = "".join(f", {k}={v!r}" for k, v in options.items())
+    return model, opts, (f"{_layer_words(model)}; torch.optim.AdamW(param_groups(model, {LR})) + "
+                         f"value_optimizer(model, {LR}, values_lr_scale={VALUES_LR_SCALE}{args}) "
+                         f"({type(opts[1]).__name__})")
 
 
 def build_sparse(n_rows, shape, device):
-    model = _memory_ext_layer(n_rows, shape, device, sparse_grad=True)
-    opts = [torch.optim.AdamW(param_groups(model, LR), lr=LR), sparse_value_optimizer(model, LR * VALUES_LR_SCALE)]
-    return model, opts, (f"{_layer_words(model)}; sparse_value_optimizer(model, {LR * VALUES_LR_SCALE}) "
-                         f"(SparseRowAdam) + torch.optim.AdamW(param_groups(model, {LR}))")
-
-
-def _build_fused(n_rows, shape, device, rule):
-    model = _memory_ext_layer(n_rows, shape, device, sparse_grad=True)
-    kwargs = {"fused": True} if rule is None else {"fused": True, "rule": rule}
-    value_opt = mnn.value_optimizer(model, LR * VALUES_LR_SCALE, **kwargs)
-    # The rest: param_groups without any value table, whichever kind the fused mode wants.
-    is_value = {id(p) for p in mnn.value_parameters(model)}
-    rest = [dict(g, params=[p for p in g["params"] if id(p) not in is_value]) for g in param_groups(model, LR)]
-    opts = [torch.optim.AdamW([g for g in rest if g["params"]], lr=LR), value_opt]
-    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-    return model, opts, (f"{_layer_words(model)}; value_optimizer(model, {LR * VALUES_LR_SCALE}, {args}) "
-                         f"+ torch.optim.AdamW(param_groups(model, {LR}) without the values)")
+    return _build_row_path(n_rows, shape, device)
 
 
 def build_fused(n_rows, shape, device):
-    return _build_fused(n_rows, shape, device, None)
+    return _build_row_path(n_rows, shape, device, fused=True)
 
 
 def build_fused_adagrad(n_rows, shape, device):
-    return _build_fused(n_rows, shape, device, "adagrad")
+    return _build_row_path(n_rows, shape, device, fused=True, rule="adagrad")
 
 
 def build_dense(n_rows, shape, device):
-    model = _memory_ext_layer(n_rows, shape, device, sparse_grad=False)
-    opts = [torch.optim.AdamW(param_groups(model, LR), lr=LR)]
-    return model, opts, f"{_layer_words(model)}; torch.optim.AdamW(param_groups(model, {LR}))"
+    model = _memory_ext_layer(n_rows, shape, device)
+    opts = [torch.optim.AdamW(param_groups(model, LR, values="dense"), lr=LR)]
+    return model, opts, f"{_layer_words(model)}; torch.optim.AdamW(param_groups(model, {LR}, values='dense'))"
 
 
 class TorchProductKeyLayer(nn.Module):
@@ -215,8 +207,6 @@ BUILDERS = {
 
 def unavailable(peer: str) -> str | None:
     """Why peer cannot run in this environment, or None."""
-    if peer in ("fused", "fused_adagrad") and not hasattr(mnn, "value_optimizer"):
-        return "not available in this version (memory_ext.nn has no value_optimizer)"
     if peer == "pkm" and PKM is None:
         return PKM_MISSING
     return None
@@ -233,9 +223,9 @@ def needed_bytes(peer: str, shape: dict, n_rows: int, process_bytes: int) -> dic
     if peer == "sparse":
         parts["adam_moments"] = 2 * table  # SparseRowAdam keeps both moments for every row
     elif peer == "fused":
-        parts["adam_moments"] = 2 * table  # assumed as SparseRowAdam's
+        parts["adam_moments"] = 2 * table  # the same SparseRowAdam
     elif peer == "fused_adagrad":
-        parts["adagrad_row_state"] = n_rows * 4  # assumed one fp32 per row
+        parts["adagrad_row_state"] = n_rows * 4  # SparseRowAdagrad: one fp32 per row
     else:
         parts["dense_gradient"] = table
         parts["adam_moments"] = 2 * table

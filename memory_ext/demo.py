@@ -280,7 +280,11 @@ def make_optimizer(model: Decoder, args: argparse.Namespace) -> Optimizers:
     """AdamW (0.9, 0.95) for the dense weights; the values at their own learning rate
     (param_groups), on the path --values-path picks (value_optimizer for sparse and fused,
     the fused update clipped to norm 1 in the backward as clip_grad_norms would)."""
-    dense_values = args.values_path == "dense" or not value_tables(model)
+    tables = value_tables(model)
+    # A table DDP averages (an unsharded pool in a data-parallel run) must keep a dense
+    # gradient: DDP's buckets cannot hold sparse ones. Sharded tables are kept out of DDP.
+    under_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel) and not all(t.sharded for t in tables)
+    dense_values = args.values_path == "dense" or not tables or under_ddp
     groups = param_groups(model, args.lr, values="dense" if dense_values else "sparse",
                           values_lr_scale=args.values_lr_scale)
     dense = torch.optim.AdamW(groups, betas=(0.9, 0.95))
