@@ -2,6 +2,8 @@
 
     python -m memory_ext.demo [--device cpu] [--steps N | --seconds S] [--out DIR]
     python -m memory_ext.demo continual [...]   (new facts without forgetting: demo_continual)
+    python -m memory_ext.demo seeds [...]       (the demo over several seeds: demo_seeds)
+    python -m memory_ext.demo sweep [...]       (accuracy against memory size: demo_sweep)
 
 Trains three decoders from the same seed on the same data (memory_ext.facts): a dense
 model, a Memory+ model of about the same FLOPs per token (three memory layers sharing one
@@ -447,6 +449,14 @@ def main(argv: list[str] | None = None) -> dict:
         from memory_ext import demo_continual
 
         return demo_continual.main(argv[1:])
+    if argv[:1] == ["seeds"]:  # the demo over several seeds
+        from memory_ext import demo_seeds
+
+        return demo_seeds.main(argv[1:])
+    if argv[:1] == ["sweep"]:  # accuracy against memory size at fixed FLOPs
+        from memory_ext import demo_sweep
+
+        return demo_sweep.main(argv[1:])
     args = parse_args(argv)
     run = setup_runtime(args)
     facts = FactSet(args.entities, seed=args.seed)
