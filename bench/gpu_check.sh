@@ -107,7 +107,7 @@ step_build() { "$PY" setup.py build_ext --inplace; }
 step_built_with_cuda() {
   "$PY" - <<'EOF'
 import torch, memory_ext
-ops = ["embedding_bag", "embedding_bag_backward", "rows_to_dense", "pk_topk", "row_adam_"]
+ops = ["embedding_bag", "embedding_bag_backward", "rows_to_dense", "pk_topk", "row_adam_", "row_adagrad_"]
 assert memory_ext.cuda_kernels_built(), "memory_ext was built without its CUDA kernels"
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"memory::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"

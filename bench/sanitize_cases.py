@@ -164,12 +164,39 @@ def cases_row_adam_(device: str) -> int:
     return n
 
 
+def cases_row_adagrad_(device: str) -> int:
+    # Widths below, at and past a warp (the CUDA kernel's lanes stride a row by 32), and no rows.
+    n = 0
+    for dtype, dim in [(torch.float32, 1), (torch.bfloat16, 31), (torch.float16, 32), (torch.float64, 33),
+                       (torch.bfloat16, 96), (torch.float32, 1001)]:
+        s = sample_inputs("row_adagrad_", device, dtype, seed=n, n_rows=200, dim=dim, n_unique=70)
+        ops.row_adagrad_(**s)
+        _finite(s["param"], s["sum_sq"])
+        n += 1
+    s = sample_inputs("row_adagrad_", device, torch.float32, n_rows=50, dim=8, n_unique=0)
+    ops.row_adagrad_(**s)
+    n += 1
+    if device != "cpu":  # the CUDA kernel skips rows out of range (the CPU one rejects them)
+        s = sample_inputs("row_adagrad_", device, torch.float32, n_rows=50, dim=40, n_unique=3)
+        s["rows"] = torch.tensor([2, 49, 50], device=device)
+        ops.row_adagrad_(**s)
+        _finite(s["param"], s["sum_sq"])
+        n += 1
+    else:
+        s = sample_inputs("row_adagrad_", device, torch.float32, n_rows=50, dim=40, n_unique=3)
+        s["rows"] = torch.tensor([2, 49, 50], device=device)
+        _expect_error(lambda: ops.row_adagrad_(**s), "out of range", "a row out of range (CPU)")
+        n += 1
+    return n
+
+
 CASES: dict[str, Callable[[str], int]] = {
     "embedding_bag": cases_embedding_bag,
     "embedding_bag_backward": cases_embedding_bag_backward,
     "rows_to_dense": cases_rows_to_dense,
     "pk_topk": cases_pk_topk,
     "row_adam_": cases_row_adam_,
+    "row_adagrad_": cases_row_adagrad_,
 }
 
 

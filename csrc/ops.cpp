@@ -40,6 +40,15 @@ TORCH_LIBRARY(memory, m) {
       "Tensor rows_grad, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "int step) -> ()");
 
+  // Row-wise Adagrad on the rows of a sparse gradient, in place; its state is one value
+  // per row: param (n_rows, dim); sum_sq (n_rows,) float32 (float64 for float64 params);
+  // rows (U,) int64 strictly ascending; rows_grad (U, dim) in param's dtype. For each u:
+  // sum_sq[r] += mean_j g_j^2, then p = p * (1 - lr * weight_decay) - lr * g /
+  // (sqrt(sum_sq[r]) + eps), with r = rows[u], g = rows_grad[u].
+  m.def(
+      "row_adagrad_(Tensor(a!) param, Tensor(b!) sum_sq, Tensor rows, Tensor rows_grad, "
+      "float lr, float eps, float weight_decay) -> ()");
+
   // Index validation on devices where it costs a host synchronisation (CUDA); on by
   // default. Off, out-of-range lookups are skipped instead (csrc/index_checks.cpp).
   m.def("set_index_checks(bool enabled) -> ()");

@@ -14,6 +14,7 @@ on one; a condition that is a plain bool raises ``InputError`` directly.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Callable, Sequence
 
@@ -28,6 +29,7 @@ __all__ = [
     "check_embedding_bag_backward",
     "check_rows_to_dense",
     "check_row_adam",
+    "check_row_adagrad",
     "check_pk_topk",
 ]
 
@@ -73,7 +75,7 @@ class InputError(RuntimeError):
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels accumulate in for ``dtype`` inputs: float64 for float64, else float32.
 
-    Also the dtype of pk_topk's scores, of row_adam_'s moments and of weights summed
+    Also the dtype of pk_topk's scores, of row_adam_'s moments, of row_adagrad_'s sum_sq and of weights summed
     across ranks by the sharded lookup.
     """
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -262,6 +264,60 @@ def check_row_adam(
         lambda: f"betas must be in [0, 1), got {_float(beta1)} and {_float(beta2)}",
     )
     _require(step >= 1, op, lambda: f"step must be >= 1, got {_int(step)}")
+
+
+def check_row_adagrad(
+    param: Tensor, sum_sq: Tensor, rows: Tensor, rows_grad: Tensor, lr: float, eps: float, weight_decay: float,
+) -> None:
+    """check_row_adagrad_args of checks.h: param (n_rows, dim) contiguous float; sum_sq
+    (n_rows,) contiguous in accumulation_dtype(param.dtype); rows (U,) int64; rows_grad
+    (U, dim) in param's dtype; one device; lr >= 0, eps > 0, weight_decay >= 0, finite."""
+    op = "row_adagrad_"
+    _require(
+        param.dim() == 2 and param.is_contiguous(), op,
+        lambda: f"param must be a contiguous 2-D tensor, got shape {_shape(param.shape)}",
+    )
+    _require(
+        param.dtype in VALUE_DTYPES, op,
+        lambda: f"param must be float32, bfloat16, float16 or float64, got {dtype_name(param.dtype)}",
+    )
+    state = accumulation_dtype(param.dtype)
+    _require(
+        sum_sq.dim() == 1 and _sym_eq(sum_sq.shape[0], param.shape[0]), op,
+        lambda: f"sum_sq must have shape [{_int(param.shape[0])}] (one value per row of param), "
+        f"got {_shape(sum_sq.shape)}",
+    )
+    _require(
+        sum_sq.dtype == state, op,
+        lambda: f"sum_sq must be {dtype_name(state)} (the accumulation dtype of {dtype_name(param.dtype)} params), "
+        f"got {dtype_name(sum_sq.dtype)}",
+    )
+    _require(
+        sum_sq.is_contiguous(), op, lambda: f"sum_sq must be contiguous, got strides {_shape(sum_sq.stride())}"
+    )
+    _same_device(op, param, "param", sum_sq, "sum_sq")
+    _require(
+        rows.dim() == 1 and rows.dtype == torch.int64, op,
+        lambda: f"rows must be a 1-D int64 tensor, got {rows.dim()}-D {dtype_name(rows.dtype)}",
+    )
+    _require(
+        rows_grad.dim() == 2 and _sym_and(rows_grad.shape[0] == rows.shape[0], rows_grad.shape[1] == param.shape[1]),
+        op,
+        lambda: f"rows_grad must have shape ({_int(rows.shape[0])}, {_int(param.shape[1])}), "
+        f"got {_shape(rows_grad.shape)}",
+    )
+    _require(
+        rows_grad.dtype == param.dtype, op,
+        lambda: f"rows_grad must have param's dtype {dtype_name(param.dtype)}, got {dtype_name(rows_grad.dtype)}",
+    )
+    _same_device(op, param, "param", rows, "rows")
+    _same_device(op, param, "param", rows_grad, "rows_grad")
+    _require(bool(math.isfinite(lr) and lr >= 0.0), op, lambda: f"lr must be finite and >= 0, got {_float(lr)}")
+    _require(bool(math.isfinite(eps) and eps > 0.0), op, lambda: f"eps must be finite and > 0, got {_float(eps)}")
+    _require(
+        bool(math.isfinite(weight_decay) and weight_decay >= 0.0), op,
+        lambda: f"weight_decay must be finite and >= 0, got {_float(weight_decay)}",
+    )
 
 
 def check_pk_topk(query: Tensor, keys: Tensor, k: int) -> None:

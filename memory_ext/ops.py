@@ -23,6 +23,7 @@ __all__ = [
     "rows_to_dense",
     "pk_topk",
     "row_adam_",
+    "row_adagrad_",
     "set_index_checks",
     "index_checks_enabled",
     "index_checks",
@@ -110,6 +111,35 @@ def row_adam_(
     torch.autograd.graph.increment_version((param, exp_avg, exp_avg_sq))
 
 
+def row_adagrad_(
+    param: Tensor,
+    sum_sq: Tensor,
+    rows: Tensor,
+    rows_grad: Tensor,
+    *,
+    lr: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """In-place row-wise Adagrad update of the rows of a sparse gradient: only param rows
+    ``rows`` and their accumulators change.
+
+    param: (n_rows, dim); sum_sq: (n_rows,) float32 (float64 for float64 params), one value
+    per row (FBGEMM's row-wise Adagrad: a table's optimizer state is 1/dim of Adam's);
+    rows: (U,) int64, strictly ascending; rows_grad: (U, dim) in param's dtype; lr >= 0,
+    eps > 0, weight_decay >= 0. For each u, with r = rows[u] and g = rows_grad[u]:
+    ``sum_sq[r] += mean(g ** 2)``, then ``param[r] = param[r] * (1 - lr * weight_decay) -
+    lr * g / (sqrt(sum_sq[r]) + eps)``, in float32 (float64 for float64) and rounded once to
+    param's dtype. The CPU kernel sums a row's squares in element order, so results do not
+    depend on threads; the CUDA kernel sums them in a fixed order of its own (repeatable,
+    last bits may differ from the CPU's). Bumps the version counters of the updated tensors
+    (calling ``torch.ops.memory.row_adagrad_`` directly does not). The CPU kernel checks
+    ``rows``; the CUDA kernel trusts them to be unique and skips rows out of range.
+    """
+    _ops.row_adagrad_(param, sum_sq, rows, rows_grad, lr, eps, weight_decay)
+    torch.autograd.graph.increment_version((param, sum_sq))
+
+
 def set_index_checks(enabled: bool) -> None:
     """Turn index validation on devices where it costs a host sync (CUDA) on or off.
 
@@ -174,6 +204,12 @@ def _rows_to_dense_fake(rows, rows_grad, n_rows):
 @torch.library.register_fake("memory::row_adam_")
 def _row_adam_fake(param, exp_avg, exp_avg_sq, rows, rows_grad, lr, beta1, beta2, eps, weight_decay, step):
     _checks.check_row_adam(param, exp_avg, exp_avg_sq, rows, rows_grad, beta1, beta2, step)
+    return None
+
+
+@torch.library.register_fake("memory::row_adagrad_")
+def _row_adagrad_fake(param, sum_sq, rows, rows_grad, lr, eps, weight_decay):
+    _checks.check_row_adagrad(param, sum_sq, rows, rows_grad, lr, eps, weight_decay)
     return None
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "pk_topk_bruteforce",
     "pk_topk_reference_path",
     "row_adam_ref",
+    "row_adagrad_ref",
 ]
 
 
@@ -157,3 +158,18 @@ def row_adam_ref(
     denom = v[r].sqrt() / (1 - beta2**step) ** 0.5 + eps
     p[r] = p[r] * (1 - lr * weight_decay) - lr / (1 - beta1**step) * m[r] / denom
     return p, m, v
+
+
+def row_adagrad_ref(
+    param: Tensor, sum_sq: Tensor, rows: Tensor, rows_grad: Tensor, lr: float, eps: float, weight_decay: float,
+) -> tuple[Tensor, Tensor]:
+    """Row-wise Adagrad's update of rows ``rows`` only (unique), in float64, out of place:
+    (param (n_rows, dim), sum_sq (n_rows,)), both float64. A row of width 0 is unchanged."""
+    p, s = param.double().clone(), sum_sq.double().clone()
+    g = rows_grad.double()
+    r = rows.long()
+    if g.shape[1] == 0:
+        return p, s
+    s[r] = s[r] + g.square().mean(1)
+    p[r] = p[r] * (1 - lr * weight_decay) - lr * g / (s[r].sqrt() + eps).unsqueeze(1)
+    return p, s

@@ -178,12 +178,21 @@ def _row_adam_(device, dtype, gen, *, n_rows=64, dim=16, n_unique=None, step=3, 
                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
 
+def _row_adagrad_(device, dtype, gen, *, n_rows=64, dim=16, n_unique=None, lr=0.05, eps=1e-10, weight_decay=0.01):
+    sample = _rows_to_dense(device, dtype, gen, n_rows=n_rows, n_unique=n_unique, dim=dim)
+    param = _draw("gaussian", (n_rows, dim), gen, device, dtype)
+    sum_sq = torch.rand((n_rows,), generator=gen, device=device, dtype=accumulation_dtype(dtype)) * 0.1
+    return dict(param=param, sum_sq=sum_sq, rows=sample["rows"], rows_grad=sample["rows_grad"], lr=lr, eps=eps,
+                weight_decay=weight_decay)
+
+
 _SAMPLERS: dict[str, Callable[..., dict[str, Any]]] = {
     "embedding_bag": _embedding_bag,
     "embedding_bag_backward": _embedding_bag_backward,
     "rows_to_dense": _rows_to_dense,
     "pk_topk": _pk_topk,
     "row_adam_": _row_adam_,
+    "row_adagrad_": _row_adagrad_,
 }
 SAMPLE_OPS = tuple(_SAMPLERS)
 
@@ -202,6 +211,7 @@ def sample_inputs(op: str, device: str | torch.device = "cpu", dtype: torch.dtyp
       rows_to_dense: n_rows, n_unique, dim (any dtype, integers too).
       pk_topk: tokens, heads, n_keys, half, k, kind ("gaussian", "dyadic", "ties").
       row_adam_: n_rows, dim, n_unique, step and the hyperparameters.
+      row_adagrad_: n_rows, dim, n_unique, lr, eps, weight_decay (sum_sq starts in [0, 0.1)).
     """
     if op not in _SAMPLERS:
         raise ValueError(f"no sample inputs for {op!r}; known: {', '.join(SAMPLE_OPS)}")

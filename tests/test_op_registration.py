@@ -59,6 +59,13 @@ def test_opcheck_row_adam_(device, dtype):
     torch.library.opcheck(torch.ops.memory.row_adam_.default, op_args(s))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n_unique", [0, 3])
+def test_opcheck_row_adagrad_(device, dtype, n_unique):
+    s = sample_inputs("row_adagrad_", device, dtype, n_rows=10, dim=4, n_unique=n_unique)
+    torch.library.opcheck(torch.ops.memory.row_adagrad_.default, op_args(s))
+
+
 def test_gradcheck_embedding_bag():
     values, indices, weights = _eb_inputs("cpu", True, torch.float64)
     assert torch.autograd.gradcheck(lambda v, w: ops.embedding_bag(v, indices, w), (values, weights))

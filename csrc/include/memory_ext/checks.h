@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace memory_ext {
 
 inline bool is_value_dtype(c10::ScalarType t) {
@@ -91,6 +93,8 @@ constexpr SparseRowsRule kRowsToDenseRows{"rows_to_dense", " is out of range for
                                           ""};
 constexpr SparseRowsRule kRowAdamRows{"row_adam_", " is out of range for a table of ", " rows",
                                       " (a coalesced gradient)"};
+constexpr SparseRowsRule kRowAdagradRows{"row_adagrad_", " is out of range for a table of ",
+                                         " rows", " (a coalesced gradient)"};
 
 // The error for rows[u] = row (after rows[u - 1] = previous): out of range is reported
 // first, as the checks run in that order.
@@ -157,6 +161,48 @@ inline void check_row_adam_args(const at::Tensor& param, const at::Tensor& exp_a
   TORCH_CHECK(0.0 <= beta1 && beta1 < 1.0 && 0.0 <= beta2 && beta2 < 1.0,
               "memory.row_adam_: betas must be in [0, 1), got ", beta1, " and ", beta2);
   TORCH_CHECK(step >= 1, "memory.row_adam_: step must be >= 1, got ", step);
+}
+
+// param (n_rows, dim) contiguous float; sum_sq (n_rows,) contiguous in float32 (float64 for
+// float64); rows (U,) int64; rows_grad (U, dim) in param's dtype; all on one device;
+// lr >= 0, eps > 0, weight_decay >= 0, all finite (a NaN fails every check).
+inline void check_row_adagrad_args(const at::Tensor& param, const at::Tensor& sum_sq,
+                                   const at::Tensor& rows, const at::Tensor& rows_grad, double lr,
+                                   double eps, double weight_decay) {
+  TORCH_CHECK(param.dim() == 2 && param.is_contiguous(),
+              "memory.row_adagrad_: param must be a contiguous 2-D tensor, got shape ",
+              param.sizes());
+  TORCH_CHECK(is_value_dtype(param.scalar_type()),
+              "memory.row_adagrad_: param must be float32, bfloat16, float16 or float64, got ",
+              param.scalar_type());
+  const auto state_type = acc_dtype(param.scalar_type());
+  TORCH_CHECK(sum_sq.dim() == 1 && sum_sq.size(0) == param.size(0),
+              "memory.row_adagrad_: sum_sq must have shape [", param.size(0),
+              "] (one value per row of param), got ", sum_sq.sizes());
+  TORCH_CHECK(sum_sq.scalar_type() == state_type, "memory.row_adagrad_: sum_sq must be ",
+              state_type, " (the accumulation dtype of ", param.scalar_type(), " params), got ",
+              sum_sq.scalar_type());
+  TORCH_CHECK(sum_sq.is_contiguous(),
+              "memory.row_adagrad_: sum_sq must be contiguous, got strides ", sum_sq.strides());
+  check_same_device("row_adagrad_", param, "param", sum_sq, "sum_sq");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong,
+              "memory.row_adagrad_: rows must be a 1-D int64 tensor, got ", rows.dim(), "-D ",
+              rows.scalar_type());
+  TORCH_CHECK(rows_grad.dim() == 2 && rows_grad.size(0) == rows.size(0) &&
+                  rows_grad.size(1) == param.size(1),
+              "memory.row_adagrad_: rows_grad must have shape (", rows.size(0), ", ", param.size(1),
+              "), got ", rows_grad.sizes());
+  TORCH_CHECK(rows_grad.scalar_type() == param.scalar_type(),
+              "memory.row_adagrad_: rows_grad must have param's dtype ", param.scalar_type(),
+              ", got ", rows_grad.scalar_type());
+  check_same_device("row_adagrad_", param, "param", rows, "rows");
+  check_same_device("row_adagrad_", param, "param", rows_grad, "rows_grad");
+  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0,
+              "memory.row_adagrad_: lr must be finite and >= 0, got ", lr);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0.0,
+              "memory.row_adagrad_: eps must be finite and > 0, got ", eps);
+  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0,
+              "memory.row_adagrad_: weight_decay must be finite and >= 0, got ", weight_decay);
 }
 
 // query (tokens, heads, 2 * half); keys (heads, 2, n_keys, half); 1 <= k <= n_keys.
