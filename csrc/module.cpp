@@ -1,6 +1,10 @@
 // The Python module that loads this library; importing it runs the TORCH_LIBRARY
-// registrations. It exposes only how the library was built.
+// registrations. It exposes how the library was built, and one memory hint.
 #include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "cpu/huge_pages.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "memory_ext operator library (ops live in torch.ops.memory)";
@@ -16,4 +20,12 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_openmp") = false;
 #endif
+  // Takes an address and a length, not a tensor, so that the module needs no libtorch_python
+  // (memory_ext.ops.advise_huge_pages passes a CPU tensor's data_ptr() and nbytes).
+  m.def(
+      "advise_huge_pages",
+      [](uintptr_t address, uintptr_t bytes) {
+        memory_ext::cpu::advise_huge_pages(reinterpret_cast<void*>(address), bytes);
+      },
+      "Transparent huge pages for the whole 2 MiB pages of [address, address + bytes) (a hint)");
 }

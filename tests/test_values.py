@@ -172,3 +172,17 @@ def test_copies_keep_the_plain_class():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert type(loaded) is MemoryValues and torch.equal(loaded.weight, values.weight)
+
+
+def test_huge_page_hint_keeps_values_and_accepts_any_tensor():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memory_ext.ops import advise_huge_pages
+
+    big = torch.randn(5 << 20)  # 20 MiB: whole huge pages inside
+    before = big.clone()
+    assert advise_huge_pages(big) is big and torch.equal(big, before)
+    for t in (torch.zeros(3), torch.zeros(0), torch.randn(8 << 20)[::2], torch.zeros(2, device="meta")):
+        advise_huge_pages(t)  # small, empty, strided, meta: nothing to do, no error
+    with FakeTensorMode():
+        advise_huge_pages(torch.empty(8 << 20))

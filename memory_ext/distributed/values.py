@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from memory_ext import ops
 from memory_ext.distributed.layout import SHARD_ATTR, ColumnShard
 from memory_ext.distributed.lookup import sharded_lookup
 from memory_ext.distributed.table import as_dtensor, local_columns, seeded_normal_columns_
@@ -62,7 +63,7 @@ class ShardedValues(MemoryValues):
         self.n_rows, self.dim, self.sparse_grad, self.fused = n_rows, dim, bool(sparse_grad), None
         shard = ColumnShard.over_group(process_group, n_rows, dim, average_grads=average_grads, timeout=timeout)
         setattr(self, SHARD_ATTR, shard)
-        self.weight = nn.Parameter(torch.empty(n_rows, shard.size, dtype=dtype, device=device))
+        self.weight = nn.Parameter(ops.advise_huge_pages(torch.empty(n_rows, shard.size, dtype=dtype, device=device)))
         self.reset_parameters(seed)
 
     @property

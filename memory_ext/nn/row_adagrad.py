@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor
 
 from memory_ext import ops
@@ -43,7 +42,7 @@ class SparseRowAdagrad(RowOptimizer):
         state = self.state[p]
         if not state:
             state["step"] = 0
-            state["sum_sq"] = torch.zeros(p.shape[0], dtype=ops.accumulation_dtype(p.dtype), device=p.device)
+            state["sum_sq"] = self.zeros_like_table(p, (p.shape[0],))
         state["step"] += 1
         ops.row_adagrad_(
             p, state["sum_sq"], rows, rows_grad, lr=group["lr"], eps=group["eps"], weight_decay=group["weight_decay"]

@@ -96,6 +96,13 @@ class RowOptimizer(torch.optim.Optimizer):
             for name, value in tensors.items():
                 self.state[p][name] = value.to(device=p.device, dtype=ops.accumulation_dtype(p.dtype), copy=True)
 
+    @staticmethod
+    def zeros_like_table(p: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Zeroed optimizer state for table p in the accumulation dtype, on huge pages where
+        the system has them (rows are read at random: see memory_ext.ops.advise_huge_pages)."""
+        state = torch.empty(shape, dtype=ops.accumulation_dtype(p.dtype), device=p.device)
+        return ops.advise_huge_pages(state).zero_()
+
     def group_of(self, p: Tensor) -> dict:
         """The param group holding p (ValueError when none does)."""
         for group in self.param_groups:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor
 
 from memory_ext import ops
@@ -45,10 +44,9 @@ class SparseRowAdam(RowOptimizer):
     def update_rows(self, p: Tensor, group: dict, rows: Tensor, rows_grad: Tensor) -> None:
         state = self.state[p]
         if not state:
-            moment_dtype = ops.accumulation_dtype(p.dtype)
             state["step"] = 0
-            state["exp_avg"] = torch.zeros(p.shape, dtype=moment_dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=moment_dtype, device=p.device)
+            state["exp_avg"] = self.zeros_like_table(p, tuple(p.shape))
+            state["exp_avg_sq"] = self.zeros_like_table(p, tuple(p.shape))
         state["step"] += 1
         beta1, beta2 = group["betas"]
         ops.row_adam_(

@@ -71,7 +71,7 @@ class MemoryValues(nn.Module):
         self.n_rows, self.dim, self.process_group = n_rows, dim, process_group
         self.sparse_grad = bool(sparse_grad)
         self.fused: FusedRowUpdate | None = None
-        self.weight = nn.Parameter(torch.empty(n_rows, dim, dtype=dtype, device=device))
+        self.weight = nn.Parameter(ops.advise_huge_pages(torch.empty(n_rows, dim, dtype=dtype, device=device)))
         self.reset_parameters()
 
     @property
