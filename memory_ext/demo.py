@@ -292,8 +292,14 @@ def make_optimizer(model: Decoder, args: argparse.Namespace) -> Optimizers:
     dense = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     if dense_values:
         return Optimizers(dense)
-    fused = args.values_path == "fused"
-    values = value_optimizer(model, args.lr, rule=args.values_optimizer, fused=fused,
+    fused, rule = args.values_path == "fused", args.values_optimizer
+    if any(t.sharded for t in tables) and (fused or rule != "adam"):
+        # Row-wise state and fused updates need whole rows, which no rank of a memory
+        # group holds: the sharded table takes the sparse path with SparseRowAdam.
+        print("memory parallelism: values on the sparse path with SparseRowAdam "
+              f"(not --values-path {args.values_path} --values-optimizer {rule})", file=sys.stderr)
+        fused, rule = False, "adam"
+    values = value_optimizer(model, args.lr, rule=rule, fused=fused,
                              values_lr_scale=args.values_lr_scale, max_norm=1.0 if fused else None)
     return Optimizers(dense, values)
 

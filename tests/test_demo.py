@@ -125,3 +125,25 @@ def test_device_choice_agrees_over_the_ranks_of_a_node():
             picks = [demo.choose_device("cuda", local_world * 2, r, local_world, n_gpus) for r in range(local_world)]
             assert len({(d.split(":")[0], b) for d, b, _ in picks}) == 1
             assert all(d == "cpu" or int(d.split(":")[1]) < n_gpus for d, _, _ in picks)
+
+
+def test_seeds_runs_the_demo_per_seed_and_summarises(tmp_path):
+    report = demo.main(["seeds", "--seeds", "0,1", "--out", str(tmp_path), *TINY])
+    assert [r["seed"] for r in report["seeds"]] == [0, 1]
+    for r in report["seeds"]:
+        saved = json.loads((tmp_path / f"seed{r['seed']}" / "results.json").read_text())
+        assert saved["config"]["seed"] == r["seed"]
+        assert r["memory+_accuracy"] == 100 * saved["models"]["memory+"]["accuracy"]
+    spread = report["spread"]["memory+_accuracy"]
+    assert spread["min"] <= spread["median"] <= spread["max"]
+    assert json.loads((tmp_path / "seeds.json").read_text())["table"].count("\n") == 2 + 2 + 3 - 1
+
+
+def test_sweep_trains_every_size_against_the_dense_models(tmp_path):
+    report = demo.main(["sweep", "--n-keys", "4,8", "--seeds", "0", "--entities", "12", "--out", str(tmp_path),
+                        *[a for a in TINY if a not in ("--entities", "12")]])
+    models = sorted((p["model"], p["n_keys"]) for p in report["points"])
+    assert models == [("dense", None), ("dense-2x", None), ("memory+", 4), ("memory+", 8)]
+    sizes = report["memory_plus_by_size"]
+    assert [r["memory_params"] for r in sizes] == [16 * 32, 64 * 32]
+    assert (tmp_path / "sweep.json").exists() and (tmp_path / "sweep.png").stat().st_size > 0
