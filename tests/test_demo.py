@@ -140,8 +140,9 @@ def test_seeds_runs_the_demo_per_seed_and_summarises(tmp_path):
 
 
 def test_sweep_trains_every_size_against_the_dense_models(tmp_path):
-    report = demo.main(["sweep", "--n-keys", "4,8", "--seeds", "0", "--entities", "12", "--out", str(tmp_path),
-                        *[a for a in TINY if a not in ("--entities", "12")]])
+    # The sweep's own --n-keys and --entities replace the demo's.
+    tiny = [a for i, a in enumerate(TINY) if a not in ("--n-keys", "--entities") and TINY[i - 1] not in ("--n-keys", "--entities")]
+    report = demo.main(["sweep", "--n-keys", "4,8", "--seeds", "0", "--entities", "12", "--out", str(tmp_path), *tiny])
     models = sorted((p["model"], p["n_keys"]) for p in report["points"])
     assert models == [("dense", None), ("dense-2x", None), ("memory+", 4), ("memory+", 8)]
     sizes = report["memory_plus_by_size"]
