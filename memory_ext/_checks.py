@@ -220,6 +220,27 @@ def check_rows_to_dense(rows: Tensor, rows_grad: Tensor, n_rows) -> None:
     _same_device(op, rows, "rows", rows_grad, "rows_grad")
 
 
+def _check_row_update(op: str, param: Tensor, rows: Tensor, rows_grad: Tensor) -> None:
+    """The sparse row gradient of a row optimizer's update: rows (U,) int64, rows_grad (U, dim)
+    in param's dtype, both on param's device."""
+    _require(
+        rows.dim() == 1 and rows.dtype == torch.int64, op,
+        lambda: f"rows must be a 1-D int64 tensor, got {rows.dim()}-D {dtype_name(rows.dtype)}",
+    )
+    _require(
+        rows_grad.dim() == 2 and _sym_and(rows_grad.shape[0] == rows.shape[0], rows_grad.shape[1] == param.shape[1]),
+        op,
+        lambda: f"rows_grad must have shape ({_int(rows.shape[0])}, {_int(param.shape[1])}), "
+        f"got {_shape(rows_grad.shape)}",
+    )
+    _require(
+        rows_grad.dtype == param.dtype, op,
+        lambda: f"rows_grad must have param's dtype {dtype_name(param.dtype)}, got {dtype_name(rows_grad.dtype)}",
+    )
+    _same_device(op, param, "param", rows, "rows")
+    _same_device(op, param, "param", rows_grad, "rows_grad")
+
+
 def check_row_adam(
     param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, rows_grad: Tensor,
     beta1: float, beta2: float, step: int,
@@ -243,22 +264,7 @@ def check_row_adam(
             f"{_shape(param.shape)}, got {dtype_name(t.dtype)} {_shape(t.shape)}",
         )
         _same_device(op, param, "param", t, "optimizer state")
-    _require(
-        rows.dim() == 1 and rows.dtype == torch.int64, op,
-        lambda: f"rows must be a 1-D int64 tensor, got {rows.dim()}-D {dtype_name(rows.dtype)}",
-    )
-    _require(
-        rows_grad.dim() == 2 and _sym_and(rows_grad.shape[0] == rows.shape[0], rows_grad.shape[1] == param.shape[1]),
-        op,
-        lambda: f"rows_grad must have shape ({_int(rows.shape[0])}, {_int(param.shape[1])}), "
-        f"got {_shape(rows_grad.shape)}",
-    )
-    _require(
-        rows_grad.dtype == param.dtype, op,
-        lambda: f"rows_grad must have param's dtype {dtype_name(param.dtype)}, got {dtype_name(rows_grad.dtype)}",
-    )
-    _same_device(op, param, "param", rows, "rows")
-    _same_device(op, param, "param", rows_grad, "rows_grad")
+    _check_row_update(op, param, rows, rows_grad)
     _require(
         bool(0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0), op,
         lambda: f"betas must be in [0, 1), got {_float(beta1)} and {_float(beta2)}",
@@ -296,22 +302,7 @@ def check_row_adagrad(
         sum_sq.is_contiguous(), op, lambda: f"sum_sq must be contiguous, got strides {_shape(sum_sq.stride())}"
     )
     _same_device(op, param, "param", sum_sq, "sum_sq")
-    _require(
-        rows.dim() == 1 and rows.dtype == torch.int64, op,
-        lambda: f"rows must be a 1-D int64 tensor, got {rows.dim()}-D {dtype_name(rows.dtype)}",
-    )
-    _require(
-        rows_grad.dim() == 2 and _sym_and(rows_grad.shape[0] == rows.shape[0], rows_grad.shape[1] == param.shape[1]),
-        op,
-        lambda: f"rows_grad must have shape ({_int(rows.shape[0])}, {_int(param.shape[1])}), "
-        f"got {_shape(rows_grad.shape)}",
-    )
-    _require(
-        rows_grad.dtype == param.dtype, op,
-        lambda: f"rows_grad must have param's dtype {dtype_name(param.dtype)}, got {dtype_name(rows_grad.dtype)}",
-    )
-    _same_device(op, param, "param", rows, "rows")
-    _same_device(op, param, "param", rows_grad, "rows_grad")
+    _check_row_update(op, param, rows, rows_grad)
     _require(bool(math.isfinite(lr) and lr >= 0.0), op, lambda: f"lr must be finite and >= 0, got {_float(lr)}")
     _require(bool(math.isfinite(eps) and eps > 0.0), op, lambda: f"eps must be finite and > 0, got {_float(eps)}")
     _require(

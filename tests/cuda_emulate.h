@@ -58,6 +58,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "memory_ext/host_device.h"  // acc_t, for the conversions at the end
+
 // ---------------------------------------------------------------------------------------
 // Qualifiers and types.
 
@@ -526,6 +528,37 @@ inline void report(bool ok, const std::string& name, const std::string& detail) 
 inline int summary() {
   std::printf("%d cases, %d mismatches\n", g_cases, g_mismatches);
   return g_mismatches == 0 ? 0 : 1;
+}
+
+// Conversions between float and the emulated parameter types, for references written in
+// the kernels' own arithmetic.
+template <typename T>
+T from_float(float f) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __float2bfloat16_rn(f);
+  else if constexpr (std::is_same_v<T, __half>)
+    return __float2half_rn(f);
+  else
+    return static_cast<T>(f);
+}
+
+// The one rounding of a float result of the result to the parameter type.
+template <typename T>
+T narrow(memory_ext::acc_t<T> s) {
+  if constexpr (std::is_same_v<T, double>)
+    return s;
+  else
+    return from_float<T>(s);
+}
+
+template <typename T>
+memory_ext::acc_t<T> widen(T v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __bfloat162float(v);
+  else if constexpr (std::is_same_v<T, __half>)
+    return __half2float(v);
+  else
+    return v;
 }
 
 }  // namespace emu

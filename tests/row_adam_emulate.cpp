@@ -28,34 +28,9 @@ namespace {
 
 std::mt19937_64 rng(2024);
 
-template <typename T>
-T from_float(float f) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    return __float2bfloat16_rn(f);
-  else if constexpr (std::is_same_v<T, __half>)
-    return __float2half_rn(f);
-  else
-    return static_cast<T>(f);
-}
-
-// The one rounding of the result to the parameter type.
-template <typename T>
-T narrow(acc_t<T> s) {
-  if constexpr (std::is_same_v<T, double>)
-    return s;
-  else
-    return from_float<T>(s);
-}
-
-template <typename T>
-acc_t<T> widen(T v) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    return __bfloat162float(v);
-  else if constexpr (std::is_same_v<T, __half>)
-    return __half2float(v);
-  else
-    return v;
-}
+using emu::from_float;
+using emu::narrow;
+using emu::widen;
 
 float random_value() { return static_cast<float>(static_cast<int>(rng() % 201) - 100) / 64; }
 
