@@ -50,7 +50,7 @@ from memory_ext.provenance import machine_info
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m memory_ext.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=1000, help="training steps per model")
+    p.add_argument("--steps", type=int, default=800, help="training steps per model")
     p.add_argument("--seconds", type=float, default=None, help="also stop each model after this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo_out", help="folder for results.json and curves.png")
@@ -67,11 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--values-lr-scale", type=float, default=10.0)
-    p.add_argument("--values-path", choices=("sparse", "fused", "dense"), default="sparse",
-                   help="how the memory values train: sparse row gradients + a row optimizer (default), "
-                        "the row update fused into the backward, or dense gradients + AdamW")
-    p.add_argument("--values-optimizer", choices=("adam", "adagrad"), default="adam",
-                   help="row optimizer of the values on the sparse and fused paths (row-wise Adagrad: one float per row)")
+    p.add_argument("--values-path", choices=("sparse", "fused", "dense"), default="fused",
+                   help="how the memory values train: the row update fused into the backward (default), "
+                        "sparse row gradients + a row optimizer (the same updates), or dense gradients + AdamW")
+    p.add_argument("--values-optimizer", choices=("adam", "adagrad"), default="adagrad",
+                   help="row optimizer of the values on the sparse and fused paths: row-wise Adagrad (default, "
+                        "one float of state per row) or SparseRowAdam (lazy AdamW)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-subset", type=int, default=512, help="questions scored during training")
     p.add_argument("--models", default="dense,memory+,dense-2x", help="comma-separated subset to train")

@@ -1,8 +1,8 @@
 """Job of the demo's data-parallel test: two ranks train the demo's Memory+ model, each on its
 own batches, and one process trains the same model on both ranks' batches at once.
 
-With plain data parallelism (memory parallel 1) the value pool is an ordinary DDP weight;
-with memory parallel 2 it is column-sharded over both ranks (loaded from the one-process
+With plain data parallelism (memory parallel 1) the value pool is an ordinary DDP weight
+(dense gradient); with memory parallel 2 it is column-sharded over both ranks (sparse path) (loaded from the one-process
 model's table, since the sharded table draws its columns differently). Either way the
 ranks' mean loss must equal the one-process loss at every step: DDP and the sharded
 lookup average the gradients over the ranks, and the global-batch loss is the mean of
@@ -34,7 +34,10 @@ def _global_batches(facts: FactSet, args, world: int):
 
 def demo_job(rank, world, results):
     for memory_parallel in (1, 2):
-        args = demo.parse_args(ARGS + ["--device", "cpu", "--memory-parallel", str(memory_parallel)])
+        # The same values path on both sides: DDP averages an unsharded pool's dense gradient;
+        # a sharded pool takes the sparse path with SparseRowAdam.
+        path = ["--values-path", "dense"] if memory_parallel == 1 else ["--values-path", "sparse", "--values-optimizer", "adam"]
+        args = demo.parse_args(ARGS + path + ["--device", "cpu", "--memory-parallel", str(memory_parallel)])
         facts = FactSet(args.entities, seed=args.seed)
         subset = demo.eval_subset(facts.questions(), args.eval_subset, args.seed)
         memory_group, replica_group = md.new_memory_groups(memory_parallel)
