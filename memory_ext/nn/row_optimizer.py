@@ -28,6 +28,8 @@ class WeakIdSet:
         self._refs: dict[int, weakref.ref] = {}
 
     def add(self, obj) -> None:
+        if obj in self:  # every lookup of a table adds it: keep the hot path to one dict read
+            return
         key = id(obj)
         self._refs[key] = weakref.ref(obj, lambda _, key=key: self._refs.pop(key, None))
 
