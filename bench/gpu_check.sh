@@ -152,16 +152,23 @@ step_py_bench_scaling() {
 }
 
 step_cpp_benchmarks() {
-  local build="$ROOT/build/gpu_check_cmake" exe found=0
-  cmake -S "$ROOT" -B "$build" -G Ninja -DMEMORY_EXT_CUDA=ON -DPython3_EXECUTABLE="$(command -v "$PY")" &&
-    cmake --build "$build" -j "$MAX_JOBS" || return 1
-  for exe in "$build"/bench/bench_*; do
+  local build="$ROOT/build/gpu_check_cmake" exe found=0 gbench=()
+  # The GPU machine has no package registry: Google Benchmark comes as Debian packages
+  # carried in .deps/google-benchmark (bash bench/cpp/carry_google_benchmark.sh, here).
+  if ls "$ROOT"/.deps/google-benchmark/*.deb > /dev/null 2>&1; then
+    for deb in "$ROOT"/.deps/google-benchmark/*.deb; do dpkg -x "$deb" "$WORK/gbench"; done
+    gbench=(-Dbenchmark_DIR="$WORK/gbench/usr/lib/x86_64-linux-gnu/cmake/benchmark")
+    export LD_LIBRARY_PATH="$WORK/gbench/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+  fi
+  cmake -S "$ROOT" -B "$build" -G Ninja -DMEMORY_EXT_CUDA=ON -DPython3_EXECUTABLE="$(command -v "$PY")" \
+    "${gbench[@]}" && cmake --build "$build" -j "$MAX_JOBS" || return 1
+  for exe in "$build"/bench/bench_cuda_*; do
     [ -x "$exe" ] || continue
     found=1
     echo ">>> $(basename "$exe")"
-    "$exe" "$WORK/cpp_$(basename "$exe").json" || return 1
+    "$exe" --json "$WORK/cpp_$(basename "$exe").json" || return 1
   done
-  [ "$found" -eq 1 ] || { echo "no C++ benchmark was built"; return 1; }
+  [ "$found" -eq 1 ] || { echo "no C++ CUDA benchmark was built (is Google Benchmark carried?)"; return 1; }
 }
 export -f step_env step_build step_built_with_cuda step_tests_cuda step_memcheck step_racecheck \
   sanitizer step_demo_cuda py_bench step_py_bench_embedding_bag step_py_bench_pk_topk \
@@ -180,8 +187,9 @@ key_numbers() {
     "$PY" - "$f" <<'EOF' 2>/dev/null || echo "$(basename "$f"): unreadable JSON"
 import json, sys
 d = json.load(open(sys.argv[1]))
-rows = d.get("results") or d.get("rows") or []
-print(f"{sys.argv[1].rsplit('/', 1)[-1]}: {len(rows)} results, device {d.get('machine', {}).get('device', d.get('device', '?'))}")
+rows = d.get("results") or d.get("rows") or d.get("benchmarks") or []
+device = d.get("machine", {}).get("device") or d.get("context", {}).get("device") or d.get("device", "?")
+print(f"{sys.argv[1].rsplit('/', 1)[-1]}: {len(rows)} results, device {device}")
 EOF
   done
 }
