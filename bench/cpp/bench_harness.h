@@ -12,7 +12,8 @@
 // bench::add_case. Beside Google Benchmark's own flags (--benchmark_filter=..., etc.):
 //   --json FILE    the results as JSON (--benchmark_out=FILE --benchmark_out_format=json)
 //   --quick        tiny shapes, one iteration of each case: a smoke run, not a timing
-//   --repeats N    repetitions of each case (default 5; min, median and max are reported)
+//   --repeats N    repetitions of each case (default 5; min, median and max are reported),
+//                  after 0.5 s of untimed calls (--benchmark_min_warmup_time)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -340,9 +341,11 @@ inline int run(int argc, char** argv, const DeviceSetup& setup, const Register& 
   std::vector<std::string> args{argv[0], "--benchmark_repetitions=5",
                                 "--benchmark_display_aggregates_only=true"};
   std::string json;
-  for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]) == "--quick") args.push_back("--benchmark_repetitions=1");
-  }
+  bool quick = false;
+  for (int i = 1; i < argc; ++i) quick = quick || std::string(argv[i]) == "--quick";
+  // Untimed calls before each case's first repetition: the first touches of fresh memory
+  // (page faults, on a VM the host's too) cost up to 10x a warm call.
+  args.push_back(quick ? "--benchmark_repetitions=1" : "--benchmark_min_warmup_time=0.5");
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--json" && i + 1 < argc) {
