@@ -215,8 +215,16 @@ struct Traffic {
   double flops = 0;   // arithmetic one call must do (0: not a compute case)
 };
 
+// The copy bandwidth of this process's device, GB/s: measured once by run() after the
+// cases are registered and before any runs.
+inline double& copy_ceiling_gbs() {
+  static double gbs = 0;
+  return gbs;
+}
+
 // Set on a state after its timing loop.
-inline void report(benchmark::State& state, const Traffic& t, double copy_gbs) {
+inline void report(benchmark::State& state, const Traffic& t) {
+  const double copy_gbs = copy_ceiling_gbs();
   const auto iters = static_cast<int64_t>(state.iterations());
   if (t.bytes > 0) {
     state.SetBytesProcessed(static_cast<int64_t>(t.bytes) * iters);
@@ -258,8 +266,7 @@ struct DeviceSetup {
 // What run() hands the registering callback.
 struct Run {
   at::Device device{at::kCPU};
-  double copy_gbs = 0;  // measured in this process before any case
-  bool quick = false;   // tiny shapes, one iteration
+  bool quick = false;  // tiny shapes, one iteration
   bool manual_time = false;
   Loop loop = cpu_loop;
   std::function<double(const Call&)> peak_extra_bytes;
@@ -377,12 +384,12 @@ inline int run(int argc, char** argv, const DeviceSetup& setup, const Register& 
   r.loop = setup.loop;
   r.peak_extra_bytes = setup.peak_extra_bytes;
   add_provenance(setup.name);
-  r.copy_gbs = setup.copy_gbs(r.quick);
-  benchmark::AddCustomContext("copy_gbs", std::to_string(r.copy_gbs));
-  std::printf("%s (%s), %d threads, copy bandwidth %.1f GB/s\n", setup.name.c_str(),
-              cpu_model().c_str(), at::get_num_threads(), r.copy_gbs);
   register_cases(options, r);
-  options.finish();
+  options.finish();  // before the copy measurement: a wrong option fails at once
+  copy_ceiling_gbs() = setup.copy_gbs(r.quick);
+  benchmark::AddCustomContext("copy_gbs", std::to_string(copy_ceiling_gbs()));
+  std::printf("%s (%s), %d threads, copy bandwidth %.1f GB/s\n", setup.name.c_str(),
+              cpu_model().c_str(), at::get_num_threads(), copy_ceiling_gbs());
   ConsoleTable table;
   benchmark::RunSpecifiedBenchmarks(&table);
   benchmark::Shutdown();

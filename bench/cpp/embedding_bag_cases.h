@@ -113,7 +113,6 @@ inline void register_embedding_bag_cases(Options& o, const Run& run) {
                                              : std::vector<std::string>{"float32", "bfloat16"});
   const MemoryOps ops =
       MemoryOps::find(run.device.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
-  const double copy = run.copy_gbs;
 
   for (const std::string& dt : dtypes) {
     const at::ScalarType dtype = dtype_named(dt);
@@ -139,7 +138,7 @@ inline void register_embedding_bag_cases(Options& o, const Run& run) {
           run.loop(st, [&] {
             benchmark::DoNotOptimize(ops.embedding_bag.call(in.values, in.indices, in.weights));
           });
-          report(st, {fwd_bytes, double(tokens)}, copy);
+          report(st, {fwd_bytes, double(tokens)});
         });
         add("torch", "forward", [=](benchmark::State& st) {
           const Inputs& in = inputs_for(run, shape);
@@ -148,7 +147,7 @@ inline void register_embedding_bag_cases(Options& o, const Run& run) {
             benchmark::DoNotOptimize(
                 at::embedding_bag(in.values, f.flat, f.offsets, false, 0, false, f.psw));
           });
-          report(st, {fwd_bytes, double(tokens)}, copy);
+          report(st, {fwd_bytes, double(tokens)});
         });
         add("memory_ext", "backward_sparse", [=](benchmark::State& st) {
           const Inputs& in = inputs_for(run, shape);
@@ -156,13 +155,13 @@ inline void register_embedding_bag_cases(Options& o, const Run& run) {
             benchmark::DoNotOptimize(ops.embedding_bag_backward.call(in.grad_out, in.values,
                                                                      in.indices, in.weights, true));
           });
-          report(st, {bwd_bytes(in), double(tokens)}, copy);
+          report(st, {bwd_bytes(in), double(tokens)});
         });
         add("torch", "backward_sparse", [=](benchmark::State& st) {
           const Inputs& in = inputs_for(run, shape);
           const TorchForward f = torch_forward(in);
           run.loop(st, [&] { torch_backward_sparse(in, f); });
-          report(st, {bwd_bytes(in), double(tokens)}, copy);
+          report(st, {bwd_bytes(in), double(tokens)});
         });
         add("memory_ext", "fwd_bwd_sparse", [=](benchmark::State& st) {
           const Inputs& in = inputs_for(run, shape);
@@ -171,7 +170,7 @@ inline void register_embedding_bag_cases(Options& o, const Run& run) {
             benchmark::DoNotOptimize(ops.embedding_bag_backward.call(in.grad_out, in.values,
                                                                      in.indices, in.weights, true));
           });
-          report(st, {fwd_bytes + bwd_bytes(in), double(tokens)}, copy);
+          report(st, {fwd_bytes + bwd_bytes(in), double(tokens)});
         });
         add("torch", "fwd_bwd_sparse", [=](benchmark::State& st) {
           const Inputs& in = inputs_for(run, shape);
@@ -180,7 +179,7 @@ inline void register_embedding_bag_cases(Options& o, const Run& run) {
             torch_forward_into(in, f);
             torch_backward_sparse(in, f);
           });
-          report(st, {fwd_bytes + bwd_bytes(in), double(tokens)}, copy);
+          report(st, {fwd_bytes + bwd_bytes(in), double(tokens)});
         });
         add("memory_ext", "rows_to_dense", [=](benchmark::State& st) {
           const Inputs& in = inputs_for(run, shape);
@@ -189,7 +188,7 @@ inline void register_embedding_bag_cases(Options& o, const Run& run) {
           run.loop(st, [&] {
             benchmark::DoNotOptimize(ops.rows_to_dense.call(r, g, c10::SymInt(rows)));
           });
-          report(st, {dense_bytes(in), 0}, copy);
+          report(st, {dense_bytes(in), 0});
         });
         add("torch", "rows_to_dense", [=](benchmark::State& st) {
           const Inputs& in = inputs_for(run, shape);
@@ -198,7 +197,7 @@ inline void register_embedding_bag_cases(Options& o, const Run& run) {
           run.loop(st, [&] {
             benchmark::DoNotOptimize(at::zeros({rows, dim}, g.options()).index_copy_(0, r, g));
           });
-          report(st, {dense_bytes(in), 0}, copy);
+          report(st, {dense_bytes(in), 0});
         });
       }
     }

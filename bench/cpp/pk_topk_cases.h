@@ -85,7 +85,7 @@ inline void register_pk_topk_cases(Options& o, const Run& run) {
                  if (run.peak_extra_bytes)
                    st.counters["peak_extra_mib"] = run.peak_extra_bytes(call) / (1 << 20);
                  run.loop(st, call);
-                 report(st, traffic, run.copy_gbs);
+                 report(st, traffic);
                  if (warps > 0) unsetenv("MEMORY_EXT_PK_TOPK_WARPS");
                });
     };

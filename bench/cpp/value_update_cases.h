@@ -98,7 +98,6 @@ inline void register_value_update_cases(Options& o, const Run& run) {
   const int64_t bag = o.integer("bag", q ? 16 : 64);
   const MemoryOps ops =
       MemoryOps::find(run.device.is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
-  const double copy = run.copy_gbs;
   const double e = 4, lookups = double(tokens) * bag;
 
   auto name = [&](const char* impl, const char* op) {
@@ -125,24 +124,24 @@ inline void register_value_update_cases(Options& o, const Run& run) {
       ops.row_adam_.call(t.param, t.exp_avg, t.exp_avg_sq, t.rows, t.rows_grad, kLr, kBeta1, kBeta2,
                          kEps, kWeightDecay, t.step);
     });
-    report(st, {touched() * dim * (6 * e + e), 0}, copy);
+    report(st, {touched() * dim * (6 * e + e), 0});
   });
   add_case(run, name("torch", "row_adam"), [=](benchmark::State& st) {
     Table& t = with_gradient();
     run.loop(st, [&] { torch_row_adam(t); });
-    report(st, {touched() * dim * (6 * e + e), 0}, copy);
+    report(st, {touched() * dim * (6 * e + e), 0});
   });
   add_case(run, name("memory_ext", "row_adagrad"), [=](benchmark::State& st) {
     Table& t = with_gradient();
     run.loop(st, [&] {
       ops.row_adagrad_.call(t.param, t.sum_sq, t.rows, t.rows_grad, kLr, kEps, kWeightDecay);
     });
-    report(st, {touched() * (dim * (2 * e + e) + 8), 0}, copy);
+    report(st, {touched() * (dim * (2 * e + e) + 8), 0});
   });
   add_case(run, name("torch", "row_adagrad"), [=](benchmark::State& st) {
     Table& t = with_gradient();
     run.loop(st, [&] { torch_row_adagrad(t); });
-    report(st, {touched() * (dim * (2 * e + e) + 8), 0}, copy);
+    report(st, {touched() * (dim * (2 * e + e) + 8), 0});
   });
   add_case(run, name("torch", "dense_adamw"), [=](benchmark::State& st) {
     Table& t = with_gradient();
@@ -153,7 +152,7 @@ inline void register_value_update_cases(Options& o, const Run& run) {
       at::_fused_adamw_({t.param}, {dense_grad}, {t.exp_avg}, {t.exp_avg_sq}, {}, {step}, kLr,
                         kBeta1, kBeta2, kWeightDecay, kEps, false, false);
     });
-    report(st, {double(n_rows) * dim * (6 * e + e), 0}, copy);
+    report(st, {double(n_rows) * dim * (6 * e + e), 0});
   });
 
   auto adam_step_bytes = [=]() { return 2 * lookups * dim * e + touched() * dim * e * 7; };
@@ -168,7 +167,7 @@ inline void register_value_update_cases(Options& o, const Run& run) {
       ops.row_adam_.call(t.param, t.exp_avg, t.exp_avg_sq, r, g, kLr, kBeta1, kBeta2, kEps,
                          kWeightDecay, t.step);
     });
-    report(st, {adam_step_bytes(), double(tokens)}, copy);
+    report(st, {adam_step_bytes(), double(tokens)});
   });
   add_case(run, name("memory_ext", "step_adagrad"), [=](benchmark::State& st) {
     Table& t = with_gradient();
@@ -178,7 +177,7 @@ inline void register_value_update_cases(Options& o, const Run& run) {
           ops.embedding_bag_backward.call(t.grad_out, t.param, t.indices, t.weights, true);
       ops.row_adagrad_.call(t.param, t.sum_sq, r, g, kLr, kEps, kWeightDecay);
     });
-    report(st, {adagrad_step_bytes(), double(tokens)}, copy);
+    report(st, {adagrad_step_bytes(), double(tokens)});
   });
 }
 
