@@ -133,21 +133,6 @@ inline at::ScalarType dtype_named(const std::string& name) {
   Options::fail("unknown dtype " + name + " (float32, bfloat16, float16, float64)");
 }
 
-inline std::string dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return "float32";
-    case at::kBFloat16:
-      return "bfloat16";
-    case at::kHalf:
-      return "float16";
-    case at::kDouble:
-      return "float64";
-    default:
-      return c10::toString(t);
-  }
-}
-
 // ---------------------------------------------------------------------------------------
 // Provenance: the Python benchmarks' machine fields (memory_ext/provenance.py).
 

@@ -8,56 +8,58 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <string>
 #include <tuple>
 
 namespace bench {
 
 struct MemoryOps {
   using Tensor = at::Tensor;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, const Tensor&)> embedding_bag;
-  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
-                                                              const Tensor&, const Tensor&, bool)>
-      embedding_bag_backward;
-  c10::TypedOperatorHandle<Tensor(const Tensor&, const Tensor&, c10::SymInt)> rows_to_dense;
-  c10::TypedOperatorHandle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t)>
-      pk_topk;
-  c10::TypedOperatorHandle<void(Tensor&, Tensor&, Tensor&, const Tensor&, const Tensor&, double,
-                                double, double, double, double, int64_t)>
-      row_adam_;
-  c10::TypedOperatorHandle<void(Tensor&, Tensor&, const Tensor&, const Tensor&, double, double,
-                                double)>
-      row_adagrad_;
-  c10::TypedOperatorHandle<void(bool)> set_index_checks;
+  // The C++ signature of each op's kernels (csrc/ops.cpp has the schemas).
+  using EmbeddingBag = Tensor(const Tensor&, const Tensor&, const Tensor&);
+  using EmbeddingBagBackward = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                                  const Tensor&, const Tensor&,
+                                                                  bool);
+  using RowsToDense = Tensor(const Tensor&, const Tensor&, c10::SymInt);
+  using PkTopk = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t);
+  using RowAdam = void(Tensor&, Tensor&, Tensor&, const Tensor&, const Tensor&, double, double,
+                       double, double, double, int64_t);
+  using RowAdagrad = void(Tensor&, Tensor&, const Tensor&, const Tensor&, double, double, double);
+  using SetIndexChecks = void(bool);
+
+  c10::TypedOperatorHandle<EmbeddingBag> embedding_bag;
+  c10::TypedOperatorHandle<EmbeddingBagBackward> embedding_bag_backward;
+  c10::TypedOperatorHandle<RowsToDense> rows_to_dense;
+  c10::TypedOperatorHandle<PkTopk> pk_topk;
+  c10::TypedOperatorHandle<RowAdam> row_adam_;
+  c10::TypedOperatorHandle<RowAdagrad> row_adagrad_;
+  c10::TypedOperatorHandle<SetIndexChecks> set_index_checks;
 
   // The handles, after checking that every op has a kernel for `key` (CPU or CUDA); a
   // build without them exits with a message naming what is missing.
   static MemoryOps find(c10::DispatchKey key) {
-    auto& d = c10::Dispatcher::singleton();
-    auto op = [&](const char* name) {
-      const auto h = d.findSchemaOrThrow(name, "");
-      if (!h.hasKernelForDispatchKey(key)) {
-        std::fprintf(stderr, "%s has no %s kernel in this build\n", name, c10::toString(key));
-        std::exit(1);
-      }
-      return h;
+    return {
+        kernel<EmbeddingBag>("memory::embedding_bag", key),
+        kernel<EmbeddingBagBackward>("memory::embedding_bag_backward", key),
+        kernel<RowsToDense>("memory::rows_to_dense", key),
+        kernel<PkTopk>("memory::pk_topk", key),
+        kernel<RowAdam>("memory::row_adam_", key),
+        kernel<RowAdagrad>("memory::row_adagrad_", key),
+        // A composite op (no backend kernel): only its schema is needed.
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("memory::set_index_checks", "")
+            .typed<SetIndexChecks>(),
     };
-    MemoryOps o{
-        op("memory::embedding_bag").typed<Tensor(const Tensor&, const Tensor&, const Tensor&)>(),
-        op("memory::embedding_bag_backward")
-            .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                      const Tensor&, bool)>(),
-        op("memory::rows_to_dense").typed<Tensor(const Tensor&, const Tensor&, c10::SymInt)>(),
-        op("memory::pk_topk")
-            .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t)>(),
-        op("memory::row_adam_")
-            .typed<void(Tensor&, Tensor&, Tensor&, const Tensor&, const Tensor&, double, double,
-                        double, double, double, int64_t)>(),
-        op("memory::row_adagrad_")
-            .typed<void(Tensor&, Tensor&, const Tensor&, const Tensor&, double, double, double)>(),
-        d.findSchemaOrThrow("memory::set_index_checks", "").typed<void(bool)>(),
-    };
-    return o;
+  }
+
+ private:
+  template <typename Signature>
+  static c10::TypedOperatorHandle<Signature> kernel(const char* name, c10::DispatchKey key) {
+    const auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+    if (!h.hasKernelForDispatchKey(key)) {
+      std::fprintf(stderr, "%s has no %s kernel in this build\n", name, c10::toString(key));
+      std::exit(1);
+    }
+    return h.typed<Signature>();
   }
 };
 

@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <tuple>
 
@@ -117,31 +118,37 @@ inline void register_value_update_cases(Options& o, const Run& run) {
   };
   auto touched = [=]() { return double(with_gradient().rows.numel()); };
 
+  // The rows' update by each rule (memory_ext's op), and the least bytes it moves for U rows.
+  auto adam_update = [=](Table& t, const at::Tensor& rows, const at::Tensor& rows_grad) {
+    t.step += 1;
+    ops.row_adam_.call(t.param, t.exp_avg, t.exp_avg_sq, rows, rows_grad, kLr, kBeta1, kBeta2, kEps,
+                       kWeightDecay, t.step);
+  };
+  auto adagrad_update = [=](Table& t, const at::Tensor& rows, const at::Tensor& rows_grad) {
+    ops.row_adagrad_.call(t.param, t.sum_sq, rows, rows_grad, kLr, kEps, kWeightDecay);
+  };
+  auto adam_bytes = [=](double rows) { return rows * dim * (6 * e + e); };
+  auto adagrad_bytes = [=](double rows) { return rows * (dim * (2 * e + e) + 8); };
+
   add_case(run, name("memory_ext", "row_adam"), [=](benchmark::State& st) {
     Table& t = with_gradient();
-    run.loop(st, [&] {
-      t.step += 1;
-      ops.row_adam_.call(t.param, t.exp_avg, t.exp_avg_sq, t.rows, t.rows_grad, kLr, kBeta1, kBeta2,
-                         kEps, kWeightDecay, t.step);
-    });
-    report(st, {touched() * dim * (6 * e + e), 0});
+    run.loop(st, [&] { adam_update(t, t.rows, t.rows_grad); });
+    report(st, {adam_bytes(touched()), 0});
   });
   add_case(run, name("torch", "row_adam"), [=](benchmark::State& st) {
     Table& t = with_gradient();
     run.loop(st, [&] { torch_row_adam(t); });
-    report(st, {touched() * dim * (6 * e + e), 0});
+    report(st, {adam_bytes(touched()), 0});
   });
   add_case(run, name("memory_ext", "row_adagrad"), [=](benchmark::State& st) {
     Table& t = with_gradient();
-    run.loop(st, [&] {
-      ops.row_adagrad_.call(t.param, t.sum_sq, t.rows, t.rows_grad, kLr, kEps, kWeightDecay);
-    });
-    report(st, {touched() * (dim * (2 * e + e) + 8), 0});
+    run.loop(st, [&] { adagrad_update(t, t.rows, t.rows_grad); });
+    report(st, {adagrad_bytes(touched()), 0});
   });
   add_case(run, name("torch", "row_adagrad"), [=](benchmark::State& st) {
     Table& t = with_gradient();
     run.loop(st, [&] { torch_row_adagrad(t); });
-    report(st, {touched() * (dim * (2 * e + e) + 8), 0});
+    report(st, {adagrad_bytes(touched()), 0});
   });
   add_case(run, name("torch", "dense_adamw"), [=](benchmark::State& st) {
     Table& t = with_gradient();
@@ -152,33 +159,30 @@ inline void register_value_update_cases(Options& o, const Run& run) {
       at::_fused_adamw_({t.param}, {dense_grad}, {t.exp_avg}, {t.exp_avg_sq}, {}, {step}, kLr,
                         kBeta1, kBeta2, kWeightDecay, kEps, false, false);
     });
-    report(st, {double(n_rows) * dim * (6 * e + e), 0});
+    report(st, {adam_bytes(double(n_rows)), 0});
   });
 
-  auto adam_step_bytes = [=]() { return 2 * lookups * dim * e + touched() * dim * e * 7; };
-  auto adagrad_step_bytes = [=]() { return 2 * lookups * dim * e + touched() * (dim * e * 4 + 8); };
-  add_case(run, name("memory_ext", "step_adam"), [=](benchmark::State& st) {
-    Table& t = with_gradient();
-    run.loop(st, [&] {
-      benchmark::DoNotOptimize(ops.embedding_bag.call(t.param, t.indices, t.weights));
-      auto [r, g, w] =
-          ops.embedding_bag_backward.call(t.grad_out, t.param, t.indices, t.weights, true);
-      t.step += 1;
-      ops.row_adam_.call(t.param, t.exp_avg, t.exp_avg_sq, r, g, kLr, kBeta1, kBeta2, kEps,
-                         kWeightDecay, t.step);
+  // A whole step: lookup, sparse backward, then the rule's update of the rows read. Bytes:
+  // the rows read twice, then each touched row's gradient written and read with the update's
+  // traffic (for Adam this is bench_value_update.py's count, 7 elements per touched element).
+  using Update = std::function<void(Table&, const at::Tensor&, const at::Tensor&)>;
+  auto add_step = [&](const char* op, Update update, double gradient_and_state_elements,
+                      double per_row_bytes) {
+    add_case(run, name("memory_ext", op), [=](benchmark::State& st) {
+      Table& t = with_gradient();
+      run.loop(st, [&] {
+        benchmark::DoNotOptimize(ops.embedding_bag.call(t.param, t.indices, t.weights));
+        auto [r, g, w] =
+            ops.embedding_bag_backward.call(t.grad_out, t.param, t.indices, t.weights, true);
+        update(t, r, g);
+      });
+      const double bytes = 2 * lookups * dim * e +
+                           touched() * (dim * e * gradient_and_state_elements + per_row_bytes);
+      report(st, {bytes, double(tokens)});
     });
-    report(st, {adam_step_bytes(), double(tokens)});
-  });
-  add_case(run, name("memory_ext", "step_adagrad"), [=](benchmark::State& st) {
-    Table& t = with_gradient();
-    run.loop(st, [&] {
-      benchmark::DoNotOptimize(ops.embedding_bag.call(t.param, t.indices, t.weights));
-      auto [r, g, w] =
-          ops.embedding_bag_backward.call(t.grad_out, t.param, t.indices, t.weights, true);
-      ops.row_adagrad_.call(t.param, t.sum_sq, r, g, kLr, kEps, kWeightDecay);
-    });
-    report(st, {adagrad_step_bytes(), double(tokens)});
-  });
+  };
+  add_step("step_adam", adam_update, 7, 0);
+  add_step("step_adagrad", adagrad_update, 4, 8);
 }
 
 }  // namespace bench
