@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth_gbs, machine_info, print_table, save_json, time_ms  # noqa: E402
+from common import copy_bandwidth_gbs, machine_info, on_table_storage, print_table, save_json, time_ms  # noqa: E402
 
 import memory_ext  # noqa: E402
 from memory_ext.testing import sample_inputs  # noqa: E402
@@ -48,9 +48,12 @@ def load_fbgemm():
 
 
 def draw_inputs(max_tokens, bag, rows, dim, dtype, device) -> dict:
-    """values, indices, float32 weights and grad_out for max_tokens, drawn on device."""
-    return sample_inputs("embedding_bag_backward", device, dtype, tokens=max_tokens, bag=bag, rows=rows, dim=dim,
-                         weight_dtype=torch.float32)
+    """values, indices, float32 weights and grad_out for max_tokens, drawn on device; the
+    table on huge pages, as memory_ext.MemoryValues allocates it."""
+    inputs = sample_inputs("embedding_bag_backward", device, dtype, tokens=max_tokens, bag=bag, rows=rows, dim=dim,
+                           weight_dtype=torch.float32)
+    inputs["values"] = on_table_storage(inputs["values"])
+    return inputs
 
 
 def leading_tokens(inputs: dict, tokens: int) -> dict:

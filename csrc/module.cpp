@@ -4,7 +4,8 @@
 
 #include <cstdint>
 
-#include "cpu/huge_pages.h"
+#include "cpu/large_buffers.h"
+#include "memory_ext/huge_pages.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "memory_ext operator library (ops live in torch.ops.memory)";
@@ -28,4 +29,8 @@ PYBIND11_MODULE(_C, m) {
         memory_ext::cpu::advise_huge_pages(reinterpret_cast<void*>(address), bytes);
       },
       "Transparent huge pages for the whole 2 MiB pages of [address, address + bytes) (a hint)");
+  m.def("cpu_buffer_cache_bytes", &memory_ext::cpu::cached_buffer_bytes,
+        "Bytes held in free blocks by the pool of the CPU kernels' large outputs");
+  m.def("release_cpu_buffers", &memory_ext::cpu::release_cached_buffers,
+        "Unmap the free blocks of the CPU kernels' output pool; returns the bytes released");
 }

@@ -53,7 +53,7 @@ inline const Inputs& inputs_for(const Run& run, const Shape& s) {
     held.reset();
     at::manual_seed(0);
     auto in = std::make_unique<Inputs>();
-    in->values = at::randn({s.rows, s.dim}, run.options(s.dtype));
+    in->values = table_storage({s.rows, s.dim}, run.options(s.dtype)).normal_();
     in->indices = at::randint(0, s.rows, {s.tokens, s.bag}, run.options(at::kLong));
     in->weights = at::randn({s.tokens, s.bag}, run.options(at::kFloat));
     in->grad_out = at::randn({s.tokens, s.dim}, run.options(s.dtype));

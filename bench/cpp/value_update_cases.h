@@ -49,10 +49,10 @@ inline Table& table_for(const Run& run, int64_t n_rows, int64_t dim, int64_t tok
     at::manual_seed(0);
     const auto f32 = run.options(at::kFloat);
     auto t = std::make_unique<Table>();
-    t->param = at::randn({n_rows, dim}, f32) * (1.0 / std::sqrt(double(dim)));
-    t->exp_avg = at::zeros({n_rows, dim}, f32);
-    t->exp_avg_sq = at::zeros({n_rows, dim}, f32);
-    t->sum_sq = at::zeros({n_rows}, f32);
+    t->param = table_storage({n_rows, dim}, f32).normal_(0.0, 1.0 / std::sqrt(double(dim)));
+    t->exp_avg = table_storage({n_rows, dim}, f32).zero_();
+    t->exp_avg_sq = table_storage({n_rows, dim}, f32).zero_();
+    t->sum_sq = table_storage({n_rows}, f32).zero_();
     t->indices = at::randint(0, n_rows, {tokens, bag}, run.options(at::kLong));
     t->weights = at::softmax(at::randn({tokens, bag}, f32), -1);
     t->grad_out = at::randn({tokens, dim}, f32);

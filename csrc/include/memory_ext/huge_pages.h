@@ -1,11 +1,10 @@
-// Large CPU outputs (gradients of big tables) spend most of their first write in page
-// faults: 4 KiB at a time, one fault per page. Asking for transparent huge pages on the
-// fresh allocation before it is touched cuts that cost several-fold (800 MB: 190 ms ->
-// 37 ms measured on a 2-core machine). It is a hint: where THP is off, nothing changes.
+// Transparent huge pages for large CPU tensors. Large outputs (gradients of big tables)
+// spend most of their first write in page faults: 4 KiB at a time, one fault per page.
+// Asking for transparent huge pages on the fresh allocation before it is touched cuts that
+// cost several-fold (800 MB: 190 ms -> 37 ms measured on a 2-core machine), and the kernels'
+// large outputs go further (cpu/large_buffers.h: no fresh pages at all once warm). It is a
+// hint: where THP is off, nothing changes.
 #pragma once
-
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -32,12 +31,6 @@ inline void advise_huge_pages(void* data, uintptr_t bytes) {
   (void)data;
   (void)bytes;
 #endif
-}
-
-inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-  advise_huge_pages(out.data_ptr(), static_cast<uintptr_t>(out.nbytes()));
-  return out;
 }
 
 }  // namespace memory_ext::cpu
