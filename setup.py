@@ -69,7 +69,11 @@ def _extension():
     # compiles to a serial loop and every CPU kernel runs on one thread. (GCC and clang on
     # Linux; Apple's clang has no OpenMP, so macOS builds stay serial.)
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", *openmp]
+    # -fno-wrapv: Python's own CFLAGS (sysconfig, passed to every extension) carry -fwrapv,
+    # under which GCC cannot count the trips of loops such as `for (; i + 16 <= n; i += 16)`
+    # and leaves them scalar: the bf16 sparse backward ran 1.5x slower than the same code
+    # built by CMake. Our code never relies on signed overflow wrapping.
+    cxx = ["-O3", "-fno-wrapv", "-std=c++20", "-fvisibility=hidden", *openmp]
     link = list(openmp)
     define_macros = []
     if os.environ.get("MEMORY_EXT_DEBUG", "0") == "1":
