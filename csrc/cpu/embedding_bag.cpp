@@ -270,6 +270,7 @@ void sum_segment(const BackwardData<scalar_t, weight_t>& d, const Segment& seg,
   };
   int64_t p = seg.begin;
   constexpr int G = kGradRowsInFlight;
+  static_assert(G == 4, "the weight gradient's cpu::row_dot4 takes four grad_out rows");
   for (; p + G <= seg.end; p += G) {
     int64_t pos[G];
     A w[G];

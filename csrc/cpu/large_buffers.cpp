@@ -20,10 +20,6 @@
 namespace memory_ext::cpu {
 namespace {
 
-constexpr uint64_t kHugePage = uint64_t(1) << 21;
-
-uint64_t round_up(uint64_t bytes) { return (bytes + kHugePage - 1) & ~(kHugePage - 1); }
-
 // The cap on free bytes held, from MEMORY_EXT_CPU_BUFFER_CACHE_MB (default 4096).
 uint64_t cache_limit_bytes() {
   const char* env = std::getenv("MEMORY_EXT_CPU_BUFFER_CACHE_MB");
@@ -36,13 +32,13 @@ uint64_t cache_limit_bytes() {
 #if defined(__linux__)
 // bytes (a multiple of 2 MiB) mapped at a 2 MiB boundary, advised for huge pages.
 void* map_block(uint64_t bytes) {
-  void* raw =
-      mmap(nullptr, bytes + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* raw = mmap(nullptr, bytes + kHugePageBytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) return nullptr;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(raw);
-  const uintptr_t aligned = (begin + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
+  const uintptr_t aligned = huge_page_ceil(begin);
   if (aligned > begin) munmap(raw, aligned - begin);
-  const uintptr_t tail = begin + bytes + kHugePage - (aligned + bytes);
+  const uintptr_t tail = begin + kHugePageBytes - aligned;  // the mapping's unused end
   if (tail > 0) munmap(reinterpret_cast<void*>(aligned + bytes), tail);
   advise_huge_pages(reinterpret_cast<void*>(aligned), bytes);
   return reinterpret_cast<void*>(aligned);
@@ -131,7 +127,7 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) 
       numel * static_cast<int64_t>(c10::elementSize(options.dtype().toScalarType()));
   if (bytes >= kPooledBytes && pool().enabled()) {
     uint64_t got = 0;
-    void* p = pool().take(round_up(static_cast<uint64_t>(bytes)), got);
+    void* p = pool().take(huge_page_ceil(static_cast<uintptr_t>(bytes)), got);
     if (p != nullptr)
       return at::from_blob(p, sizes, [got](void* q) { pool().give(q, got); }, options);
   }

@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "memory_ext/huge_pages.h"
+
 namespace memory_ext::cpu {
 
 // An uninitialised CPU tensor; those of at least kPooledBytes come from the pool (on
@@ -20,8 +22,9 @@ namespace memory_ext::cpu {
 // element: a reused block holds an earlier output's bytes.
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 
-// Smallest pooled output: 4 huge pages (below that, glibc's heap already reuses memory).
-constexpr int64_t kPooledBytes = int64_t(8) << 20;
+// Smallest pooled output: the smallest allocation advised for huge pages, 8 MiB (below
+// that, glibc's heap already reuses memory).
+constexpr int64_t kPooledBytes = static_cast<int64_t>(kHugeAdviceMinBytes);
 
 // Bytes the pool holds in free blocks now.
 int64_t cached_buffer_bytes();

@@ -18,13 +18,22 @@ namespace memory_ext::cpu {
 // Before the memory is first touched it makes the kernel back it with huge pages; for
 // tables read at random rows it also spares a page walk per row (a 4 GiB table on 4 KiB
 // pages needs 8 MiB of page-table entries, far more than any TLB or cache holds).
+// The x86-64 transparent huge page, and the smallest allocation worth advising: four of
+// them (smaller ones are mostly partial pages).
+constexpr uintptr_t kHugePageBytes = uintptr_t(1) << 21;
+constexpr uintptr_t kHugeAdviceMinBytes = 4 * kHugePageBytes;
+
+// x rounded up to a multiple of kHugePageBytes.
+constexpr uintptr_t huge_page_ceil(uintptr_t x) {
+  return (x + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+}
+
 inline void advise_huge_pages(void* data, uintptr_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (bytes >= 4 * kHuge) {
+  if (bytes >= kHugeAdviceMinBytes) {
     const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
-    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+    const uintptr_t first = huge_page_ceil(begin);
+    const uintptr_t last = (begin + bytes) & ~(kHugePageBytes - 1);
     if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
   }
 #else
