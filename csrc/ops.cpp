@@ -26,6 +26,18 @@ TORCH_LIBRARY(memory, m) {
   // elsewhere; every row of the result written exactly once.
   m.def("rows_to_dense(Tensor rows, Tensor rows_grad, SymInt n_rows) -> Tensor");
 
+  // Weighted bag of row-wise quantized rows, for inference (forward only):
+  // out[t] = sum_j weights[t, j] * (scale[r] * code[r] + bias[r]), r = indices[t, j],
+  // accumulated in float32 and rounded once to out_dtype (float32, bfloat16, float16).
+  // packed: (rows, row_bytes) uint8, each row its dim codes then a float32 scale and, for
+  // codes "uint8", a float32 bias (row_bytes = dim + 8: the layout of
+  // torch.ops.quantized.embedding_bag_byte_prepack); for codes "float8_e4m3fn" the scale
+  // alone (row_bytes = dim + 4, value = code * scale). One row is one contiguous read.
+  // indices: (tokens, bag) int64/int32; weights: (tokens, bag) float32.
+  m.def(
+      "quantized_embedding_bag(Tensor packed, Tensor indices, Tensor weights, str codes, "
+      "ScalarType out_dtype) -> Tensor");
+
   // Exact product-key top-k. query: (tokens, heads, 2 * half); keys: (heads, 2, n_keys,
   // half). scores: (tokens, heads, k) float32 (float64 for float64 inputs) descending, q1.K1[i] +
   // q2.K2[j]; indices: (tokens, heads, k) int64, i * n_keys + j.

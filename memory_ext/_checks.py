@@ -31,6 +31,8 @@ __all__ = [
     "check_row_adam",
     "check_row_adagrad",
     "check_pk_topk",
+    "check_quantized_embedding_bag",
+    "QUANTIZED_ROW_TAIL_BYTES",
 ]
 
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -358,3 +360,50 @@ def check_pk_topk(query: Tensor, keys: Tensor, k: int) -> None:
             _sym_or(empty, heads <= 65535), op, lambda: f"the CUDA kernel supports heads <= 65535, got {_int(heads)}"
         )
         _require(_sym_or(empty, half <= 2**24), op, lambda: f"half width too large, got {_int(half)}")
+
+
+# Bytes after a packed quantized row's codes (quantized_row_tail_bytes of checks.h): a float32
+# scale, and a float32 bias for uint8 codes.
+QUANTIZED_ROW_TAIL_BYTES = {"uint8": 8, "float8_e4m3fn": 4}
+
+
+def check_quantized_embedding_bag(
+    packed: Tensor, indices: Tensor, weights: Tensor, codes: str, out_dtype: torch.dtype
+) -> None:
+    """check_quantized_embedding_bag_args of checks.h: packed (rows, dim + tail) uint8 rows;
+    indices (tokens, bag) int32/int64; weights (tokens, bag) float32; out_dtype float32,
+    bfloat16 or float16; one device."""
+    op = "quantized_embedding_bag"
+    tail = QUANTIZED_ROW_TAIL_BYTES.get(codes, 0)
+    _require(tail > 0, op, lambda: f'codes must be "uint8" or "float8_e4m3fn", got "{codes}"')
+    what = " and bias" if tail == 8 else ""
+    _require(
+        packed.dim() == 2 and packed.dtype == torch.uint8, op,
+        lambda: f"packed must be a 2-D uint8 tensor of rows (codes, then the float32 scale{what}), "
+        f"got {dtype_name(packed.dtype)} of shape {_shape(packed.shape)}",
+    )
+    _require(
+        packed.shape[1] >= tail, op,
+        lambda: f"packed rows of {codes} codes end with {tail} bytes of scale{what}, so they need at least "
+        f"{tail} bytes, got {_int(packed.shape[1])}",
+    )
+    _require(indices.dim() == 2, op, lambda: f"indices must be 2-D (tokens, bag), got shape {_shape(indices.shape)}")
+    _require(
+        _sym_eq(tuple(weights.shape), tuple(indices.shape)), op,
+        lambda: f"weights must have the shape of indices {_shape(indices.shape)}, got {_shape(weights.shape)}",
+    )
+    _require(
+        indices.dtype in (torch.int64, torch.int32), op,
+        lambda: f"indices must be int64 or int32, got {dtype_name(indices.dtype)}",
+    )
+    _require(weights.dtype == torch.float32, op, lambda: f"weights must be float32, got {dtype_name(weights.dtype)}")
+    _require(
+        out_dtype in (torch.float32, torch.bfloat16, torch.float16), op,
+        lambda: f"out_dtype must be float32, bfloat16 or float16, got {dtype_name(out_dtype)}",
+    )
+    _same_device(op, packed, "packed", indices, "indices")
+    _same_device(op, packed, "packed", weights, "weights")
+    _require(
+        _sym_or(indices.shape[1] == 0, indices.shape[0] == 0, packed.shape[0] > 0), op,
+        lambda: "packed has no rows but indices is not empty",
+    )

@@ -23,6 +23,7 @@ __all__ = [
     "embedding_bag_backward",
     "rows_to_dense",
     "pk_topk",
+    "quantized_embedding_bag",
     "row_adam_",
     "row_adagrad_",
     "set_index_checks",
@@ -45,6 +46,22 @@ def embedding_bag(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
     Accumulates in float32 (float64 for float64). Differentiable in values and weights.
     """
     return _ops.embedding_bag(values, indices, weights)
+
+
+def quantized_embedding_bag(
+    packed: Tensor, indices: Tensor, weights: Tensor, codes: str, out_dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Weighted bag of row-wise quantized rows, for inference (forward only).
+
+    packed: (rows, dim + 8) uint8 for codes "uint8", each row its dim codes then a float32
+    scale and bias (value = code * scale + bias: the layout of
+    torch.ops.quantized.embedding_bag_byte_prepack), or (rows, dim + 4) for codes
+    "float8_e4m3fn" (dim e4m3 codes then a float32 scale, value = code * scale); indices:
+    (tokens, bag) int64 or int32; weights: (tokens, bag) float32 -> (tokens, dim) out_dtype
+    (float32, bfloat16 or float16), accumulated in float32. memory_ext.nn.quantize_rows
+    builds ``packed`` from a float table.
+    """
+    return _ops.quantized_embedding_bag(packed, indices, weights, codes, out_dtype)
 
 
 def embedding_bag_backward(
@@ -255,6 +272,13 @@ def _pk_topk_fake(query, keys, k):
     return query.new_empty(shape, dtype=accumulation_dtype(query.dtype)), query.new_empty(shape, dtype=torch.int64)
 
 
+@torch.library.register_fake("memory::quantized_embedding_bag")
+def _quantized_embedding_bag_fake(packed, indices, weights, codes, out_dtype):
+    _checks.check_quantized_embedding_bag(packed, indices, weights, codes, out_dtype)
+    dim = packed.shape[1] - _checks.QUANTIZED_ROW_TAIL_BYTES[codes]
+    return packed.new_empty((indices.shape[0], dim), dtype=out_dtype)
+
+
 # ---------------------------------------------------------------------------------------
 # Autograd.
 
@@ -312,3 +336,15 @@ def _pk_topk_grad(ctx, grad_scores, _grad_indices):
 
 
 torch.library.register_autograd("memory::pk_topk", _pk_topk_grad, setup_context=_pk_topk_setup)
+
+
+def _quantized_embedding_bag_grad(ctx, grad_out):
+    raise RuntimeError(
+        "memory.quantized_embedding_bag: forward only, it has no gradient (a quantized table serves inference; "
+        "train the float table and quantize it afterwards)"
+    )
+
+
+torch.library.register_autograd(
+    "memory::quantized_embedding_bag", _quantized_embedding_bag_grad, setup_context=lambda ctx, inputs, output: None
+)

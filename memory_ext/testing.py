@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 import memory_ext
+from memory_ext.nn.quantized import quantize_rows
 from memory_ext.ops import accumulation_dtype
 
 __all__ = [
@@ -186,6 +187,16 @@ def _row_adagrad_(device, dtype, gen, *, n_rows=64, dim=16, n_unique=None, lr=0.
                 weight_decay=weight_decay)
 
 
+def _quantized_embedding_bag(device, dtype, gen, *, tokens=8, bag=5, rows=30, dim=16, index_dtype=torch.int64,
+                             codes="uint8", pattern="random", hot=0.0):
+    """dtype is the output dtype (float32, bfloat16 or float16); the table is drawn in float32
+    and packed by quantize_rows."""
+    table = _draw("gaussian", (rows, dim), gen, device, torch.float32)
+    indices = _bag_indices(gen, device, rows, tokens, bag, index_dtype, pattern, hot)
+    weights = _draw("gaussian", (tokens, bag), gen, device, torch.float32)
+    return dict(packed=quantize_rows(table, codes), indices=indices, weights=weights, codes=codes, out_dtype=dtype)
+
+
 _SAMPLERS: dict[str, Callable[..., dict[str, Any]]] = {
     "embedding_bag": _embedding_bag,
     "embedding_bag_backward": _embedding_bag_backward,
@@ -193,6 +204,7 @@ _SAMPLERS: dict[str, Callable[..., dict[str, Any]]] = {
     "pk_topk": _pk_topk,
     "row_adam_": _row_adam_,
     "row_adagrad_": _row_adagrad_,
+    "quantized_embedding_bag": _quantized_embedding_bag,
 }
 SAMPLE_OPS = tuple(_SAMPLERS)
 
@@ -212,6 +224,8 @@ def sample_inputs(op: str, device: str | torch.device = "cpu", dtype: torch.dtyp
       pk_topk: tokens, heads, n_keys, half, k, kind ("gaussian", "dyadic", "ties").
       row_adam_: n_rows, dim, n_unique, step and the hyperparameters.
       row_adagrad_: n_rows, dim, n_unique, lr, eps, weight_decay (sum_sq starts in [0, 0.1)).
+      quantized_embedding_bag: tokens, bag, rows, dim, index_dtype, codes ("uint8",
+        "float8_e4m3fn"), pattern, hot; dtype is the output dtype.
     """
     if op not in _SAMPLERS:
         raise ValueError(f"no sample inputs for {op!r}; known: {', '.join(SAMPLE_OPS)}")

@@ -113,6 +113,21 @@ class MemoryValues(nn.Module):
         """Back to a stored gradient (sparse or dense, as ``sparse_grad`` says)."""
         self.fused = None
 
+    @classmethod
+    def from_file(
+        cls, path, *, key: str = "weight", mmap: bool = True, device: torch.device | str | None = None
+    ) -> MemoryValues:
+        """A table read from a safetensors file; mmap=True maps it (see memory_ext.nn.file_values)."""
+        from memory_ext.nn.file_values import _load  # imported here: file_values builds on this module
+
+        return _load(path, key, mmap, device, "MemoryValues.from_file")
+
+    def save_file(self, path, *, key: str = "weight") -> None:
+        """Write the (n_rows, dim) table to a safetensors file that from_file maps (memory_ext.nn.save_values)."""
+        from memory_ext.nn.file_values import save_values
+
+        save_values(self, path, key=key)
+
     def extra_repr(self) -> str:
         group = "" if self.process_group is None else f", ranks={self.process_group.size()}"
         path = ", fused" if self.fused is not None else ", sparse_grad=True" if self.sparse_grad else ""

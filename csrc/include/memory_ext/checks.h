@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <cmath>
 
@@ -48,6 +49,48 @@ inline void check_embedding_bag_args(const char* op, const at::Tensor& values,
   check_same_device(op, values, "values", weights, "weights");
   TORCH_CHECK(indices.size(1) == 0 || indices.size(0) == 0 || values.size(0) > 0, "memory.", op,
               ": values has no rows but indices is not empty");
+}
+
+// The bytes after a quantized row's codes: a float32 scale, and a float32 bias for uint8
+// codes. Returns that tail's length for a codes name, 0 for an unknown name.
+inline int64_t quantized_row_tail_bytes(c10::string_view codes) {
+  if (codes == "uint8") return 8;
+  if (codes == "float8_e4m3fn") return 4;
+  return 0;
+}
+
+// quantized_embedding_bag: packed (rows, dim + tail) uint8 rows (see ops.cpp); indices
+// (tokens, bag) int32/int64; weights (tokens, bag) float32; out_dtype float32, bfloat16 or
+// float16; one device.
+inline void check_quantized_embedding_bag_args(const at::Tensor& packed, const at::Tensor& indices,
+                                               const at::Tensor& weights, c10::string_view codes,
+                                               c10::ScalarType out_dtype) {
+  const char* op = "quantized_embedding_bag";
+  const int64_t tail = quantized_row_tail_bytes(codes);
+  TORCH_CHECK(tail > 0, "memory.", op, ": codes must be \"uint8\" or \"float8_e4m3fn\", got \"",
+              codes, "\"");
+  TORCH_CHECK(packed.dim() == 2 && packed.scalar_type() == at::kByte, "memory.", op,
+              ": packed must be a 2-D uint8 tensor of rows (codes, then the float32 scale",
+              tail == 8 ? " and bias" : "", "), got ", packed.scalar_type(), " of shape ",
+              packed.sizes());
+  TORCH_CHECK(packed.size(1) >= tail, "memory.", op, ": packed rows of ", codes, " codes end with ",
+              tail, " bytes of scale", tail == 8 ? " and bias" : "", ", so they need at least ",
+              tail, " bytes, got ", packed.size(1));
+  TORCH_CHECK(indices.dim() == 2, "memory.", op, ": indices must be 2-D (tokens, bag), got shape ",
+              indices.sizes());
+  TORCH_CHECK(weights.sizes() == indices.sizes(), "memory.", op,
+              ": weights must have the shape of indices ", indices.sizes(), ", got ",
+              weights.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, "memory.",
+              op, ": indices must be int64 or int32, got ", indices.scalar_type());
+  TORCH_CHECK(weights.scalar_type() == at::kFloat, "memory.", op, ": weights must be float32, got ",
+              weights.scalar_type());
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+              "memory.", op, ": out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
+  check_same_device(op, packed, "packed", indices, "indices");
+  check_same_device(op, packed, "packed", weights, "weights");
+  TORCH_CHECK(indices.size(1) == 0 || indices.size(0) == 0 || packed.size(0) > 0, "memory.", op,
+              ": packed has no rows but indices is not empty");
 }
 
 inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& values,
