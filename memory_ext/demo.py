@@ -16,6 +16,7 @@ curves.png to --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -33,12 +34,14 @@ from tqdm import tqdm
 
 import memory_ext
 from memory_ext import distributed as md
-from memory_ext.facts import FactSet
+from memory_ext.facts import PAD, SEP, FactSet
 from memory_ext.model import Decoder, DecoderConfig, flops_per_token, memory_placement
 from memory_ext.nn import (
+    ProductKeyMemory,
     clip_grad_norms,
     memory_usage,
     param_groups,
+    quantize_values,
     track_usage,
     value_optimizer,
     value_parameters,
@@ -202,6 +205,66 @@ def evaluate(model: Decoder, questions: list, device: str, batch: int = 256) -> 
         nll -= logp.gather(1, targets[:, None]).sum().item()
     model.train()
     return correct / len(questions), nll / len(questions)
+
+
+def generated_answers(model: Decoder, facts: FactSet, questions: list, device: str) -> list[str]:
+    """The model's greedy continuation of each question prompt as words, up to the next item's
+    <s> (one token more than the true answer, so an answer that goes on shows it)."""
+    model = getattr(model, "module", model)  # DDP-wrapped in a multi-process run
+    out = []
+    for prompt, answer in questions:
+        new = max(0, min(len(answer) + 1, model.cfg.max_seq_len - len(prompt)))
+        ids = model.generate(torch.tensor([prompt], device=device), new)[0, len(prompt) :].tolist()
+        out.append(" ".join(itertools.takewhile(lambda w: w not in (SEP, PAD), facts.decode(ids).split())) or "-")
+    return out
+
+
+def answer_lines(facts: FactSet, questions: list, answers: dict[str, list[str]]) -> list[str]:
+    """Each question (the words between "Q :" and "A :"), then its true answer and each model's."""
+    lines = []
+    for i, (prompt, answer) in enumerate(questions):
+        lines.append(f"  Q: {' '.join(facts.decode(prompt).split()[3:-2])}")
+        lines.append("     " + " | ".join([f"true: {facts.decode(answer)}"] + [f"{n}: {a[i]}" for n, a in answers.items()]))
+    return lines
+
+
+def quantized_scores(model: Decoder, facts: FactSet, float_scores: dict, device: str) -> dict:
+    """Held-out accuracy and answer NLL of the trained model with its value tables row-wise
+    quantized for inference (uint8 codes with a scale and bias per row, float8 e4m3 codes
+    with a scale), and their change from the float tables. The float tables are put back
+    afterwards; {} for a model whose tables are sharded over ranks (quantized one rank at a
+    time they would be another model)."""
+    model = getattr(model, "module", model)
+    layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+    if not layers or any(getattr(m.values, "sharded", False) for m in layers):
+        return {}
+    tables = [m.values for m in layers]
+    out = {}
+    try:
+        for codes in ("uint8", "float8_e4m3fn"):
+            quantize_values(model, codes)
+            acc, nll = evaluate(model, facts.questions(), device)
+            out[codes] = {
+                "accuracy": acc,
+                "nll": nll,
+                "accuracy_change_points": 100 * (acc - float_scores["accuracy"]),
+                "nll_change": nll / float_scores["nll"] - 1,
+            }
+            for m, t in zip(layers, tables, strict=True):  # back to float before the next format
+                m.values = t
+    finally:
+        for m, t in zip(layers, tables, strict=True):
+            m.values = t
+    return out
+
+
+def quantized_lines(quantized: dict) -> list[str]:
+    """One line per code format of quantized_scores."""
+    return [
+        f"Memory+ with {codes} values: held-out accuracy {100 * q['accuracy']:.1f}% "
+        f"({q['accuracy_change_points']:+.1f} points), NLL {q['nll']:.3f} ({100 * q['nll_change']:+.2f}%)"
+        for codes, q in quantized.items()
+    ]
 
 
 def eval_subset(questions: list, n: int, seed: int) -> list:
@@ -475,11 +538,21 @@ def main(argv: list[str] | None = None) -> dict:
     results, trained = {}, {}
     for name in args.models.split(","):
         results[name], trained[name] = run_model(name, facts, subset, args, run)
+    # Three held-out questions answered by generation (the KV-cache decoder), before the
+    # timing steps below change the weights.
+    questions = facts.questions()
+    shown = [questions[i] for i in random.Random(args.seed).sample(range(n_q), min(3, n_q))]
+    answers = {name: generated_answers(model, facts, shown, run.device) for name, (model, _) in trained.items()}
+    if "memory+" in trained:
+        results["memory+"]["quantized"] = quantized_scores(trained["memory+"][0], facts, results["memory+"], run.device)
     # After the evaluations, so these extra steps change no reported accuracy.
     batch = next(facts.batches(args.batch, args.seq, seed=args.seed)).to(run.device)
     for name, ms in time_steps(trained, batch, run.device, args.timing_rounds, run.replica_group).items():
         results[name]["step_ms"] = ms if args.timing_rounds else results[name]["step_ms_in_training"]
     print(summary(results))
+    for line in quantized_lines(results.get("memory+", {}).get("quantized", {})):
+        print(line)
+    print("held-out questions, answers generated greedily:\n" + "\n".join(answer_lines(facts, shown, answers)))
     report = {
         "config": vars(args),
         "run": run.describe(),

@@ -35,7 +35,7 @@ from memory_ext.continual import (
     background_usage,
     freeze_all_but_values,
 )
-from memory_ext.demo import evaluate
+from memory_ext.demo import answer_lines, evaluate, generated_answers
 from memory_ext.facts import FactSet
 from memory_ext.model import Decoder, DecoderConfig, memory_placement
 from memory_ext.nn import clip_grad_norms, param_groups
@@ -357,12 +357,20 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"wrote {out / 'sweep.json'}" + (f" and {out / 'sweep.png'}" if drew else ""))
         return report
     results = {}
+    # Two of the new facts (seen template), answered by generation: the pretrained model,
+    # then each method's finetuned copy, dropped once it has answered.
+    new_questions = new.questions(held_out=False)
+    shown = [new_questions[i] for i in random.Random(args.seed).sample(range(len(new_questions)), min(2, len(new_questions)))]
+    answers = {"pretrained": generated_answers(base, new, shown, args.device)}
     for name in args.methods.split(","):
-        results[name] = finetune(Stepper(name, base, background, args), old, new, subset_old, before, args)
+        stepper = Stepper(name, base, background, args)
+        results[name] = finetune(stepper, old, new, subset_old, before, args)
+        answers[name] = generated_answers(stepper.model, new, shown, args.device)
     report["methods"] = results
     report["matched"] = matched(results, before["old_seen_subset"])
     report["total_seconds"] = time.perf_counter() - t_start
     print(summary(results, pretrained))
+    print("new facts, answers generated greedily:\n" + "\n".join(answer_lines(new, shown, answers)))
     m = report["matched"]
     print(f"at B seen accuracy >= {100 * m['target_new_seen']:.1f}%: "
           + ", ".join(f"{k} A drop {100 * v['old_drop']:.1f} points (step {v['step']})"

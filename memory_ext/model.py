@@ -2,9 +2,13 @@
 
 Blocks are pre-norm: x + attn(norm(x)), then x + ffn(norm(x)). Every block exposes its
 feed-forward as ``block.ffn``, so :func:`swap_ffn` can replace it by a memory layer.
+``Decoder.generate`` decodes with a :class:`KVCache`: the prompt runs once, then one token
+per step, attention reading the cached keys and values and every FFN (memory layers
+included, which are per-token) running on the new token only.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -14,7 +18,7 @@ from torch import Tensor, nn
 
 from memory_ext.nn import MemoryValues, ProductKeyMemory
 
-__all__ = ["DecoderConfig", "Decoder", "swap_ffn", "memory_placement", "flops_per_token"]
+__all__ = ["DecoderConfig", "Decoder", "KVCache", "swap_ffn", "memory_placement", "flops_per_token"]
 
 
 @dataclass
@@ -54,6 +58,45 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
 
 
+class LayerKV:
+    """One attention layer's cached keys and values: (batch, heads, max_len, head_dim)
+    buffers, allocated at the first append in the dtype of what is appended, filled up to
+    ``length``."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len, self.length = max_len, 0
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v: (batch, heads, new, head_dim) -> every cached key and value, (batch, heads, length, head_dim)."""
+        b, h, s, hd = k.shape
+        if self.k is None:
+            self.k = k.new_empty((b, h, self.max_len, hd))
+            self.v = v.new_empty((b, h, self.max_len, hd))
+        elif self.k.shape[0] != b:
+            raise ValueError(f"KVCache: the cache holds a batch of {self.k.shape[0]} sequences, got {b}")
+        end = self.length + s
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of the tokens a Decoder has seen, one :class:`LayerKV` per block,
+    for at most ``max_len`` tokens per sequence (Decoder.new_cache makes one)."""
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.layers = [LayerKV(max_len) for _ in range(n_layers)]
+
+    @property
+    def length(self) -> int:
+        """Tokens per sequence cached so far (the position of the next token)."""
+        return self.layers[0].length if self.layers else 0
+
+
 class Attention(nn.Module):
     """Causal multi-head self-attention with rotary positions; (batch, seq, dim) -> same."""
 
@@ -65,11 +108,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerKV | None = None) -> Tensor:
+        """x: (batch, seq, dim), cos/sin: (seq, head_dim / 2) at x's positions -> (batch, seq, dim).
+
+        With ``cache``, x are the tokens after the cached ones: their keys and values are
+        appended and the queries attend to every cached position and the causal part of x."""
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif s == 1:  # one new token sees every position: no mask
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # SDPA's is_causal aligns the mask top-left; new token i sees positions <= past + i.
+            seen = torch.arange(past + s, device=x.device) <= torch.arange(past, past + s, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
         return self.proj(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -82,8 +139,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg.dim, cfg.n_heads)
         self.ffn: nn.Module = FeedForward(cfg.dim, cfg.hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerKV | None = None) -> Tensor:
+        """x: (batch, seq, dim) -> same; ``cache``: this block's keys and values (see Attention)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -108,7 +166,7 @@ class Decoder(nn.Module):
         if cfg.memory_layers:
             swap_ffn(self.layers, cfg.memory_layers, cfg.dim, **cfg.memory)
 
-    def _check_tokens(self, tokens: Tensor) -> None:
+    def _check_tokens(self, tokens: Tensor, past: int = 0) -> None:
         # Shape, dtype and device are metadata: no host sync, constant under torch.compile.
         if tokens.dim() != 2:
             raise ValueError(f"Decoder: tokens must be 2-D (batch, seq), got shape {tuple(tokens.shape)}")
@@ -118,9 +176,13 @@ class Decoder(nn.Module):
             raise ValueError(
                 f"Decoder: tokens are on {tokens.device} but the model's parameters are on {self.embed.weight.device}"
             )
-        if tokens.shape[1] > self.cfg.max_seq_len:
+        if past == 0 and tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(
                 f"Decoder: sequence length {tokens.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}"
+            )
+        if past and past + tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(
+                f"Decoder: {past} cached tokens + {tokens.shape[1]} new exceed max_seq_len {self.cfg.max_seq_len}"
             )
         # The id range needs the values: read on the CPU only (elsewhere it would wait for
         # the device) and only in eager mode (under torch.compile it would be data-dependent).
@@ -145,15 +207,107 @@ class Decoder(nn.Module):
                 for name, p in m.named_parameters():
                     nn.init.normal_(p, 0.0, residual_std if name in ("proj.weight", "w2.weight") else 0.02)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens: (batch, seq) int64/int32 in [0, vocab_size) -> logits (batch, seq, vocab_size)."""
-        self._check_tokens(tokens)
+    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+        """tokens: (batch, seq) int64/int32 in [0, vocab_size) -> logits (batch, seq, vocab_size).
+
+        With ``cache`` (from :meth:`new_cache`), tokens continue the cached sequences: their
+        positions start at ``cache.length``, and the cache grows by seq."""
+        past = 0 if cache is None else self._check_cache(cache, tokens.shape[1] if tokens.dim() == 2 else 0)
+        self._check_tokens(tokens, past)
+        return self._run(tokens, cache)
+
+    def _run(self, tokens: Tensor, cache: KVCache | None) -> Tensor:
+        # forward without the input checks: generate's own tokens need none.
         x = self.embed(tokens)
-        s = tokens.shape[1]
-        cos, sin = self.cos[:s].to(x.dtype), self.sin[:s].to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        past, s = (0 if cache is None else cache.length), tokens.shape[1]
+        # Rotary angles of the absolute positions past .. past + s - 1.
+        cos, sin = self.cos[past : past + s].to(x.dtype), self.sin[past : past + s].to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache.layers[i])
         return self.head(self.norm(x))
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty KVCache for sequences of up to max_len tokens (default and at most max_seq_len)."""
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= self.cfg.max_seq_len:
+            raise ValueError(f"Decoder.new_cache: max_len must be in [1, max_seq_len = {self.cfg.max_seq_len}], got {max_len}")
+        return KVCache(len(self.layers), max_len)
+
+    def _check_cache(self, cache: KVCache, new: int) -> int:
+        """The cached length, after checking that cache belongs to this model's shape and has room for new tokens."""
+        if not isinstance(cache, KVCache) or len(cache.layers) != len(self.layers):
+            raise ValueError(f"Decoder: cache must be a KVCache of {len(self.layers)} layers (Decoder.new_cache), got {cache!r}")
+        if cache.length + new > cache.max_len:
+            raise ValueError(
+                f"Decoder: the cache holds at most {cache.max_len} tokens per sequence; "
+                f"{cache.length} cached + {new} new exceed it"
+            )
+        return cache.length
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """tokens: (batch, prompt) -> (batch, prompt + max_new_tokens): each prompt followed by its continuation.
+
+        The prompts of a batch must have the same length (no padding or attention mask:
+        prompts of different lengths go in separate calls), and prompt + max_new_tokens must
+        fit max_seq_len. The prompt runs once through the model into a KV cache (prefill),
+        then each step runs the last token alone, memory layers included. Temperature 0
+        picks the most likely token (greedy; top_k is then ignored); otherwise tokens are
+        drawn from softmax(logits / temperature) over the top_k most likely (all when None),
+        with ``generator``'s random stream when given (reproducible). Runs in inference mode
+        (no gradients) in the model's current train/eval mode (this model has no dropout,
+        so both agree).
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"Decoder.generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"Decoder.generate: temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"Decoder.generate: top_k must be None or an int >= 1, got {top_k!r}")
+        if tokens.dim() == 2 and tokens.shape[1] == 0:
+            raise ValueError("Decoder.generate: the prompt must hold at least one token, got shape "
+                             f"{tuple(tokens.shape)}")
+        if tokens.dim() == 2 and tokens.shape[1] + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(
+                f"Decoder.generate: prompt length {tokens.shape[1]} + max_new_tokens {max_new_tokens} "
+                f"exceeds max_seq_len {self.cfg.max_seq_len}"
+            )
+        self._check_tokens(tokens)
+        if max_new_tokens == 0:
+            return tokens.clone()
+        # Inference mode skips the autograd layer of every op, a few microseconds each, which
+        # no_grad keeps (the memory ops' autograd is Python: about 5 us a call). The result
+        # is copied out of it, so callers get an ordinary tensor (usable in autograd).
+        with torch.inference_mode():
+            cache = self.new_cache(tokens.shape[1] + max_new_tokens)
+            logits = self._run(tokens, cache)[:, -1]
+            out = [tokens]
+            for step in range(max_new_tokens):
+                nxt = _pick(logits, temperature, top_k, generator).to(tokens.dtype)
+                out.append(nxt)
+                if step + 1 < max_new_tokens:
+                    logits = self._run(nxt, cache)[:, -1]
+            generated = torch.cat(out, dim=1)
+        return generated.clone()
+
+
+def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """logits: (batch, vocab) -> the next token of each row, (batch, 1) int64."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 
 def memory_placement(n_layers: int, count: int = 3) -> tuple[int, ...]:

@@ -30,12 +30,25 @@ int64_t token_block(int64_t heads, int64_t n_keys) {
       16, std::min<int64_t>(512, budget / std::max<int64_t>(1, 2 * heads * n_keys)));
 }
 
+// Rows (token, head) per task of the selection; all rows on the calling thread when the
+// block is small: up to kInlineScores half-scores (16 tokens of 4 heads over 2 x 128
+// sub-keys, tens of microseconds of selection on one core) the wake-up of a second
+// thread and the wait for the slower one cost about what they save, and on a loaded
+// machine a descheduled worker stalls the call for milliseconds (bench/bench_decode.py).
+// Each row's selection is the same either way, so results do not depend on it.
+constexpr int64_t kInlineScores = int64_t(1) << 15;
+
+int64_t select_grain(int64_t block, int64_t heads, int64_t n_keys) {
+  return block * heads * 2 * n_keys <= kInlineScores ? std::max<int64_t>(1, block * heads) : 4;
+}
+
 // Generic path (float64 scores for gradcheck, or n_keys^2 beyond 32-bit indices).
 template <typename S>
 void select_block(const S* scores, int64_t block, int64_t heads, int64_t n_keys, int64_t k,
                   S* out_scores, int64_t* out_indices) {
   // scores: (heads, 2, block, n_keys); outputs: (block, heads, k)
-  at::parallel_for(0, block * heads, 4, [&](int64_t r0, int64_t r1) {
+  const int64_t grain = select_grain(block, heads, n_keys);
+  at::parallel_for(0, block * heads, grain, [&](int64_t r0, int64_t r1) {
     // Per-thread buffers, sized once: each half's candidates, then the pair candidates
     // (fewer than k * (1 + ln k) of them).
     std::vector<cpu::Scored<S>> half0(n_keys), half1(n_keys), cand;
@@ -88,14 +101,16 @@ float pair_bar(const float* s0, const float* s1, int64_t k) {
 // candidates pruned by pair_bar before they are sorted.
 void select_block_packed(const float* scores, int64_t block, int64_t heads, int64_t n_keys,
                          int64_t k, float* out_scores, int64_t* out_indices) {
-  at::parallel_for(0, block * heads, 4, [&](int64_t r0, int64_t r1) {
+  // Aim the guessed bar at ~1.3 k survivors; pointless when that is most of the row. Once
+  // per block, not per task (40 erfc calls).
+  const double tail = 1.3 * double(k) / double(n_keys);
+  const float z_guess = tail < 0.25 ? cpu::upper_quantile(tail) : 0.0f;
+  const int64_t grain = select_grain(block, heads, n_keys);
+  at::parallel_for(0, block * heads, grain, [&](int64_t r0, int64_t r1) {
     std::vector<uint64_t> half0(n_keys), half1(n_keys), cand;
     std::vector<float> scratch, s0(k), s1(k);
     std::vector<int64_t> i0(k), i1(k);
     cand.reserve(static_cast<size_t>(k * (2 + std::log(double(k)))));
-    // Aim the guessed bar at ~1.3 k survivors; pointless when that is most of the row.
-    const double tail = 1.3 * double(k) / double(n_keys);
-    const float z_guess = tail < 0.25 ? cpu::upper_quantile(tail) : 0.0f;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t t = r / heads, h = r % heads;
       cpu::select_top_packed(scores + ((h * 2) * block + t) * n_keys, n_keys, k, z_guess,

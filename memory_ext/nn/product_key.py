@@ -64,6 +64,8 @@ class ProductKeyMemory(nn.Module):
         # Row read counts of the current statistics window (see memory_ext.nn.stats).
         self.usage: Tensor | None
         self.register_buffer("usage", None, persistent=False)
+        # Normalised sub-keys reused without autograd (see _scoring_keys); not state.
+        self._scoring_cache: tuple | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -105,15 +107,45 @@ class ProductKeyMemory(nn.Module):
     def _lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
         tokens, half = x.shape[0], self.k_dim // 2
         # The ops do not autocast: score in the keys' dtype (fp32 parameters under autocast).
-        query = self.query(x).to(self.keys.dtype).view(tokens, self.heads, 2, half)
+        query = self.query(x)
+        if query.dtype != self.keys.dtype:
+            query = query.to(self.keys.dtype)
+        query = query.view(tokens, self.heads, 2, half)
         keys = self.keys
         if self.query_gain is not None:
-            query = F.rms_norm(query, (half,)) * (self.query_gain * self.k_dim**-0.5)
-            keys = F.rms_norm(keys, (half,))
-            query, keys = query.to(self.keys.dtype), keys.to(self.keys.dtype)
+            keys, gain = self._scoring_keys()
+            query = F.rms_norm(query, (half,)) * gain
+            if query.dtype != keys.dtype:
+                query = query.to(keys.dtype)
         scores, indices = ops.pk_topk(query.reshape(tokens, self.heads, self.k_dim), keys, self.k)
         weights = torch.softmax(scores, dim=-1)  # fp32 scores (fp64 for fp64 inputs)
         return indices.view(tokens, self.heads * self.k), weights.view(tokens, self.heads * self.k)
+
+    def _scoring_keys(self) -> tuple[Tensor, Tensor]:
+        """The RMS-normalised sub-keys and the query scale (gain * k_dim^-0.5) of qk_norm.
+
+        Both depend on the parameters only, yet normalising every sub-key costs as much as
+        scoring one token against them: at decode time (a few tokens a call) it was half of
+        the lookup. Without autograd they are kept and reused until keys or query_gain
+        change (another tensor, other storage, or an in-place update, which bumps the
+        version counter); the same ops in the same order, so the same bits."""
+        keys, gain = self.keys, self.query_gain
+        differentiable = torch.is_grad_enabled() and (keys.requires_grad or gain.requires_grad)
+        if differentiable or torch.compiler.is_compiling() or keys.is_inference() or gain.is_inference():
+            return F.rms_norm(keys, (keys.shape[-1],)).to(keys.dtype), gain * self.k_dim**-0.5
+        # The tensors themselves are held (compared by identity), so their storage cannot
+        # be reused by another while the cache stands.
+        stamp = (keys.data_ptr(), keys._version, gain.data_ptr(), gain._version,
+                 torch.is_autocast_enabled(keys.device.type))
+        cached = self._scoring_cache
+        if cached is None or cached[0] is not keys or cached[1] is not gain or cached[2] != stamp:
+            # Ordinary tensors even when first asked for in inference mode: a later grad-mode
+            # forward (frozen keys, trained values) saves them for its backward.
+            with torch.inference_mode(False), torch.no_grad():
+                normed = F.rms_norm(keys, (keys.shape[-1],)).to(keys.dtype)
+                scale = gain * self.k_dim**-0.5
+            cached = self._scoring_cache = (keys, gain, stamp, normed, scale)
+        return cached[3], cached[4]
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., dim) -> (..., dim)."""
