@@ -112,5 +112,9 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
-    extras_require={"test": ["pytest", "hypothesis", "expecttest"]},
+    extras_require={
+        "test": ["pytest", "hypothesis", "expecttest"],
+        # memory_ext.integrations.transformers and the safetensors value files
+        "hf": ["transformers", "safetensors"],
+    },
 )
