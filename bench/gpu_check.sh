@@ -36,15 +36,17 @@ fi
 STEPS=(
   "env|10|nvidia-smi, versions, commit|env.log env.json"
   "build|170|setup.py build_ext --inplace (CUDA sources, TORCH_CUDA_ARCH_LIST)|build.log"
-  "built_with_cuda|15|import check: CUDA kernels of every op registered, GPU visible|built_with_cuda.log"
+  "built_with_cuda|10|import check: CUDA kernels of every op registered, GPU visible|built_with_cuda.log"
   "tests_cuda|110|pytest tests -k 'cuda and not emulation' (every CUDA case of every test module, no -x)|tests_cuda.log junit_cuda.xml"
   "memcheck|35|compute-sanitizer memcheck on bench/sanitize_cases.py (small cases, every CUDA op)|memcheck.log memcheck_cases.json"
   "racecheck|35|compute-sanitizer racecheck on bench/sanitize_cases.py|racecheck.log racecheck_cases.json"
-  "demo_cuda|25|python -m memory_ext.demo (and demo continual) on the GPU, a few steps of every model|demo_cuda.log demo/results.json"
-  "py_bench_embedding_bag|25|bench/bench_embedding_bag.py --device cuda|py_bench_embedding_bag.log py_bench_embedding_bag.json"
-  "py_bench_pk_topk|20|bench/bench_pk_topk.py --device cuda|py_bench_pk_topk.log py_bench_pk_topk.json"
+  "demo_cuda|20|python -m memory_ext.demo (and demo continual) on the GPU, a few steps of every model|demo_cuda.log demo/results.json"
+  "py_bench_embedding_bag|20|bench/bench_embedding_bag.py --device cuda|py_bench_embedding_bag.log py_bench_embedding_bag.json"
+  "py_bench_pk_topk|15|bench/bench_pk_topk.py --device cuda|py_bench_pk_topk.log py_bench_pk_topk.json"
   "py_bench_scaling|20|bench/bench_scaling.py --device cuda, 32 rows per token, N = 2^20 to 2^24: sparse, fused, plain torch|py_bench_scaling.log py_bench_scaling.json"
   "py_bench_value_update|10|bench/bench_value_update.py --device cuda|py_bench_value_update.log py_bench_value_update.json"
+  "py_bench_decode|15|bench/bench_decode.py --device cuda --quick: tokens/s of a dense and a Memory+ Decoder|py_bench_decode.log py_bench_decode.json"
+  "py_bench_quantized|10|bench/bench_quantized.py --device cuda: uint8 / e4m3 tables against fp32 / bf16|py_bench_quantized.log py_bench_quantized.json"
   "cpp_benchmarks|rest|with the time left: CMake build with CUDA, then each bench/cpp benchmark|cpp_benchmarks.log cpp_*.json"
 )
 
@@ -107,7 +109,8 @@ step_build() { "$PY" setup.py build_ext --inplace; }
 step_built_with_cuda() {
   "$PY" - <<'EOF'
 import torch, memory_ext
-ops = ["embedding_bag", "embedding_bag_backward", "rows_to_dense", "pk_topk", "row_adam_", "row_adagrad_"]
+ops = ["embedding_bag", "embedding_bag_backward", "rows_to_dense", "pk_topk", "quantized_embedding_bag", "row_adam_",
+       "row_adagrad_"]
 assert memory_ext.cuda_kernels_built(), "memory_ext was built without its CUDA kernels"
 missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"memory::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
@@ -146,6 +149,8 @@ py_bench() { "$PY" "bench/bench_$1.py" --device cuda --out "$WORK/py_bench_$1.js
 step_py_bench_embedding_bag() { py_bench embedding_bag; }
 step_py_bench_pk_topk() { py_bench pk_topk; }
 step_py_bench_value_update() { py_bench value_update; }
+step_py_bench_decode() { "$PY" bench/bench_decode.py --device cuda --quick --out "$WORK/py_bench_decode.json"; }
+step_py_bench_quantized() { py_bench quantized; }
 step_py_bench_scaling() {
   "$PY" bench/bench_scaling.py --device cuda --shapes heads1_k32 --peers sparse fused torch \
     --min-log2 20 --max-log2 24 --repeats 3 --warmup 1 --out "$WORK/py_bench_scaling.json"
@@ -172,7 +177,7 @@ step_cpp_benchmarks() {
 }
 export -f step_env step_build step_built_with_cuda step_tests_cuda step_memcheck step_racecheck \
   sanitizer step_demo_cuda py_bench step_py_bench_embedding_bag step_py_bench_pk_topk \
-  step_py_bench_value_update step_py_bench_scaling step_cpp_benchmarks
+  step_py_bench_value_update step_py_bench_scaling step_py_bench_decode step_py_bench_quantized step_cpp_benchmarks
 
 # --- bookkeeping ----------------------------------------------------------------------------
 # Key numbers for the table: test counts, sanitizer verdicts, benchmark headlines.

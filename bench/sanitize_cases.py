@@ -7,8 +7,10 @@
 Inputs come from memory_ext.testing.sample_inputs, drawn on the device. The cases pick
 shapes that reach every launch shape of the kernels (sub-warp, warp, block and tiled rows;
 vector and scalar loads; runs long enough to be split into segments; tensor-core and plain
-top-k paths) and the index-check paths (on, off, and a reported bad index). Results are
-checked only for being finite: the tests check values.
+top-k paths; uint8 and float8 e4m3 quantized rows into each output dtype) and the
+index-check paths (on, off, and a reported bad index). Results are checked only for being
+finite: the tests check values. After the ops' cases, extra cases run code paths that are no
+op of their own: embedding_bag reading a host table through cuda_host_view (CUDA only).
 
 Every op with a kernel for the device must have cases here. One without is a finding:
 printed, recorded in the report, and listed in the last line, but not a failure of this
@@ -30,6 +32,7 @@ import torch
 
 import memory_ext
 from memory_ext import ops
+from memory_ext.nn import cuda_host_view, quantize_rows
 from memory_ext.testing import cuda_skip_reason, op_args, sample_inputs
 
 # Row widths per dtype reaching each launch shape of the forward and backward kernels:
@@ -52,9 +55,25 @@ TOPK_SHAPES = [
     (torch.float32, 33, 80, 12), (torch.float64, 16, 128, 100),
 ]
 
+# (codes, dim, out_dtype, index_dtype) reaching each quantized_embedding_bag path. CUDA: a
+# warp per 128-column tile, 4 columns a lane, so 1 and 3 (idle lanes), 17 and 1001 (a row's
+# scale not 4-byte aligned), 128 (one full tile), 129 (a second tile of one column), 512 (4
+# tiles); each codes kind into each output dtype. CPU: 64, 128 and 512 keep a row's sums in
+# registers, the other widths read rows side by side.
+QUANT_SHAPES = [
+    ("uint8", 1, torch.float32, torch.int64), ("uint8", 17, torch.float16, torch.int32),
+    ("uint8", 128, torch.bfloat16, torch.int64), ("uint8", 512, torch.float32, torch.int32),
+    ("float8_e4m3fn", 3, torch.bfloat16, torch.int32), ("float8_e4m3fn", 64, torch.float32, torch.int64),
+    ("float8_e4m3fn", 129, torch.float16, torch.int64), ("float8_e4m3fn", 1001, torch.bfloat16, torch.int32),
+]
+
 
 class CaseError(AssertionError):
     pass
+
+
+class CaseSkipped(Exception):
+    """A case the device cannot run; the message says why."""
 
 
 def _finite(*tensors: torch.Tensor) -> None:
@@ -147,6 +166,24 @@ def cases_pk_topk(device: str) -> int:
     return n + 1
 
 
+def cases_quantized_embedding_bag(device: str) -> int:
+    n = 0
+    for codes, dim, out_dtype, index_dtype in QUANT_SHAPES:
+        # Bags of 33 lookups: 4 groups of the CUDA kernel's 8 rows in flight and one more;
+        # bags of 5: fewer than 8, the group padded.
+        s = sample_inputs("embedding_bag", device, seed=n, tokens=5, bag=(33, 5)[n % 2], rows=40, dim=dim,
+                          index_dtype=index_dtype)
+        _finite(ops.quantized_embedding_bag(quantize_rows(s["values"], codes), s["indices"], s["weights"], codes,
+                                            out_dtype))
+        n += 1
+    s = sample_inputs("embedding_bag", device, tokens=3, bag=0, rows=40)  # empty bags
+    _finite(ops.quantized_embedding_bag(quantize_rows(s["values"], "uint8"), s["indices"], s["weights"], "uint8"))
+    return n + 1 + _bad_index_paths(
+        device, lambda s: ops.quantized_embedding_bag(quantize_rows(s["values"], "uint8"), s["indices"], s["weights"],
+                                                     "uint8")
+    )
+
+
 def cases_row_adam_(device: str) -> int:
     n = 0
     for dtype, dim in [(torch.float32, 16), (torch.bfloat16, 96), (torch.float16, 3), (torch.float64, 33),
@@ -190,13 +227,37 @@ def cases_row_adagrad_(device: str) -> int:
     return n
 
 
+def cases_embedding_bag_host_table(device: str) -> int:
+    """embedding_bag on a CPU table mapped for the GPU by cuda_host_view: the kernel reads
+    page-locked host memory at its host address."""
+    if not device.startswith("cuda"):
+        raise CaseSkipped("cuda_host_view maps a host table for the CUDA kernels; there is nothing to map on the CPU")
+    # fp32 rows of 32: 16-byte vector loads, from a host table 64-byte aligned by torch's allocator.
+    s = sample_inputs("embedding_bag", device, tokens=5, bag=33, rows=40, dim=32)
+    view = cuda_host_view(s["values"].cpu(), device)
+    out = ops.embedding_bag(view, s["indices"], s["weights"])
+    _finite(out)
+    # The same kernel on the device copy of the table: any difference is a wrong host read.
+    if not torch.equal(out, ops.embedding_bag(s["values"], s["indices"], s["weights"])):
+        raise CaseError("the host table's bags differ from those of its copy on the device")
+    del view  # the last view: the registration ends here (after a device synchronisation)
+    return 1
+
+
 CASES: dict[str, Callable[[str], int]] = {
     "embedding_bag": cases_embedding_bag,
     "embedding_bag_backward": cases_embedding_bag_backward,
     "rows_to_dense": cases_rows_to_dense,
     "pk_topk": cases_pk_topk,
+    "quantized_embedding_bag": cases_quantized_embedding_bag,
     "row_adam_": cases_row_adam_,
     "row_adagrad_": cases_row_adagrad_,
+}
+
+# Cases that are no op of their own, by name: the op they call, and the cases. They run
+# after every op's cases, so that a fault (which ends the CUDA context) cannot hide those.
+EXTRA_CASES: dict[str, tuple[str, Callable[[str], int]]] = {
+    "embedding_bag_host_table": ("embedding_bag", cases_embedding_bag_host_table),
 }
 
 
@@ -211,10 +272,10 @@ def ops_with_kernel(dispatch_key: str) -> list[str]:
 
 
 def run(device: str, only: list[str] | None) -> dict:
-    """Runs the cases; returns the report (ran, errors, findings, no_kernel)."""
+    """Runs the cases; returns the report (ran, extra, skipped, errors, findings, no_kernel)."""
     names = ops_with_kernel("CUDA" if device.startswith("cuda") else "CPU")
-    report = dict(device=device, torch=torch.__version__, memory_ext=memory_ext.__version__, ran={}, errors={},
-                  findings=[], no_kernel=sorted(set(CASES) - set(names)))
+    report = dict(device=device, torch=torch.__version__, memory_ext=memory_ext.__version__, ran={}, extra={},
+                  skipped={}, errors={}, findings=[], no_kernel=sorted(set(CASES) - set(names)))
     for name in names:
         if only and name not in only:
             continue
@@ -223,25 +284,36 @@ def run(device: str, only: list[str] | None) -> dict:
             report["findings"].append(finding)
             print(f"sanitize_cases: FINDING: {finding}", flush=True)
             continue
-        try:
-            count = CASES[name](device)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-        except Exception as e:  # recorded, and the other ops still run
-            report["errors"][name] = f"{type(e).__name__}: {e}"
-            print(f"sanitize_cases: {name} FAILED", flush=True)
-            traceback.print_exc()
-            continue
-        report["ran"][name] = count
-        print(f"sanitize_cases: {name} ok ({count} cases)", flush=True)
+        _run_cases(name, CASES[name], device, report, report["ran"])
+    for name, (op, cases) in EXTRA_CASES.items():
+        if op in names and (not only or op in only or name in only):
+            _run_cases(name, cases, device, report, report["extra"])
     return report
+
+
+def _run_cases(name: str, cases: Callable[[str], int], device: str, report: dict, ran: dict) -> None:
+    try:
+        count = cases(device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    except CaseSkipped as e:
+        report["skipped"][name] = str(e)
+        print(f"sanitize_cases: {name} skipped: {e}", flush=True)
+        return
+    except Exception as e:  # recorded, and the other cases still run
+        report["errors"][name] = f"{type(e).__name__}: {e}"
+        print(f"sanitize_cases: {name} FAILED", flush=True)
+        traceback.print_exc()
+        return
+    ran[name] = count
+    print(f"sanitize_cases: {name} ok ({count} cases)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
-    parser.add_argument("--only", nargs="*", help="run only these ops")
-    parser.add_argument("--report", help="write the report (ops run, errors, findings) as JSON here")
+    parser.add_argument("--only", nargs="*", help="run only these ops (and extra cases, by op or name)")
+    parser.add_argument("--report", help="write the report (ops and extra cases run, skips, errors, findings) as JSON here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and cuda_skip_reason() is not None:
         print(f"sanitize_cases: cannot run on {args.device}: {cuda_skip_reason()}", file=sys.stderr)
@@ -254,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(report, f, indent=2)
     if report["no_kernel"]:
         print(f"sanitize_cases: no {args.device} kernel (skipped): {', '.join(report['no_kernel'])}")
-    print(f"sanitize_cases: {len(report['ran'])} ops ok, {len(report['errors'])} failed, "
+    print(f"sanitize_cases: {len(report['ran'])} ops ok, {len(report['extra'])} extra cases ok, "
+          f"{len(report['skipped'])} skipped, {len(report['errors'])} failed, "
           f"{len(report['findings'])} findings" + "".join(f"; FINDING: {f}" for f in report["findings"]), flush=True)
     return 1 if report["errors"] else 0
 
