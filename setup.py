@@ -114,7 +114,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest", "hypothesis", "expecttest"],
-        # memory_ext.integrations.transformers and the safetensors value files
-        "hf": ["transformers", "safetensors"],
+        # memory_ext.integrations (transformers; Trainer runs on accelerate) and safetensors
+        "hf": ["transformers", "safetensors", "accelerate"],
     },
 )

@@ -1,5 +1,6 @@
 """Memory layers in Hugging Face causal LMs: tiny random models of each family, no downloads."""
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -198,6 +199,13 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
+# transformers.Trainer runs on accelerate, which transformers itself does not install.
+needs_trainer = pytest.mark.skipif(
+    importlib.util.find_spec("accelerate") is None, reason="transformers.Trainer needs accelerate (pip install accelerate)"
+)
+
+
+@needs_trainer
 @pytest.mark.parametrize("path", ["sparse", "fused"])
 def test_trainer_with_the_recipe(path, tmp_path):
     model = fresh("llama")
@@ -227,6 +235,7 @@ def test_trainer_with_the_recipe(path, tmp_path):
     assert values.param_groups[0]["lr"] == pytest.approx(10 * last_lr)
 
 
+@needs_trainer
 def test_callback_refusals(tmp_path):
     model = add_memory(fresh("llama"), **MEMORY)
     values = value_optimizer(model, 1e-3)
