@@ -25,6 +25,7 @@ EMULATIONS = {
     # async copies retired late (reads of a stage before its wait see poison), then issued
     # early (overwrites of a stage still being read show as wrong results or races)
     "pk_topk": (20, [{"MEMORY_EXT_EMU_EARLY_COPIES": "0"}, {"MEMORY_EXT_EMU_EARLY_COPIES": "1"}]),
+    "quantized_embedding_bag": (80, [{}]),
     "row_adagrad": (50, [{}]),
     "row_adam": (40, [{}]),
 }

@@ -16,6 +16,7 @@
 #include <emmintrin.h>
 #endif
 
+#include "memory_ext/e4m3.h"
 #include "memory_ext/host_device.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
@@ -66,24 +67,7 @@ inline auto widen(R v) {
     std::memcpy(&f, &bits, sizeof(f));
     return f;
   } else if constexpr (std::is_same_v<R, e4m3_bits>) {
-    // Every e4m3 magnitude is an integer times 2^-9 below 2^18: (8 + mantissa) << (exponent
-    // - 1), or the mantissa alone for exponent 0, converted exactly to float. Arithmetic
-    // only (a select or a branch keeps the loop scalar); the NaN code 0x7f adds a NaN (x +
-    // 0 = x otherwise), and the sign bit is set last. No float32 subnormal is formed, so
-    // denormals-are-zero modes cannot change the result.
-    const uint32_t magnitude = v.bits & 0x7fu;
-    const uint32_t exponent = magnitude >> 3, normal = uint32_t(exponent != 0);
-    const uint32_t scaled = ((magnitude & 7u) + 8u * normal) << (exponent - normal);
-    const uint32_t nan_bits = (0u - uint32_t(magnitude == 0x7fu)) & 0x7fc00000u;
-    float nan_or_zero;
-    std::memcpy(&nan_or_zero, &nan_bits, sizeof(nan_or_zero));
-    const float f = static_cast<float>(static_cast<int32_t>(scaled)) * 0x1p-9f + nan_or_zero;
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof(bits));
-    bits |= uint32_t(v.bits & 0x80u) << 24;
-    float out;
-    std::memcpy(&out, &bits, sizeof(out));
-    return out;
+    return e4m3_to_float(v.bits);  // exact, and the CUDA kernel's decode (memory_ext/e4m3.h)
   } else if constexpr (std::is_same_v<R, double>) {
     return v;
   } else {
