@@ -153,7 +153,8 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at
 
   // (heads * 2, half, n_keys) in the score dtype: transposed once, reused by every block.
   const auto keys_t = keys.to(score_type).reshape({heads * 2, n_keys, half}).transpose(1, 2);
-  const int64_t block = token_block(heads, n_keys);
+  // No larger than the call: a decode step scores one token or a few.
+  const int64_t block = std::min(token_block(heads, n_keys), tokens);
   auto buffer = at::empty({heads * 2 * block * n_keys}, query.options().dtype(score_type));
   AT_DISPATCH_FLOATING_TYPES(score_type, "pk_topk_cpu", [&] {
     for (int64_t t0 = 0; t0 < tokens; t0 += block) {
