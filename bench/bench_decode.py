@@ -31,7 +31,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, print_table, save_json, spread_ms, sync  # noqa: E402
+from common import machine_info, print_table, save_complete, save_json, spread_ms, sync  # noqa: E402
 
 from memory_ext import ProductKeyMemory  # noqa: E402
 from memory_ext.model import Decoder, DecoderConfig, memory_placement  # noqa: E402
@@ -174,10 +174,7 @@ def main(argv=None):
                 save_json(args.out, payload, quiet=True)
                 print_table([row], COLUMNS)
         del models
-    payload["complete"] = True
-    print("\nall cases:")
-    print_table(payload["results"], COLUMNS)
-    save_json(args.out, payload)
+    save_complete(args.out, payload, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth_gbs, machine_info, on_table_storage, print_table, save_json, time_ms  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth_gbs,
+    machine_info,
+    on_table_storage,
+    print_table,
+    save_complete,
+    save_json,
+    time_ms,
+)
 
 import memory_ext  # noqa: E402
 from memory_ext.testing import sample_inputs  # noqa: E402
@@ -236,10 +244,7 @@ def main(argv=None):
                 save_json(args.out, payload, quiet=True)
                 print_table(rows, COLUMNS)
             del inputs
-    payload["complete"] = True
-    print("\nall cases:")
-    print_table(payload["results"], COLUMNS)
-    save_json(args.out, payload)
+    save_complete(args.out, payload, COLUMNS)
 
 
 if __name__ == "__main__":

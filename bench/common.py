@@ -100,3 +100,12 @@ def save_json(path: str, payload: dict, *, quiet: bool = False) -> None:
     os.replace(tmp, path)
     if not quiet:
         print(f"results written to {path}")
+
+
+def save_complete(path: str, payload: dict, columns: list[str]) -> None:
+    """The end of a run whose cases were saved as they finished: every case in one table,
+    and the JSON written with "complete": true."""
+    payload["complete"] = True
+    print("\nall cases:")
+    print_table(payload["results"], columns)
+    save_json(path, payload)

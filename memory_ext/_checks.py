@@ -146,6 +146,17 @@ def _same_device(op: str, a: Tensor, a_name: str, b: Tensor, b_name: str) -> Non
     )
 
 
+def _check_lookups(op: str, table: Tensor, name: str, indices: Tensor, weights: Tensor) -> None:
+    """What every weighted bag asks of its lookups: the table's device, and rows to read
+    when there are lookups."""
+    _same_device(op, table, name, indices, "indices")
+    _same_device(op, table, name, weights, "weights")
+    _require(
+        _sym_or(indices.shape[1] == 0, indices.shape[0] == 0, table.shape[0] > 0), op,
+        lambda: f"{name} has no rows but indices is not empty",
+    )
+
+
 def check_embedding_bag(
     op: str, values: Tensor, indices: Tensor, weights: Tensor, *, weights_dtype: torch.dtype | None = None
 ) -> None:
@@ -177,12 +188,7 @@ def check_embedding_bag(
         w_dtype in (torch.float32, values.dtype), op,
         lambda: f"weights must be float32 or the values' dtype ({dtype_name(values.dtype)}), got {dtype_name(w_dtype)}",
     )
-    _same_device(op, values, "values", indices, "indices")
-    _same_device(op, values, "values", weights, "weights")
-    _require(
-        _sym_or(indices.shape[1] == 0, indices.shape[0] == 0, values.shape[0] > 0), op,
-        lambda: "values has no rows but indices is not empty",
-    )
+    _check_lookups(op, values, "values", indices, weights)
 
 
 def check_embedding_bag_backward(grad_out: Tensor, values: Tensor, indices: Tensor, weights: Tensor) -> None:
@@ -401,9 +407,4 @@ def check_quantized_embedding_bag(
         out_dtype in (torch.float32, torch.bfloat16, torch.float16), op,
         lambda: f"out_dtype must be float32, bfloat16 or float16, got {dtype_name(out_dtype)}",
     )
-    _same_device(op, packed, "packed", indices, "indices")
-    _same_device(op, packed, "packed", weights, "weights")
-    _require(
-        _sym_or(indices.shape[1] == 0, indices.shape[0] == 0, packed.shape[0] > 0), op,
-        lambda: "packed has no rows but indices is not empty",
-    )
+    _check_lookups(op, packed, "packed", indices, weights)

@@ -22,6 +22,7 @@
 
 #include "large_buffers.h"
 #include "memory_ext/checks.h"
+#include "memory_ext/prologues.h"
 #include "row_math.h"
 
 namespace memory_ext {
@@ -181,11 +182,8 @@ at::Tensor quantized_embedding_bag_cpu(const at::Tensor& packed_, const at::Tens
                                        const at::Tensor& weights_, c10::string_view codes,
                                        c10::ScalarType out_dtype) {
   check_quantized_embedding_bag_args(packed_, indices_, weights_, codes, out_dtype);
-  const int64_t tail = quantized_row_tail_bytes(codes);
-  const auto packed = packed_.contiguous();
-  const auto indices = indices_.contiguous();
-  const auto weights = weights_.contiguous();
-  const int64_t dim = packed.size(1) - tail;
+  const auto [packed, indices, weights, dim, tail] =
+      quantized_bag_inputs(packed_, indices_, weights_, codes);
   auto out = cpu::empty_large({indices.size(0), dim}, packed.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   auto run = [&]<typename R>() {

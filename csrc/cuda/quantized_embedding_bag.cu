@@ -15,6 +15,7 @@
 #include "memory_ext/checks.h"
 #include "memory_ext/cuda_utils.cuh"
 #include "memory_ext/index_checks.h"
+#include "memory_ext/prologues.h"
 #include "quantized_embedding_bag_kernel.cuh"
 
 namespace memory_ext {
@@ -45,11 +46,8 @@ at::Tensor quantized_embedding_bag_cuda(const at::Tensor& packed_, const at::Ten
                                         c10::ScalarType out_dtype) {
   check_quantized_embedding_bag_args(packed_, indices_, weights_, codes, out_dtype);
   const c10::cuda::CUDAGuard guard(packed_.device());
-  const int64_t tail = quantized_row_tail_bytes(codes);
-  const auto packed = packed_.contiguous();
-  const auto indices = indices_.contiguous();
-  const auto weights = weights_.contiguous();
-  const int64_t dim = packed.size(1) - tail;
+  const auto [packed, indices, weights, dim, tail] =
+      quantized_bag_inputs(packed_, indices_, weights_, codes);
   auto out = at::empty({indices.size(0), dim}, packed.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   if (indices.size(1) == 0) return out.zero_();

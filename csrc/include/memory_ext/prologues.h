@@ -46,6 +46,21 @@ inline EmbeddingBagBackwardInputs embedding_bag_backward_inputs(const at::Tensor
   return in;
 }
 
+// quantized_embedding_bag, checked by check_quantized_embedding_bag_args: contiguous
+// inputs, the codes per row (dim) and the bytes after them (tail: scale, and bias for uint8).
+// Each backend allocates its (tokens, dim) output its own way.
+struct QuantizedBagInputs {
+  at::Tensor packed, indices, weights;
+  int64_t dim, tail;
+};
+
+inline QuantizedBagInputs quantized_bag_inputs(const at::Tensor& packed, const at::Tensor& indices,
+                                               const at::Tensor& weights, c10::string_view codes) {
+  const int64_t tail = quantized_row_tail_bytes(codes);
+  return {packed.contiguous(), indices.contiguous(), weights.contiguous(), packed.size(1) - tail,
+          tail};
+}
+
 // pk_topk's outputs, checked by check_pk_topk_args: scores (tokens, heads, k) in the
 // accumulation dtype and indices (tokens, heads, k) int64, uninitialised.
 inline std::tuple<at::Tensor, at::Tensor> pk_topk_outputs(const at::Tensor& query, int64_t k) {
