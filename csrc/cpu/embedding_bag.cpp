@@ -81,7 +81,8 @@ void forward_in_registers(const ForwardData<scalar_t, weight_t, index_t>& d, int
     std::vector<A> acc(d.dim);
     const int64_t end = t1 * bag;
     for (int64_t p = t0 * bag; p < std::min(end, t0 * bag + kAheadLookups); ++p)
-      if (const R* r = d.row_or_null(p, end)) cpu::prefetch_row(r, d.row_bytes());
+      if (const R* r = d.row_or_null(p, end))
+        cpu::prefetch_row<cpu::PrefetchTo::L2>(r, d.row_bytes());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t base = t * bag;
       for (int64_t j = 0; j < bag; ++j) {
@@ -110,7 +111,8 @@ void forward_rows_in_flight(const ForwardData<scalar_t, weight_t, index_t>& d, i
     // first rows of the next bag are already on their way while this one finishes.
     const int64_t end = t1 * bag;
     auto prefetch = [&](int64_t pos) {
-      if (const R* r = d.row_or_null(pos, end)) cpu::prefetch_row(r, d.row_bytes());
+      if (const R* r = d.row_or_null(pos, end))
+        cpu::prefetch_row<cpu::PrefetchTo::L2>(r, d.row_bytes());
     };
     for (int64_t p = t0 * bag; p < std::min(end, t0 * bag + kPrefetchDistance); ++p) prefetch(p);
     // acc (+)= the weighted rows of positions p .. p + N - 1.

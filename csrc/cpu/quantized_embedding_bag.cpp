@@ -72,7 +72,8 @@ struct QuantizedBag {
   // start, before the codes' prefetches (kAheadLookups ahead) have reached most of them.
   void prefetch_tails(int64_t t, int64_t end) const {
     for (int64_t pos = t * bag; pos < std::min(end, (t + 1) * bag); ++pos)
-      if (const uint8_t* r = row_or_null(pos, end)) cpu::prefetch_row(r + dim, row_bytes - dim);
+      if (const uint8_t* r = row_or_null(pos, end))
+        cpu::prefetch_row<cpu::PrefetchTo::L2>(r + dim, row_bytes - dim);
   }
   static const R* codes_of(const uint8_t* row) { return reinterpret_cast<const R*>(row); }
 
@@ -110,7 +111,8 @@ void bags_in_registers(const QuantizedBag<R, out_t, index_t>& d, int64_t tokens)
     const int64_t end = t1 * bag;
     d.prefetch_tails(t0, end);
     for (int64_t p = t0 * bag; p < std::min(end, t0 * bag + kAheadLookups); ++p)
-      if (const uint8_t* r = d.row_or_null(p, end)) cpu::prefetch_row(r, d.row_bytes);
+      if (const uint8_t* r = d.row_or_null(p, end))
+        cpu::prefetch_row<cpu::PrefetchTo::L2>(r, d.row_bytes);
     for (int64_t t = t0; t < t1; ++t) {
       const float bias_sum = d.gather_bag(t, codes.data(), factor.data());
       d.prefetch_tails(t + 1, end);
@@ -134,7 +136,8 @@ void bags_rows_in_flight(const QuantizedBag<R, out_t, index_t>& d, int64_t token
     std::vector<float> factor(bag), acc(std::max<int64_t>(dim, 1));
     const int64_t end = t1 * bag;
     auto prefetch = [&](int64_t pos) {
-      if (const uint8_t* r = d.row_or_null(pos, end)) cpu::prefetch_row(r, d.row_bytes);
+      if (const uint8_t* r = d.row_or_null(pos, end))
+        cpu::prefetch_row<cpu::PrefetchTo::L2>(r, d.row_bytes);
     };
     d.prefetch_tails(t0, end);
     for (int64_t p = t0 * bag; p < std::min(end, t0 * bag + kAheadLookups); ++p) prefetch(p);
