@@ -325,7 +325,9 @@ def main(argv=None):
           f"({nbytes_table / 2**30:.3g} GiB), tokens {args.tokens}, bag {args.bag}, repeats {args.repeats}")
     copy = copy_bandwidth_gbs("cpu", nbytes=(1 << 26) if args.quick else (1 << 30))
     print(f"copy bandwidth {copy:.1f} GB/s")
-    payload = dict(benchmark="file_values", machine=info, config=vars(args), copy_gbs=copy, complete=False,
+    # The folder is this machine's own; its file system (table_file) is what the numbers depend on.
+    config = {k: v for k, v in vars(args).items() if k != "dir"}
+    payload = dict(benchmark="file_values", machine=info, config=config, copy_gbs=copy, complete=False,
                    results=[], skipped=[])
     fd, path = tempfile.mkstemp(prefix="bench_file_values-", suffix=".safetensors", dir=args.dir)
     os.close(fd)
