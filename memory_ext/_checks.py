@@ -146,6 +146,15 @@ def _same_device(op: str, a: Tensor, a_name: str, b: Tensor, b_name: str) -> Non
     )
 
 
+def _check_bag_shape(op: str, indices: Tensor, weights: Tensor) -> None:
+    """Every weighted bag's lookups: indices (tokens, bag), weights of the same shape."""
+    _require(indices.dim() == 2, op, lambda: f"indices must be 2-D (tokens, bag), got shape {_shape(indices.shape)}")
+    _require(
+        _sym_eq(tuple(weights.shape), tuple(indices.shape)), op,
+        lambda: f"weights must have the shape of indices {_shape(indices.shape)}, got {_shape(weights.shape)}",
+    )
+
+
 def _check_lookups(op: str, table: Tensor, name: str, indices: Tensor, weights: Tensor) -> None:
     """What every weighted bag asks of its lookups: the table's device, and rows to read
     when there are lookups."""
@@ -171,11 +180,7 @@ def check_embedding_bag(
         values.dim() == 2, op,
         lambda: f"values must be 2-D (rows, dim), got {values.dim()}-D shape {_shape(values.shape)}",
     )
-    _require(indices.dim() == 2, op, lambda: f"indices must be 2-D (tokens, bag), got shape {_shape(indices.shape)}")
-    _require(
-        _sym_eq(tuple(weights.shape), tuple(indices.shape)), op,
-        lambda: f"weights must have the shape of indices {_shape(indices.shape)}, got {_shape(weights.shape)}",
-    )
+    _check_bag_shape(op, indices, weights)
     _require(
         values.dtype in VALUE_DTYPES, op,
         lambda: f"values must be float32, bfloat16, float16 or float64, got {dtype_name(values.dtype)}",
@@ -393,11 +398,7 @@ def check_quantized_embedding_bag(
         lambda: f"packed rows of {codes} codes end with {tail} bytes of scale{what}, so they need at least "
         f"{tail} bytes, got {_int(packed.shape[1])}",
     )
-    _require(indices.dim() == 2, op, lambda: f"indices must be 2-D (tokens, bag), got shape {_shape(indices.shape)}")
-    _require(
-        _sym_eq(tuple(weights.shape), tuple(indices.shape)), op,
-        lambda: f"weights must have the shape of indices {_shape(indices.shape)}, got {_shape(weights.shape)}",
-    )
+    _check_bag_shape(op, indices, weights)
     _require(
         indices.dtype in (torch.int64, torch.int32), op,
         lambda: f"indices must be int64 or int32, got {dtype_name(indices.dtype)}",

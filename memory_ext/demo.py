@@ -239,22 +239,20 @@ def quantized_scores(model: Decoder, facts: FactSet, float_scores: dict, device:
     if not layers or any(getattr(m.values, "sharded", False) for m in layers):
         return {}
     tables = [m.values for m in layers]
-    out = {}
-    try:
-        for codes in ("uint8", "float8_e4m3fn"):
+    questions, out = facts.questions(), {}
+    for codes in ("uint8", "float8_e4m3fn"):
+        try:
             quantize_values(model, codes)
-            acc, nll = evaluate(model, facts.questions(), device)
-            out[codes] = {
-                "accuracy": acc,
-                "nll": nll,
-                "accuracy_change_points": 100 * (acc - float_scores["accuracy"]),
-                "nll_change": nll / float_scores["nll"] - 1,
-            }
-            for m, t in zip(layers, tables, strict=True):  # back to float before the next format
+            acc, nll = evaluate(model, questions, device)
+        finally:  # back to the float tables, before the next format too
+            for m, t in zip(layers, tables, strict=True):
                 m.values = t
-    finally:
-        for m, t in zip(layers, tables, strict=True):
-            m.values = t
+        out[codes] = {
+            "accuracy": acc,
+            "nll": nll,
+            "accuracy_change_points": 100 * (acc - float_scores["accuracy"]),
+            "nll_change": nll / float_scores["nll"] - 1,
+        }
     return out
 
 

@@ -92,13 +92,12 @@ struct QuantizedBag {
     return bias_sum;
   }
 
-  void store(int64_t t, const float* acc, float bias_sum) const {
-    out_t* o = out + t * dim;
+  // acc (+ the bias term) rounded once into bag t's output row; acc is the caller's scratch.
+  void store(int64_t t, float* acc, float bias_sum) const {
     // Without a bias nothing is added: -0 + 0 would turn a bag of -0 rows into +0.
     if (has_bias)
-      for (int64_t i = 0; i < dim; ++i) o[i] = static_cast<out_t>(acc[i] + bias_sum);
-    else
-      for (int64_t i = 0; i < dim; ++i) o[i] = static_cast<out_t>(acc[i]);
+      for (int64_t i = 0; i < dim; ++i) acc[i] += bias_sum;
+    cpu::row_store(out + t * dim, acc, dim);
   }
 };
 

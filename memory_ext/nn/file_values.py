@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from memory_ext import ops
+from memory_ext.nn.optim import value_tables
 from memory_ext.nn.values import MemoryValues
 
 __all__ = ["ValuesFileInfo", "read_values_header", "write_values_file", "save_values", "load_values", "load_pool_"]
@@ -166,6 +167,13 @@ def write_values_file(
             os.remove(tmp)
 
 
+def _copy_rows(dst: Tensor, src: Tensor) -> None:
+    """dst.copy_(src) a chunk of rows at a time: a mapped src is read in order, and no
+    full-size temporary is made on the way to another device."""
+    for d, s in zip(_row_chunks(dst), _row_chunks(src), strict=True):
+        d.copy_(s)
+
+
 def _row_chunks(table: Tensor) -> Iterator[Tensor]:
     step = max(1, _CHUNK_BYTES // (table.shape[1] * table.element_size()))
     for start in range(0, table.shape[0], step):
@@ -212,8 +220,7 @@ def _load(path: str | os.PathLike, key: str, mmap: bool, device: torch.device | 
         table = mapped
     else:
         table = ops.advise_huge_pages(torch.empty(info.n_rows, info.dim, dtype=info.dtype, device=target))
-        for dst, src in zip(_row_chunks(table), _row_chunks(mapped), strict=True):
-            dst.copy_(src)
+        _copy_rows(table, mapped)
         del mapped
     return _wrap(table)
 
@@ -242,8 +249,7 @@ def load_pool_(
         if weight.device.type == "meta":
             raise ValueError(f"{who}: the pool is on the meta device (no storage to copy into); use mmap=True")
         with torch.no_grad():
-            for dst, src in zip(_row_chunks(weight), _row_chunks(_map(info, random_access=False)), strict=True):
-                dst.copy_(src)
+            _copy_rows(weight, _map(info, random_access=False))
         return pool
     if weight.device.type not in ("cpu", "meta"):
         raise ValueError(f"{who}: mmap=True maps the file into CPU memory but the pool is on {weight.device}; "
@@ -253,7 +259,7 @@ def load_pool_(
 
 
 def _only_pool(target: nn.Module, who: str) -> MemoryValues:
-    pools = [target] if isinstance(target, MemoryValues) else [m for m in target.modules() if isinstance(m, MemoryValues)]
+    pools = value_tables(target)  # a MemoryValues is its own only table
     if len(pools) != 1:
         raise ValueError(f"{who}: expected a MemoryValues or a model with exactly one value pool, got "
                          f"{type(target).__name__} with {len(pools)}; pass the pool itself")

@@ -106,33 +106,36 @@ class ProductKeyMemory(nn.Module):
 
     def _lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
         tokens, half = x.shape[0], self.k_dim // 2
+        keys, gain = self.keys, self.query_gain  # each module attribute read once a call
         # The ops do not autocast: score in the keys' dtype (fp32 parameters under autocast).
         query = self.query(x)
-        if query.dtype != self.keys.dtype:
-            query = query.to(self.keys.dtype)
+        if query.dtype != keys.dtype:
+            query = query.to(keys.dtype)
         query = query.view(tokens, self.heads, 2, half)
-        keys = self.keys
-        if self.query_gain is not None:
-            keys, gain = self._scoring_keys()
-            query = F.rms_norm(query, (half,)) * gain
+        if gain is not None:
+            keys, scale = self._scoring_keys(keys, gain)
+            query = F.rms_norm(query, (half,)) * scale
             if query.dtype != keys.dtype:
                 query = query.to(keys.dtype)
         scores, indices = ops.pk_topk(query.reshape(tokens, self.heads, self.k_dim), keys, self.k)
         weights = torch.softmax(scores, dim=-1)  # fp32 scores (fp64 for fp64 inputs)
         return indices.view(tokens, self.heads * self.k), weights.view(tokens, self.heads * self.k)
 
-    def _scoring_keys(self) -> tuple[Tensor, Tensor]:
-        """The RMS-normalised sub-keys and the query scale (gain * k_dim^-0.5) of qk_norm.
+    def _normalised_keys(self, keys: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+        """qk_norm's RMS-normalised sub-keys and query scale (gain * k_dim^-0.5)."""
+        return F.rms_norm(keys, (keys.shape[-1],)).to(keys.dtype), gain * self.k_dim**-0.5
+
+    def _scoring_keys(self, keys: Tensor, gain: Tensor) -> tuple[Tensor, Tensor]:
+        """_normalised_keys, reused while the parameters do not change.
 
         Both depend on the parameters only, yet normalising every sub-key costs as much as
         scoring one token against them: at decode time (a few tokens a call) it was half of
         the lookup. Without autograd they are kept and reused until keys or query_gain
         change (another tensor, other storage, or an in-place update, which bumps the
-        version counter); the same ops in the same order, so the same bits."""
-        keys, gain = self.keys, self.query_gain
+        version counter); the same function, so the same bits."""
         differentiable = torch.is_grad_enabled() and (keys.requires_grad or gain.requires_grad)
         if differentiable or torch.compiler.is_compiling() or keys.is_inference() or gain.is_inference():
-            return F.rms_norm(keys, (keys.shape[-1],)).to(keys.dtype), gain * self.k_dim**-0.5
+            return self._normalised_keys(keys, gain)
         # The tensors themselves are held (compared by identity), so their storage cannot
         # be reused by another while the cache stands.
         stamp = (keys.data_ptr(), keys._version, gain.data_ptr(), gain._version,
@@ -142,8 +145,7 @@ class ProductKeyMemory(nn.Module):
             # Ordinary tensors even when first asked for in inference mode: a later grad-mode
             # forward (frozen keys, trained values) saves them for its backward.
             with torch.inference_mode(False), torch.no_grad():
-                normed = F.rms_norm(keys, (keys.shape[-1],)).to(keys.dtype)
-                scale = gain * self.k_dim**-0.5
+                normed, scale = self._normalised_keys(keys, gain)
             cached = self._scoring_cache = (keys, gain, stamp, normed, scale)
         return cached[3], cached[4]
 
