@@ -3,7 +3,9 @@
 Bytes per forward = rows read (tokens * bag * dim * elem) + output written + indices +
 weights; the backward moves the same rows again (value rows for the weight gradient,
 grad_out rows for the value gradient) plus the gradients it writes. Bandwidth is shown
-next to the copy bandwidth measured in the same run.
+next to the copy bandwidth measured in the same run. Each case is warmed up and timed over
+--iters calls (fwd+bwd steps: at least 5): ms is the median, min_ms and max_ms the extremes;
+speed-ups are ratios of medians measured in the same process.
 
 Inputs are drawn on the device, once per (dtype, dim) for the largest token count; smaller
 token counts use the leading tokens. The JSON file is rewritten after every case
@@ -30,13 +32,14 @@ from common import (  # noqa: E402
     print_table,
     save_complete,
     save_json,
-    time_ms,
+    spread_ms,
+    time_samples_ms,
 )
 
 import memory_ext  # noqa: E402
 from memory_ext.testing import sample_inputs  # noqa: E402
 
-COLUMNS = ["impl", "op", "dtype", "dim", "tokens", "ms", "gbs", "pct_copy", "x_torch", "x_fbgemm"]
+COLUMNS = ["impl", "op", "dtype", "dim", "tokens", "min_ms", "ms", "max_ms", "gbs", "pct_copy", "x_torch", "x_fbgemm"]
 
 
 def load_fbgemm():
@@ -84,7 +87,7 @@ def traffic_bytes(inp: dict) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------
-# Timed calls: each returns [(impl, op, ms, bytes or None)].
+# Timed calls: each returns [(impl, op, timing samples in ms, bytes or None)].
 
 
 def fwd_bwd_step(lookup: Callable, table: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor) -> Callable:
@@ -115,10 +118,10 @@ def _torch_lookup(indices, sparse, table, weights):
 
 def time_memory_ext(inp: dict, device: str, iters: int, fwd_bytes: int, bwd_bytes: int) -> list[tuple]:
     v, i, w, g = inp["values"], inp["indices"], inp["weights"], inp["grad_out"]
-    fwd = time_ms(functools.partial(memory_ext.embedding_bag, v, i, w), device, iters=iters)
-    bwd = time_ms(functools.partial(memory_ext.embedding_bag_backward, g, v, i, w, True), device, iters=iters)
-    both = time_ms(functools.partial(_ours_fwd_then_bwd, inp), device, iters=iters)
-    dense = time_ms(fwd_bwd_step(functools.partial(_ours_lookup, i), v, w, g), device, iters=max(3, iters // 2))
+    fwd = time_samples_ms(functools.partial(memory_ext.embedding_bag, v, i, w), device, iters=iters)
+    bwd = time_samples_ms(functools.partial(memory_ext.embedding_bag_backward, g, v, i, w, True), device, iters=iters)
+    both = time_samples_ms(functools.partial(_ours_fwd_then_bwd, inp), device, iters=iters)
+    dense = time_samples_ms(fwd_bwd_step(functools.partial(_ours_lookup, i), v, w, g), device, iters=max(5, iters // 2))
     return [("memory_ext", "forward", fwd, fwd_bytes), ("memory_ext", "backward (sparse)", bwd, bwd_bytes),
             ("memory_ext", "fwd+bwd sparse", both, fwd_bytes + bwd_bytes), ("memory_ext", "fwd+bwd dense", dense, None)]
 
@@ -127,12 +130,12 @@ def time_torch(inp: dict, device: str, iters: int, fwd_bytes: int) -> list[tuple
     # per-sample weights must have the table's dtype
     v, i, g = inp["values"], inp["indices"], inp["grad_out"]
     psw = inp["weights"].to(v.dtype)
-    out = [("torch", "forward", time_ms(functools.partial(_torch_lookup, i, False, v, psw), device, iters=iters),
+    out = [("torch", "forward", time_samples_ms(functools.partial(_torch_lookup, i, False, v, psw), device, iters=iters),
             fwd_bytes)]
     for sparse in (True, False):
         step = fwd_bwd_step(functools.partial(_torch_lookup, i, sparse), v, psw, g)
-        ms = time_ms(step, device, warmup=1, iters=max(3, iters // 2))
-        out.append(("torch", f"fwd+bwd {'sparse' if sparse else 'dense'}", ms, None))
+        samples = time_samples_ms(step, device, warmup=1, iters=max(5, iters // 2))
+        out.append(("torch", f"fwd+bwd {'sparse' if sparse else 'dense'}", samples, None))
     return out
 
 
@@ -150,14 +153,14 @@ def time_fbgemm(inp: dict, device: str, iters: int, fwd_bytes: int, fbgemm) -> l
     flat = i.reshape(-1)
     offsets = torch.arange(0, tokens * bag + 1, bag)
     flat_w = w.reshape(-1).clone().requires_grad_(True)
-    fwd = time_ms(functools.partial(tbe, flat, offsets, per_sample_weights=flat_w.detach()), device, iters=iters)
+    fwd = time_samples_ms(functools.partial(tbe, flat, offsets, per_sample_weights=flat_w.detach()), device, iters=iters)
 
     def step():  # the table is the module's own parameter
         tbe.weights.grad = None
         flat_w.grad = None
         tbe(flat, offsets, per_sample_weights=flat_w).backward(g)
 
-    both = time_ms(step, device, warmup=1, iters=max(3, iters // 2))
+    both = time_samples_ms(step, device, warmup=1, iters=max(5, iters // 2))
     return [("fbgemm", "forward", fwd, fwd_bytes), ("fbgemm", "fwd+bwd dense", both, None)]
 
 
@@ -167,9 +170,12 @@ def time_fbgemm(inp: dict, device: str, iters: int, fwd_bytes: int, fbgemm) -> l
 
 def case_rows(timings: list[tuple], case: dict, copy_gbs: float) -> list[dict]:
     rows = []
-    for impl, op, ms, nbytes in timings:
+    for impl, op, samples, nbytes in timings:
+        spread = spread_ms(samples)
+        ms = spread["median_ms"]
         gbs = nbytes / (ms * 1e-3) / 1e9 if nbytes else None
-        rows.append(dict(impl=impl, op=op, **case, ms=ms, gbs=gbs, pct_copy=100 * gbs / copy_gbs if gbs else None))
+        rows.append(dict(impl=impl, op=op, **case, min_ms=spread["min_ms"], ms=ms, max_ms=spread["max_ms"], gbs=gbs,
+                         pct_copy=100 * gbs / copy_gbs if gbs else None))
     return rows
 
 

@@ -1,6 +1,6 @@
 // Vectorised row primitives for the CPU kernels. Each is compiled for AVX-512, AVX2+FMA
 // and baseline x86-64 (GCC function multiversioning picks one at load time), so one
-// binary is fast on new machines and still runs on old ones. Reductions keep 16 partial
+// binary is fast on new machines and still runs on old ones. Reductions keep their partial
 // sums in fixed lanes and fold them in a fixed order, so a result depends only on the
 // inputs, never on threads or alignment.
 #pragma once
@@ -137,84 +137,92 @@ MEMORY_EXT_CLONES void bag_sum_in_registers(A* __restrict out, const R* const* r
   for (int l = 0; l < C; ++l) out[l] = s[l];
 }
 
-// out[q] = sum_i a[i] * b_q[i] for four rows b_q sharing one a: 16 fixed lanes each.
-template <typename R, typename A>
-MEMORY_EXT_CLONES void row_dot4(const R* __restrict a, const R* __restrict b0,
-                                const R* __restrict b1, const R* __restrict b2,
-                                const R* __restrict b3, int64_t n, A* out) {
-  constexpr int L = 16;
-  A l0[L] = {}, l1[L] = {}, l2[L] = {}, l3[L] = {};
-  int64_t i = 0;
-  for (; i + L <= n; i += L)
-    for (int l = 0; l < L; ++l) {
-      const A x = widen(a[i + l]);
-      l0[l] += x * widen(b0[i + l]);
-      l1[l] += x * widen(b1[i + l]);
-      l2[l] += x * widen(b2[i + l]);
-      l3[l] += x * widen(b3[i + l]);
-    }
-  for (int l = 0; i < n; ++i, ++l) {
-    const A x = widen(a[i]);
-    l0[l] += x * widen(b0[i]);
-    l1[l] += x * widen(b1[i]);
-    l2[l] += x * widen(b2[i]);
-    l3[l] += x * widen(b3[i]);
-  }
-  for (int w = L / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) {
-      l0[l] += l0[l + w];
-      l1[l] += l1[l + w];
-      l2[l] += l2[l + w];
-      l3[l] += l3[l + w];
-    }
-  out[0] = l0[0];
-  out[1] = l1[0];
-  out[2] = l2[0];
-  out[3] = l3[0];
+// sum_i a[i] * b[i] in kDotLanes fixed lanes, folded pairwise in a fixed order.
+constexpr int kDotLanes = 16;
+template <typename A>
+inline A fold_lanes(A* lanes) {  // lanes[0] = their sum, folded pairwise
+  for (int w = kDotLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+  return lanes[0];
 }
-
-// sum_i a[i] * b[i] with 16 fixed lanes, folded pairwise in a fixed order.
 template <typename RA, typename RB, typename A>
 MEMORY_EXT_CLONES A row_dot(const RA* __restrict a, const RB* __restrict b, int64_t n) {
-  constexpr int L = 16;
+  constexpr int L = kDotLanes;
   A lanes[L] = {};
   int64_t i = 0;
   for (; i + L <= n; i += L)
     for (int l = 0; l < L; ++l) lanes[l] += A(widen(a[i + l])) * A(widen(b[i + l]));
   for (int l = 0; i < n; ++i, ++l) lanes[l] += A(widen(a[i])) * A(widen(b[i]));
-  for (int w = L / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
-  return lanes[0];
+  return fold_lanes(lanes);
 }
 
-// out[i] = round(acc[i]) in the output dtype.
+// The dots of a bag's rows with one b, a chunk of columns at a time: lanes[j * kDotLanes ..]
+// (+)= the products of rows[j][offset .. offset + len) and b over that range, per lane, for
+// every row j < n; len is a multiple of kDotLanes. Taking every row's chunk before any
+// row's next chunk reads each row as short bursts, like bag_sum_in_registers, and the lane
+// sums come out bit for bit those of row_dot once every chunk is in (each lane still adds
+// its elements in column order). ahead[j], when not null, is a row whose same chunk is
+// prefetched as row j is taken.
+template <typename R, typename A>
+MEMORY_EXT_CLONES void bag_dots_chunk(A* __restrict lanes, const R* const* rows,
+                                      const R* const* ahead, const R* __restrict b, int64_t n,
+                                      int64_t offset, int64_t len) {
+  constexpr int L = kDotLanes;
+  for (int64_t j = 0; j < n; ++j) {
+    if (ahead[j] != nullptr)
+      prefetch_row<PrefetchTo::L2>(ahead[j] + offset, len * int64_t(sizeof(R)));
+    const R* __restrict r = rows[j] + offset;
+    const R* __restrict bb = b + offset;
+    A s[L];
+    for (int l = 0; l < L; ++l) s[l] = lanes[j * L + l];
+    for (int64_t i = 0; i < len; i += L)
+      for (int l = 0; l < L; ++l) s[l] += A(widen(r[i + l])) * A(widen(bb[i + l]));
+    for (int l = 0; l < L; ++l) lanes[j * L + l] = s[l];
+  }
+}
+
+// out[i] = round(acc[i]) in the output dtype. Compiled per instruction set like the loops
+// above: bf16's round-to-nearest-even is integer arithmetic that baseline x86-64 does four
+// lanes at a time, AVX-512 sixteen.
 template <typename scalar_t, typename A>
-inline void row_store(scalar_t* __restrict out, const A* __restrict acc, int64_t n) {
+inline void round_into(scalar_t* __restrict out, const A* __restrict acc, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i]);
+}
+template <typename scalar_t, typename A>
+MEMORY_EXT_CLONES void row_store(scalar_t* __restrict out, const A* __restrict acc, int64_t n) {
+  round_into(out, acc, n);
 }
 
 // row_store with non-temporal (streaming) 16-byte stores, for large outputs written once
 // and not read again soon: the line is not read from DRAM before it is overwritten (which
 // a plain store does) and does not evict the rows being read (sparse backward at 2^20 x
-// 512 fp32: 132 -> 122 ms on a 2-core Xeon). The caller fences with stream_fence() before
-// another thread reads out. Only where out holds the accumulator's own type (a 16-bit
-// output would need a rounding pass per chunk first, measured slower than plain stores),
-// out is 16-byte aligned and the CPU is x86-64; otherwise plain row_store.
+// 512 fp32: 132 -> 122 ms on a 2-core Xeon). A 16-bit output is rounded kStreamChunk
+// elements at a time into a local block that the stores then copy. The caller fences with
+// stream_fence() before another thread reads out. Only where out is 16-byte aligned and
+// the CPU is x86-64; otherwise plain row_store.
 template <typename scalar_t, typename A>
-inline void row_store_streaming(scalar_t* __restrict out, const A* __restrict acc, int64_t n) {
+MEMORY_EXT_CLONES void row_store_streaming(scalar_t* __restrict out, const A* __restrict acc,
+                                           int64_t n) {
 #if defined(__x86_64__) && !defined(__CUDACC__)
-  if constexpr (std::is_same_v<scalar_t, A>) {
-    constexpr int64_t kPer = 16 / sizeof(A);  // elements per 16-byte store
-    if (reinterpret_cast<uintptr_t>(out) % 16 == 0) {
-      int64_t i = 0;
-      for (; i + kPer <= n; i += kPer) {
+  constexpr int64_t kPer = 16 / sizeof(scalar_t);          // elements per 16-byte store
+  constexpr int64_t kStreamChunk = 64 / sizeof(scalar_t);  // one cache line
+  if (reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+    int64_t i = 0;
+    for (; i + kStreamChunk <= n; i += kStreamChunk) {
+      alignas(64) scalar_t block[kStreamChunk];
+      const scalar_t* from = block;
+      if constexpr (std::is_same_v<scalar_t, A>)
+        from = acc + i;
+      else
+        round_into(block, acc + i, kStreamChunk);
+      for (int64_t l = 0; l < kStreamChunk; l += kPer) {
         __m128i v;
-        std::memcpy(&v, acc + i, 16);
-        _mm_stream_si128(reinterpret_cast<__m128i*>(out + i), v);
+        std::memcpy(&v, from + l, 16);
+        _mm_stream_si128(reinterpret_cast<__m128i*>(out + i + l), v);
       }
-      for (; i < n; ++i) out[i] = acc[i];
-      return;
     }
+    round_into(out + i, acc + i, n - i);
+    return;
   }
 #endif
   row_store(out, acc, n);
