@@ -1,9 +1,9 @@
 """Weighted embedding bag: memory_ext vs torch's F.embedding_bag and FBGEMM's TBE.
 
 Bytes per forward = rows read (tokens * bag * dim * elem) + output written + indices +
-weights; the backward moves the same rows again (value rows for the weight gradient,
-grad_out rows for the value gradient) plus the gradients it writes. Bandwidth is shown
-next to the copy bandwidth measured in the same run. Each case is warmed up and timed over
+weights; the backward's least bytes = grad_out once + each touched value row once (the
+weight gradient) + each touched row's gradient written once + indices, weights and the
+weight gradient. Bandwidth is shown next to the copy bandwidth measured in the same run. Each case is warmed up and timed over
 --iters calls (fwd+bwd steps: at least 5): ms is the median, min_ms and max_ms the extremes;
 speed-ups are ratios of medians measured in the same process.
 
@@ -80,9 +80,12 @@ def traffic_bytes(inp: dict) -> tuple[int, int]:
     elem = inp["values"].element_size()
     fwd = tokens * bag * dim * elem + tokens * dim * elem + tokens * bag * (8 + 4)
     n_unique = int(torch.unique(inp["indices"]).numel())
-    # backward: read grad_out rows per lookup and each touched value row once, write the
-    # touched gradient rows and the weight gradient.
-    bwd = tokens * bag * dim * elem + n_unique * dim * elem * 2 + tokens * bag * (8 + 4 + 4)
+    # backward: read grad_out once and each touched value row once (for the weight
+    # gradient), write each touched row's gradient once, read the indices and weights and
+    # write the weight gradient. (grad_out rows are needed once per lookup, but the block
+    # is tokens x dim and stays in cache, so counting it per lookup would credit the kernel
+    # with bytes it never moved from DRAM.)
+    bwd = tokens * dim * elem + n_unique * dim * elem * 2 + tokens * bag * (8 + 4 + 4)
     return fwd, bwd
 
 
