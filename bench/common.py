@@ -76,13 +76,14 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
-    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    widths = [max(len(c), *(len(format_value(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for r in rows:
-        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths, strict=True)))
+        print("  ".join(format_value(r.get(c)).ljust(w) for c, w in zip(columns, widths, strict=True)))
 
 
-def _fmt(v) -> str:
+def format_value(v) -> str:
+    """A table cell: floats to three significant digits, None as "-"."""
     if v is None:
         return "-"
     if isinstance(v, float):

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
-
-def fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import format_value as fmt  # noqa: E402
 
 
 def matches(result: dict, where: list[str]) -> bool:
