@@ -5,7 +5,9 @@ tensors, three torch.topk, a gather), with the peak extra memory of each.
 
 Peak extra memory: on CUDA the caching allocator's peak above the inputs; on the CPU the
 growth of the resident set of a fresh process over one call, with malloc told never to
-return memory to the system (so the growth is the call's peak footprint). The JSON file is rewritten after every case.
+return memory to the system (so the growth is the call's peak footprint). Each case is timed
+over --iters calls after a warm-up: ms is the median, min_ms and max_ms the extremes. The
+JSON file is rewritten after every case.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, print_table, save_json, time_ms  # noqa: E402
+from common import machine_info, print_table, save_json, spread_ms, time_samples_ms  # noqa: E402
 
 import memory_ext  # noqa: E402
 from memory_ext.reference import pk_topk_reference_path  # noqa: E402
@@ -109,9 +111,13 @@ def main():
         max_diff = (s_ours.float() - s_ref.float()).abs().max().item()
         flops = 2 * 2 * tokens * args.heads * args.n_keys * half
         for impl, fn in IMPLS.items():
-            ms = time_ms(functools.partial(fn, query, keys, args.k), args.device, warmup=1, iters=args.iters)
+            samples = time_samples_ms(functools.partial(fn, query, keys, args.k), args.device, warmup=1,
+                                      iters=args.iters)
+            spread = spread_ms(samples)
+            ms = spread["median_ms"]
             peak = peak_extra_bytes(impl, query, keys, args.k, shape, dtype_name, args.device)
-            rows.append(dict(impl=impl, **case, ms=ms, tokens_per_s=tokens / (ms * 1e-3),
+            rows.append(dict(impl=impl, **case, min_ms=spread["min_ms"], ms=ms, max_ms=spread["max_ms"],
+                             tokens_per_s=tokens / (ms * 1e-3),
                              score_gflops=flops / (ms * 1e-3) / 1e9,
                              peak_extra_mb=peak / 2**20 if peak is not None else None,
                              max_score_diff=max_diff))
@@ -122,8 +128,8 @@ def main():
         save_json(args.out, payload, quiet=True)
         del query, keys, s_ours, s_ref
     payload["complete"] = True
-    print_table(rows, ["impl", "dtype", "tokens", "half", "ms", "tokens_per_s", "score_gflops", "peak_extra_mb",
-                       "x_reference", "memory_vs_reference", "max_score_diff"])
+    print_table(rows, ["impl", "dtype", "tokens", "half", "min_ms", "ms", "max_ms", "tokens_per_s", "score_gflops",
+                       "peak_extra_mb", "x_reference", "memory_vs_reference", "max_score_diff"])
     save_json(args.out, payload)
 
 

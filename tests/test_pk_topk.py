@@ -5,6 +5,10 @@ products, every returned index scoring what it claims. Dyadic inputs and inputs 
 {-1, 0, 1} (constant ties): every score is exact, so scores and indices must equal the
 brute force exactly, ties in ascending index order.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -53,11 +57,14 @@ def check_topk(query, keys, k, scores, indices, exact=False):
         assert torch.equal(indices, ref_indices), "ties must be broken by lower index"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize(
     "tokens,heads,n_keys,half,k",
     [(1, 1, 1, 1, 1), (7, 1, 5, 3, 5), (33, 4, 100, 16, 32), (20, 2, 64, 48, 7), (9, 3, 37, 8, 1), (5, 2, 300, 8, 256),
-     (16, 2, 1024, 8, 32), (40, 4, 256, 16, 8), (24, 2, 128, 16, 16)],
+     (16, 2, 1024, 8, 32), (40, 4, 256, 16, 8), (24, 2, 128, 16, 16),
+     # n_keys and half multiples of 32: bf16 takes the CPU's AMX scoring where it has one,
+     # in blocks of 32 tokens (70 and 33 leave a short last block)
+     (70, 2, 64, 32, 8), (33, 3, 96, 64, 16)],
 )
 def test_matches_bruteforce(device, dtype, tokens, heads, n_keys, half, k):
     query, keys = make_inputs(tokens, heads, n_keys, half, dtype, device)
@@ -99,10 +106,11 @@ def test_nan_ranks_first_like_torch_topk(device, dtype):
     check_topk(query, keys, 6, scores, indices)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("kind", ["dyadic", "ties"])
 @pytest.mark.parametrize("tokens,heads,n_keys,half,k", [(7, 1, 5, 3, 5), (33, 4, 100, 16, 32), (9, 3, 37, 8, 1),
-                                                        (5, 2, 300, 8, 256), (20, 2, 64, 48, 7)])
+                                                        (5, 2, 300, 8, 256), (20, 2, 64, 48, 7), (70, 2, 64, 32, 8),
+                                                        (5, 2, 32, 96, 16)])
 def test_exact_inputs_match_bruteforce_exactly(device, dtype, kind, tokens, heads, n_keys, half, k):
     query, keys = make_inputs(tokens, heads, n_keys, half, dtype, device, kind=kind, seed=k)
     scores, indices = ops.pk_topk(query, keys, k)
@@ -148,8 +156,11 @@ def test_gradients_match_reference(device, dtype):
     torch.testing.assert_close(keys.grad.double(), kk.grad, **tolerance(dtype, terms=17 * 9, scale=scale))
 
 
-def test_forward_and_backward_are_deterministic_across_threads():
-    query, keys = make_inputs(600, 4, 256, 32, torch.float32, "cpu")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_backward_are_deterministic_across_threads(dtype):
+    """bf16 scores come from our AMX kernel where the CPU has it, float32 scores from
+    torch's GEMM."""
+    query, keys = make_inputs(600, 4, 256, 32, dtype, "cpu")
     query.requires_grad_(True)
     keys.requires_grad_(True)
     results = []
@@ -164,6 +175,18 @@ def test_forward_and_backward_are_deterministic_across_threads():
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+def test_bf16_inputs_without_the_bf16_kernel():
+    """MEMORY_EXT_CPU_BF16_DOT=0 turns off the AMX scoring (bf16_scores.h): the bf16
+    cases then take torch's float32 GEMM, as on CPUs without it, and must pass the same
+    checks. Run in a fresh process, which reads the setting once."""
+    env = dict(os.environ, MEMORY_EXT_CPU_BF16_DOT="0")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+           "(test_matches_bruteforce or test_exact_inputs_match_bruteforce_exactly) and cpu and bfloat16"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
 
 
 @settings(max_examples=30, deadline=None)

@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16_scores.h"
 #include "memory_ext/checks.h"
 #include "memory_ext/prologues.h"
 #include "topk_select.h"
@@ -151,19 +152,45 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at
   auto [scores, indices] = pk_topk_outputs(query, k);
   if (tokens == 0 || heads == 0) return {scores, indices};
 
-  // (heads * 2, half, n_keys) in the score dtype: transposed once, reused by every block.
-  const auto keys_t = keys.to(score_type).reshape({heads * 2, n_keys, half}).transpose(1, 2);
+  const int64_t groups = heads * 2;
+  // bf16 inputs: our AVX512-BF16 scoring where the CPU has it (bf16_scores.h), else, as for
+  // every other dtype, torch's GEMM on the inputs converted to the score dtype.
+  const bool bf16_dot = query.scalar_type() == at::kBFloat16 &&
+                        cpu::bf16_scores_supports(n_keys, half) && cpu::bf16_scores_available();
+  at::Tensor keys_t, query_c;
+  std::vector<uint16_t> packed_keys;
+  if (bf16_dot) {
+    const auto keys_c = keys.contiguous();
+    packed_keys = cpu::pack_bf16_keys(reinterpret_cast<const uint16_t*>(keys_c.const_data_ptr()),
+                                      groups, n_keys, half);
+    query_c = query.contiguous();
+  } else {
+    // (heads * 2, half, n_keys) in the score dtype: transposed once, reused by every block.
+    keys_t = keys.to(score_type).reshape({groups, n_keys, half}).transpose(1, 2);
+  }
   // No larger than the call: a decode step scores one token or a few.
   const int64_t block = std::min(token_block(heads, n_keys), tokens);
-  auto buffer = at::empty({heads * 2 * block * n_keys}, query.options().dtype(score_type));
+  auto buffer = at::empty({groups * block * n_keys}, query.options().dtype(score_type));
   AT_DISPATCH_FLOATING_TYPES(score_type, "pk_topk_cpu", [&] {
     for (int64_t t0 = 0; t0 < tokens; t0 += block) {
       const int64_t bt = std::min(block, tokens - t0);
-      // (bt, heads, 2, half) -> (heads * 2, bt, half)
-      const auto q =
-          query.narrow(0, t0, bt).to(score_type).reshape({bt, heads * 2, half}).transpose(0, 1);
-      auto s = buffer.narrow(0, 0, heads * 2 * bt * n_keys).view({heads * 2, bt, n_keys});
-      at::bmm_out(s, q, keys_t);
+      auto s = buffer.narrow(0, 0, groups * bt * n_keys).view({groups, bt, n_keys});
+      if (bf16_dot) {
+        const auto* q =
+            reinterpret_cast<const uint16_t*>(query_c.const_data_ptr()) + t0 * groups * half;
+        float* out = reinterpret_cast<float*>(s.mutable_data_ptr());
+        // A group per task; one task for a few tokens (a decode step), where a second
+        // thread would cost more than it saves.
+        const int64_t grain = bt * n_keys * half < (int64_t(1) << 18) ? groups : 1;
+        at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+          cpu::bf16_scores(q, groups * half, packed_keys.data(), g0, g1, bt, n_keys, half, out);
+        });
+      } else {
+        // (bt, heads, 2, half) -> (heads * 2, bt, half)
+        const auto q =
+            query.narrow(0, t0, bt).to(score_type).reshape({bt, groups, half}).transpose(0, 1);
+        at::bmm_out(s, q, keys_t);
+      }
       scalar_t* out_scores = scores.mutable_data_ptr<scalar_t>() + t0 * heads * k;
       int64_t* out_indices = indices.mutable_data_ptr<int64_t>() + t0 * heads * k;
       // scalar_t is an alias inside the dispatch lambda, not a template parameter, so this

@@ -1,0 +1,182 @@
+// AMX half-scores for pk_topk (see bf16_scores.h).
+#include "bf16_scores.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#include <asm/prctl.h>
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MEMORY_EXT_HAS_AMX_KERNEL 1
+#define MEMORY_EXT_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f")))
+#else
+#define MEMORY_EXT_HAS_AMX_KERNEL 0
+#endif
+
+namespace memory_ext::cpu {
+namespace {
+
+// Tile shapes: 16 rows of 64 bytes. A: 16 tokens x 32 bf16 dimensions; B: 16 pairs of
+// dimensions x 16 keys x 2 bf16 (the packed layout); C: 16 tokens x 16 keys of float32.
+constexpr int64_t kRows = 16;
+constexpr int64_t kTileKeys = 16;
+constexpr int64_t kTileDims = 32;
+
+#if MEMORY_EXT_HAS_AMX_KERNEL
+// The tile configuration of ldtilecfg: palette 1, eight tiles of 16 rows x 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands out the AMX register state only to threads of a process that asked for it.
+bool request_amx() {
+  constexpr int kXfeatureTileData = 18;
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, kXfeatureTileData) == 0;
+}
+
+bool cpu_has_amx_bf16() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+  const bool amx_bf16 = (d >> 22) & 1u, amx_tile = (d >> 24) & 1u;
+  return amx_bf16 && amx_tile;
+}
+
+// C tiles 0-3 for 32 tokens x 32 keys, A tiles 4-5 (two blocks of 16 tokens), B tiles 6-7
+// (two tiles of 16 keys). a: 32 query rows (a_stride bytes apart, zero-padded past the
+// call's tokens by the caller), b: the packed tiles of keys j0 .. j0 + 31 of one group.
+MEMORY_EXT_AMX_TARGET void block_32x32(const uint16_t* a, int64_t a_stride, const uint16_t* b0,
+                                       const uint16_t* b1, int64_t dim_steps, float* c,
+                                       int64_t c_stride) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < dim_steps; ++s) {
+    _tile_loadd(4, a + s * kTileDims, a_stride);
+    _tile_loadd(5, reinterpret_cast<const char*>(a + s * kTileDims) + kRows * a_stride, a_stride);
+    _tile_loadd(6, b0 + s * kRows * 2 * kTileKeys, 64);
+    _tile_loadd(7, b1 + s * kRows * 2 * kTileKeys, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  char* out = reinterpret_cast<char*>(c);
+  _tile_stored(0, out, c_stride);
+  _tile_stored(1, out + kTileKeys * sizeof(float), c_stride);
+  _tile_stored(2, out + kRows * c_stride, c_stride);
+  _tile_stored(3, out + kRows * c_stride + kTileKeys * sizeof(float), c_stride);
+}
+
+MEMORY_EXT_AMX_TARGET void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = kRows;
+  }
+  // GCC 12 does not count ldtilecfg's operand as a read of cfg and drops the stores above
+  // without this barrier (the tiles are then unconfigured and the first tile instruction
+  // faults).
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+MEMORY_EXT_AMX_TARGET void release_tiles() { _tile_release(); }
+#endif
+
+}  // namespace
+
+bool bf16_scores_available() {
+  static const bool available = [] {
+    const char* env = std::getenv("MEMORY_EXT_CPU_BF16_DOT");
+    if (env != nullptr && std::string(env) == "0") return false;
+#if MEMORY_EXT_HAS_AMX_KERNEL
+    return cpu_has_amx_bf16() && request_amx();
+#else
+    return false;
+#endif
+  }();
+  return available;
+}
+
+bool bf16_scores_supports(int64_t n_keys, int64_t half) {
+  return n_keys % (2 * kTileKeys) == 0 && half % kTileDims == 0;
+}
+
+// packed[g][tile][p][l][e] = keys[g][tile * 16 + l][2p + e]: per tile of 16 keys and pair
+// of dimensions, the keys' two values side by side; 16 consecutive pairs are one B tile.
+std::vector<uint16_t> pack_bf16_keys(const uint16_t* keys, int64_t groups, int64_t n_keys,
+                                     int64_t half) {
+  std::vector<uint16_t> packed(static_cast<size_t>(groups * n_keys * half));
+  const int64_t pairs = half / 2, tiles = n_keys / kTileKeys;
+  uint16_t* dst = packed.data();
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t tile = 0; tile < tiles; ++tile)
+      for (int64_t p = 0; p < pairs; ++p)
+        for (int64_t l = 0; l < kTileKeys; ++l) {
+          const uint16_t* src = keys + (g * n_keys + tile * kTileKeys + l) * half + 2 * p;
+          *dst++ = src[0];
+          *dst++ = src[1];
+        }
+  return packed;
+}
+
+void bf16_scores(const uint16_t* query, int64_t token_stride, const uint16_t* packed, int64_t g0,
+                 int64_t g1, int64_t tokens, int64_t n_keys, int64_t half, float* out) {
+#if MEMORY_EXT_HAS_AMX_KERNEL
+  constexpr int64_t kBlockTokens = 2 * kRows;
+  const int64_t tile_elems = half * kTileKeys;  // one packed tile of 16 keys
+  const int64_t dim_steps = half / kTileDims;
+  // Rows past the call's tokens come from a zeroed block; their results land in a scratch
+  // block, not in out.
+  std::vector<uint16_t> a_tail(static_cast<size_t>(kBlockTokens * half), 0);
+  std::vector<float> c_tail(static_cast<size_t>(kBlockTokens * 2 * kTileKeys));
+  configure_tiles();
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint16_t* group_tiles = packed + g * n_keys * half;
+    for (int64_t t0 = 0; t0 < tokens; t0 += kBlockTokens) {
+      const int64_t bt = std::min(kBlockTokens, tokens - t0);
+      const uint16_t* a = query + t0 * token_stride + g * half;
+      int64_t a_stride = token_stride * int64_t(sizeof(uint16_t));
+      if (bt < kBlockTokens) {
+        for (int64_t i = 0; i < bt; ++i)
+          std::memcpy(a_tail.data() + i * half, a + i * token_stride, half * sizeof(uint16_t));
+        a = a_tail.data();
+        a_stride = half * int64_t(sizeof(uint16_t));
+      }
+      for (int64_t j0 = 0; j0 < n_keys; j0 += 2 * kTileKeys) {
+        const uint16_t* b0 = group_tiles + (j0 / kTileKeys) * tile_elems;
+        float* c = out + (g * tokens + t0) * n_keys + j0;
+        if (bt == kBlockTokens) {
+          block_32x32(a, a_stride, b0, b0 + tile_elems, dim_steps, c,
+                      n_keys * int64_t(sizeof(float)));
+          continue;
+        }
+        block_32x32(a, a_stride, b0, b0 + tile_elems, dim_steps, c_tail.data(),
+                    2 * kTileKeys * int64_t(sizeof(float)));
+        for (int64_t i = 0; i < bt; ++i)
+          std::memcpy(c + i * n_keys, c_tail.data() + i * 2 * kTileKeys,
+                      2 * kTileKeys * sizeof(float));
+      }
+    }
+  }
+  release_tiles();
+#else
+  (void)query, (void)token_stride, (void)packed, (void)g0, (void)g1, (void)tokens, (void)n_keys,
+      (void)half, (void)out;
+  TORCH_CHECK(false, "memory.pk_topk: the bf16 scoring kernel is not built for this CPU");
+#endif
+}
+
+}  // namespace memory_ext::cpu
