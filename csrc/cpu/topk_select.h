@@ -11,6 +11,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
 #include "row_math.h"
 
 namespace memory_ext::cpu {
@@ -117,13 +121,20 @@ inline float upper_quantile(double tail) {
   return float(lo);
 }
 
-// Mean and standard deviation of row[0..n), in 16 fixed lanes so that it vectorises.
+// Mean and standard deviation of row[0..n), in 16 fixed lanes. Written with a 16-float
+// vector type: as a loop over lane arrays GCC vectorised it across 16 steps of the row and
+// transposed them back (2,600 instructions, a fifth of pk_topk's time).
 MEMORY_EXT_CLONES inline void row_moments(const float* __restrict row, int64_t n, float& mean,
                                           float& sd) {
-  float s[16] = {}, q[16] = {};
+  typedef float lanes16 __attribute__((vector_size(64)));
+  lanes16 s = {}, q = {};
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) s[l] += row[i + l], q[l] += row[i + l] * row[i + l];
+  for (; i + 16 <= n; i += 16) {
+    lanes16 x;
+    std::memcpy(&x, row + i, sizeof(x));
+    s += x;
+    q += x * x;
+  }
   float sum = 0.0f, sq = 0.0f;
   for (int l = 0; l < 16; ++l) sum += s[l], sq += q[l];
   for (; i < n; ++i) sum += row[i], sq += row[i] * row[i];
@@ -131,14 +142,47 @@ MEMORY_EXT_CLONES inline void row_moments(const float* __restrict row, int64_t n
   sd = std::sqrt(std::max(0.0f, sq / float(n) - mean * mean));
 }
 
-// Appends the positions i with !(row[i] < bar) to pos; returns how many.
-inline int64_t filter_positions(const float* row, int64_t n, float bar, uint64_t* pos) {
+// Appends the positions i with !(row[i] < bar) to pos, in order; returns how many.
+inline int64_t filter_positions_scalar(const float* row, int64_t n, float bar, uint64_t* pos) {
   int64_t kept = 0;
   for (int64_t i = 0; i < n; ++i) {  // branch-free append
     pos[kept] = uint64_t(i);
     kept += !(row[i] < bar);
   }
   return kept;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The same with AVX-512: one compare per 16 scores, then only the passing positions (a few
+// per cent of the row when the bar is good) one by one: 5x fewer instructions than the
+// branch-free scalar loop, which was most of pk_topk's selection.
+__attribute__((target("avx512f"))) inline int64_t filter_positions_avx512(const float* row,
+                                                                          int64_t n, float bar,
+                                                                          uint64_t* pos) {
+  const __m512 b = _mm512_set1_ps(bar);
+  int64_t kept = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    // not-less-than, unordered: true for NaN too, as !(x < bar) is
+    uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + i), b, _CMP_NLT_UQ);
+    while (m != 0) {
+      pos[kept++] = uint64_t(i + __builtin_ctz(m));
+      m &= m - 1;
+    }
+  }
+  for (; i < n; ++i) {  // the row's last n % 16 scores
+    pos[kept] = uint64_t(i);
+    kept += !(row[i] < bar);
+  }
+  return kept;
+}
+#endif
+
+inline int64_t filter_positions(const float* row, int64_t n, float bar, uint64_t* pos) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return filter_positions_avx512(row, n, bar, pos);
+#endif
+  return filter_positions_scalar(row, n, bar, pos);
 }
 
 // Top k of row[0..n) as packed keys, best first, into buf[0..k); buf holds n entries;
