@@ -11,7 +11,9 @@ and written once) per second, next to the copy bandwidth measured in the same ru
     python bench/bench_value_update.py [--device cpu|cuda] [--quick] [--rows 1048576] [--dim 256]
         [--out bench/out/value_update.json]
 
-Inputs are drawn on the device; the JSON file is rewritten after every implementation.
+Each step is timed --iters times after a warm-up: ms is the median, min_ms and max_ms the
+extremes. Inputs are drawn on the device; the JSON file is rewritten after every
+implementation.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth_gbs, machine_info, print_table, save_json, time_ms  # noqa: E402
+from common import copy_bandwidth_gbs, machine_info, print_table, save_json, spread_ms, time_samples_ms  # noqa: E402
 
 from memory_ext import MemoryValues  # noqa: E402
 from memory_ext.nn import SparseRowAdam  # noqa: E402
@@ -91,8 +93,11 @@ def main():
                 opt = torch.optim.SparseAdam([table], lr=1e-3, betas=(0.9, 0.95))
             else:
                 opt = torch.optim.AdamW([table], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
-            ms = time_ms(step_fn(lookup, table, opt, indices, weights, grad_out), dev, warmup=2, iters=args.iters)
-            rows.append(dict(impl=impl, update="sparse" if sparse else "dense", ms=ms,
+            spread = spread_ms(time_samples_ms(step_fn(lookup, table, opt, indices, weights, grad_out), dev, warmup=2,
+                                               iters=args.iters))
+            ms = spread["median_ms"]
+            rows.append(dict(impl=impl, update="sparse" if sparse else "dense", min_ms=spread["min_ms"], ms=ms,
+                             max_ms=spread["max_ms"],
                              tokens_per_s=args.tokens / (ms * 1e-3), gbs=least_bytes / (ms * 1e-3) / 1e9,
                              pct_copy=100 * least_bytes / (ms * 1e-3) / 1e9 / copy))
             del owner, table, opt
@@ -102,7 +107,7 @@ def main():
         if r["impl"] == "memory_ext":
             r["x_torch_same_update"] = ref[("torch", r["update"])] / r["ms"]
             r["x_torch_dense"] = ref[("torch", "dense")] / r["ms"]
-    print_table(rows, ["impl", "update", "ms", "tokens_per_s", "gbs", "pct_copy", "x_torch_same_update", "x_torch_dense"])
+    print_table(rows, ["impl", "update", "min_ms", "ms", "max_ms", "tokens_per_s", "gbs", "pct_copy", "x_torch_same_update", "x_torch_dense"])
     payload["complete"] = True
     save_json(args.out, payload)
 
