@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "cpu/bf16_scores.h"
 #include "cpu/large_buffers.h"
 #include "memory_ext/huge_pages.h"
 
@@ -33,4 +34,6 @@ PYBIND11_MODULE(_C, m) {
         "Bytes held in free blocks by the pool of the CPU kernels' large outputs");
   m.def("release_cpu_buffers", &memory_ext::cpu::release_cached_buffers,
         "Unmap the free blocks of the CPU kernels' output pool; returns the bytes released");
+  m.def("cpu_bf16_tile_scoring", &memory_ext::cpu::bf16_scores_available,
+        "Whether CPU pk_topk scores bf16 inputs on the AMX tile unit in this process");
 }

@@ -100,6 +100,21 @@ def test_backward_into_a_dirty_block(dtype):
         del rows, rows_grad, weights_grad
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim,tokens,rows", [(520, 20000, 60000), (36, 200000, 400000), (33, 200000, 400000)])
+def test_streamed_16_bit_row_gradients(dtype, dim, tokens, rows):
+    """Row gradients of 8 MiB or more are written with streaming stores, 16-bit ones rounded
+    a 64-byte block at a time: rows whose length is no multiple of the block (a tail) must
+    come out exact, and so must rows that start off a 16-byte boundary and take plain
+    stores (dim 33: seven rows in eight)."""
+    s = dyadic_backward(dtype, tokens, 1, rows, dim, seed=dim)
+    rows_out, rows_grad, weights_grad = ops.embedding_bag_backward(*list(s.values()))
+    assert rows_grad.nbytes >= POOLED
+    ref_rows, ref_rg, ref_wg = embedding_bag_backward_sparse_ref(s["grad_out"], s["values"], s["indices"],
+                                                                 s["weights"])
+    assert torch.equal(rows_out, ref_rows) and torch.equal(rows_grad, ref_rg) and torch.equal(weights_grad, ref_wg)
+
+
 def test_live_outputs_never_share_a_block():
     s = sample_inputs("rows_to_dense", "cpu", torch.float32, n_rows=8192, n_unique=100, dim=256)
     outs = [ops.rows_to_dense(s["rows"], s["rows_grad"], 8192) for _ in range(3)]

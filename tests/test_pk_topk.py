@@ -64,7 +64,7 @@ def check_topk(query, keys, k, scores, indices, exact=False):
      (16, 2, 1024, 8, 32), (40, 4, 256, 16, 8), (24, 2, 128, 16, 16),
      # n_keys and half multiples of 32: bf16 takes the CPU's AMX scoring where it has one,
      # in blocks of 32 tokens (70 and 33 leave a short last block)
-     (70, 2, 64, 32, 8), (33, 3, 96, 64, 16)],
+     (70, 2, 64, 32, 8), (33, 3, 96, 64, 16), (600, 2, 64, 32, 8)],
 )
 def test_matches_bruteforce(device, dtype, tokens, heads, n_keys, half, k):
     query, keys = make_inputs(tokens, heads, n_keys, half, dtype, device)
@@ -187,6 +187,29 @@ def test_bf16_inputs_without_the_bf16_kernel():
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+def test_the_tile_unit_scores_bf16_where_the_cpu_has_one():
+    """On Linux with AMX-BF16 the bf16 cases above ran on the tile unit (unless turned off)."""
+    from memory_ext import _C
+
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " amx_bf16" not in flags or " amx_tile" not in flags or os.environ.get("MEMORY_EXT_CPU_BF16_DOT") == "0":
+        pytest.skip("no AMX-BF16 on this CPU, or turned off")
+    assert _C.cpu_bf16_tile_scoring()
+
+
+def test_subnormal_bf16_inputs_are_not_read_as_zero():
+    """The tile unit reads subnormal bf16 values as 0: a subnormal query value times a huge
+    sub-key must still count, so such calls are scored in float32 (exact here)."""
+    query = torch.zeros(40, 2, 64, dtype=torch.bfloat16)
+    keys = torch.zeros(2, 2, 64, 32, dtype=torch.bfloat16)
+    query[3, 1, 0] = 2.0**-130  # subnormal in bf16
+    keys[1, 0, 17, 0] = 2.0**120
+    scores, indices = ops.pk_topk(query, keys, 4)
+    assert scores[3, 1, 0].item() == 2.0**-10
+    assert indices[3, 1, 0].item() == 17 * 64
+    check_topk(query, keys, 4, scores, indices, exact=True)
 
 
 @settings(max_examples=30, deadline=None)

@@ -14,6 +14,9 @@
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#ifndef ARCH_REQ_XCOMP_PERM  // kernel headers before 5.16; the kernel answers EINVAL then
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#endif
 #define MEMORY_EXT_HAS_AMX_KERNEL 1
 #define MEMORY_EXT_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f")))
 #else
@@ -111,7 +114,14 @@ bool bf16_scores_available() {
 }
 
 bool bf16_scores_supports(int64_t n_keys, int64_t half) {
-  return n_keys % (2 * kTileKeys) == 0 && half % kTileDims == 0;
+  return n_keys > 0 && half > 0 && n_keys % (2 * kTileKeys) == 0 && half % kTileDims == 0;
+}
+
+bool has_bf16_subnormals(const uint16_t* values, int64_t n) {
+  uint32_t any = 0;  // a flag per value, or-ed: no early exit, so the loop vectorises
+  for (int64_t i = 0; i < n; ++i)
+    any |= uint32_t((values[i] & 0x7f80u) == 0) & uint32_t((values[i] & 0x007fu) != 0);
+  return any != 0;
 }
 
 // packed[g][tile][p][l][e] = keys[g][tile * 16 + l][2p + e]: per tile of 16 keys and pair

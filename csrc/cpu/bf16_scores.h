@@ -8,8 +8,17 @@
 // vdpbf16ps, tried first, was no faster than the float32 GEMM: one instruction a cycle.)
 //
 // Each score sums its products in the tile unit's fixed order, whatever the block or the
-// thread count, so results are bitwise reproducible. The tile unit treats bf16 subnormals
-// as zero and flushes subnormal sums, which moves a score by less than 2^-126 per product.
+// thread count, so results are bitwise reproducible. The tile unit treats bf16 subnormal
+// inputs as zero, which can move a score by a subnormal times the other factor (large if
+// that factor is huge): pk_topk checks its inputs (has_bf16_subnormals) and scores calls
+// with any subnormal on the float32 path instead. Subnormal sums are flushed to zero, a
+// change of less than 2^-126.
+//
+// Linux gives the tile state only to processes that ask for it (arch_prctl), and from then
+// on an alternate signal stack must hold that state: sigaltstack with a smaller stack fails
+// (ENOMEM), and a process whose threads already have a smaller alternate stack is refused
+// (pk_topk then uses the float32 path). MEMORY_EXT_CPU_BF16_DOT=0 in the environment keeps
+// the process from asking.
 #pragma once
 
 #include <cstdint>
@@ -23,8 +32,11 @@ namespace memory_ext::cpu {
 // path can be tested on the same machine.
 bool bf16_scores_available();
 
-// Whether bf16_scores takes this shape: n_keys a multiple of 32, half a multiple of 32.
+// Whether bf16_scores takes this shape: n_keys and half positive multiples of 32.
 bool bf16_scores_supports(int64_t n_keys, int64_t half);
+
+// Whether any of the n bf16 values (raw bits) is subnormal.
+bool has_bf16_subnormals(const uint16_t* values, int64_t n);
 
 // The sub-keys of one call rearranged for bf16_scores: groups (heads * 2) blocks of n_keys
 // rows of half bf16 values, from keys (groups, n_keys, half) contiguous, a shape that

@@ -153,17 +153,24 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at
   if (tokens == 0 || heads == 0) return {scores, indices};
 
   const int64_t groups = heads * 2;
-  // bf16 inputs: our AVX512-BF16 scoring where the CPU has it (bf16_scores.h), else, as for
-  // every other dtype, torch's GEMM on the inputs converted to the score dtype.
-  const bool bf16_dot = query.scalar_type() == at::kBFloat16 &&
-                        cpu::bf16_scores_supports(n_keys, half) && cpu::bf16_scores_available();
-  at::Tensor keys_t, query_c;
+  // bf16 inputs: our AMX scoring where the CPU has it (bf16_scores.h), unless an input is
+  // subnormal (which the tile unit reads as zero); else, as for every other dtype, torch's
+  // GEMM on the inputs converted to the score dtype.
+  bool bf16_dot = query.scalar_type() == at::kBFloat16 && cpu::bf16_scores_supports(n_keys, half) &&
+                  cpu::bf16_scores_available();
+  at::Tensor keys_t, query_c, keys_c;
+  if (bf16_dot) {
+    keys_c = keys.contiguous();
+    query_c = query.contiguous();
+    const auto* q_bits = reinterpret_cast<const uint16_t*>(query_c.const_data_ptr());
+    const auto* k_bits = reinterpret_cast<const uint16_t*>(keys_c.const_data_ptr());
+    bf16_dot = !cpu::has_bf16_subnormals(q_bits, query_c.numel()) &&
+               !cpu::has_bf16_subnormals(k_bits, keys_c.numel());
+  }
   std::vector<uint16_t> packed_keys;
   if (bf16_dot) {
-    const auto keys_c = keys.contiguous();
     packed_keys = cpu::pack_bf16_keys(reinterpret_cast<const uint16_t*>(keys_c.const_data_ptr()),
                                       groups, n_keys, half);
-    query_c = query.contiguous();
   } else {
     // (heads * 2, half, n_keys) in the score dtype: transposed once, reused by every block.
     keys_t = keys.to(score_type).reshape({groups, n_keys, half}).transpose(1, 2);

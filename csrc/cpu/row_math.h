@@ -205,7 +205,7 @@ MEMORY_EXT_CLONES void row_store_streaming(scalar_t* __restrict out, const A* __
                                            int64_t n) {
 #if defined(__x86_64__) && !defined(__CUDACC__)
   constexpr int64_t kPer = 16 / sizeof(scalar_t);          // elements per 16-byte store
-  constexpr int64_t kStreamChunk = 64 / sizeof(scalar_t);  // one cache line
+  constexpr int64_t kStreamChunk = 64 / sizeof(scalar_t);  // 64 bytes a block
   if (reinterpret_cast<uintptr_t>(out) % 16 == 0) {
     int64_t i = 0;
     for (; i + kStreamChunk <= n; i += kStreamChunk) {
