@@ -142,62 +142,83 @@ void select_block_packed(const float* scores, int64_t block, int64_t heads, int6
   });
 }
 
+// The half-scores of a block of tokens, (heads * 2, tokens, n_keys) in the score dtype.
+// bf16 inputs go to our AMX scoring where the CPU has it (bf16_scores.h), unless an input
+// is subnormal (which the tile unit reads as zero); everything else to torch's GEMM on the
+// inputs converted to the score dtype.
+class HalfScorer {
+ public:
+  HalfScorer(const at::Tensor& query, const at::Tensor& keys, at::ScalarType score_type)
+      : query_(query),
+        groups_(query.size(1) * 2),
+        n_keys_(keys.size(2)),
+        half_(keys.size(3)),
+        score_type_(score_type) {
+    tiles_ = query.scalar_type() == at::kBFloat16 && cpu::bf16_scores_supports(n_keys_, half_) &&
+             cpu::bf16_scores_available();
+    if (tiles_) {
+      const auto keys_c = keys.contiguous();
+      query_ = query.contiguous();
+      const auto* k_bits = reinterpret_cast<const uint16_t*>(keys_c.const_data_ptr());
+      tiles_ = !cpu::has_bf16_subnormals(query_bits(), query_.numel()) &&
+               !cpu::has_bf16_subnormals(k_bits, keys_c.numel());
+      if (tiles_) packed_keys_ = cpu::pack_bf16_keys(k_bits, groups_, n_keys_, half_);
+    }
+    // (heads * 2, half, n_keys) in the score dtype: transposed once, reused by every block.
+    if (!tiles_) keys_t_ = keys.to(score_type).reshape({groups_, n_keys_, half_}).transpose(1, 2);
+  }
+
+  // out (heads * 2, bt, n_keys) = the scores of tokens t0 .. t0 + bt - 1.
+  void score(int64_t t0, int64_t bt, at::Tensor& out) const {
+    if (!tiles_) {
+      // (bt, heads, 2, half) -> (heads * 2, bt, half)
+      const auto q =
+          query_.narrow(0, t0, bt).to(score_type_).reshape({bt, groups_, half_}).transpose(0, 1);
+      at::bmm_out(out, q, keys_t_);
+      return;
+    }
+    const uint16_t* q = query_bits() + t0 * groups_ * half_;
+    float* o = reinterpret_cast<float*>(out.mutable_data_ptr());
+    // A group per task; one task for a few tokens (a decode step), where a second thread
+    // would cost more than it saves.
+    const int64_t grain = bt * n_keys_ * half_ < (int64_t(1) << 18) ? groups_ : 1;
+    at::parallel_for(0, groups_, grain, [&](int64_t g0, int64_t g1) {
+      cpu::bf16_scores(q, groups_ * half_, packed_keys_.data(), g0, g1, bt, n_keys_, half_, o);
+    });
+  }
+
+ private:
+  const uint16_t* query_bits() const {
+    return reinterpret_cast<const uint16_t*>(query_.const_data_ptr());
+  }
+
+  at::Tensor query_;  // contiguous on the tile path
+  at::Tensor keys_t_;
+  std::vector<uint16_t> packed_keys_;
+  int64_t groups_, n_keys_, half_;
+  at::ScalarType score_type_;
+  bool tiles_ = false;
+};
+
 std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at::Tensor& keys,
                                                int64_t k) {
   check_pk_topk_args(query, keys, k);
   const int64_t tokens = query.size(0), heads = query.size(1);
-  const int64_t n_keys = keys.size(2), half = keys.size(3);
+  const int64_t n_keys = keys.size(2);
   // Scores are float32 (float64 for float64 inputs, so gradcheck can run).
   const auto score_type = acc_dtype(query.scalar_type());
   auto [scores, indices] = pk_topk_outputs(query, k);
   if (tokens == 0 || heads == 0) return {scores, indices};
 
-  const int64_t groups = heads * 2;
-  // bf16 inputs: our AMX scoring where the CPU has it (bf16_scores.h), unless an input is
-  // subnormal (which the tile unit reads as zero); else, as for every other dtype, torch's
-  // GEMM on the inputs converted to the score dtype.
-  bool bf16_dot = query.scalar_type() == at::kBFloat16 && cpu::bf16_scores_supports(n_keys, half) &&
-                  cpu::bf16_scores_available();
-  at::Tensor keys_t, query_c, keys_c;
-  if (bf16_dot) {
-    keys_c = keys.contiguous();
-    query_c = query.contiguous();
-    const auto* q_bits = reinterpret_cast<const uint16_t*>(query_c.const_data_ptr());
-    const auto* k_bits = reinterpret_cast<const uint16_t*>(keys_c.const_data_ptr());
-    bf16_dot = !cpu::has_bf16_subnormals(q_bits, query_c.numel()) &&
-               !cpu::has_bf16_subnormals(k_bits, keys_c.numel());
-  }
-  std::vector<uint16_t> packed_keys;
-  if (bf16_dot) {
-    packed_keys = cpu::pack_bf16_keys(reinterpret_cast<const uint16_t*>(keys_c.const_data_ptr()),
-                                      groups, n_keys, half);
-  } else {
-    // (heads * 2, half, n_keys) in the score dtype: transposed once, reused by every block.
-    keys_t = keys.to(score_type).reshape({groups, n_keys, half}).transpose(1, 2);
-  }
+  const HalfScorer scorer(query, keys, score_type);
   // No larger than the call: a decode step scores one token or a few.
   const int64_t block = std::min(token_block(heads, n_keys), tokens);
-  auto buffer = at::empty({groups * block * n_keys}, query.options().dtype(score_type));
+  auto buffer = at::empty({heads * 2 * block * n_keys}, query.options().dtype(score_type));
   AT_DISPATCH_FLOATING_TYPES(score_type, "pk_topk_cpu", [&] {
     for (int64_t t0 = 0; t0 < tokens; t0 += block) {
       const int64_t bt = std::min(block, tokens - t0);
-      auto s = buffer.narrow(0, 0, groups * bt * n_keys).view({groups, bt, n_keys});
-      if (bf16_dot) {
-        const auto* q =
-            reinterpret_cast<const uint16_t*>(query_c.const_data_ptr()) + t0 * groups * half;
-        float* out = reinterpret_cast<float*>(s.mutable_data_ptr());
-        // A group per task; one task for a few tokens (a decode step), where a second
-        // thread would cost more than it saves.
-        const int64_t grain = bt * n_keys * half < (int64_t(1) << 18) ? groups : 1;
-        at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-          cpu::bf16_scores(q, groups * half, packed_keys.data(), g0, g1, bt, n_keys, half, out);
-        });
-      } else {
-        // (bt, heads, 2, half) -> (heads * 2, bt, half)
-        const auto q =
-            query.narrow(0, t0, bt).to(score_type).reshape({bt, groups, half}).transpose(0, 1);
-        at::bmm_out(s, q, keys_t);
-      }
+      auto s = buffer.narrow(0, 0, heads * 2 * bt * n_keys).view({heads * 2, bt, n_keys});
+      scorer.score(t0, bt, s);
       scalar_t* out_scores = scores.mutable_data_ptr<scalar_t>() + t0 * heads * k;
       int64_t* out_indices = indices.mutable_data_ptr<int64_t>() + t0 * heads * k;
       // scalar_t is an alias inside the dispatch lambda, not a template parameter, so this
