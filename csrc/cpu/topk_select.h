@@ -142,10 +142,12 @@ MEMORY_EXT_CLONES inline void row_moments(const float* __restrict row, int64_t n
   sd = std::sqrt(std::max(0.0f, sq / float(n) - mean * mean));
 }
 
-// Appends the positions i with !(row[i] < bar) to pos, in order; returns how many.
-inline int64_t filter_positions_scalar(const float* row, int64_t n, float bar, uint64_t* pos) {
+// Appends the positions i in [begin, n) with !(row[i] < bar) to pos, in order; returns how
+// many.
+inline int64_t filter_positions_scalar(const float* row, int64_t begin, int64_t n, float bar,
+                                       uint64_t* pos) {
   int64_t kept = 0;
-  for (int64_t i = 0; i < n; ++i) {  // branch-free append
+  for (int64_t i = begin; i < n; ++i) {  // branch-free append
     pos[kept] = uint64_t(i);
     kept += !(row[i] < bar);
   }
@@ -169,11 +171,7 @@ __attribute__((target("avx512f"))) inline int64_t filter_positions_avx512(const 
       m &= m - 1;
     }
   }
-  for (; i < n; ++i) {  // the row's last n % 16 scores
-    pos[kept] = uint64_t(i);
-    kept += !(row[i] < bar);
-  }
-  return kept;
+  return kept + filter_positions_scalar(row, i, n, bar, pos + kept);  // the last n % 16
 }
 #endif
 
@@ -182,7 +180,7 @@ inline int64_t filter_positions(const float* row, int64_t n, float bar, uint64_t
   static const bool avx512 = __builtin_cpu_supports("avx512f");
   if (avx512) return filter_positions_avx512(row, n, bar, pos);
 #endif
-  return filter_positions_scalar(row, n, bar, pos);
+  return filter_positions_scalar(row, 0, n, bar, pos);
 }
 
 // Top k of row[0..n) as packed keys, best first, into buf[0..k); buf holds n entries;

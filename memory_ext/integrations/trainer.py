@@ -12,6 +12,7 @@ from __future__ import annotations
 import transformers
 
 from memory_ext.nn import RowOptimizer, clip_grad_norms, value_tables
+from memory_ext.nn.row_optimizer import check_row_optimizer
 
 __all__ = ["MemoryValuesCallback"]
 
@@ -20,13 +21,7 @@ class MemoryValuesCallback(transformers.TrainerCallback):
     """Steps ``values_optimizer`` (a RowOptimizer) with Trainer's steps and learning-rate schedule."""
 
     def __init__(self, values_optimizer: RowOptimizer, *, max_norm: float | None = None) -> None:
-        if not isinstance(values_optimizer, RowOptimizer):
-            raise ValueError(
-                "MemoryValuesCallback: values_optimizer must be a memory_ext.nn.RowOptimizer (from value_optimizer), "
-                f"got {type(values_optimizer).__name__}"
-            )
-        if max_norm is not None and not max_norm > 0:
-            raise ValueError(f"MemoryValuesCallback: max_norm must be positive or None, got {max_norm}")
+        check_row_optimizer("MemoryValuesCallback", values_optimizer, max_norm)
         self.values_optimizer, self.max_norm = values_optimizer, max_norm
         self._base: tuple[float, list[float]] | None = None  # dense base lr, values' base lrs
 

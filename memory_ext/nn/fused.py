@@ -16,7 +16,7 @@ from torch import Tensor
 
 from memory_ext import ops
 from memory_ext.nn.clipping import clip_coefficient, square_norm
-from memory_ext.nn.row_optimizer import RowOptimizer
+from memory_ext.nn.row_optimizer import RowOptimizer, check_row_optimizer
 from memory_ext.sparse_rows import coalesced, sparse_rows_grad
 
 __all__ = ["FusedRowUpdate", "fused_lookup"]
@@ -33,13 +33,7 @@ class FusedRowUpdate:
     """
 
     def __init__(self, optimizer: RowOptimizer, weight: Tensor, max_norm: float | None = None) -> None:
-        if not isinstance(optimizer, RowOptimizer):
-            raise ValueError(
-                "fused value update: the optimizer must be a memory_ext.nn.RowOptimizer (SparseRowAdam, "
-                f"SparseRowAdagrad), got {type(optimizer).__name__}"
-            )
-        if max_norm is not None and not max_norm > 0:
-            raise ValueError(f"fused value update: max_norm must be positive or None, got {max_norm}")
+        check_row_optimizer("fused value update", optimizer, max_norm)
         optimizer.group_of(weight)  # the optimizer must hold the table
         self.optimizer, self.weight, self.max_norm = optimizer, weight, max_norm
         self.last_norm: Tensor | None = None

@@ -17,7 +17,7 @@ from torch import Tensor
 from memory_ext import ops
 from memory_ext.sparse_rows import coalesced
 
-__all__ = ["RowOptimizer", "is_row_stepped", "WeakIdSet"]
+__all__ = ["RowOptimizer", "check_row_optimizer", "is_row_stepped", "WeakIdSet"]
 
 
 class WeakIdSet:
@@ -51,6 +51,19 @@ _ROW_STEPPED = WeakIdSet()
 def is_row_stepped(p: Tensor) -> bool:
     """Whether some RowOptimizer holds p."""
     return p in _ROW_STEPPED
+
+
+def check_row_optimizer(who: str, optimizer, max_norm: float | None) -> None:
+    """The arguments of everything that steps a table with a row optimizer and may clip its
+    gradient first: optimizer a RowOptimizer, max_norm positive or None. who names the
+    caller in the error."""
+    if not isinstance(optimizer, RowOptimizer):
+        raise ValueError(
+            f"{who}: the optimizer must be a memory_ext.nn.RowOptimizer (SparseRowAdam, SparseRowAdagrad; "
+            f"see value_optimizer), got {type(optimizer).__name__}"
+        )
+    if max_norm is not None and not max_norm > 0:
+        raise ValueError(f"{who}: max_norm must be positive or None, got {max_norm}")
 
 
 class RowOptimizer(torch.optim.Optimizer):
