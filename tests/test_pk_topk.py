@@ -62,9 +62,9 @@ def check_topk(query, keys, k, scores, indices, exact=False):
     "tokens,heads,n_keys,half,k",
     [(1, 1, 1, 1, 1), (7, 1, 5, 3, 5), (33, 4, 100, 16, 32), (20, 2, 64, 48, 7), (9, 3, 37, 8, 1), (5, 2, 300, 8, 256),
      (16, 2, 1024, 8, 32), (40, 4, 256, 16, 8), (24, 2, 128, 16, 16),
-     # n_keys and half multiples of 32: bf16 takes the CPU's AMX scoring where it has one,
-     # in blocks of 32 tokens (70 and 33 leave a short last block)
-     (70, 2, 64, 32, 8), (33, 3, 96, 64, 16), (600, 2, 64, 32, 8)],
+     # n_keys and half multiples of 32 and 64 tokens or more: bf16 takes the CPU's AMX
+     # scoring where it has one, in blocks of 32 tokens (70 and 97 leave a short last block)
+     (70, 2, 64, 32, 8), (97, 3, 96, 64, 16), (600, 2, 64, 32, 8)],
 )
 def test_matches_bruteforce(device, dtype, tokens, heads, n_keys, half, k):
     query, keys = make_inputs(tokens, heads, n_keys, half, dtype, device)
@@ -110,7 +110,7 @@ def test_nan_ranks_first_like_torch_topk(device, dtype):
 @pytest.mark.parametrize("kind", ["dyadic", "ties"])
 @pytest.mark.parametrize("tokens,heads,n_keys,half,k", [(7, 1, 5, 3, 5), (33, 4, 100, 16, 32), (9, 3, 37, 8, 1),
                                                         (5, 2, 300, 8, 256), (20, 2, 64, 48, 7), (70, 2, 64, 32, 8),
-                                                        (5, 2, 32, 96, 16)])
+                                                        (69, 2, 32, 96, 16)])
 def test_exact_inputs_match_bruteforce_exactly(device, dtype, kind, tokens, heads, n_keys, half, k):
     query, keys = make_inputs(tokens, heads, n_keys, half, dtype, device, kind=kind, seed=k)
     scores, indices = ops.pk_topk(query, keys, k)
@@ -202,7 +202,7 @@ def test_the_tile_unit_scores_bf16_where_the_cpu_has_one():
 def test_subnormal_bf16_inputs_are_not_read_as_zero():
     """The tile unit reads subnormal bf16 values as 0: a subnormal query value times a huge
     sub-key must still count, so such calls are scored in float32 (exact here)."""
-    query = torch.zeros(40, 2, 64, dtype=torch.bfloat16)
+    query = torch.zeros(72, 2, 64, dtype=torch.bfloat16)
     keys = torch.zeros(2, 2, 64, 32, dtype=torch.bfloat16)
     query[3, 1, 0] = 2.0**-130  # subnormal in bf16
     keys[1, 0, 17, 0] = 2.0**120
