@@ -136,7 +136,8 @@ inline void register_embedding_bag_cases(Options& o, const Run& run) {
         add("memory_ext", "forward", [=](benchmark::State& st) {
           const Inputs& in = inputs_for(run, shape);
           run.loop(st, [&] {
-            benchmark::DoNotOptimize(ops.embedding_bag.call(in.values, in.indices, in.weights));
+            benchmark::DoNotOptimize(
+                ops.embedding_bag.call(in.values, in.indices, in.weights, true));
           });
           report(st, {fwd_bytes, double(tokens)});
         });
@@ -166,7 +167,8 @@ inline void register_embedding_bag_cases(Options& o, const Run& run) {
         add("memory_ext", "fwd_bwd_sparse", [=](benchmark::State& st) {
           const Inputs& in = inputs_for(run, shape);
           run.loop(st, [&] {
-            benchmark::DoNotOptimize(ops.embedding_bag.call(in.values, in.indices, in.weights));
+            benchmark::DoNotOptimize(
+                ops.embedding_bag.call(in.values, in.indices, in.weights, true));
             benchmark::DoNotOptimize(ops.embedding_bag_backward.call(in.grad_out, in.values,
                                                                      in.indices, in.weights, true));
           });
@@ -186,7 +188,7 @@ inline void register_embedding_bag_cases(Options& o, const Run& run) {
           auto [r, g, w] = ops.embedding_bag_backward.call(in.grad_out, in.values, in.indices,
                                                            in.weights, false);
           run.loop(st, [&] {
-            benchmark::DoNotOptimize(ops.rows_to_dense.call(r, g, c10::SymInt(rows)));
+            benchmark::DoNotOptimize(ops.rows_to_dense.call(r, g, c10::SymInt(rows), false));
           });
           report(st, {dense_bytes(in), 0});
         });

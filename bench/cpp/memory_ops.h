@@ -15,11 +15,11 @@ namespace bench {
 struct MemoryOps {
   using Tensor = at::Tensor;
   // The C++ signature of each op's kernels (csrc/ops.cpp has the schemas).
-  using EmbeddingBag = Tensor(const Tensor&, const Tensor&, const Tensor&);
+  using EmbeddingBag = Tensor(const Tensor&, const Tensor&, const Tensor&, bool);
   using EmbeddingBagBackward = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
                                                                   const Tensor&, const Tensor&,
                                                                   bool);
-  using RowsToDense = Tensor(const Tensor&, const Tensor&, c10::SymInt);
+  using RowsToDense = Tensor(const Tensor&, const Tensor&, c10::SymInt, bool);
   using PkTopk = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t);
   using RowAdam = void(Tensor&, Tensor&, Tensor&, const Tensor&, const Tensor&, double, double,
                        double, double, double, int64_t);

@@ -152,7 +152,8 @@ inline void register_value_update_cases(Options& o, const Run& run) {
   });
   add_case(run, name("torch", "dense_adamw"), [=](benchmark::State& st) {
     Table& t = with_gradient();
-    const at::Tensor dense_grad = ops.rows_to_dense.call(t.rows, t.rows_grad, c10::SymInt(n_rows));
+    const at::Tensor dense_grad =
+        ops.rows_to_dense.call(t.rows, t.rows_grad, c10::SymInt(n_rows), false);
     at::Tensor step = at::zeros({}, run.options(at::kFloat));
     run.loop(st, [&] {
       step.add_(1);
@@ -171,7 +172,7 @@ inline void register_value_update_cases(Options& o, const Run& run) {
     add_case(run, name("memory_ext", op), [=](benchmark::State& st) {
       Table& t = with_gradient();
       run.loop(st, [&] {
-        benchmark::DoNotOptimize(ops.embedding_bag.call(t.param, t.indices, t.weights));
+        benchmark::DoNotOptimize(ops.embedding_bag.call(t.param, t.indices, t.weights, true));
         auto [r, g, w] =
             ops.embedding_bag_backward.call(t.grad_out, t.param, t.indices, t.weights, true);
         update(t, r, g);

@@ -180,9 +180,10 @@ void quantized_bag_impl(const QuantizedBag<R, out_t, index_t>& d, int64_t tokens
   }
 }
 
+// check_indices is not read: the CPU kernel checks each index as it reads it.
 at::Tensor quantized_embedding_bag_cpu(const at::Tensor& packed_, const at::Tensor& indices_,
                                        const at::Tensor& weights_, c10::string_view codes,
-                                       c10::ScalarType out_dtype) {
+                                       c10::ScalarType out_dtype, bool /*check_indices*/) {
   check_quantized_embedding_bag_args(packed_, indices_, weights_, codes, out_dtype);
   const auto [packed, indices, weights, dim, tail] =
       quantized_bag_inputs(packed_, indices_, weights_, codes);

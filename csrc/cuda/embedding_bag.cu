@@ -7,6 +7,10 @@
 // memory_ext/index_checks.h) the kernels also record the lowest bad position on the
 // device and the op raises the same error as the CPU kernel, at the cost of one host
 // synchronisation in the forward (the backward synchronises anyway to size its outputs).
+// A caller that vouches for its indices (check_indices / check_rows false: indices the
+// library made, as the autograd formulas and the memory layers pass) skips that
+// synchronisation, so a layer's training step waits on the device only where the
+// backward sizes its outputs.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -50,7 +54,7 @@ uint32_t* as_mutable_u32(at::Tensor& t) {
 }
 
 at::Tensor embedding_bag_cuda(const at::Tensor& values_, const at::Tensor& indices_,
-                              const at::Tensor& weights_) {
+                              const at::Tensor& weights_, bool check_indices) {
   check_embedding_bag_args("embedding_bag", values_, indices_, weights_);
   const c10::cuda::CUDAGuard guard(values_.device());
   const auto values = values_.contiguous();
@@ -59,7 +63,7 @@ at::Tensor embedding_bag_cuda(const at::Tensor& values_, const at::Tensor& indic
   auto out = at::empty({indices.size(0), values.size(1)}, values.options());
   if (out.numel() == 0) return out;
 
-  const bool check = index_checks_enabled();
+  const bool check = check_indices && index_checks_enabled();
   at::Tensor first_bad;
   if (check) first_bad = at::full({1}, -1, values.options().dtype(at::kLong));
   cuda::ForwardArgs a{};
@@ -148,15 +152,15 @@ void launch_dense(const at::Tensor& rows, const at::Tensor& rows_grad, at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_grad_,
-                              int64_t n_rows) {
+at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_grad_, int64_t n_rows,
+                              bool check_rows) {
   check_rows_to_dense_args(rows_, rows_grad_, n_rows);
   const c10::cuda::CUDAGuard guard(rows_grad_.device());
   const auto rows = rows_.contiguous();
   const auto rows_grad = rows_grad_.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n_unique = rows.size(0);
-  if (n_unique > 0 && index_checks_enabled()) {
+  if (n_unique > 0 && check_rows && index_checks_enabled()) {
     at::Tensor first_bad = at::full({1}, -1, rows.options());
     check_rows_kernel<<<grid_for(n_unique, kDenseBlock), kDenseBlock, 0, stream>>>(
         rows.const_data_ptr<int64_t>(), n_unique, n_rows,

@@ -43,7 +43,7 @@ void launch(c10::ScalarType out_dtype, const cuda::QuantizedBagArgs& a, cudaStre
 
 at::Tensor quantized_embedding_bag_cuda(const at::Tensor& packed_, const at::Tensor& indices_,
                                         const at::Tensor& weights_, c10::string_view codes,
-                                        c10::ScalarType out_dtype) {
+                                        c10::ScalarType out_dtype, bool check_indices) {
   check_quantized_embedding_bag_args(packed_, indices_, weights_, codes, out_dtype);
   const c10::cuda::CUDAGuard guard(packed_.device());
   const auto [packed, indices, weights, dim, tail] =
@@ -52,7 +52,7 @@ at::Tensor quantized_embedding_bag_cuda(const at::Tensor& packed_, const at::Ten
   if (out.numel() == 0) return out;
   if (indices.size(1) == 0) return out.zero_();
 
-  const bool check = index_checks_enabled();
+  const bool check = check_indices && index_checks_enabled();
   at::Tensor first_bad;
   if (check) first_bad = at::full({1}, -1, packed.options().dtype(at::kLong));
   cuda::QuantizedBagArgs a{};

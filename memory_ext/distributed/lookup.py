@@ -179,7 +179,8 @@ class _ShardedLookup(torch.autograd.Function):
         all_weights = all_gather_rows(
             weights.to(_compute_dtype(weight)), list(counts), group, timeout, "all_gather_weights"
         )
-        local = torch.ops.memory.embedding_bag(weight, all_indices, all_weights)  # (sum(counts), width)
+        # The index range was checked from the metadata (_exchange_metadata): no second check.
+        local = torch.ops.memory.embedding_bag(weight, all_indices, all_weights, False)  # (sum(counts), width)
         # Rows of `local` are ordered by owner rank, so its flat memory is already the
         # concatenation of the blocks to send.
         recv_splits = [counts[me] * size for _, size in shard.columns]
@@ -217,7 +218,7 @@ class _ShardedLookup(torch.autograd.Function):
             if ctx.sparse:  # the rows read by the whole group: the same on every rank
                 grad_weight = sparse_rows_grad(rows, rows_grad, weight.shape)
             else:
-                grad_weight = torch.ops.memory.rows_to_dense(rows, rows_grad, weight.shape[0])
+                grad_weight = torch.ops.memory.rows_to_dense(rows, rows_grad, weight.shape[0], False)
         grad_weights = None
         if plan.need_weights_grad:
             # Every rank must take part, even one whose own weights need no gradient.

@@ -86,11 +86,15 @@ class ShardedValues(MemoryValues):
         seed = _draw_seed() if seed is None else seed
         seeded_normal_columns_(self.weight, self.memory_shard.start, seed, self.dim**-0.5)
 
-    def forward(self, indices: Tensor, weights: Tensor) -> Tensor:
+    def forward(self, indices: Tensor, weights: Tensor, *, check_indices: bool = True) -> Tensor:
         """indices: (tokens, bag) int64/int32, weights: (tokens, bag), this rank's tokens -> (tokens, dim).
 
-        A collective over the memory group: see sharded_lookup.
+        A collective over the memory group: see sharded_lookup. The index range is always
+        checked, from the metadata the ranks exchange before the lookup (that exchange
+        sizes the collectives, so the check costs no synchronisation of its own);
+        check_indices is accepted so that every table takes the same call.
         """
+        del check_indices
         if self.sparse_grad:
             optimizer_guard.watch(self)
         return sharded_lookup(self, indices, weights)

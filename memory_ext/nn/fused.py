@@ -67,10 +67,12 @@ class FusedRowUpdate:
 
 class _FusedBag(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table: Tensor, indices: Tensor, weights: Tensor, link: FusedRowUpdate) -> Tensor:
+    def forward(
+        ctx, table: Tensor, indices: Tensor, weights: Tensor, link: FusedRowUpdate, check_indices: bool
+    ) -> Tensor:
         ctx.save_for_backward(table, indices, weights)
         ctx.link = link
-        return ops.embedding_bag(table, indices, weights)
+        return ops.embedding_bag(table, indices, weights, check_indices=check_indices)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -81,12 +83,14 @@ class _FusedBag(torch.autograd.Function):
             grad_out.contiguous(), table, indices, weights, need_weights
         )
         ctx.link.arrive(rows, rows_grad)
-        return None, None, weights_grad if need_weights else None, None
+        return None, None, weights_grad if need_weights else None, None, None
 
 
-def fused_lookup(table: Tensor, indices: Tensor, weights: Tensor, link: FusedRowUpdate) -> Tensor:
+def fused_lookup(
+    table: Tensor, indices: Tensor, weights: Tensor, link: FusedRowUpdate, check_indices: bool = True
+) -> Tensor:
     """embedding_bag whose backward updates ``table`` through ``link`` instead of writing its gradient.
 
     Eager only: MemoryValues calls it outside compiled graphs, the update being a side
     effect of the backward."""
-    return _FusedBag.apply(table, indices, weights, link)
+    return _FusedBag.apply(table, indices, weights, link, check_indices)

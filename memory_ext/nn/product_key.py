@@ -156,7 +156,9 @@ class ProductKeyMemory(nn.Module):
         indices, weights = self._lookup(flat)
         if self.usage is not None:
             self.usage.index_add_(0, indices.reshape(-1), indices.new_ones(()).expand(indices.numel()))
-        y = self.values(indices, weights)
+        # The top-k of an n_keys^2 table is in range by construction (the pool's size is
+        # checked in __init__): no index check, so no host synchronisation on CUDA.
+        y = self.values(indices, weights, check_indices=False)
         if self.gate is None:
             return y.to(x.dtype).view(x.shape)
         return self.out(y * F.silu(self.gate(flat))).view(x.shape)

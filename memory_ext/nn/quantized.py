@@ -135,9 +135,13 @@ class QuantizedMemoryValues(nn.Module):
             out_dtype = table.dtype if table.dtype in (torch.bfloat16, torch.float16) else torch.float32
         return cls(quantize_rows(table.detach(), codes), codes, out_dtype=out_dtype)
 
-    def forward(self, indices: Tensor, weights: Tensor) -> Tensor:
-        """indices: (tokens, bag) int64/int32; weights: (tokens, bag) -> (tokens, dim) out_dtype."""
-        return ops.quantized_embedding_bag(self.packed, indices, weights.float(), self.codes, self.out_dtype)
+    def forward(self, indices: Tensor, weights: Tensor, *, check_indices: bool = True) -> Tensor:
+        """indices: (tokens, bag) int64/int32; weights: (tokens, bag) -> (tokens, dim) out_dtype.
+
+        check_indices as for MemoryValues.forward."""
+        return ops.quantized_embedding_bag(
+            self.packed, indices, weights.float(), self.codes, self.out_dtype, check_indices=check_indices
+        )
 
     def dequantize(self) -> Tensor:
         """The (n_rows, dim) float32 table the lookups read."""

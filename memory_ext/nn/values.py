@@ -84,14 +84,19 @@ class MemoryValues(nn.Module):
         with torch.no_grad():
             self.weight.normal_(0.0, self.dim**-0.5)
 
-    def forward(self, indices: Tensor, weights: Tensor) -> Tensor:
-        """indices: (tokens, bag) int64/int32; weights: (tokens, bag) -> (tokens, dim) table dtype."""
+    def forward(self, indices: Tensor, weights: Tensor, *, check_indices: bool = True) -> Tensor:
+        """indices: (tokens, bag) int64/int32; weights: (tokens, bag) -> (tokens, dim) table dtype.
+
+        check_indices=False vouches that every index is in [0, n_rows), as a memory layer's
+        own top-k over its n_rows = n_keys^2 table is: on CUDA it saves the index check's
+        host synchronisation (memory_ext.ops.embedding_bag).
+        """
         # The op takes float32 weights or the table's dtype; anything else goes via float32.
         if weights.dtype not in (torch.float32, self.weight.dtype):
             weights = weights.float()
         if (self.sparse_grad or self.fused is not None) and torch.is_grad_enabled() and self.weight.requires_grad:
-            return _lookup_off_dense(self, indices, weights)
-        return ops.embedding_bag(self.weight, indices, weights)
+            return _lookup_off_dense(self, indices, weights, check_indices)
+        return ops.embedding_bag(self.weight, indices, weights, check_indices=check_indices)
 
     def fuse(self, optimizer: RowOptimizer, *, max_norm: float | None = None) -> None:
         """Update this table in its backward with ``optimizer`` (which must hold ``weight``).
@@ -145,32 +150,32 @@ class _SparseGradBag(torch.autograd.Function):
     skipped. Layers sharing a pool get their sparse gradients summed by autograd."""
 
     @staticmethod
-    def forward(ctx, table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    def forward(ctx, table: Tensor, indices: Tensor, weights: Tensor, check_indices: bool) -> Tensor:
         ctx.save_for_backward(table, indices, weights)
-        return ops.embedding_bag(table, indices, weights)
+        return ops.embedding_bag(table, indices, weights, check_indices=check_indices)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         table, indices, weights = ctx.saved_tensors
-        need_table, _, need_weights = ctx.needs_input_grad
+        need_table, _, need_weights, _ = ctx.needs_input_grad
         rows, rows_grad, weights_grad = ops.embedding_bag_backward(
             grad_out.contiguous(), table, indices, weights, need_weights
         )
         grad_table = sparse_rows_grad(rows, rows_grad, table.shape) if need_table else None
-        return grad_table, None, weights_grad if need_weights else None
+        return grad_table, None, weights_grad if need_weights else None, None
 
 
-def sparse_lookup(table: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+def sparse_lookup(table: Tensor, indices: Tensor, weights: Tensor, check_indices: bool = True) -> Tensor:
     """embedding_bag with a sparse COO gradient for ``table``."""
-    return _SparseGradBag.apply(table, indices, weights)
+    return _SparseGradBag.apply(table, indices, weights, check_indices)
 
 
 @torch.compiler.disable
-def _lookup_off_dense(module: MemoryValues, indices: Tensor, weights: Tensor) -> Tensor:
+def _lookup_off_dense(module: MemoryValues, indices: Tensor, weights: Tensor, check_indices: bool) -> Tensor:
     """The sparse or fused lookup of a table. Runs eagerly under torch.compile (one graph
     break per lookup): a compiled graph can neither return a sparse gradient nor hold an
     optimizer update inside its backward."""
     optimizer_guard.watch(module)
     if module.fused is not None:
-        return fused_lookup(module.weight, indices, weights, module.fused)
-    return sparse_lookup(module.weight, indices, weights)
+        return fused_lookup(module.weight, indices, weights, module.fused, check_indices)
+    return sparse_lookup(module.weight, indices, weights, check_indices)
