@@ -166,6 +166,21 @@ def cases_pk_topk(device: str) -> int:
     return n + 1
 
 
+def cases_pk_topk_by_sorting(device: str) -> int:
+    """The sorting path directly, and through pk_topk with a k beyond the fused CUDA
+    kernel's shared memory (k = n_keys = 2048), where the two must agree."""
+    s = sample_inputs("pk_topk", device, torch.bfloat16, tokens=6, heads=2, n_keys=40, half=16, k=40)
+    query, keys = s["query"].requires_grad_(True), s["keys"].requires_grad_(True)
+    scores, _ = ops.pk_topk_by_sorting(query, keys, 40)
+    _finite(scores)
+    scores.sum().backward()
+    s = sample_inputs("pk_topk", device, torch.float32, tokens=3, heads=1, n_keys=2048, half=8, k=2048)
+    fused, by_sorting = ops.pk_topk(s["query"], s["keys"], 2048), ops.pk_topk_by_sorting(s["query"], s["keys"], 2048)
+    if not (torch.equal(fused[1], by_sorting[1]) and torch.equal(fused[0], by_sorting[0])):
+        raise CaseError("pk_topk at k = 2048 differs from pk_topk_by_sorting")
+    return 2
+
+
 def cases_quantized_embedding_bag(device: str) -> int:
     n = 0
     for codes, dim, out_dtype, index_dtype in QUANT_SHAPES:
@@ -249,6 +264,7 @@ CASES: dict[str, Callable[[str], int]] = {
     "embedding_bag_backward": cases_embedding_bag_backward,
     "rows_to_dense": cases_rows_to_dense,
     "pk_topk": cases_pk_topk,
+    "pk_topk_by_sorting": cases_pk_topk_by_sorting,
     "quantized_embedding_bag": cases_quantized_embedding_bag,
     "row_adam_": cases_row_adam_,
     "row_adagrad_": cases_row_adagrad_,

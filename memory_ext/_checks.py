@@ -324,11 +324,10 @@ def check_row_adagrad(
     )
 
 
-def check_pk_topk(query: Tensor, keys: Tensor, k: int) -> None:
-    """check_pk_topk_args of checks.h (query (tokens, heads, 2 * half); keys (heads, 2,
-    n_keys, half), same float dtype and device; 1 <= k <= n_keys), and on CUDA the limits
-    of the CUDA kernel (n_keys <= 65536, heads <= 65535, half <= 2^24)."""
-    op = "pk_topk"
+def check_pk_topk(query: Tensor, keys: Tensor, k: int, op: str = "pk_topk") -> None:
+    """check_pk_topk_args of checks.h: query (tokens, heads, 2 * half); keys (heads, 2,
+    n_keys, half), same float dtype and device; 1 <= k <= n_keys. No device limits: what
+    the fused CUDA kernel cannot take, it hands to pk_topk_by_sorting."""
     _require(
         query.dim() == 3, op, lambda: f"query must be 3-D (tokens, heads, 2 * half), got shape {_shape(query.shape)}"
     )
@@ -359,18 +358,6 @@ def check_pk_topk(query: Tensor, keys: Tensor, k: int) -> None:
     _require(
         _sym_and(k >= 1, k <= keys.shape[2]), op, lambda: f"k must be in [1, n_keys = {_int(keys.shape[2])}], got {_int(k)}"
     )
-    if query.device.type == "cuda":
-        # The CUDA kernel's own limits, checked after its early return for empty outputs.
-        tokens, heads, n_keys, half = query.shape[0], query.shape[1], keys.shape[2], keys.shape[3]
-        empty = _sym_or(tokens == 0, heads == 0)
-        _require(
-            _sym_or(empty, n_keys <= 65536), op,
-            lambda: f"the CUDA kernel supports n_keys <= 65536, got {_int(n_keys)}",
-        )
-        _require(
-            _sym_or(empty, heads <= 65535), op, lambda: f"the CUDA kernel supports heads <= 65535, got {_int(heads)}"
-        )
-        _require(_sym_or(empty, half <= 2**24), op, lambda: f"half width too large, got {_int(half)}")
 
 
 # Bytes after a packed quantized row's codes (quantized_row_tail_bytes of checks.h): a float32

@@ -202,6 +202,7 @@ _SAMPLERS: dict[str, Callable[..., dict[str, Any]]] = {
     "embedding_bag_backward": _embedding_bag_backward,
     "rows_to_dense": _rows_to_dense,
     "pk_topk": _pk_topk,
+    "pk_topk_by_sorting": _pk_topk,
     "row_adam_": _row_adam_,
     "row_adagrad_": _row_adagrad_,
     "quantized_embedding_bag": _quantized_embedding_bag,
@@ -221,7 +222,8 @@ def sample_inputs(op: str, device: str | torch.device = "cpu", dtype: torch.dtyp
         lookups on rows 0..2), kind ("gaussian", or "dyadic": sums exact in float32).
       embedding_bag_backward: those, plus need_weights_grad and grad_dtype.
       rows_to_dense: n_rows, n_unique, dim (any dtype, integers too).
-      pk_topk: tokens, heads, n_keys, half, k, kind ("gaussian", "dyadic", "ties").
+      pk_topk, pk_topk_by_sorting: tokens, heads, n_keys, half, k, kind ("gaussian",
+        "dyadic", "ties").
       row_adam_: n_rows, dim, n_unique, step and the hyperparameters.
       row_adagrad_: n_rows, dim, n_unique, lr, eps, weight_decay (sum_sq starts in [0, 0.1)).
       quantized_embedding_bag: tokens, bag, rows, dim, index_dtype, codes ("uint8",

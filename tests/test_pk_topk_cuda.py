@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor
 
 import memory_ext
-from memory_ext.reference import pair_scores, pk_topk_bruteforce
+from memory_ext.reference import half_scores, pair_scores, pk_topk_bruteforce
 from memory_ext.testing import accumulation_dtype, sample_inputs, tolerance
 
 from conftest import CUDA_SKIP, requires_cuda
@@ -118,7 +119,11 @@ def test_gaussian_against_brute_force_and_cpu(half, n_keys, k, dtype):
         (320, 200, 16, torch.bfloat16),  # 32 k16-steps in registers
         (512, 96, 9, torch.float16),
         (300, 70, 70, torch.bfloat16),  # k == n_keys, partial tile, half % 8 != 0
-        (520, 64, 3, torch.bfloat16),  # half > 512: plain path for bf16
+        (520, 64, 3, torch.bfloat16),  # half > 512: query streamed from shared memory
+        (1030, 100, 9, torch.float16),  # streamed, half % 8 != 0: element-wise sub-key loads
+        (2048, 64, 16, torch.bfloat16),  # the widest streamed half
+        (2048, 300, 256, torch.bfloat16),  # streamed where shared memory allows, else plain
+        (2056, 64, 3, torch.bfloat16),  # half > 2048: plain path for bf16
         (33, 80, 12, torch.float32),
         (16, 128, 100, torch.float64),
     ],
@@ -157,12 +162,145 @@ def test_float64_gaussian_against_cpu():
 
 
 # ---------------------------------------------------------------------------------------
+# float32 on TF32 tensor cores (torch's float32 matmul precision below "highest").
+
+
+@pytest.fixture
+def tf32_allowed():
+    """torch.set_float32_matmul_precision("high") for the test, the old value restored after."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
+def _tf32_capable() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+requires_tf32 = pytest.mark.skipif(CUDA_SKIP is None and not _tf32_capable(),
+                                   reason="TF32 tensor cores need compute capability 8.0 or newer")
+
+
+def round_to_tf32(x: Tensor) -> Tensor:
+    """float32 -> TF32 (10 mantissa bits), to nearest with ties away from zero, as a float32
+    tensor: add half a unit to the magnitude bits, then clear the 13 low bits."""
+    bits = x.float().view(torch.int32)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    rounded = ((bits + 0x1000) & ~0x1FFF).where(finite, bits)
+    return rounded.view(torch.float32)
+
+
+def _half_abs_sums(query, keys, indices):
+    """sum |q1 * K1[i]| + sum |q2 * K2[j]| of each returned pair, float64."""
+    return pair_scores(query.double().abs(), keys.double().abs(), indices)
+
+
+def assert_tf32_result(query, keys, scores, indices):
+    """The documented TF32 contract: every score within 2^-9 * (sum |q1 K1[i]| +
+    sum |q2 K2[j]|) of the exact pair score, and the indices the exact top k of the TF32
+    scores: each returned score within float32 accumulation error of its pair's score
+    over TF32-rounded operands, and no pair left out whose TF32 score clearly beats the
+    k-th returned one."""
+    n_keys = keys.shape[2]
+    assert scores.dtype == torch.float32
+    assert (scores[..., 1:] <= scores[..., :-1]).all(), "scores are not descending"
+    sorted_idx = indices.sort(dim=-1).values
+    assert (sorted_idx[..., 1:] != sorted_idx[..., :-1]).all(), "a pair was returned twice"
+    assert indices.min().item() >= 0 and indices.max().item() < n_keys**2
+    abs_sums = _half_abs_sums(query, keys, indices)
+    exact = pair_scores(query.double(), keys.double(), indices)
+    assert ((scores.double() - exact).abs() <= 2.0**-9 * abs_sums).all(), "outside the TF32 bound"
+    # Over TF32 operands only the float32 accumulation differs: at most half * 2^-23 of the
+    # sums of absolute products (one float32 unit per addition, twice the rounding error).
+    qt, kt = round_to_tf32(query), round_to_tf32(keys)
+    rel = max(keys.shape[3], 16) * 2.0**-23
+    acc = rel * _half_abs_sums(qt, kt, indices)
+    tf32_scores = pair_scores(qt.double(), kt.double(), indices)
+    assert ((scores.double() - tf32_scores).abs() <= acc).all(), "not the TF32 scores"
+    s1, s2 = half_scores(qt.double(), kt.double())
+    all_pairs = (s1[..., :, None] + s2[..., None, :]).flatten(2)
+    a1, a2 = half_scores(qt.double().abs(), kt.double().abs())
+    all_acc = rel * (a1[..., :, None] + a2[..., None, :]).flatten(2)
+    clear = all_pairs - all_acc > scores[..., -1:].double() + acc[..., -1:]
+    returned = torch.zeros_like(all_pairs, dtype=torch.bool).scatter_(-1, indices, True)
+    assert returned[clear].all(), "a pair whose TF32 score beats the k-th is missing"
+
+
+TF32_GRID = [(half, n_keys, k) for half in (32, 48, 128, 256) for n_keys in (64, 1024) for k in (1, 7, 256)
+             if k <= n_keys]
+
+
+@requires_cuda
+@requires_tf32
+@pytest.mark.parametrize("half,n_keys,k", TF32_GRID)
+def test_tf32_exact_inputs_against_brute_force(half, n_keys, k, tf32_allowed):
+    """Dyadic inputs are TF32 values and every sum is exact: bit for bit the brute force."""
+    heads = _heads_for(half, n_keys, k)
+    tokens = 5 if n_keys > 512 else 37
+    q, keys = make_inputs(tokens, heads, n_keys, half, torch.float32, seed=half * 7 + n_keys + k)
+    scores, indices = torch.ops.memory.pk_topk(q, keys, k)
+    assert_exact(scores, indices, *pk_topk_bruteforce(q, keys, k))
+
+
+@requires_cuda
+@requires_tf32
+@pytest.mark.parametrize("half,n_keys,k", [(32, 64, 7), (48, 100, 32), (128, 1024, 32), (200, 300, 16),
+                                           (256, 1024, 256), (37, 130, 5), (300, 200, 16), (1024, 128, 8)])
+def test_tf32_gaussian_within_documented_bound(half, n_keys, k, tf32_allowed):
+    q, keys = make_inputs(6 if n_keys > 512 else 29, 2, n_keys, half, torch.float32, kind="gaussian", seed=k)
+    scores, indices = torch.ops.memory.pk_topk(q, keys, k)
+    assert_tf32_result(q, keys, scores, indices)
+
+
+@requires_cuda
+@requires_tf32
+def test_float32_matmul_precision_picks_the_path():
+    """"highest" (the default) keeps float32 exact to float32 rounding; "high" rounds the
+    operands to TF32, which moves gaussian scores far more than float32 rounding does."""
+    q, keys = make_inputs(40, 2, 256, 128, torch.float32, kind="gaussian", seed=13)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        exact_s, exact_i = torch.ops.memory.pk_topk(q, keys, 16)
+        torch.set_float32_matmul_precision("high")
+        tf32_s, tf32_i = torch.ops.memory.pk_topk(q, keys, 16)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    err_exact = (exact_s.double() - pair_scores(q.double(), keys.double(), exact_i)).abs().max().item()
+    err_tf32 = (tf32_s.double() - pair_scores(q.double(), keys.double(), tf32_i)).abs().max().item()
+    assert err_exact < 1e-4 < err_tf32
+    assert_tf32_result(q, keys, tf32_s, tf32_i)
+
+
+@requires_cuda
+@requires_tf32
+@pytest.mark.parametrize("half,n_keys,k", [(37, 130, 5), (300, 70, 9), (1024, 64, 16), (1030, 70, 9)])
+def test_tf32_odd_shapes_exact(half, n_keys, k, tf32_allowed):
+    """half 37 copies sub-keys element-wise; 300 and 1024 stream the query from shared
+    memory; 1030 > 1024 takes the exact FMA path."""
+    q, keys = make_inputs(19, 2, n_keys, half, torch.float32, seed=half + k)
+    scores, indices = torch.ops.memory.pk_topk(q, keys, k)
+    assert_exact(scores, indices, *pk_topk_bruteforce(q, keys, k))
+
+
+@requires_cuda
+@requires_tf32
+def test_tf32_strided_query_and_unaligned_keys(tf32_allowed):
+    _check_strided_query_and_unaligned_keys(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
 # Layouts, determinism, sizes.
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_strided_query_and_unaligned_keys(dtype):
+    _check_strided_query_and_unaligned_keys(dtype)
+
+
+def _check_strided_query_and_unaligned_keys(dtype):
     q, keys = make_inputs(50, 4, 200, 64, dtype, kind="gaussian", seed=9)
     want = torch.ops.memory.pk_topk(q, keys, 16)
     # query as a view with padded rows and heads; keys at a 2-element storage offset
@@ -289,3 +427,23 @@ def test_errors():
         torch.ops.memory.pk_topk(q, keys, 65)
     with pytest.raises(RuntimeError, match="same dtype"):
         torch.ops.memory.pk_topk(q, keys.half(), 4)
+
+
+@requires_cuda
+@pytest.mark.parametrize(
+    "tokens,heads,n_keys,half,k",
+    [
+        (5, 2, 2048, 8, 2048),  # k beyond the fused kernels' shared memory
+        (3, 1, 1024, 16, 700),
+        (4, 1, 65537, 2, 3),  # n_keys beyond the kernels' 32-bit combined indices
+    ],
+)
+def test_beyond_the_fused_kernel_equals_the_cpu(tokens, heads, n_keys, half, k):
+    """What the fused kernels cannot take goes to pk_topk_by_sorting: the op's contract on
+    CUDA for any k <= n_keys, bit for bit the CPU's on exact inputs."""
+    q, keys = make_inputs(tokens, heads, n_keys, half, torch.float32)
+    got = torch.ops.memory.pk_topk(q, keys, k)
+    want = torch.ops.memory.pk_topk(q.cpu(), keys.cpu(), k)
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[0].cpu(), want[0])
+    by_sorting = torch.ops.memory.pk_topk_by_sorting(q, keys, k)
+    assert torch.equal(by_sorting[1], got[1]) and torch.equal(by_sorting[0], got[0])

@@ -77,14 +77,15 @@ def reference(query, keys, k):
 
 
 def assert_exact(query, keys, ks):
-    """pk_topk on the CPU equals the reference bit for bit (scores and indices), for each k
-    of ks (an int or a list); returns the outputs for the last k."""
+    """pk_topk on the CPU, and pk_topk_by_sorting (the CUDA op's path for large k), equal
+    the reference bit for bit (scores and indices), for each k of ks (an int or a list);
+    returns pk_topk's outputs for the last k."""
     ks = [ks] if isinstance(ks, int) else list(ks)
     # The first k of a stable order are the top k for every smaller k: one reference.
     all_scores, all_indices = reference(query, keys, max(ks))
     score_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    for k in ks:
-        scores, indices = ops.pk_topk(query, keys, k)
+    for k, op in ((k, op) for op in (ops.pk_topk_by_sorting, ops.pk_topk) for k in ks):
+        scores, indices = op(query, keys, k)
         want_scores, want_indices = all_scores[..., :k], all_indices[..., :k]
         assert scores.dtype == score_dtype and indices.dtype == torch.int64
         assert scores.shape == indices.shape == want_scores.shape
@@ -92,7 +93,7 @@ def assert_exact(query, keys, ks):
         if bad.any():
             t, h, j = (int(x) for x in bad.nonzero()[0])
             raise AssertionError(
-                f"k = {k}: {int(bad.sum())} of {bad.numel()} entries differ; first at token {t}, head {h}, "
+                f"{op.__name__}, k = {k}: {int(bad.sum())} of {bad.numel()} entries differ; first at token {t}, head {h}, "
                 f"rank {j}: got ({scores[t, h, j].item()}, {indices[t, h, j].item()}), "
                 f"want ({want_scores[t, h, j].item()}, {want_indices[t, h, j].item()})"
             )

@@ -1,7 +1,9 @@
-// CUDA kernel of torch.ops.memory.pk_topk: half scores on tensor cores (bf16/fp16) or with
-// FMAs (fp32/fp64), a running top-k per (token, head, half) in shared memory, the exact
-// rank-product combine, and nothing but the k results written to device memory. The
-// algorithm is in pk_topk_kernel.cuh; this file picks a kernel and a launch shape.
+// CUDA kernel of torch.ops.memory.pk_topk: half scores on tensor cores (bf16/fp16, and fp32
+// as TF32 where torch's float32 matmul precision allows it) or with FMAs (fp32/fp64), a
+// running top-k per (token, head, half) in shared memory, the exact rank-product combine,
+// and nothing but the k results written to device memory. The algorithm is in
+// pk_topk_kernel.cuh; this file picks a kernel and a launch shape.
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -10,12 +12,19 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <set>
+#include <tuple>
+#include <utility>
 
 #include "memory_ext/checks.h"
 #include "memory_ext/launch_rules.h"
+#include "memory_ext/pk_topk_by_sorting.h"
 #include "memory_ext/prologues.h"
 #include "pk_topk_kernel.cuh"
 
@@ -28,36 +37,79 @@ using pk::Params;
 using pk::pk_topk_mma_kernel;
 using pk::pk_topk_plain_kernel;
 
+using KernelFn = void (*)(Params);
+
 struct KernelChoice {
-  void (*fn)(Params);
+  KernelFn fn;
   bool tensor_cores;
   int score_bytes;
   int key_bytes;
+  int elem_bytes;       // of the inputs: a 16-byte copy moves 16 / elem_bytes of them
+  int query_row_words;  // > 0: the query half is streamed from shared memory
+
+  pk::SmemLayout layout(const Params& prm, int nwarps) const {
+    return pk::make_layout(tensor_cores, score_bytes, key_bytes, nwarps, prm.kp, prm.k, prm.npairs,
+                           query_row_words);
+  }
 };
 
-// The kernel for the dtype and the GPU (pk::use_tensor_cores).
-KernelChoice pick_kernel(at::ScalarType dtype, int64_t half, int cc_major) {
-  const bool tc =
-      pk::use_tensor_cores(dtype == at::kBFloat16 || dtype == at::kHalf, half, cc_major);
-  const bool k16 = pk::query_k16_steps(half) == 16;
-  const int f = sizeof(float), kf = sizeof(pk::KeyF);
+pk::InputKind input_kind(at::ScalarType dtype) {
   switch (dtype) {
     case at::kBFloat16:
-      if (tc)
-        return {k16 ? pk_topk_mma_kernel<true, 16> : pk_topk_mma_kernel<true, 32>, true, f, kf};
-      return {pk_topk_plain_kernel<pk::InBF16>, false, f, kf};
+      return pk::InputKind::kBF16;
     case at::kHalf:
-      if (tc)
-        return {k16 ? pk_topk_mma_kernel<false, 16> : pk_topk_mma_kernel<false, 32>, true, f, kf};
-      return {pk_topk_plain_kernel<pk::InF16>, false, f, kf};
+      return pk::InputKind::kF16;
     case at::kFloat:
-      return {pk_topk_plain_kernel<pk::InF32>, false, f, kf};
+      return pk::InputKind::kF32;
     case at::kDouble:
-      return {pk_topk_plain_kernel<pk::InF64>, false, static_cast<int>(sizeof(double)),
-              static_cast<int>(sizeof(pk::KeyD))};
+      return pk::InputKind::kF64;
     default:
       TORCH_CHECK(false, "memory.pk_topk: unsupported dtype ", dtype);
   }
+}
+
+template <class In>
+KernelChoice mma_kernel(pk::ScorePath path, int64_t half) {
+  const int steps = pk::query_mma_steps(path, half);
+  const int elem = sizeof(typename In::Raw);
+  const KernelFn fn = steps == 16   ? pk_topk_mma_kernel<In, 16>
+                      : steps == 32 ? pk_topk_mma_kernel<In, 32>
+                                    : pk_topk_mma_kernel<In, pk::kStreamedQuery>;
+  const int row_words =
+      steps == pk::kStreamedQuery ? pk::streamed_query_row_words(static_cast<int>(half), elem) : 0;
+  return {fn, true, sizeof(float), sizeof(pk::KeyF), elem, row_words};
+}
+
+template <class In>
+KernelChoice plain_kernel() {
+  using S = typename In::Score;
+  return {pk_topk_plain_kernel<In>, false, sizeof(S), sizeof(typename pk::KeyOf<S>::type),
+          sizeof(typename In::Raw), 0};
+}
+
+// The kernel for the dtype, the GPU and torch's float32 matmul precision
+// (pk::choose_score_path); plain_only: the FMA kernel whatever the path.
+KernelChoice pick_kernel(at::ScalarType dtype, int64_t half, int cc_major, bool allow_tf32,
+                         bool plain_only) {
+  const pk::ScorePath path = pk::choose_score_path(input_kind(dtype), half, cc_major, allow_tf32);
+  const bool tc = path != pk::ScorePath::kPlain && !plain_only;
+  switch (dtype) {
+    case at::kBFloat16:
+      return tc ? mma_kernel<pk::InBF16>(path, half) : plain_kernel<pk::InBF16>();
+    case at::kHalf:
+      return tc ? mma_kernel<pk::InF16>(path, half) : plain_kernel<pk::InF16>();
+    case at::kFloat:
+      return tc ? mma_kernel<pk::InF32>(path, half) : plain_kernel<pk::InF32>();
+    default:
+      return plain_kernel<pk::InF64>();
+  }
+}
+
+// TF32 for float32 inputs follows torch's rule for float32 matmuls:
+// torch.set_float32_matmul_precision("high" or "medium") allows it; the default "highest"
+// keeps the exact FMA path.
+bool float32_matmul_allows_tf32() {
+  return at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
 }
 
 int device_attribute(cudaDeviceAttr attr, int device) {
@@ -66,30 +118,85 @@ int device_attribute(cudaDeviceAttr attr, int device) {
   return v;
 }
 
-// Warps per CTA: the residency of each size from the occupancy calculator, then
-// pk::choose_warps. The environment variable MEMORY_EXT_PK_TOPK_WARPS (1, 2, 4 or 8)
-// forces a size where it fits, for tuning runs.
-int pick_warps(const KernelChoice& kc, Params& prm, int device) {
-  const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const int sms = device_attribute(cudaDevAttrMultiProcessorCount, device);
+struct DeviceLimits {
+  int cc_major;
+  int sms;
+  int optin;  // the most dynamic shared memory a block may opt in to
+};
+
+// CTAs of 1, 2, 4 and 8 warps one SM holds for one kernel and k (0: that size does not
+// fit).
+struct Residency {
+  int blocks_per_sm[4];
+};
+
+// The launch facts of each device and of each (device, kernel, k), measured on first use
+// and kept for the process. Besides sparing a dozen driver calls per call, it raises each
+// kernel's dynamic shared-memory limit once per device, to the opt-in maximum, before any
+// launch: a limit set per call just before the launch could be lowered by another host
+// thread in between.
+class LaunchCache {
+ public:
+  DeviceLimits device(int device) {
+    const std::lock_guard<std::mutex> lock(mu_);
+    return device_locked(device);
+  }
+
+  Residency residency(int device, const KernelChoice& kc, const Params& prm) {
+    const std::lock_guard<std::mutex> lock(mu_);
+    const auto key =
+        std::make_tuple(device, reinterpret_cast<const void*>(kc.fn), prm.k, kc.query_row_words);
+    const auto found = residency_.find(key);
+    if (found != residency_.end()) return found->second;
+    const DeviceLimits lim = device_locked(device);
+    const auto fn_on_device = std::make_pair(device, reinterpret_cast<const void*>(kc.fn));
+    if (opted_in_.count(fn_on_device) == 0) {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kc.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, lim.optin));
+      opted_in_.insert(fn_on_device);
+    }
+    Residency r{{0, 0, 0, 0}};
+    for (int i = 0, nw = 1; nw <= pk::kMaxWarps; ++i, nw *= 2) {
+      const pk::SmemLayout lay = kc.layout(prm, nw);
+      if (lay.total > lim.optin) continue;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r.blocks_per_sm[i], kc.fn,
+                                                                   nw * kWarpSize, lay.total));
+    }
+    residency_.emplace(key, r);
+    return r;
+  }
+
+ private:
+  DeviceLimits device_locked(int device) {
+    const auto found = devices_.find(device);
+    if (found != devices_.end()) return found->second;
+    const DeviceLimits lim{device_attribute(cudaDevAttrComputeCapabilityMajor, device),
+                           device_attribute(cudaDevAttrMultiProcessorCount, device),
+                           device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device)};
+    devices_.emplace(device, lim);
+    return lim;
+  }
+
+  std::mutex mu_;
+  std::map<int, DeviceLimits> devices_;
+  std::set<std::pair<int, const void*>> opted_in_;
+  // (device, kernel, k, streamed query row words): what the layouts depend on
+  std::map<std::tuple<int, const void*, int, int>, Residency> residency_;
+};
+
+LaunchCache& launch_cache() {
+  static LaunchCache cache;
+  return cache;
+}
+
+// Warps per CTA: pk::choose_warps over the cached residency of each size; 0 when none
+// fits. The environment variable MEMORY_EXT_PK_TOPK_WARPS (1, 2, 4 or 8) forces a size
+// where it fits, for tuning runs.
+int pick_warps(const KernelChoice& kc, const Params& prm, int device, const DeviceLimits& lim) {
+  const Residency r = launch_cache().residency(device, kc, prm);
   const char* env = std::getenv("MEMORY_EXT_PK_TOPK_WARPS");
   const int forced = env != nullptr ? std::atoi(env) : 0;
-  int blocks_per_sm[4] = {0, 0, 0, 0};
-  int smallest_need = INT_MAX;
-  for (int i = 0, nw = 1; nw <= pk::kMaxWarps; ++i, nw *= 2) {
-    const pk::SmemLayout lay = pk::make_layout(kc.tensor_cores, kc.score_bytes, kc.key_bytes, nw,
-                                               prm.kp, prm.k, prm.npairs);
-    smallest_need = std::min(smallest_need, lay.total);
-    if (lay.total > optin) continue;
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kc.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, lay.total));
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm[i], kc.fn,
-                                                                 nw * kWarpSize, lay.total));
-  }
-  const int best = pk::choose_warps(blocks_per_sm, sms, prm.tokens, prm.heads, forced);
-  TORCH_CHECK(best > 0, "memory.pk_topk: k = ", prm.k, " needs ", smallest_need,
-              " bytes of shared memory per block, more than this GPU offers (", optin, ")");
-  return best;
+  return pk::choose_warps(r.blocks_per_sm, lim.sms, prm.tokens, prm.heads, forced);
 }
 
 std::tuple<at::Tensor, at::Tensor> pk_topk_cuda(const at::Tensor& query, const at::Tensor& keys,
@@ -102,12 +209,13 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cuda(const at::Tensor& query, const a
   auto [scores, indices] = pk_topk_outputs(query, k);
   if (tokens == 0 || heads == 0) return {scores, indices};
 
-  // Combined indices i * n_keys + j are kept in 32 bits inside the kernel.
-  TORCH_CHECK(n_keys <= 65536, "memory.pk_topk: the CUDA kernel supports n_keys <= 65536, got ",
-              n_keys);
-  TORCH_CHECK(heads <= 65535, "memory.pk_topk: the CUDA kernel supports heads <= 65535, got ",
-              heads);
-  TORCH_CHECK(half <= (int64_t{1} << 24), "memory.pk_topk: half width too large, got ", half);
+  // What the fused kernels cannot take goes to the sorting path (same contract, ATen ops):
+  // combined indices i * n_keys + j are 32-bit inside the kernels, heads are a grid
+  // dimension, and shared memory bounds k (below).
+  const int64_t max_rows_per_block = int64_t{pk::kMaxWarps} * pk::kRowsPerWarp;
+  if (n_keys > 65536 || heads > 65535 || half > (int64_t{1} << 24) ||
+      tokens > int64_t{INT_MAX} * max_rows_per_block)
+    return pk_topk_by_sorting(query, keys, k);
 
   const auto keys_c = keys.contiguous();
   const int device = query.get_device();
@@ -126,20 +234,26 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cuda(const at::Tensor& query, const a
   prm.k = static_cast<int>(k);
   prm.kp = pk::next_pow2(prm.k);
   prm.npairs = pk::pair_count(prm.k);
-  // 16-byte copies need 16-byte aligned sub-key rows.
-  prm.vector_keys = cuda::use_vector_path(half, 8, {prm.keys});
 
-  const KernelChoice kc = pick_kernel(query.scalar_type(), half,
-                                      device_attribute(cudaDevAttrComputeCapabilityMajor, device));
-  prm.nwarps = pick_warps(kc, prm, device);
-  prm.layout = pk::make_layout(kc.tensor_cores, kc.score_bytes, kc.key_bytes, prm.nwarps, prm.kp,
-                               prm.k, prm.npairs);
-  C10_CUDA_CHECK(
-      cudaFuncSetAttribute(kc.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, prm.layout.total));
+  const DeviceLimits lim = launch_cache().device(device);
+  const bool allow_tf32 = float32_matmul_allows_tf32();
+  KernelChoice kc = pick_kernel(query.scalar_type(), half, lim.cc_major, allow_tf32, false);
+  prm.nwarps = pick_warps(kc, prm, device, lim);
+  if (prm.nwarps == 0 && kc.query_row_words > 0) {
+    // A streamed query half and a large k together can outgrow shared memory, where the
+    // FMA kernel, which keeps no query there, still fits.
+    kc = pick_kernel(query.scalar_type(), half, lim.cc_major, allow_tf32, true);
+    prm.nwarps = pick_warps(kc, prm, device, lim);
+  }
+  // k too large for the shared memory of any CTA size.
+  if (prm.nwarps == 0) return pk_topk_by_sorting(query, keys, k);
+  // 16-byte copies need 16-byte aligned sub-key rows of whole 16-byte pieces.
+  prm.vector_keys = cuda::use_vector_path(half, 16 / kc.elem_bytes, {prm.keys});
+  prm.layout = kc.layout(prm, prm.nwarps);
 
   const int64_t rows = int64_t{prm.nwarps} * pk::kRowsPerWarp;
   const int64_t blocks = (tokens + rows - 1) / rows;
-  TORCH_CHECK(blocks <= INT_MAX, "memory.pk_topk: too many tokens, got ", tokens);
+  if (blocks > INT_MAX) return pk_topk_by_sorting(query, keys, k);
   const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(heads));
   const dim3 block(static_cast<unsigned>(prm.nwarps * kWarpSize));
   kc.fn<<<grid, block, prm.layout.total, c10::cuda::getCurrentCUDAStream()>>>(prm);

@@ -13,11 +13,14 @@ namespace memory_ext::cuda::pk {
 constexpr int kRowsPerWarp = 16;               // one mma M tile: each warp owns 16 tokens
 constexpr int kTileKeys = 64;                  // sub-keys scored per tile (BK)
 constexpr int kScratchStride = kTileKeys + 8;  // 72 = 8 mod 32 words: conflict-free float2 stores
-constexpr int kMmaChunk = 64;  // half-dims per pipelined sub-key chunk (tensor-core path)
-constexpr int kMmaChunkStride = kMmaChunk + 8;  // 36 words = 4 mod 32: conflict-free fragment loads
-constexpr int kStages = 3;                      // cp.async pipeline depth
-constexpr int kPlainChunk = 32;                 // half-dims per chunk (plain FMA path)
-constexpr int kPlainStride = kPlainChunk + 1;   // odd stride: lanes read distinct banks
+// Tensor-core path: a pipelined sub-key chunk is 64 keys x 128 bytes (64 bf16/fp16 dims or
+// 32 fp32 dims: 4 mma k-steps either way); rows are padded to 36 words = 4 mod 32, so the
+// fragment loads (8 key rows x 4 words per k-step) hit 32 distinct banks.
+constexpr int kMmaChunkBytes = 128;
+constexpr int kMmaRowWords = kMmaChunkBytes / 4 + 4;
+constexpr int kStages = 3;                     // cp.async pipeline depth
+constexpr int kPlainChunk = 32;                // half-dims per chunk (plain FMA path)
+constexpr int kPlainStride = kPlainChunk + 1;  // odd stride: lanes read distinct banks
 constexpr int kBufCap = 64;  // candidate buffer per row; flushed when it cannot take 32 more
 constexpr int kMaxWarps = 8;
 
@@ -131,21 +134,33 @@ MEMORY_EXT_HD int align16(int x) { return (x + 15) & ~15; }
 //             (plain path); after the scan it holds the pair table of the combine step;
 //   [scratch] per warp: its 16 x 64 tile of scores, later its combine list and buffer;
 //   [state]   per token: sorted top list of each half (kp keys each) + candidate buffer;
-//   [count]   per token: candidates waiting in its buffer.
+//   [count]   per token: candidates waiting in its buffer;
+//   [query]   per token, tensor-core path with the query streamed from shared memory only:
+//             the current half as mma operand words (query_row_words each).
 struct SmemLayout {
   int scratch_bytes;  // per warp
   int row_bytes;      // per token
   int off_scratch;
   int off_state;
   int off_count;
+  int off_query;
+  int query_row_words;  // 0: the query half lives in registers (or the plain path runs)
   int total;
 };
 
+// Words per token of the streamed query half: whole sub-key chunks (zero-padded), plus 4
+// words so that rows are 4 words apart mod 32 and A fragment loads, like the B loads, hit
+// 32 distinct banks.
+MEMORY_EXT_HD int streamed_query_row_words(int half, int elem_bytes) {
+  const int chunk_dims = kMmaChunkBytes / elem_bytes;
+  return (half + chunk_dims - 1) / chunk_dims * (kMmaChunkBytes / 4) + 4;
+}
+
 MEMORY_EXT_HD SmemLayout make_layout(bool tensor_cores, int score_bytes, int key_bytes, int nwarps,
-                                     int kp, int k, int npairs) {
+                                     int kp, int k, int npairs, int query_row_words = 0) {
   SmemLayout l{};
   const int rows = nwarps * kRowsPerWarp;
-  const int stage = tensor_cores ? kStages * kTileKeys * kMmaChunkStride * 2
+  const int stage = tensor_cores ? kStages * kTileKeys * kMmaRowWords * 4
                                  : (rows + kTileKeys) * kPlainStride * score_bytes;
   const int table = (npairs + k + 1) * 4;
   const int stage_region = align16(stage > table ? stage : table);
@@ -156,7 +171,9 @@ MEMORY_EXT_HD SmemLayout make_layout(bool tensor_cores, int score_bytes, int key
   l.off_scratch = stage_region;
   l.off_state = l.off_scratch + nwarps * l.scratch_bytes;
   l.off_count = l.off_state + align16(rows * l.row_bytes);
-  l.total = l.off_count + align16(rows * 4);
+  l.off_query = l.off_count + align16(rows * 4);
+  l.query_row_words = query_row_words;
+  l.total = l.off_query + rows * query_row_words * 4;
   return l;
 }
 
@@ -178,14 +195,48 @@ struct Params {
 // ---------------------------------------------------------------------------------------
 // Launch decisions (host).
 
-// Tensor cores need bf16/fp16 inputs, sm_80 (mma.m16n8k16, cp.async) and the query half in
-// registers (half <= 512); everything else takes the plain path.
-inline bool use_tensor_cores(bool bf16_or_fp16, int64_t half, int cc_major) {
-  return bf16_or_fp16 && cc_major >= 8 && half <= 512;
+enum class InputKind { kBF16, kF16, kF32, kF64 };
+
+// How the half-scores are computed: bf16/fp16 on tensor cores (mma.m16n8k16), fp32 rounded
+// to TF32 on tensor cores (mma.m16n8k8), or exact FMAs in the score type.
+enum class ScorePath { kPlain, kMma16, kTf32 };
+
+// The largest query half row the tensor-core kernels stream from shared memory (64 KiB per
+// warp): half <= 2048 bf16/fp16 dims, half <= 1024 fp32 dims. Wider halves, or k too large
+// for the shared memory left, take the plain path.
+constexpr int kMaxStreamedQueryBytes = 4096;
+
+// fp32 follows torch's rule for float32 matmuls: TF32 only where the caller allows it
+// (torch.get_float32_matmul_precision() != "highest"); otherwise the exact FMA path.
+inline ScorePath choose_score_path(InputKind in, int64_t half, int cc_major, bool allow_tf32) {
+  switch (in) {
+    case InputKind::kBF16:
+    case InputKind::kF16:
+      return cc_major >= 8 && half * 2 <= kMaxStreamedQueryBytes ? ScorePath::kMma16
+                                                                 : ScorePath::kPlain;
+    case InputKind::kF32:
+      return allow_tf32 && cc_major >= 8 && half * 4 <= kMaxStreamedQueryBytes ? ScorePath::kTf32
+                                                                               : ScorePath::kPlain;
+    default:
+      return ScorePath::kPlain;
+  }
 }
 
-// k16-steps of query the tensor-core kernel keeps in registers (its kHk).
-inline int query_k16_steps(int64_t half) { return half <= 256 ? 16 : 32; }
+// Input dims one mma k-step consumes: 8 32-bit words of each row either way.
+inline int mma_step_dims(ScorePath path) { return path == ScorePath::kTf32 ? 8 : 16; }
+
+// kHk of a tensor-core kernel that streams its query half from shared memory.
+constexpr int kStreamedQuery = 0;
+
+// k-steps of query a tensor-core kernel keeps in registers (its kHk): 16 or 32 k-steps of 4
+// words (half <= 512 bf16/fp16 dims, <= 256 fp32 dims); wider halves are streamed from
+// shared memory chunk by chunk (kStreamedQuery), which costs one more shared-memory load
+// per four B loads.
+inline int query_mma_steps(ScorePath path, int64_t half) {
+  return half <= 16 * mma_step_dims(path)   ? 16
+         : half <= 32 * mma_step_dims(path) ? 32
+                                            : kStreamedQuery;
+}
 
 // Warps per CTA (16 tokens each), from blocks_per_sm[i], the CTAs of 2^i warps one SM holds
 // (0: that size does not fit). More tokens per CTA means fewer sub-key reads from L2, but

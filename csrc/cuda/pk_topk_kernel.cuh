@@ -2,13 +2,13 @@
 //
 // A CTA owns 16 * nwarps tokens of one head; warp w owns tokens 16w..16w+15 of the block
 // from the first score to the last output. For each half of the query the CTA streams the
-// head's sub-keys in tiles of 64, scores the tile on tensor cores (bf16/fp16, fp32
-// accumulation) or with FMAs (fp32/fp64), and each warp folds its 16 x 64 score tile into
-// a running top list per token: one comparison with the current k-th best rejects most
-// scores; survivors go to a per-token buffer in shared memory that is sorted and merged
-// into the list when it fills. No score leaves the SM. Finally each warp combines the two
-// sorted half lists of each of its tokens over the pairs with rank product <= k and writes
-// the k best.
+// head's sub-keys in tiles of 64, scores the tile on tensor cores (bf16/fp16, or fp32
+// rounded to TF32 where the caller allows it; fp32 accumulation) or with FMAs (fp32/fp64),
+// and each warp folds its 16 x 64 score tile into a running top list per token: one
+// comparison with the current k-th best rejects most scores; survivors go to a per-token
+// buffer in shared memory that is sorted and merged into the list when it fills. No score
+// leaves the SM. Finally each warp combines the two sorted half lists of each of its
+// tokens over the pairs with rank product <= k and writes the k best.
 //
 // Written in plain CUDA and the helpers of memory_ext/cuda_device.cuh and cuda_sm80.cuh,
 // with no torch types, so tests/pk_topk_emulate.cpp runs this source on the CPU.
@@ -303,53 +303,109 @@ MEMORY_EXT_DEVICE void combine_rows(const Params& p, char* smem, int warp, int h
 }
 
 // ---------------------------------------------------------------------------------------
-// Tensor-core path (bf16 / fp16). The warp's query rows live in registers as mma A
-// fragments for the whole half (kHk k16-steps, half <= 16 * kHk); sub-key chunks of
-// 64 keys x 64 dims stream through a 3-stage cp.async pipeline shared by the CTA.
+// Tensor-core path: bf16 / fp16 on mma.m16n8k16, or fp32 rounded to TF32 on mma.m16n8k8,
+// fp32 accumulation either way. The warp's query rows live in registers as mma A
+// fragments for the whole half (kHk k-steps) or, for wider halves (kHk == kStreamedQuery),
+// in shared memory as operand words that each chunk loads; sub-key chunks of 64 keys x 128
+// bytes stream through a 3-stage cp.async pipeline shared by the CTA.
+//
+// Both instructions take their fragments as 32-bit words, two 16-bit elements or one TF32
+// value each, and a k-step spans 8 words of every row (16 or 8 dims): lane (g, c) holds
+// words c and c + 4 of the step, of query rows g and g + 8 (A) and of key g (B). Counted
+// in words the two paths are one kernel; only the packing of a word and the instruction
+// differ (MmaInput, mma_step).
 
-// The two query rows of one lane's A fragments: tokens g and g + 8 of its warp (rows past
+template <class In>
+struct MmaInput {
+  static_assert(std::is_same_v<In, InBF16> || std::is_same_v<In, InF16> ||
+                    std::is_same_v<In, InF32>,
+                "tensor cores take bf16, fp16 or fp32 (as TF32)");
+  using Elem = typename In::Raw;  // raw 16-bit patterns or float
+  static constexpr int kPerWord = 4 / static_cast<int>(sizeof(Elem));
+  static constexpr int kStepDims = 8 * kPerWord;
+  static constexpr int kChunkDims = kMmaChunkBytes / static_cast<int>(sizeof(Elem));
+  static constexpr int kRowElems = kMmaRowWords * kPerWord;  // stage row stride
+};
+
+// D += A * B for one k-step; TF32 B words are rounded here, as they come from the raw
+// float sub-keys in shared memory.
+template <class In>
+MEMORY_EXT_DEVICE void mma_step(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<In, InF32>) {
+    mma_1688_tf32(d, a, to_tf32(bit_cast<float>(b0)), to_tf32(bit_cast<float>(b1)));
+  } else {
+    mma_16816<std::is_same_v<In, InBF16>>(d, a, b0, b1);
+  }
+}
+
+// One query row at head h: its element offset, and whether the token exists (rows past
 // the last token read as zeros).
-struct FragmentRows {
-  const uint16_t* query;
-  int64_t base_lo, base_hi;  // element offsets of the two rows at head h
-  bool valid_lo, valid_hi;
+struct QueryRow {
+  int64_t base;
+  bool valid;
 
-  MEMORY_EXT_DEVICE static FragmentRows make(const Params& p, int64_t token_lo, int h) {
-    const int64_t token_hi = token_lo + 8;
-    FragmentRows r;
-    r.query = static_cast<const uint16_t*>(p.query);
-    r.valid_lo = token_lo < p.tokens;
-    r.valid_hi = token_hi < p.tokens;
-    const int64_t head = static_cast<int64_t>(h) * p.q_stride_h;
-    r.base_lo = (r.valid_lo ? token_lo : 0) * p.q_stride_t + head;
-    r.base_hi = (r.valid_hi ? token_hi : 0) * p.q_stride_t + head;
-    return r;
+  MEMORY_EXT_DEVICE static QueryRow make(const Params& p, int64_t token, int h) {
+    const bool valid = token < p.tokens;
+    return {(valid ? token : 0) * p.q_stride_t + static_cast<int64_t>(h) * p.q_stride_h, valid};
   }
 
-  // Elements d and d + 1 of half x of one row, packed low element first.
-  MEMORY_EXT_DEVICE uint32_t pair(const Params& p, bool hi, int x, int d) const {
-    return element(p, hi, x, d) | (element(p, hi, x, d + 1) << 16);
+  // Operand word w of half x: elements 2w and 2w + 1, low element first (16-bit), or
+  // element w rounded to TF32; dims past the half are zeros.
+  template <class In>
+  MEMORY_EXT_DEVICE uint32_t word(const Params& p, int x, int w) const {
+    if constexpr (MmaInput<In>::kPerWord == 2) {
+      return static_cast<uint32_t>(element<In>(p, x, 2 * w)) |
+             (static_cast<uint32_t>(element<In>(p, x, 2 * w + 1)) << 16);
+    } else {
+      return to_tf32(element<In>(p, x, w));
+    }
   }
-  MEMORY_EXT_DEVICE uint32_t element(const Params& p, bool hi, int x, int d) const {
-    const bool valid = hi ? valid_hi : valid_lo;
-    const int64_t base = hi ? base_hi : base_lo;
-    return (valid && d < p.half) ? query[base + static_cast<int64_t>(x * p.half + d) * p.q_stride_d]
-                                 : 0u;
+
+  template <class In>
+  MEMORY_EXT_DEVICE typename MmaInput<In>::Elem element(const Params& p, int x, int d) const {
+    using Elem = typename MmaInput<In>::Elem;
+    return (valid && d < p.half)
+               ? static_cast<const Elem*>(
+                     p.query)[base + static_cast<int64_t>(x * p.half + d) * p.q_stride_d]
+               : Elem{0};
   }
 };
 
-// The A fragments of half x for the whole half: a[s] covers dims 16 s .. 16 s + 15.
-template <int kHk>
+// The two query rows of one lane's A fragments: tokens g and g + 8 of its warp.
+struct FragmentRows {
+  QueryRow lo, hi;
+
+  MEMORY_EXT_DEVICE static FragmentRows make(const Params& p, int64_t token_lo, int h) {
+    return {QueryRow::make(p, token_lo, h), QueryRow::make(p, token_lo + 8, h)};
+  }
+};
+
+// The A fragments of half x for the whole half: a[s] covers words 8 s .. 8 s + 7.
+template <class In, int kHk>
 MEMORY_EXT_DEVICE void load_query_fragments(const Params& p, const FragmentRows& rows, int x,
                                             int quad_lane, uint32_t (&a)[kHk][4]) {
 #pragma unroll
   for (int s = 0; s < kHk; ++s) {
-    const int d = s * 16 + 2 * quad_lane;
-    a[s][0] = rows.pair(p, false, x, d);
-    a[s][1] = rows.pair(p, true, x, d);
-    a[s][2] = rows.pair(p, false, x, d + 8);
-    a[s][3] = rows.pair(p, true, x, d + 8);
+    const int w = s * 8 + quad_lane;
+    a[s][0] = rows.lo.word<In>(p, x, w);
+    a[s][1] = rows.hi.word<In>(p, x, w);
+    a[s][2] = rows.lo.word<In>(p, x, w + 4);
+    a[s][3] = rows.hi.word<In>(p, x, w + 4);
   }
+}
+
+// Streamed query: the warp's 16 rows of half x as operand words in its part of the query
+// region (rows query_row_words apart, zero-padded to whole chunks). Consecutive lanes read
+// consecutive elements of a row.
+template <class In>
+MEMORY_EXT_DEVICE void stage_query_half(const Params& p, uint32_t* query, int64_t token0, int h,
+                                        int x, int lane) {
+  const int stride = p.layout.query_row_words, words = stride - 4;
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const QueryRow row = QueryRow::make(p, token0 + r, h);
+    for (int w = lane; w < words; w += kWarpSize) query[r * stride + w] = row.word<In>(p, x, w);
+  }
+  __syncwarp();
 }
 
 // The ring of sub-key chunks of one half: load i is tile i / n_chunks, chunk i % n_chunks,
@@ -358,10 +414,13 @@ MEMORY_EXT_DEVICE void load_query_fragments(const Params& p, const FragmentRows&
 // kStages-2 groups are pending completes load i; the __syncthreads that follows also
 // guarantees that every warp is done with stage (i - 1) % kStages, which load
 // i + kStages - 1 overwrites.
+template <class In>
 struct KeyChunkRing {
-  static constexpr int kStageElems = kTileKeys * kMmaChunkStride;
-  const uint16_t* keys;  // (n_keys, half) sub-keys of this head and half
-  uint16_t* stages;
+  using M = MmaInput<In>;
+  using Elem = typename M::Elem;
+  static constexpr int kStageElems = kTileKeys * M::kRowElems;
+  const Elem* keys;  // (n_keys, half) sub-keys of this head and half
+  Elem* stages;
   int n_chunks, n_loads;
   int issued = 0, consumed = 0;
 
@@ -369,22 +428,23 @@ struct KeyChunkRing {
   // give NaN.
   MEMORY_EXT_DEVICE void load(const Params& p, int i, int tid, int nthreads) const {
     const int tile = i / n_chunks, ch = i - tile * n_chunks;
-    const int n0 = tile * kTileKeys, d0 = ch * kMmaChunk;
-    uint16_t* dst = stages + (i % kStages) * kStageElems;
-    if (p.vector_keys) {
-      constexpr int kPieces = kMmaChunk / 8;  // 16-byte pieces per key row
+    const int n0 = tile * kTileKeys, d0 = ch * M::kChunkDims;
+    Elem* dst = stages + (i % kStages) * kStageElems;
+    if (p.vector_keys) {                            // half is a whole number of 16-byte pieces
+      constexpr int kPieces = kMmaChunkBytes / 16;  // per key row
+      constexpr int kPieceElems = 16 / static_cast<int>(sizeof(Elem));
       for (int e = tid; e < kTileKeys * kPieces; e += nthreads) {
-        const int r = e / kPieces, d = (e % kPieces) * 8;
+        const int r = e / kPieces, d = (e % kPieces) * kPieceElems;
         const bool ok = n0 + r < p.n_keys && d0 + d < p.half;
-        const uint16_t* src = ok ? keys + static_cast<int64_t>(n0 + r) * p.half + d0 + d : keys;
-        cp_async_16(dst + r * kMmaChunkStride + d, src, ok ? 16 : 0);
+        const Elem* src = ok ? keys + static_cast<int64_t>(n0 + r) * p.half + d0 + d : keys;
+        cp_async_16(dst + r * M::kRowElems + d, src, ok ? 16 : 0);
       }
     } else {
-      for (int e = tid; e < kTileKeys * kMmaChunk; e += nthreads) {
-        const int r = e / kMmaChunk, d = e % kMmaChunk;
+      for (int e = tid; e < kTileKeys * M::kChunkDims; e += nthreads) {
+        const int r = e / M::kChunkDims, d = e % M::kChunkDims;
         const bool ok = n0 + r < p.n_keys && d0 + d < p.half;
-        dst[r * kMmaChunkStride + d] =
-            ok ? keys[static_cast<int64_t>(n0 + r) * p.half + d0 + d] : uint16_t{0};
+        dst[r * M::kRowElems + d] =
+            ok ? keys[static_cast<int64_t>(n0 + r) * p.half + d0 + d] : Elem{0};
       }
     }
   }
@@ -400,40 +460,75 @@ struct KeyChunkRing {
     for (int s = 0; s < kStages - 1; ++s) issue(p, tid, nthreads);
   }
 
-  // Waits for the oldest load, refills the stage freed before it, and returns the chunk.
-  MEMORY_EXT_DEVICE const uint16_t* next(const Params& p, int tid, int nthreads) {
+  // Waits for the oldest load, refills the stage freed before it, and returns the chunk as
+  // rows of kMmaRowWords words.
+  MEMORY_EXT_DEVICE const uint32_t* next(const Params& p, int tid, int nthreads) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
     issue(p, tid, nthreads);
-    return stages + (consumed++ % kStages) * kStageElems;
+    return reinterpret_cast<const uint32_t*>(stages + (consumed++ % kStages) * kStageElems);
   }
 };
 
-// acc = this warp's 16 tokens x 64 keys of one tile, over every chunk of the half.
-template <bool kBf16, int kHk>
-MEMORY_EXT_DEVICE void score_tile_mma(const Params& p, KeyChunkRing& ring,
-                                      const uint32_t (&a)[kHk][4], int lane, int tid, int nthreads,
-                                      float (&acc)[kTileKeys / 8][4]) {
+// acc += k-step s of a chunk for the 8-key slices of the tile, A fragments a.
+template <class In>
+MEMORY_EXT_DEVICE void mma_tile_step(const uint32_t* chunk, int s, const uint32_t (&a)[4], int lane,
+                                     float (&acc)[kTileKeys / 8][4]) {
   const int g = lane >> 2, c = lane & 3;
-  const int k16_steps = (p.half + 15) / 16;
+#pragma unroll
+  for (int nt = 0; nt < kTileKeys / 8; ++nt) {
+    // B[kk][n] = sub-key n, dim kk: words c and c + 4 of the step, of key nt*8 + g.
+    const uint32_t* bp = chunk + (nt * 8 + g) * kMmaRowWords + s * 8 + c;
+    mma_step<In>(acc[nt], a, bp[0], bp[4]);
+  }
+}
+
+MEMORY_EXT_DEVICE void zero_tile(float (&acc)[kTileKeys / 8][4]) {
 #pragma unroll
   for (int nt = 0; nt < kTileKeys / 8; ++nt)
     acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+}
+
+// acc = this warp's 16 tokens x 64 keys of one tile, over every chunk of the half.
+template <class In, int kHk>
+MEMORY_EXT_DEVICE void score_tile_mma(const Params& p, KeyChunkRing<In>& ring,
+                                      const uint32_t (&a)[kHk][4], int lane, int tid, int nthreads,
+                                      float (&acc)[kTileKeys / 8][4]) {
+  constexpr int kStepsPerChunk = MmaInput<In>::kChunkDims / MmaInput<In>::kStepDims;
+  static_assert(kStepsPerChunk == 4 && kHk % kStepsPerChunk == 0, "4 k-steps per chunk");
+  const int k_steps = (p.half + MmaInput<In>::kStepDims - 1) / MmaInput<In>::kStepDims;
+  zero_tile(acc);
 #pragma unroll
-  for (int ch = 0; ch < kHk / 4; ++ch) {
+  for (int ch = 0; ch < kHk / kStepsPerChunk; ++ch) {
     if (ch < ring.n_chunks) {  // uniform across the CTA
-      const uint16_t* chunk = ring.next(p, tid, nthreads);
+      const uint32_t* chunk = ring.next(p, tid, nthreads);
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        if (ch * 4 + s < k16_steps) {
+      for (int s = 0; s < kStepsPerChunk; ++s)
+        if (ch * kStepsPerChunk + s < k_steps)
+          mma_tile_step<In>(chunk, s, a[ch * kStepsPerChunk + s], lane, acc);
+    }
+  }
+}
+
+// The same with the query streamed: each k-step loads its A fragments from the warp's
+// staged rows (word c and c + 4 of the step, rows g and g + 8).
+template <class In>
+MEMORY_EXT_DEVICE void score_tile_streamed(const Params& p, KeyChunkRing<In>& ring,
+                                           const uint32_t* query, int lane, int tid, int nthreads,
+                                           float (&acc)[kTileKeys / 8][4]) {
+  constexpr int kStepsPerChunk = MmaInput<In>::kChunkDims / MmaInput<In>::kStepDims;
+  const int g = lane >> 2, c = lane & 3;
+  const int stride = p.layout.query_row_words;
+  const int k_steps = (p.half + MmaInput<In>::kStepDims - 1) / MmaInput<In>::kStepDims;
+  zero_tile(acc);
+  for (int ch = 0; ch < ring.n_chunks; ++ch) {
+    const uint32_t* chunk = ring.next(p, tid, nthreads);
 #pragma unroll
-          for (int nt = 0; nt < kTileKeys / 8; ++nt) {
-            // B[kk][n] = sub-key n, dim kk: b0 = dims 2c, 2c+1 and b1 = dims 2c+8, 2c+9
-            // of key nt*8 + g (contiguous pairs in the key row).
-            const uint16_t* bp = chunk + (nt * 8 + g) * kMmaChunkStride + s * 16 + 2 * c;
-            mma_16816<kBf16>(acc[nt], a[ch * 4 + s], lds_u32(bp), lds_u32(bp + 8));
-          }
-        }
+    for (int s = 0; s < kStepsPerChunk; ++s) {
+      if (ch * kStepsPerChunk + s < k_steps) {
+        const uint32_t* ap = query + g * stride + (ch * kStepsPerChunk + s) * 8 + c;
+        const uint32_t a[4] = {ap[0], ap[8 * stride], ap[4], ap[8 * stride + 4]};
+        mma_tile_step<In>(chunk, s, a, lane, acc);
       }
     }
   }
@@ -450,30 +545,42 @@ MEMORY_EXT_DEVICE void store_tile_scores(float* scratch, const float (&acc)[kTil
   }
 }
 
-template <bool kBf16, int kHk>
+template <class In, int kHk>
 MEMORY_EXT_DEVICE void mma_block(const Params& p, int bx, int h, int tid, char* smem) {
   using Key = KeyF;
-  static_assert(kHk % 4 == 0, "k16-steps come in chunks of 64 dims");
+  using Elem = typename MmaInput<In>::Elem;
   const int nthreads = p.nwarps * kWarpSize;
   const int warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int64_t t0 = static_cast<int64_t>(bx) * (p.nwarps * kRowsPerWarp);
   auto* scratch =
       reinterpret_cast<float*>(smem + p.layout.off_scratch + warp * p.layout.scratch_bytes);
   const int n_tiles = (p.n_keys + kTileKeys - 1) / kTileKeys;
-  const FragmentRows rows = FragmentRows::make(p, t0 + warp * kRowsPerWarp + (lane >> 2), h);
+  constexpr bool kStreamed = kHk == kStreamedQuery;
+  const int64_t warp_token0 = t0 + warp * kRowsPerWarp;
+  const auto rows = FragmentRows::make(p, warp_token0 + (lane >> 2), h);
+  uint32_t* query = reinterpret_cast<uint32_t*>(smem + p.layout.off_query) +
+                    warp * kRowsPerWarp * p.layout.query_row_words;
 
   init_rows<Key>(p, smem, warp);
   for (int x = 0; x < 2; ++x) {
-    uint32_t a[kHk][4];
-    load_query_fragments<kHk>(p, rows, x, lane & 3, a);
-    const int n_chunks = (p.half + kMmaChunk - 1) / kMmaChunk;
-    KeyChunkRing ring{static_cast<const uint16_t*>(p.keys) +
-                          (static_cast<int64_t>(h) * 2 + x) * p.n_keys * p.half,
-                      reinterpret_cast<uint16_t*>(smem), n_chunks, n_tiles * n_chunks};
+    [[maybe_unused]] uint32_t a[kStreamed ? 1 : kHk][4];
+    if constexpr (kStreamed) {
+      stage_query_half<In>(p, query, warp_token0, h, x, lane);
+    } else {
+      load_query_fragments<In, kHk>(p, rows, x, lane & 3, a);
+    }
+    const int n_chunks = (p.half + MmaInput<In>::kChunkDims - 1) / MmaInput<In>::kChunkDims;
+    KeyChunkRing<In> ring{
+        static_cast<const Elem*>(p.keys) + (static_cast<int64_t>(h) * 2 + x) * p.n_keys * p.half,
+        reinterpret_cast<Elem*>(smem), n_chunks, n_tiles * n_chunks};
     ring.start(p, tid, nthreads);
     for (int tile = 0; tile < n_tiles; ++tile) {
       float acc[kTileKeys / 8][4];
-      score_tile_mma<kBf16, kHk>(p, ring, a, lane, tid, nthreads, acc);
+      if constexpr (kStreamed) {
+        score_tile_streamed<In>(p, ring, query, lane, tid, nthreads, acc);
+      } else {
+        score_tile_mma<In, kHk>(p, ring, a, lane, tid, nthreads, acc);
+      }
       store_tile_scores(scratch, acc, lane);
       __syncwarp();
       select_tile<Key>(p, smem, scratch, warp, x, tile * kTileKeys, t0);
@@ -488,9 +595,10 @@ MEMORY_EXT_DEVICE void mma_block(const Params& p, int bx, int h, int tid, char* 
 }
 
 // ---------------------------------------------------------------------------------------
-// Plain path (fp32, fp64; bf16/fp16 where tensor cores cannot serve): query and sub-key
-// chunks of 32 dims in shared memory, converted to the score type; lane l scores keys l and
-// l + 32 of the tile against the warp's 16 tokens with FMAs in dimension order.
+// Plain path (fp32 without TF32, fp64; bf16/fp16 where tensor cores cannot serve): query
+// and sub-key chunks of 32 dims in shared memory, converted to the score type; lane l
+// scores keys l and l + 32 of the tile against the warp's 16 tokens with FMAs in dimension
+// order.
 
 template <class In>
 MEMORY_EXT_DEVICE void plain_block(const Params& p, int bx, int h, int tid, char* smem) {
@@ -571,11 +679,11 @@ MEMORY_EXT_DEVICE void plain_block(const Params& p, int bx, int h, int tid, char
 
 namespace {
 
-template <bool kBf16, int kHk>
+template <class In, int kHk>
 __global__ void __launch_bounds__(kMaxWarps* kWarpSize) pk_topk_mma_kernel(const Params p) {
   MEMORY_EXT_DYNAMIC_SMEM(smem);
-  mma_block<kBf16, kHk>(p, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
-                        static_cast<int>(threadIdx.x), smem);
+  mma_block<In, kHk>(p, static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
+                     static_cast<int>(threadIdx.x), smem);
 }
 
 template <class In>

@@ -249,33 +249,33 @@ inline void check_row_adagrad_args(const at::Tensor& param, const at::Tensor& su
 }
 
 // query (tokens, heads, 2 * half); keys (heads, 2, n_keys, half); 1 <= k <= n_keys.
-inline void check_pk_topk_args(const at::Tensor& query, const at::Tensor& keys, int64_t k) {
-  TORCH_CHECK(query.dim() == 3,
-              "memory.pk_topk: query must be 3-D (tokens, heads, 2 * half), got shape ",
-              query.sizes());
-  TORCH_CHECK(keys.dim() == 4 && keys.size(1) == 2,
-              "memory.pk_topk: keys must be 4-D "
+inline void check_pk_topk_args(const at::Tensor& query, const at::Tensor& keys, int64_t k,
+                               const char* op = "pk_topk") {
+  TORCH_CHECK(query.dim() == 3, "memory.", op,
+              ": query must be 3-D (tokens, heads, 2 * half), got shape ", query.sizes());
+  TORCH_CHECK(keys.dim() == 4 && keys.size(1) == 2, "memory.", op,
+              ": keys must be 4-D "
               "(heads, 2, n_keys, half), got shape ",
               keys.sizes());
-  TORCH_CHECK(query.size(2) % 2 == 0,
-              "memory.pk_topk: query width must be even "
+  TORCH_CHECK(query.size(2) % 2 == 0, "memory.", op,
+              ": query width must be even "
               "(two halves), got ",
               query.size(2));
-  TORCH_CHECK(query.size(1) == keys.size(0), "memory.pk_topk: query has ", query.size(1),
+  TORCH_CHECK(query.size(1) == keys.size(0), "memory.", op, ": query has ", query.size(1),
               " heads but keys has ", keys.size(0));
-  TORCH_CHECK(query.size(2) / 2 == keys.size(3), "memory.pk_topk: query half width ",
+  TORCH_CHECK(query.size(2) / 2 == keys.size(3), "memory.", op, ": query half width ",
               query.size(2) / 2, " does not match the sub-key width ", keys.size(3));
-  TORCH_CHECK(query.scalar_type() == keys.scalar_type(),
-              "memory.pk_topk: query and keys "
+  TORCH_CHECK(query.scalar_type() == keys.scalar_type(), "memory.", op,
+              ": query and keys "
               "must have the same dtype, got ",
               query.scalar_type(), " and ", keys.scalar_type());
-  TORCH_CHECK(is_value_dtype(query.scalar_type()),
-              "memory.pk_topk: query must be float32, "
+  TORCH_CHECK(is_value_dtype(query.scalar_type()), "memory.", op,
+              ": query must be float32, "
               "bfloat16, float16 or float64, got ",
               query.scalar_type());
-  check_same_device("pk_topk", query, "query", keys, "keys");
-  TORCH_CHECK(k >= 1 && k <= keys.size(2),
-              "memory.pk_topk: k must be in [1, n_keys = ", keys.size(2), "], got ", k);
+  check_same_device(op, query, "query", keys, "keys");
+  TORCH_CHECK(k >= 1 && k <= keys.size(2), "memory.", op,
+              ": k must be in [1, n_keys = ", keys.size(2), "], got ", k);
 }
 
 }  // namespace memory_ext

@@ -1,7 +1,8 @@
-// The sm_80 primitives of the tensor-core kernels: one mma.m16n8k16 with fp32
-// accumulation and 16-byte asynchronous global -> shared copies. Inline PTX on the GPU;
-// under the CPU emulation (MEMORY_EXT_EMULATE) tests/cuda_emulate.h supplies the same four
-// functions, so kernels call them by these names only.
+// The sm_80 primitives of the tensor-core kernels: mma.m16n8k16 (bf16/fp16) and
+// mma.m16n8k8 (TF32) with fp32 accumulation, the float -> TF32 rounding, and 16-byte
+// asynchronous global -> shared copies. Inline PTX on the GPU; under the CPU emulation
+// (MEMORY_EXT_EMULATE) tests/cuda_emulate.h supplies the same functions, so kernels call
+// them by these names only.
 #pragma once
 
 #include <cstdint>
@@ -41,6 +42,41 @@ MEMORY_EXT_DEVICE void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t
   }
 #else
   __trap();  // the launcher never picks the tensor-core kernel below sm_80
+#endif
+}
+
+// D += A * B for one m16n8k8 tile of TF32 operands (float bits whose low 13 mantissa bits
+// are zero, as to_tf32 makes them), fp32 accumulation. Fragments (PTX ISA, "Matrix
+// Fragments for mma.m16n8k8", .tf32), g = lane / 4, c = lane % 4:
+//   a[0] = A[g][c]   a[1] = A[g+8][c]   a[2] = A[g][c+4]   a[3] = A[g+8][c+4]
+//   b0   = B[c][g]   b1   = B[c+4][g]
+//   d as for m16n8k16.
+// Word for word the same registers as m16n8k16 with two 16-bit elements per word, so one
+// kernel serves both.
+MEMORY_EXT_DEVICE void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                     uint32_t b1) {
+#if MEMORY_EXT_HAS_SM80
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
+// The bits of float x rounded to TF32 (10 mantissa bits), to nearest with ties away from
+// zero, so the mma sees the nearest TF32 values rather than whatever it makes of the low 13
+// bits of a float.
+MEMORY_EXT_DEVICE uint32_t to_tf32(float x) {
+#if MEMORY_EXT_HAS_SM80
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+#else
+  __trap();
+  return 0;
 #endif
 }
 
