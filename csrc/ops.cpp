@@ -8,13 +8,23 @@ TORCH_LIBRARY(memory, m) {
   // out[t] = sum_j weights[t, j] * values[indices[t, j]], accumulated in float32
   // (float64 for float64 values).
   // values: (rows, dim); indices: (tokens, bag) int64/int32; weights: (tokens, bag).
-  m.def("embedding_bag(Tensor values, Tensor indices, Tensor weights) -> Tensor");
+  // check_indices=false: the caller vouches that every index is in range (indices the
+  // library made itself); the CUDA kernel then skips the index report and its host
+  // synchronisation (an out-of-range lookup still reads nothing and adds nothing). The CPU
+  // kernel checks either way: there the check costs no synchronisation.
+  m.def(
+      "embedding_bag(Tensor values, Tensor indices, Tensor weights, bool check_indices=True) -> "
+      "Tensor");
 
   // Backward of embedding_bag in sparse form, one pass over the touched rows:
   //   rows:       (U,) int64, the unique touched rows, ascending;
   //   rows_grad:  (U, dim) values dtype, sum of weights[t, j] * grad_out[t] over (t, j)
-  //               with indices[t, j] == rows[u], summed in input order in float32
-  //               (float64 for float64);
+  //               with indices[t, j] == rows[u], accumulated in float32 (float64 for
+  //               float64). The CPU kernel sums each row's terms in input order; the CUDA
+  //               kernel sums a row's terms in input order within segments of consecutive
+  //               positions, then folds the segments' partial sums in segment order. Each
+  //               is the same bits run after run on one device; CPU and CUDA results are
+  //               not promised to agree in their last bits;
   //   weights_grad: (tokens, bag) weights dtype, <grad_out[t], values[indices[t, j]]>,
   //               or (0,) when need_weights_grad is false.
   m.def(
@@ -23,8 +33,13 @@ TORCH_LIBRARY(memory, m) {
       "Tensor weights_grad)");
 
   // Dense form of a sparse row gradient: (n_rows, dim), rows_grad[u] at rows[u], zero
-  // elsewhere; every row of the result written exactly once.
-  m.def("rows_to_dense(Tensor rows, Tensor rows_grad, SymInt n_rows) -> Tensor");
+  // elsewhere; every row of the result written exactly once. check_rows=false: the caller
+  // vouches that rows are strictly ascending and in range (rows that
+  // embedding_bag_backward returned); the CUDA kernel then skips their check and its host
+  // synchronisation. The CPU kernel checks either way.
+  m.def(
+      "rows_to_dense(Tensor rows, Tensor rows_grad, SymInt n_rows, bool check_rows=True) -> "
+      "Tensor");
 
   // Weighted bag of row-wise quantized rows, for inference (forward only):
   // out[t] = sum_j weights[t, j] * (scale[r] * code[r] + bias[r]), r = indices[t, j],
@@ -33,15 +48,24 @@ TORCH_LIBRARY(memory, m) {
   // codes "uint8", a float32 bias (row_bytes = dim + 8: the layout of
   // torch.ops.quantized.embedding_bag_byte_prepack); for codes "float8_e4m3fn" the scale
   // alone (row_bytes = dim + 4, value = code * scale). One row is one contiguous read.
-  // indices: (tokens, bag) int64/int32; weights: (tokens, bag) float32.
+  // indices: (tokens, bag) int64/int32; weights: (tokens, bag) float32. check_indices as
+  // for embedding_bag.
   m.def(
       "quantized_embedding_bag(Tensor packed, Tensor indices, Tensor weights, str codes, "
-      "ScalarType out_dtype) -> Tensor");
+      "ScalarType out_dtype, bool check_indices=True) -> Tensor");
 
   // Exact product-key top-k. query: (tokens, heads, 2 * half); keys: (heads, 2, n_keys,
   // half). scores: (tokens, heads, k) float32 (float64 for float64 inputs) descending, q1.K1[i] +
   // q2.K2[j]; indices: (tokens, heads, k) int64, i * n_keys + j.
   m.def("pk_topk(Tensor query, Tensor keys, int k) -> (Tensor scores, Tensor indices)");
+
+  // pk_topk computed by sorting the half-scores, with ATen ops on any device: the same
+  // contract and gradient as pk_topk (exact top-k, equal sums to the lower index). The
+  // CUDA pk_topk takes this path when k needs more shared memory than its fused kernel
+  // has.
+  m.def(
+      "pk_topk_by_sorting(Tensor query, Tensor keys, int k) -> (Tensor scores, Tensor "
+      "indices)");
 
   // Lazy Adam(W) on the rows of a sparse gradient, in place (torch.optim.AdamW's update,
   // applied only to rows[u]): param (n_rows, dim); exp_avg, exp_avg_sq (n_rows, dim)

@@ -15,7 +15,8 @@
 //                                            (blocks do not overlap in time);
 //   dynamic shared memory                    one 16-byte aligned buffer per block, poisoned
 //                                            (0xFF bytes: NaN floats, maximal keys);
-//   __ldg                                    a plain load, after checking its alignment;
+//   __ldg, vector loads and stores           plain accesses, after checking their alignment
+//                                            (MEMORY_EXT_CHECK_ALIGNED);
 //   atomicMin, atomicMax                     std::atomic_ref;
 //   bf16, fp16                               bit-exact round-to-nearest-even conversions;
 //   mma_16816 (memory_ext/cuda_sm80.cuh)     fragments gathered from the 32 lanes and
@@ -23,6 +24,9 @@
 //                                            (thread, value) layouts, an encoding of the
 //                                            fragment maps independent of the PTX tables
 //                                            the kernels follow;
+//   mma_1688_tf32, to_tf32 (same header)     the same for CuTe's SM80_16x8x8 TF32 layouts;
+//                                            operands must be TF32 values (rounded by
+//                                            to_tf32: to nearest, ties away, as cvt.rna);
 //   cp_async_* (same header)                 copies queued per thread and executed only
 //                                            when a cp_async_wait retires their group, so
 //                                            reading a stage before waiting for it reads
@@ -169,12 +173,47 @@ inline int __popc(unsigned x) { return __builtin_popcount(x); }
 // ---------------------------------------------------------------------------------------
 // Memory.
 
-// The GPU faults on a misaligned vector load; so does the emulation.
+namespace emu {
+
+// The GPU faults on a misaligned vector access (and reads the wrong words of shared
+// memory); so does the emulation.
+inline void check_aligned(const void* p, size_t bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0)
+    fail("%s: %zu-byte access at %p, which is not %zu-byte aligned", what, bytes, p, bytes);
+}
+
+// n elements whose first one sits `offset` bytes past a 16-byte boundary, as in a tensor
+// view with a storage offset: the inputs of cases that check the step-down to narrower
+// vectors. The allocation ends with the last element, so AddressSanitizer still reports
+// an overrun.
+template <typename T>
+class OffsetBuffer {
+ public:
+  OffsetBuffer(int64_t n, int offset) : bytes_(offset + n * sizeof(T)), offset_(offset), n_(n) {
+    if (reinterpret_cast<uintptr_t>(bytes_.data()) % 16 != 0) fail("OffsetBuffer: unaligned base");
+  }
+  T* data() { return n_ == 0 ? nullptr : reinterpret_cast<T*>(bytes_.data() + offset_); }
+  T& operator[](int64_t i) { return data()[i]; }
+  int64_t size() const { return n_; }
+  // 0xFF bytes (NaN, -1), so an element a kernel fails to write mismatches.
+  void poison() { std::memset(bytes_.data() + offset_, 0xff, n_ * sizeof(T)); }
+
+ private:
+  std::vector<char> bytes_;
+  int offset_;
+  int64_t n_;
+};
+
+}  // namespace emu
+
+// Every vector access of memory_ext/cuda_device.cuh (loads, stores, shared-memory words)
+// reports its address and width here.
+#define MEMORY_EXT_CHECK_ALIGNED(ptr, bytes, what) \
+  ::emu::check_aligned(static_cast<const void*>(ptr), (bytes), (what))
+
 template <typename T>
 inline T __ldg(const T* p) {
-  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0)
-    emu::fail("__ldg: %zu-byte load from %p, which is not %zu-byte aligned", sizeof(T),
-              static_cast<const void*>(p), alignof(T));
+  emu::check_aligned(p, alignof(T), "__ldg");
   return *p;
 }
 
@@ -446,6 +485,72 @@ inline void cp_async_wait() {
     for (const emu::PendingCopy& c : emu::t_copy_groups.front()) emu::run_copy(c);
     emu::t_copy_groups.pop_front();
   }
+}
+
+}  // namespace memory_ext::cuda
+
+// ---------------------------------------------------------------------------------------
+// TF32 tensor cores (mma_1688_tf32 and to_tf32 of memory_ext/cuda_sm80.cuh on the GPU).
+
+namespace emu {
+
+// Rounds float bits to TF32 as cvt.rna.tf32.f32 does: to nearest, ties away from zero, 10
+// mantissa bits kept (adding half a unit to the magnitude bits and truncating rounds ties
+// up in magnitude; a carry into the exponent is right). Inf and NaN pass unchanged.
+inline uint32_t tf32_round_bits(uint32_t u) {
+  if ((u & 0x7F800000u) == 0x7F800000u) return u;
+  return (u + 0x1000u) & 0xFFFFE000u;
+}
+
+}  // namespace emu
+
+namespace memory_ext::cuda {
+
+inline uint32_t to_tf32(float x) { return emu::tf32_round_bits(__float_as_uint(x)); }
+
+// One m16n8k8 TF32 mma over the warp, fragments gathered from the 32 lanes like
+// mma_16816. An operand with any of its low 13 bits set is a kernel that forgot to_tf32:
+// the GPU's result would then depend on what the tensor core does with those bits.
+inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emu::WarpCtx& w = emu::warp();
+  const int lane = emu::lane();
+  for (int i = 0; i < 4; ++i) w.mma_a[lane][i] = a[i];
+  w.mma_b[lane][0] = b0;
+  w.mma_b[lane][1] = b1;
+  __syncwarp();
+  // CuTe SM80_16x8x8_F32TF32TF32F32_TN: ALayout ((4,8),(2,2)):((16,1),(8,64)) over the
+  // column-major 16x8 (m, k); BLayout ((4,8),2):((8,1),32) over the column-major 8x8 (n, k);
+  // CLayout as for m16n8k16; thread t = t0 + 4 t1, value v = v0 + 2 v1, one value per
+  // register.
+  auto value = [](uint32_t bits) -> float {
+    if ((bits & 0x1FFFu) != 0 && (bits & 0x7F800000u) != 0x7F800000u)
+      emu::fail("mma_1688_tf32: operand %08x is not a TF32 value (low 13 bits set)", bits);
+    return __uint_as_float(bits);
+  };
+  auto A = [&](int m, int k) {
+    for (int t = 0; t < emu::kLanes; ++t)
+      for (int v = 0; v < 4; ++v) {
+        const int idx = 16 * (t % 4) + (t / 4) + 8 * (v % 2) + 64 * (v / 2);
+        if (idx % 16 == m && idx / 16 == k) return value(w.mma_a[t][v]);
+      }
+    std::abort();
+  };
+  auto B = [&](int k, int n) {
+    for (int t = 0; t < emu::kLanes; ++t)
+      for (int v = 0; v < 2; ++v) {
+        const int idx = 8 * (t % 4) + (t / 4) + 32 * v;
+        if (idx % 8 == n && idx / 8 == k) return value(w.mma_b[t][v]);
+      }
+    std::abort();
+  };
+  for (int v = 0; v < 4; ++v) {
+    const int idx = 32 * (lane % 4) + (lane / 4) + 16 * (v % 2) + 8 * (v / 2);
+    const int m = idx % 16, n = idx / 16;
+    float s = d[v];
+    for (int k = 0; k < 8; ++k) s += A(m, k) * B(k, n);
+    d[v] = s;
+  }
+  __syncwarp();
 }
 
 }  // namespace memory_ext::cuda

@@ -3,7 +3,11 @@
 // embedding_bag_backward_kernel.cuh, embedding_bag_sort_kernels.cuh,
 // rows_to_dense_kernel.cuh) are compiled unchanged as host C++ against the CUDA emulation
 // of tests/cuda_emulate.h (one host thread per CUDA thread). Launches use grids of one to
-// three blocks, so the grid-stride loops run several rounds. The CUB sort and scans
+// three blocks, so the grid-stride loops run several rounds. Each launch takes the vector
+// width the launchers take (widest_vector): dims that are not a whole number of 16-byte
+// vectors and buffers placed 2, 4 or 8 bytes past alignment (views with a storage offset)
+// reach every width of the step-down, and a section fails if one is never reached; every
+// vector access checks its alignment (tests/cuda_emulate.h). The CUB sort and scans
 // between the small kernels of the backward are replaced by a stable sort and plain
 // prefix sums. Inputs are small multiples of 1/4, so every float32 sum is exact in any
 // order: results must equal a double-precision reference exactly (after the one rounding
@@ -31,6 +35,7 @@
 #include "embedding_bag_backward_kernel.cuh"
 #include "embedding_bag_forward_kernel.cuh"
 #include "embedding_bag_sort_kernels.cuh"
+#include "memory_ext/launch_rules.h"
 #include "rows_to_dense_kernel.cuh"
 
 using namespace memory_ext::cuda;
@@ -76,6 +81,38 @@ double small_value() {
 // Same number (NaN, the poison, equals nothing).
 inline bool same(double a, double b) { return a == b; }
 
+// Byte offsets of the buffers of a case from 16-byte alignment (whole elements).
+struct Offsets {
+  int values = 0, weights = 0, out = 0;  // forward; backward: out is rows_grad
+  int grad_out = 0;                      // backward
+  std::string name() const {
+    std::string s;
+    auto add = [&](const char* what, int o) {
+      if (o != 0) s += std::string(" ") + what + "+" + std::to_string(o);
+    };
+    add("values", values);
+    add("weights", weights);
+    add("out", out);
+    add("grad_out", grad_out);
+    return s;
+  }
+};
+
+// The vector widths (elements per access) each section launched, so it can check that
+// its grid reached every width of the step-down.
+std::vector<int> g_widths;
+template <typename T>
+void check_widths(const char* what) {
+  std::string missing;
+  for (int v = kVec16<T>; v >= 1; v /= 2)
+    if (std::find(g_widths.begin(), g_widths.end(), v) == g_widths.end())
+      missing += " " + std::to_string(v);
+  emu::report(missing.empty(),
+              std::string(what) + " " + emu::type_name<T>() + " reaches every width",
+              "never launched with" + missing);
+  g_widths.clear();
+}
+
 struct Lookups {
   int64_t tokens, bag, rows;
   std::vector<int64_t> idx;  // flat, may hold bad values
@@ -107,24 +144,27 @@ Lookups make_lookups(int64_t tokens, int64_t bag, int64_t rows, double hot, int 
 // ---------------------------------------------------------------------------------------
 // Forward.
 
-template <typename T, int VEC>
+template <typename T>
 void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f32, int n_bad,
-                  bool report_bad, int64_t max_blocks = 3) {
+                  bool report_bad, int64_t max_blocks = 3, Offsets off = {}) {
   const int64_t rows = 23;
   Lookups L = make_lookups(tokens, bag, rows, 0.0, n_bad);
-  std::vector<T> values(rows * dim);
+  emu::OffsetBuffer<T> values(rows * dim, off.values);
   std::vector<double> vd(rows * dim);
-  for (size_t i = 0; i < values.size(); ++i) {
+  for (int64_t i = 0; i < values.size(); ++i) {
     vd[i] = small_value();
     values[i] = from_double<T>(vd[i]);
   }
   std::vector<int64_t> i64(L.idx);
   std::vector<int32_t> i32(L.idx.begin(), L.idx.end());
-  std::vector<float> wf(L.w.begin(), L.w.end());
-  std::vector<T> wt(L.w.size());
-  for (size_t i = 0; i < wt.size(); ++i) wt[i] = from_double<T>(L.w[i]);
-  std::vector<T> out(tokens * dim);
-  emu::poison(out);
+  emu::OffsetBuffer<float> wf(L.w.size(), off.weights);
+  emu::OffsetBuffer<T> wt(L.w.size(), off.weights);
+  for (size_t i = 0; i < L.w.size(); ++i) {
+    wf[i] = static_cast<float>(L.w[i]);
+    wt[i] = from_double<T>(L.w[i]);
+  }
+  emu::OffsetBuffer<T> out(tokens * dim, off.out);
+  out.poison();
   unsigned long long first_bad = ~0ull;
 
   ForwardArgs a{};
@@ -140,12 +180,18 @@ void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f
   a.w_f32 = w_f32;
   a.first_bad = report_bad ? &first_bad : nullptr;
   std::string shape;
-  with_forward_shape<VEC>(dim / VEC, [&]<int G, int VPL>() {
-    shape = "G" + std::to_string(G) + "xVPL" + std::to_string(VPL);
-    const int64_t items = tokens * ceil_div(dim, int64_t(G) * VPL * VEC);
-    const int64_t blocks = std::min<int64_t>(max_blocks, ceil_div(items, kForwardBlock / G));
-    emu::launch(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kForwardBlock,
-                &embedding_bag_kernel<T, VEC, G, VPL>, a);
+  // The launcher's choice of vector (embedding_bag_forward.cu).
+  constexpr int kV = kVec16<T>;
+  const int vec = widest_vector(dim, kV, {{a.values, sizeof(T)}, {a.out, sizeof(T)}});
+  g_widths.push_back(vec);
+  with_vector<kV>(vec, [&]<int VEC>() {
+    with_forward_shape<VEC>(dim / VEC, [&]<int G, int VPL>() {
+      shape = "G" + std::to_string(G) + "xVPL" + std::to_string(VPL);
+      const int64_t items = tokens * ceil_div(dim, int64_t(G) * VPL * VEC);
+      const int64_t blocks = std::min<int64_t>(max_blocks, ceil_div(items, kForwardBlock / G));
+      emu::launch(static_cast<unsigned>(std::max<int64_t>(blocks, 1)), kForwardBlock,
+                  &embedding_bag_kernel<T, VEC, G, VPL>, a);
+    });
   });
 
   std::string bad;
@@ -166,13 +212,22 @@ void forward_case(int64_t dim, int64_t tokens, int64_t bag, bool idx64, bool w_f
     const int64_t got = first_bad == ~0ull ? -1 : static_cast<int64_t>(first_bad);
     if (got != want) bad = "first_bad " + std::to_string(got) + ", want " + std::to_string(want);
   }
-  char name[160];
-  std::snprintf(name, sizeof name,
-                "forward %s vec%d %s dim %lld tokens %lld bag %lld idx%s w%s bad %d%s%s",
-                emu::type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)tokens,
-                (long long)bag, idx64 ? "64" : "32", w_f32 ? "f32" : emu::type_name<T>(), n_bad,
-                report_bad ? " reported" : "", max_blocks == 1 ? " one block" : "");
+  char name[220];
+  std::snprintf(
+      name, sizeof name, "forward %s vec%d %s dim %lld tokens %lld bag %lld idx%s w%s bad %d%s%s%s",
+      emu::type_name<T>(), vec, shape.c_str(), (long long)dim, (long long)tokens, (long long)bag,
+      idx64 ? "64" : "32", w_f32 ? "f32" : emu::type_name<T>(), n_bad,
+      report_bad ? " reported" : "", max_blocks == 1 ? " one block" : "", off.name().c_str());
   emu::report(bad.empty(), name, bad);
+}
+
+// The element offsets of misaligned views: 2, 4 and 8 bytes where T's size divides them.
+template <typename T>
+std::vector<int> view_offsets() {
+  std::vector<int> out;
+  for (int o : {2, 4, 8})
+    if (o % sizeof(T) == 0) out.push_back(o);
+  return out;
 }
 
 template <typename T>
@@ -184,15 +239,28 @@ void forward_cases() {
       const bool idx64 = (k % 2) == 0, w_f32 = std::is_same_v<T, float> || (k % 3) != 0;
       const int n_bad = (k % 4 == 1) ? 3 : 0;
       // One block in every other case, so the grid-stride loop takes several rounds.
-      forward_case<T, V>(n * V, 5, bag, idx64, w_f32, n_bad, (k % 8) == 1, (k % 2) ? 1 : 3);
+      forward_case<T>(n * V, 5, bag, idx64, w_f32, n_bad, (k % 8) == 1, (k % 2) ? 1 : 3);
       ++k;
     }
-  forward_case<T, V>(V, 150, 3, true, true, 0, false, 1);  // 150 items for 64 groups of 4 lanes
-  for (int64_t dim : {1, 3, 5, 31, 33, 130})
+  forward_case<T>(V, 150, 3, true, true, 0, false, 1);  // 150 items for 64 groups of 4 lanes
+  // Rows that are not a whole number of 16-byte vectors: narrower vectors, down to one
+  // element (dims 1, 3, 5, 31, 33).
+  for (int64_t dim : {1, 3, 4, 5, 6, 12, 31, 33, 36, 130, 132})
     for (int64_t bag : {1, 33}) {
-      forward_case<T, 1>(dim, 4, bag, (k % 2) == 0, true, (k % 3) == 0 ? 2 : 0, (k % 3) == 0);
+      forward_case<T>(dim, 4, bag, (k % 2) == 0, true, (k % 3) == 0 ? 2 : 0, (k % 3) == 0);
       ++k;
     }
+  // Views with a storage offset: each base in turn, on a short row (sub-warps) and a row
+  // of two accesses per lane.
+  for (int o : view_offsets<T>())
+    for (int64_t n : {4, 33})
+      for (int which = 0; which < 3; ++which) {
+        Offsets off;
+        (which == 0 ? off.values : which == 1 ? off.out : off.weights) = o;
+        forward_case<T>(n * V, 5, 9, (k % 2) == 0, (k % 3) != 0, 0, false, 3, off);
+        ++k;
+      }
+  check_widths<T>("forward");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -248,38 +316,43 @@ Grouped group(const std::vector<index_t>& idx, int64_t rows) {
   return g;
 }
 
-template <typename T, int VEC>
+template <typename T>
 void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, double hot, bool idx64,
-                   bool w_f32, bool need_wg, int n_bad) {
+                   bool w_f32, bool need_wg, int n_bad, Offsets off = {}) {
   using A = acc_t<T>;
   Lookups L = make_lookups(tokens, bag, rows, hot, n_bad);
   const int64_t n = tokens * bag;
   std::vector<double> vd(rows * dim), gd(tokens * dim);
-  std::vector<T> values(rows * dim), grad(tokens * dim);
+  emu::OffsetBuffer<T> values(rows * dim, off.values), grad(tokens * dim, off.grad_out);
   for (size_t i = 0; i < vd.size(); ++i) values[i] = from_double<T>(vd[i] = small_value());
   for (size_t i = 0; i < gd.size(); ++i) grad[i] = from_double<T>(gd[i] = small_value());
-  std::vector<float> wf(L.w.begin(), L.w.end());
-  std::vector<T> wt(n);
-  for (int64_t p = 0; p < n; ++p) wt[p] = from_double<T>(L.w[p]);
+  emu::OffsetBuffer<float> wf(n, off.weights);
+  emu::OffsetBuffer<T> wt(n, off.weights);
+  for (int64_t p = 0; p < n; ++p) {
+    wf[p] = static_cast<float>(L.w[p]);
+    wt[p] = from_double<T>(L.w[p]);
+  }
 
   Grouped g =
       idx64 ? group(L.idx, rows) : group(std::vector<int32_t>(L.idx.begin(), L.idx.end()), rows);
   const int64_t first_bad = g.info[kFirstBad];
   const int64_t n_runs = g.info[kRunsWithBad] - (first_bad >= 0 ? 1 : 0);
   std::vector<int64_t> rows_out(n_runs);
-  std::vector<T> rows_grad(n_runs * dim);
+  emu::OffsetBuffer<T> rows_grad(n_runs * dim, off.out);
   std::vector<A> partial(g.info[kLongSlots] * dim);
   std::vector<uint32_t> long_runs(g.info[kLongRuns], 0xdeadbeefu);
-  std::vector<float> wg_f(n);
-  std::vector<T> wg_t(n);
+  emu::OffsetBuffer<float> wg_f(n, off.weights);
+  emu::OffsetBuffer<T> wg_t(n, off.weights);
   emu::poison(rows_out);
-  emu::poison(rows_grad);
+  rows_grad.poison();
   emu::poison(partial);
-  emu::poison(wg_f);
-  emu::poison(wg_t);
+  wg_f.poison();
+  wg_t.poison();
   if (first_bad >= 0) {  // the op zero-fills the weight gradient when bad lookups are skipped
-    std::fill(wg_f.begin(), wg_f.end(), 0.0f);
-    std::fill(wg_t.begin(), wg_t.end(), from_double<T>(0));
+    for (int64_t p = 0; p < n; ++p) {
+      wg_f[p] = 0.0f;
+      wg_t[p] = from_double<T>(0);
+    }
   }
 
   BackwardArgs a{};
@@ -304,13 +377,23 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
   a.n_long_runs = g.info[kLongRuns];
   a.w_f32 = w_f32;
   std::string shape = "none";
+  // The launcher's choice of vector (embedding_bag_backward.cu).
+  constexpr int kV = kVec16<T>;
+  const int vec = widest_vector(dim, kV,
+                                {{a.values, sizeof(T)},
+                                 {a.grad_out, sizeof(T)},
+                                 {a.rows_grad, sizeof(T)},
+                                 {a.partial, sizeof(A)}});
   if (a.n_segments > 0) {
-    with_backward_shape<VEC>(dim / VEC, [&]<int G, int VPT, int R, bool TILED>() {
-      shape = "G" + std::to_string(G) + "xVPT" + std::to_string(VPT) + (TILED ? "T" : "");
-      constexpr int kBlock = backward_block(G);
-      const int64_t blocks = std::min<int64_t>(3, ceil_div(a.n_segments, kBlock / G));
-      emu::launch(static_cast<unsigned>(blocks), kBlock,
-                  &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, a);
+    g_widths.push_back(vec);
+    with_vector<kV>(vec, [&]<int VEC>() {
+      with_backward_shape<VEC>(dim / VEC, [&]<int G, int VPT, int R, bool TILED>() {
+        shape = "G" + std::to_string(G) + "xVPT" + std::to_string(VPT) + (TILED ? "T" : "");
+        constexpr int kBlock = backward_block(G);
+        const int64_t blocks = std::min<int64_t>(3, ceil_div(a.n_segments, kBlock / G));
+        emu::launch(static_cast<unsigned>(blocks), kBlock,
+                    &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, a);
+      });
     });
     const int64_t items = a.n_long_runs * ceil_div(dim, kReduceBlock);
     if (items > 0)
@@ -361,15 +444,15 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
               std::to_string(want);
     }
   }
-  char name[200];
+  char name[260];
   std::snprintf(name, sizeof name,
                 "backward %s vec%d %s dim %lld lookups %lld rows %lld longest run %lld (%lld "
                 "segments, %lld long) "
-                "idx%s w%s%s bad %d",
-                emu::type_name<T>(), VEC, shape.c_str(), (long long)dim, (long long)n,
+                "idx%s w%s%s bad %d%s",
+                emu::type_name<T>(), vec, shape.c_str(), (long long)dim, (long long)n,
                 (long long)rows, (long long)max_run, (long long)a.n_segments,
                 (long long)a.n_long_runs, idx64 ? "64" : "32", w_f32 ? "f32" : emu::type_name<T>(),
-                need_wg ? " wg" : "", n_bad);
+                need_wg ? " wg" : "", n_bad, off.name().c_str());
   emu::report(bad.empty(), name, bad);
 }
 
@@ -379,25 +462,50 @@ void backward_cases() {
   int k = 0;
   for (int64_t n : {1, 5, 8, 16, 17, 32, 33, 128, 129, 512, 513}) {
     const bool idx64 = (k % 2) == 0, w_f32 = std::is_same_v<T, float> || (k % 3) != 0;
-    backward_case<T, V>(n * V, 9, 7, 20, 0.0, idx64, w_f32, true, (k % 3) == 0 ? 2 : 0);
-    backward_case<T, V>(n * V, 6, 5, 9, 0.0, !idx64, w_f32, false, 0);
+    backward_case<T>(n * V, 9, 7, 20, 0.0, idx64, w_f32, true, (k % 3) == 0 ? 2 : 0);
+    backward_case<T>(n * V, 6, 5, 9, 0.0, !idx64, w_f32, false, 0);
     ++k;
   }
   // Runs longer than a segment: partial rows folded by the second kernel.
   for (int64_t n : {1, 8, 32, 128}) {
-    backward_case<T, V>(n * V, 6, 100, 6, 0.95, true, true, true, 1);
+    backward_case<T>(n * V, 6, 100, 6, 0.95, true, true, true, 1);
     ++k;
   }
+  // Many short runs around one hot row of three segments: the segment-to-run search
+  // window (n_segments - n_runs wide) is neither empty nor the whole plan.
+  backward_case<T>(4 * V, 40, 50, 400, 0.6, false, true, true, 0);
   // Tiled rows (two tiles) with a long run: the costliest case to emulate, so one dtype.
   if constexpr (std::is_same_v<T, __nv_bfloat16>)
-    backward_case<T, V>(513 * V, 6, 90, 4, 1.0, false, false, true, 0);
-  for (int64_t dim : {1, 3, 33, 130}) {
-    backward_case<T, 1>(dim, 8, 9, 15, 0.0, true, true, true, (k % 2) ? 1 : 0);
+    backward_case<T>(513 * V, 6, 90, 4, 1.0, false, false, true, 0);
+  // Rows that are not a whole number of 16-byte vectors: narrower vectors, down to one
+  // element (dims 1, 3, 33).
+  for (int64_t dim : {1, 3, 4, 6, 12, 33, 36, 130, 132}) {
+    backward_case<T>(dim, 8, 9, 15, 0.0, true, (k % 2) == 0, true, (k % 2) ? 1 : 0);
     ++k;
   }
-  backward_case<T, 1>(5, 6, 100, 6, 0.95, false, true, true, 0);
+  for (int64_t dim : {5, 6, 12}) backward_case<T>(dim, 6, 100, 6, 0.95, false, true, true, 0);
   if constexpr (std::is_same_v<T, float>)
-    backward_case<T, 1>(131, 6, 90, 4, 1.0, true, true, true, 0);  // tiled
+    backward_case<T>(131, 6, 90, 4, 1.0, true, true, true, 0);  // tiled, one element
+  if constexpr (std::is_same_v<T, __half>)
+    backward_case<T>(1026, 6, 90, 4, 1.0, true, true, true, 0);  // tiled, 4-byte vectors
+  // Views with a storage offset: each vector-accessed base (and the weights) in turn, on a
+  // short row (sub-warps) and a row of several accesses per thread; one long run.
+  for (int o : view_offsets<T>()) {
+    for (int64_t n : {4, 33})
+      for (int which = 0; which < 4; ++which) {
+        Offsets off;
+        (which == 0   ? off.values
+         : which == 1 ? off.grad_out
+         : which == 2 ? off.out
+                      : off.weights) = o;
+        backward_case<T>(n * V, 8, 9, 15, 0.0, (k % 2) == 0, (k % 3) != 0, true, 0, off);
+        ++k;
+      }
+    Offsets off;
+    off.grad_out = o;
+    backward_case<T>(8 * V, 6, 100, 6, 0.95, true, true, true, 0, off);
+  }
+  check_widths<T>("backward");
 }
 
 // ---------------------------------------------------------------------------------------

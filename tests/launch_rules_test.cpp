@@ -1,7 +1,7 @@
 // The host-side launch decisions of the CUDA ops (memory_ext/launch_rules.h and the
 // launch section of csrc/cuda/pk_topk_common.cuh), checked on the CPU: vector width from
-// alignment, the rows_to_dense copy unit, what happens to bad lookups, the pk_topk kernel
-// and its CTA size.
+// alignment (and its step-down to 8-, 4-byte and element accesses), the rows_to_dense copy
+// unit, what happens to bad lookups, the pk_topk kernel and its CTA size.
 //
 // Build: g++ -std=c++20 -O2 -Icsrc/include -Icsrc/cuda tests/launch_rules_test.cpp
 // Run:   ./a.out   (exit status 0 when every check holds; prints each check)
@@ -34,6 +34,33 @@ int main() {
   check(!cu::use_vector_path(64, 8, {at(0x1000), at(0x1008)}), "vector: one base 8-byte aligned");
   check(cu::use_vector_path(64, 8, {at(0x1000), nullptr}), "vector: unused (null) buffer");
 
+  // bf16 rows (2-byte elements, up to 8 per access) next to float32 partial sums.
+  check(cu::widest_vector(64, 8, {{at(0x1000), 2}, {at(0x2010), 2}}) == 8, "widest: 16 bytes");
+  check(cu::widest_vector(36, 8, {{at(0x1000), 2}, {at(0x2000), 2}}) == 4,
+        "widest: 72-byte rows take 8-byte vectors");
+  check(cu::widest_vector(6, 8, {{at(0x1000), 2}}) == 2, "widest: 12-byte rows take 4 bytes");
+  check(cu::widest_vector(3, 8, {{at(0x1000), 2}}) == 1, "widest: 6-byte rows take elements");
+  check(cu::widest_vector(64, 8, {{at(0x1000), 2}, {at(0x1008), 2}}) == 4,
+        "widest: a view 8 bytes into its storage");
+  check(cu::widest_vector(64, 8, {{at(0x1004), 2}, {at(0x1000), 2}}) == 2,
+        "widest: a view 4 bytes into its storage");
+  check(cu::widest_vector(64, 8, {{at(0x1000), 2}, {at(0x1002), 2}}) == 1,
+        "widest: a view 2 bytes into its storage");
+  check(cu::widest_vector(64, 8, {{at(0x1000), 2}, {nullptr, 4}}) == 8,
+        "widest: an unused (null) buffer does not count");
+  check(cu::widest_vector(64, 8, {{at(0x1000), 2}, {at(0x2010), 4}}) == 8,
+        "widest: 32-byte float32 vectors need only 16-byte alignment");
+  check(cu::widest_vector(64, 8, {{at(0x1000), 2}, {at(0x2008), 4}}) == 2,
+        "widest: float32 partial sums 8-byte aligned allow 2 columns");
+  check(cu::widest_vector(64, 4, {{at(0x1008), 4}}) == 2, "widest: float32, 8-byte view");
+  check(cu::widest_vector(64, 2, {{at(0x1008), 8}}) == 1, "widest: float64, 8-byte view");
+  check(cu::widest_vector(0, 8, {{at(0x1000), 2}}) == 8, "widest: empty rows");
+  int picked = 0;
+  cu::with_vector<8>(4, [&]<int V>() { picked = V; });
+  check(picked == 4, "with_vector: dispatches the chosen width");
+  cu::with_vector<8>(1, [&]<int V>() { picked = V; });
+  check(picked == 1, "with_vector: down to one element");
+
   check(cu::dense_copy_unit(32, at(0x100), at(0x200)) == 16, "dense unit 16");
   check(cu::dense_copy_unit(24, at(0x100), at(0x200)) == 8, "dense unit 8: row of 24 bytes");
   check(cu::dense_copy_unit(32, at(0x104), at(0x200)) == 4, "dense unit 4: source 4-aligned");
@@ -46,11 +73,39 @@ int main() {
   check(cu::bad_lookup_action(7, false) == cu::BadLookups::kSkip,
         "bad lookups: checks off skip (weight gradient zero-filled)");
 
-  check(pk::use_tensor_cores(true, 512, 8), "pk: bf16/fp16 on sm_80 use tensor cores");
-  check(!pk::use_tensor_cores(true, 513, 9), "pk: half > 512 takes the plain path");
-  check(!pk::use_tensor_cores(true, 64, 7), "pk: below sm_80 takes the plain path");
-  check(!pk::use_tensor_cores(false, 64, 9), "pk: fp32/fp64 take the plain path");
-  check(pk::query_k16_steps(256) == 16 && pk::query_k16_steps(257) == 32, "pk: k16-steps");
+  // The scoring path: fp32 goes to TF32 tensor cores only where torch's float32 matmul
+  // precision allows TF32 (allow_tf32), on sm_80+, with the half in registers (<= 256).
+  using In = pk::InputKind;
+  using Path = pk::ScorePath;
+  check(pk::choose_score_path(In::kF32, 256, 9, true) == Path::kTf32, "pk path: fp32 TF32");
+  check(pk::choose_score_path(In::kF32, 256, 9, false) == Path::kPlain,
+        "pk path: fp32 at precision \"highest\" stays exact");
+  check(pk::choose_score_path(In::kF32, 1024, 9, true) == Path::kTf32,
+        "pk path: fp32 half <= 1024 streams the query on TF32 tensor cores");
+  check(pk::choose_score_path(In::kF32, 1025, 9, true) == Path::kPlain,
+        "pk path: fp32 half > 1024 takes the plain path");
+  check(pk::choose_score_path(In::kF32, 64, 7, true) == Path::kPlain,
+        "pk path: fp32 below sm_80 takes the plain path");
+  check(pk::choose_score_path(In::kF64, 64, 9, true) == Path::kPlain, "pk path: fp64 plain");
+  check(pk::choose_score_path(In::kBF16, 512, 8, false) == Path::kMma16 &&
+            pk::choose_score_path(In::kF16, 512, 9, true) == Path::kMma16,
+        "pk path: bf16/fp16 on tensor cores whatever the fp32 setting");
+  check(pk::choose_score_path(In::kBF16, 2048, 9, true) == Path::kMma16,
+        "pk path: bf16 half <= 2048 streams the query on tensor cores");
+  check(pk::choose_score_path(In::kF16, 2049, 9, true) == Path::kPlain,
+        "pk path: fp16 half > 2048 takes the plain path");
+  check(pk::query_mma_steps(Path::kTf32, 128) == 16 && pk::query_mma_steps(Path::kTf32, 129) == 32,
+        "pk: TF32 k8-steps in registers");
+  check(pk::query_mma_steps(Path::kTf32, 257) == pk::kStreamedQuery &&
+            pk::query_mma_steps(Path::kMma16, 513) == pk::kStreamedQuery,
+        "pk: wider halves streamed from shared memory");
+  check(pk::streamed_query_row_words(2048, 2) % 32 == 4 &&
+            pk::streamed_query_row_words(2048, 2) == 1024 + 4 &&
+            pk::streamed_query_row_words(33, 4) == 64 + 4,
+        "pk: streamed query rows of whole chunks, 4 words apart mod 32");
+  check(
+      pk::query_mma_steps(Path::kMma16, 256) == 16 && pk::query_mma_steps(Path::kMma16, 257) == 32,
+      "pk: bf16/fp16 k16-steps in registers");
 
   // 132 SMs (H100); every size fits with the residency given.
   const int fits_all[4] = {8, 4, 2, 1};

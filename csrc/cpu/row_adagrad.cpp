@@ -17,11 +17,12 @@ namespace {
 constexpr int64_t kAhead = 4;  // rows prefetched ahead
 
 // One row: its sum of squares in order (a reduction the compiler may not reorder, so it
-// stays one sequential chain), then the element update, which vectorises.
+// stays one sequential chain), then the element update, which vectorises. Never fused
+// into multiply-adds, so that the bits do not depend on the CPU's instruction set.
 template <typename scalar_t, typename state_t>
-MEMORY_EXT_CLONES void update_row(scalar_t* __restrict p, state_t* __restrict sum_sq,
-                                  const scalar_t* __restrict g, int64_t dim,
-                                  const RowAdagradCoefficients<state_t> c) {
+MEMORY_EXT_CLONES MEMORY_EXT_NO_FP_CONTRACT void update_row(
+    scalar_t* __restrict p, state_t* __restrict sum_sq, const scalar_t* __restrict g, int64_t dim,
+    const RowAdagradCoefficients<state_t> c) {
   state_t squares = 0;
   for (int64_t i = 0; i < dim; ++i) {
     const state_t gi = static_cast<state_t>(g[i]);

@@ -15,11 +15,12 @@ namespace {
 
 constexpr int64_t kAhead = 4;  // rows prefetched ahead
 
-// One row; restrict-qualified so that the loop vectorises (sqrt and divide included).
+// One row; restrict-qualified so that the loop vectorises (sqrt and divide included), and
+// never fused into multiply-adds, so that every CPU rounds like the CUDA kernel.
 template <typename scalar_t, typename state_t>
-MEMORY_EXT_CLONES void update_row(scalar_t* __restrict p, state_t* __restrict m,
-                                  state_t* __restrict v, const scalar_t* __restrict g, int64_t dim,
-                                  const RowAdamCoefficients<state_t> c) {
+MEMORY_EXT_CLONES MEMORY_EXT_NO_FP_CONTRACT void update_row(
+    scalar_t* __restrict p, state_t* __restrict m, state_t* __restrict v,
+    const scalar_t* __restrict g, int64_t dim, const RowAdamCoefficients<state_t> c) {
   for (int64_t i = 0; i < dim; ++i) {
     p[i] = static_cast<scalar_t>(
         row_adam_element(static_cast<state_t>(p[i]), static_cast<state_t>(g[i]), m[i], v[i], c));

@@ -5,6 +5,7 @@
 #include "embedding_bag_backward_kernel.cuh"
 #include "embedding_bag_cuda.h"
 #include "memory_ext/cuda_utils.cuh"
+#include "memory_ext/launch_rules.h"
 
 namespace memory_ext::cuda {
 
@@ -13,19 +14,23 @@ void launch_embedding_bag_backward(c10::ScalarType value_type, const BackwardArg
   if (a.n_segments == 0) return;
   dispatch_value_type(value_type, "embedding_bag_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto run = [&]<int VEC>() {
+    // The widest vector that the row length and every vector-accessed base allow (grad_out
+    // and values may be views with a storage offset); partial rows hold the accumulator
+    // type, so the same vector of columns is twice the bytes there for 16-bit values.
+    constexpr int kV = kVec16<T>;
+    const int vec = widest_vector(a.dim, kV,
+                                  {{a.values, sizeof(T)},
+                                   {a.grad_out, sizeof(T)},
+                                   {a.rows_grad, sizeof(T)},
+                                   {a.partial, sizeof(acc_t<T>)}});
+    with_vector<kV>(vec, [&]<int VEC>() {
       with_backward_shape<VEC>(a.dim / VEC, [&]<int G, int VPT, int R, bool TILED>() {
         constexpr int kBlock = backward_block(G);
         embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>
             <<<grid_for(a.n_segments, kBlock / G), kBlock, 0, stream>>>(a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-    };
-    constexpr int kV = kVec16<T>;
-    if (use_vector_path(a.dim, kV, {a.values, a.grad_out, a.rows_grad, a.partial}))
-      run.template operator()<kV>();
-    else
-      run.template operator()<1>();
+    });
     const int64_t items = a.n_long_runs * ceil_div(a.dim, kReduceBlock);
     if (items > 0) {
       embedding_bag_backward_reduce_kernel<T><<<grid_for(items, 1), kReduceBlock, 0, stream>>>(a);

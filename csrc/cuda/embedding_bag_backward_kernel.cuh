@@ -5,9 +5,14 @@
 // positions in sorted (= input) order with R grad_out rows in flight, and in that one pass
 //   - sums w * grad_out[t] in float32 (float64 for float64), and
 //   - takes each position's weight gradient <grad_out[t], values[row]> (group-wide sum).
+// Rows move as the widest vectors (16, 8 or 4 bytes, else single elements) that their
+// length and every base allow (widest_vector, memory_ext/launch_rules.h).
 // A run of one segment writes its row gradient directly; longer runs write float32
 // partial rows that a second kernel folds in segment order. No atomics, no locks, no
-// order that depends on scheduling: results are bitwise reproducible.
+// order that depends on scheduling: results are bitwise reproducible. (The row gradient
+// sums each column in position order whatever the launch shape; the weight gradient's
+// dot product is split over lanes by the shape, which follows dim and the vector width,
+// so the same data in a view of another alignment may differ in its last bits.)
 //
 // Torch-free: compiled by embedding_bag_backward.cu and, as host C++, by the CPU emulation.
 #pragma once
@@ -53,8 +58,14 @@ __global__ void __launch_bounds__(backward_block(G))
   // group is the block, so every barrier below is reached by all of its threads.
   for (int64_t seg = int64_t(blockIdx.x) * (kBlock / G) + threadIdx.x / G; seg < a.n_segments;
        seg += int64_t(gridDim.x) * (kBlock / G)) {
-    // The run of this segment: the last run whose first segment is <= seg.
-    int64_t lo = 0, hi = a.n_runs;
+    // The run of this segment: the last run whose first segment is <= seg. Every run has
+    // at least one segment, and all runs together have `extra` more segments than runs,
+    // so plan[u].seg lies in [u, u + extra]: the run is within `extra` below seg. When
+    // rows are unique or runs short (the common case) extra is 0 and the run is seg
+    // itself, with no search; a few hot rows cost log2(extra) steps, not log2(n_runs).
+    const int64_t extra = a.n_segments - a.n_runs;
+    int64_t lo = seg > extra ? seg - extra : 0;
+    int64_t hi = (seg < a.n_runs - 1 ? seg : a.n_runs - 1) + 1;
     while (hi - lo > 1) {
       const int64_t mid = (lo + hi) / 2;
       if (int64_t(a.plan[mid].seg) <= seg)

@@ -4,6 +4,7 @@
 #include "embedding_bag_cuda.h"
 #include "embedding_bag_forward_kernel.cuh"
 #include "memory_ext/cuda_utils.cuh"
+#include "memory_ext/launch_rules.h"
 
 namespace memory_ext::cuda {
 
@@ -11,19 +12,19 @@ void launch_embedding_bag(c10::ScalarType value_type, const ForwardArgs& a, cuda
   if (a.tokens == 0 || a.dim == 0) return;
   dispatch_value_type(value_type, "embedding_bag", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto run = [&]<int VEC>() {
+    // The widest vector that the row length and both bases allow: an odd dim or a view
+    // with a storage offset steps down to 8- or 4-byte accesses where those fit, and to
+    // single elements only where nothing wider does.
+    constexpr int kV = kVec16<T>;
+    const int vec = widest_vector(a.dim, kV, {{a.values, sizeof(T)}, {a.out, sizeof(T)}});
+    with_vector<kV>(vec, [&]<int VEC>() {
       with_forward_shape<VEC>(a.dim / VEC, [&]<int G, int VPL>() {
         const int64_t items = a.tokens * ceil_div(a.dim, int64_t(G) * VPL * VEC);
         embedding_bag_kernel<T, VEC, G, VPL>
             <<<grid_for(items, kForwardBlock / G), kForwardBlock, 0, stream>>>(a);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
-    };
-    constexpr int kV = kVec16<T>;
-    if (use_vector_path(a.dim, kV, {a.values, a.out}))
-      run.template operator()<kV>();
-    else
-      run.template operator()<1>();
+    });
   });
 }
 

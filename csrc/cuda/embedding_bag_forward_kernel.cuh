@@ -4,7 +4,8 @@
 // tile) item. The group loads a chunk of the bag's indices and weights once, one per lane,
 // and broadcasts them by shuffle; it then keeps R rows in flight (all loads issued before
 // any is used) so the memory system sees enough independent requests to reach its
-// bandwidth. Rows move as 16-byte vectors when their length and base allow, accumulate in
+// bandwidth. Rows move as the widest vectors (16, 8 or 4 bytes, else single elements) that
+// their length and bases allow (widest_vector, memory_ext/launch_rules.h), accumulate in
 // float32 (float64 for float64), and each output element is stored once.
 //
 // Torch-free: compiled by embedding_bag_forward.cu and, as host C++, by the CPU emulation.

@@ -1,6 +1,6 @@
-// CUDA row_adam_: lazy AdamW over the rows of a sparse gradient, one thread per element
-// of the touched rows (grid-stride), the same per-element math as the CPU kernel
-// (memory_ext/row_adam_math.h). Rows must be unique, which a coalesced gradient
+// CUDA row_adam_: lazy AdamW over the rows of a sparse gradient, a group of lanes per
+// touched row moving vectors (row_adam_kernel.cuh), the same per-element math as the CPU
+// kernel (memory_ext/row_adam_math.h). Rows must be unique, which a coalesced gradient
 // guarantees; a row out of range is skipped (no write out of bounds, no host sync).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -10,6 +10,7 @@
 
 #include "memory_ext/checks.h"
 #include "memory_ext/cuda_utils.cuh"
+#include "memory_ext/launch_rules.h"
 #include "memory_ext/row_adam_math.h"
 #include "row_adam_kernel.cuh"
 
@@ -30,12 +31,23 @@ void row_adam_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_s
     using T = typename decltype(tag)::type;
     using S = acc_t<T>;
     const auto c = RowAdamCoefficients<S>::make(lr, beta1, beta2, eps, weight_decay, step);
-    cuda::row_adam_kernel<T, S>
-        <<<cuda::grid_for(U * dim, cuda::kRowAdamBlock), cuda::kRowAdamBlock, 0, stream>>>(
-            reinterpret_cast<T*>(param.data_ptr()), exp_avg.data_ptr<S>(), exp_avg_sq.data_ptr<S>(),
-            rows.data_ptr<int64_t>(), reinterpret_cast<const T*>(rows_grad.data_ptr()), U, dim,
-            param.size(0), c);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    T* p = reinterpret_cast<T*>(param.data_ptr());
+    S* m = exp_avg.data_ptr<S>();
+    S* v = exp_avg_sq.data_ptr<S>();
+    const T* g = reinterpret_cast<const T*>(rows_grad.data_ptr());
+    // The widest vector the row length and all four bases allow (param and the moments
+    // may be views with a storage offset): 16, 8 or 4 bytes of state, else one element.
+    constexpr int kMax = cuda::kRowAdamMaxVec<S>;
+    const int vec = cuda::widest_vector(
+        dim, kMax, {{p, sizeof(T)}, {m, sizeof(S)}, {v, sizeof(S)}, {g, sizeof(T)}});
+    cuda::with_vector<kMax>(vec, [&]<int VEC>() {
+      const int lanes_log2 = cuda::row_adam_lanes_log2(dim, VEC);
+      const int64_t rows_per_block = cuda::kRowAdamBlock >> lanes_log2;
+      cuda::row_adam_kernel<T, S, VEC>
+          <<<cuda::grid_for(U, rows_per_block), cuda::kRowAdamBlock, 0, stream>>>(
+              p, m, v, rows.data_ptr<int64_t>(), g, U, dim, param.size(0), lanes_log2, c);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 

@@ -1,6 +1,13 @@
-// Kernel of the CUDA row_adam_: one thread per element of the touched rows (grid-stride),
-// the per-element math of the CPU kernel (memory_ext/row_adam_math.h). A row out of range
-// is skipped (no write out of bounds, no host sync).
+// Kernel of the CUDA row_adam_: the per-element math of the CPU kernel
+// (memory_ext/row_adam_math.h) over the touched rows. A row out of range is skipped (no
+// write out of bounds, no host sync).
+//
+// Each row is owned by a group of lanes (a power of two, at most the block) that walks it
+// in vectors of VEC elements: the row index is loaded once per group, and a lane's column
+// comes from its lane number, not from a 64-bit division of a flat element index. Rows of
+// up to kRowAdamBlock vectors take one pass; short rows share a block (several groups per
+// block), so no lane idles on a 64-byte row. The vector is the widest that the row length
+// and the four bases allow (widest_vector), at most 16 bytes of optimizer state.
 //
 // Torch-free: compiled by row_adam.cu and, as host C++, by the CPU emulation.
 #pragma once
@@ -13,26 +20,53 @@ namespace {
 
 constexpr int kRowAdamBlock = 256;
 
-// T the parameter type, S = acc_t<T> the optimizer state's.
-template <typename T, typename S>
+// Elements per access: 16 bytes of the state type S (float32: 4, float64: 2).
+template <typename S>
+constexpr int kRowAdamMaxVec = static_cast<int>(16 / sizeof(S));
+
+// Lanes per row, as a power of two (log2): enough for one vector each, at most the block.
+inline int row_adam_lanes_log2(int64_t dim, int vec) {
+  const int64_t vectors = ceil_div(dim, vec);
+  int lg = 0;
+  while ((int64_t(1) << lg) < vectors && (1 << lg) < kRowAdamBlock) ++lg;
+  return lg;
+}
+
+// T the parameter type, S = acc_t<T> the optimizer state's, VEC elements per access;
+// (1 << lanes_log2) lanes per row.
+template <typename T, typename S, int VEC>
 __global__ void __launch_bounds__(kRowAdamBlock)
     row_adam_kernel(T* __restrict__ param, S* __restrict__ exp_avg, S* __restrict__ exp_avg_sq,
                     const int64_t* __restrict__ rows, const T* __restrict__ rows_grad,
-                    int64_t n_unique, int64_t dim, int64_t n_rows, RowAdamCoefficients<S> c) {
-  const int64_t total = n_unique * dim;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t u = e / dim, i = e - u * dim;
+                    int64_t n_unique, int64_t dim, int64_t n_rows, int lanes_log2,
+                    RowAdamCoefficients<S> c) {
+  const int lanes = 1 << lanes_log2;
+  const int groups = kRowAdamBlock >> lanes_log2;
+  const int64_t first_col = int64_t(threadIdx.x & (lanes - 1)) * VEC;
+  for (int64_t u = int64_t(blockIdx.x) * groups + (threadIdx.x >> lanes_log2); u < n_unique;
+       u += int64_t(gridDim.x) * groups) {
     const int64_t r = rows[u];
     if (r < 0 || r >= n_rows) continue;
-    const int64_t at = r * dim + i;
-    S m = exp_avg[at], v = exp_avg_sq[at];
-    const S p = static_cast<S>(to_acc(param[at]));
-    const S g = static_cast<S>(to_acc(rows_grad[e]));
-    const S out = row_adam_element(p, g, m, v, c);
-    exp_avg[at] = m;
-    exp_avg_sq[at] = v;
-    param[at] = from_acc<T>(out);
+    T* p_row = param + r * dim;
+    S* m_row = exp_avg + r * dim;
+    S* v_row = exp_avg_sq + r * dim;
+    const T* g_row = rows_grad + u * dim;
+    // dim % VEC == 0 (widest_vector), so a vector is wholly in the row or past it.
+    for (int64_t col = first_col; col < dim; col += int64_t(lanes) * VEC) {
+      // The parameter and moments are written by this kernel, so they take plain
+      // (coherent) loads; the gradient is read-only.
+      Vec<T, VEC> p = load_vec<T, VEC>(p_row + col);
+      Vec<S, VEC> m = load_vec<S, VEC>(m_row + col);
+      Vec<S, VEC> v = load_vec<S, VEC>(v_row + col);
+      const Vec<T, VEC> g = load_nc<T, VEC>(g_row + col);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        p.v[e] = from_acc<T>(row_adam_element(static_cast<S>(to_acc(p.v[e])),
+                                              static_cast<S>(to_acc(g.v[e])), m.v[e], v.v[e], c));
+      store_vec(m_row + col, m);
+      store_vec(v_row + col, v);
+      store_vec(p_row + col, p);
+    }
   }
 }
 

@@ -17,6 +17,14 @@
 
 #include "memory_ext/host_device.h"
 
+// Every vector access of these helpers states its alignment here. The GPU faults on a
+// misaligned global access and silently reads the wrong words of shared memory; the
+// emulation defines this to check the address, so a launcher that picks too wide a vector
+// fails there too. On the GPU it is nothing.
+#ifndef MEMORY_EXT_CHECK_ALIGNED
+#define MEMORY_EXT_CHECK_ALIGNED(ptr, bytes, what) ((void)0)
+#endif
+
 // The dynamic shared memory of a launch, 16-byte aligned, as `char name[]`. (The
 // emulation defines its own.)
 #ifndef MEMORY_EXT_DYNAMIC_SMEM
@@ -51,8 +59,8 @@ MEMORY_EXT_DEVICE __half from_acc<__half>(float v) {
 
 // ---------------------------------------------------------------------------------------
 // Vectors: N elements moved as one aligned access. The vector paths require the row
-// length in bytes and the base pointers to be multiples of the vector size; callers check
-// that and fall back to N == 1 otherwise.
+// length and the base pointers to be multiples of the vector size; launchers pick N with
+// widest_vector (memory_ext/launch_rules.h), which steps down to narrower vectors.
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -89,14 +97,26 @@ MEMORY_EXT_DEVICE Vec<T, N> load_nc(const T* p) {
   constexpr int kBytes = sizeof(T) * N;
   static_assert(kBytes <= 16, "one load moves at most 16 bytes");
   using W = typename RawWord<kBytes>::type;
+  MEMORY_EXT_CHECK_ALIGNED(p, kBytes, "load_nc");
   const W w = __ldg(reinterpret_cast<const W*>(p));
   Vec<T, N> out;
   memcpy(&out, &w, kBytes);
   return out;
 }
 
+// Plain (coherent) load of an aligned vector, for data the kernel also writes (the
+// non-coherent path of load_nc may serve stale lines for those).
+template <typename T, int N>
+MEMORY_EXT_DEVICE Vec<T, N> load_vec(const T* p) {
+  MEMORY_EXT_CHECK_ALIGNED(p, sizeof(Vec<T, N>) < 16 ? sizeof(Vec<T, N>) : 16, "load_vec");
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
 template <typename T, int N>
 MEMORY_EXT_DEVICE void store_vec(T* p, const Vec<T, N>& v) {
+  // A vector wider than 16 bytes (float32 partial sums of 8 bf16 columns) is stored as
+  // 16-byte pieces, so 16 bytes is all the hardware needs.
+  MEMORY_EXT_CHECK_ALIGNED(p, sizeof(v) < 16 ? sizeof(v) : 16, "store_vec");
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
@@ -187,9 +207,11 @@ MEMORY_EXT_DEVICE int lane_id() { return static_cast<int>(threadIdx.x) & (kWarpS
 MEMORY_EXT_DEVICE uint32_t lanemask_lt() { return (1u << lane_id()) - 1u; }
 
 MEMORY_EXT_DEVICE uint32_t lds_u32(const uint16_t* p) {
+  MEMORY_EXT_CHECK_ALIGNED(p, 4, "lds_u32");
   return *reinterpret_cast<const uint32_t*>(p);
 }
 MEMORY_EXT_DEVICE void sts_f2(float* p, float a, float b) {
+  MEMORY_EXT_CHECK_ALIGNED(p, 8, "sts_f2");
   *reinterpret_cast<float2*>(p) = make_float2(a, b);
 }
 MEMORY_EXT_DEVICE float half_bits_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }

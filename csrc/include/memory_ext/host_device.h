@@ -44,6 +44,36 @@ MEMORY_EXT_HD To bit_cast(const From& from) {
   return to;
 }
 
+// a * b rounded on its own, never fused with the addition that consumes it. Compilers fuse
+// a * b + c into one fused multiply-add (one rounding instead of two) where they may: nvcc
+// by default, GCC in the CPU kernels' x86-64-v3/v4 clones (-ffp-contract=fast is its
+// default for C++). Fusing in some places and not in others would make CUDA and CPU, or
+// two CPUs, differ in the last bit, so every product that meets an addition in the
+// formulas CPU and CUDA share (row_adam_math.h, row_adagrad_math.h) goes through this:
+// __fmul_rn / __dmul_rn on the device are never fused. On the host GCC fuses even across
+// __builtin_assoc_barrier, so the CPU functions that evaluate those formulas carry
+// MEMORY_EXT_NO_FP_CONTRACT instead, which turns fusing off for the whole function
+// (Clang fuses only within one expression by default, which a call already ends).
+// Division and sqrt are IEEE-rounded on both sides: the build uses neither
+// --use_fast_math nor -prec-div=false.
+template <typename S>
+MEMORY_EXT_HD S mul_rn(S a, S b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<S, float>)
+    return __fmul_rn(a, b);
+  else
+    return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define MEMORY_EXT_NO_FP_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define MEMORY_EXT_NO_FP_CONTRACT
+#endif
+
 namespace cuda {
 
 using memory_ext::acc_t;

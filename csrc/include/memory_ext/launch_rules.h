@@ -22,6 +22,48 @@ inline bool use_vector_path(int64_t dim, int vec, std::initializer_list<const vo
   return true;
 }
 
+// One buffer a kernel moves in vectors: its base address and the bytes of its element
+// (a buffer of float32 partial sums next to bf16 rows moves twice the bytes per vector).
+struct VectorBase {
+  const void* base;
+  int elem_bytes;
+};
+
+// Elements per access of a kernel that moves rows of `dim` elements as vectors of up to
+// `max_vec` elements (a power of two): the widest of max_vec, max_vec / 2, ..., 1 such that
+// a row is a whole number of vectors and every base is aligned to its vector's bytes (at
+// most 16: wider vectors are moved as 16-byte pieces). Stepping down keeps a row that is
+// only 8- or 4-byte aligned (an odd dim of 16-bit values, a view with a storage offset) on
+// 8- or 4-byte accesses instead of one element at a time. A null base (a buffer the launch
+// does not use) does not count. (Peeling a misaligned head instead would keep 16 bytes, but
+// when a row is not a whole number of 16-byte vectors each row starts at another offset,
+// and the buffers of one kernel may be misaligned by different amounts, so every row and
+// buffer would need its own split; one width per launch keeps one code path.)
+inline int widest_vector(int64_t dim, int max_vec, std::initializer_list<VectorBase> bases) {
+  int vec = max_vec;
+  for (; vec > 1; vec /= 2) {
+    bool fits = dim % vec == 0;
+    for (const VectorBase& b : bases) {
+      const int bytes = vec * b.elem_bytes;
+      fits = fits && (b.base == nullptr || is_aligned(b.base, bytes < 16 ? bytes : 16));
+    }
+    if (fits) break;
+  }
+  return vec;
+}
+
+// Calls f.template operator()<VEC>() for a vec of widest_vector(..., MaxVec, ...), so a
+// kernel is instantiated only for MaxVec, MaxVec / 2, ..., 1.
+template <int MaxVec, typename F>
+void with_vector(int vec, F&& f) {
+  if constexpr (MaxVec > 1) {
+    if (vec >= MaxVec) return f.template operator()<MaxVec>();
+    return with_vector<MaxVec / 2>(vec, f);
+  } else {
+    return f.template operator()<1>();
+  }
+}
+
 // rows_to_dense moves bytes: the widest of 16/8/4/2/1 bytes that divides a row and both
 // base addresses.
 inline int dense_copy_unit(int64_t row_bytes, const void* src, const void* dst) {

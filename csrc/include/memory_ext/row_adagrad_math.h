@@ -1,7 +1,8 @@
 // The per-row and per-element update of row_adagrad_, shared by the CPU and CUDA kernels:
 // row-wise Adagrad (FBGEMM's rowwise_adagrad), one accumulated value per row. The kernels
 // differ only in how they sum a row's squares (CPU: in order; CUDA: lanes, then a fixed
-// butterfly); everything after that sum is this file, so it rounds alike on both sides.
+// butterfly); everything after that sum is this file, so it rounds alike on both sides
+// (products rounded apart from the sums they feed: mul_rn, host_device.h).
 #pragma once
 
 #include <cmath>
@@ -40,7 +41,7 @@ MEMORY_EXT_HD S row_adagrad_accumulate(S& sum_sq, S squares, int64_t dim,
 // The new parameter value of one element, from the row's step size.
 template <typename S>
 MEMORY_EXT_HD S row_adagrad_element(S p, S g, S step, const RowAdagradCoefficients<S>& c) {
-  return p * c.decay - step * g;
+  return mul_rn(p, c.decay) - mul_rn(step, g);
 }
 
 }  // namespace memory_ext

@@ -1,6 +1,7 @@
 // The per-element update of row_adam_, shared by the CPU and CUDA kernels so both give the
-// same bits: torch.optim.AdamW's formula (decoupled weight decay, lerp for the first
-// moment, bias-corrected step), applied to one element of one touched row.
+// same bits (products are rounded apart from the sums they feed: mul_rn, host_device.h):
+// torch.optim.AdamW's formula (decoupled weight decay, lerp for the first moment,
+// bias-corrected step), applied to one element of one touched row.
 #pragma once
 
 #include <cmath>
@@ -28,14 +29,14 @@ struct RowAdamCoefficients {
 // Updates the moments m, v in place and returns the new parameter value.
 template <typename S>
 MEMORY_EXT_HD S row_adam_element(S p, S g, S& m, S& v, const RowAdamCoefficients<S>& c) {
-  m = m + (S(1) - c.beta1) * (g - m);
-  v = v * c.beta2 + (S(1) - c.beta2) * g * g;
+  m = m + mul_rn(S(1) - c.beta1, g - m);
+  v = mul_rn(v, c.beta2) + mul_rn((S(1) - c.beta2) * g, g);
 #if defined(__CUDA_ARCH__)
   const S denom = sqrt(v) / c.bc2_sqrt + c.eps;
 #else
   const S denom = std::sqrt(v) / c.bc2_sqrt + c.eps;
 #endif
-  return p * c.decay - c.step_size * m / denom;
+  return mul_rn(p, c.decay) - c.step_size * m / denom;
 }
 
 }  // namespace memory_ext
