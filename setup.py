@@ -85,8 +85,10 @@ def _extension():
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # torch's builder derives the arch list from the visible GPUs and fails without one.
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        print("memory_ext: no GPU visible, TORCH_CUDA_ARCH_LIST defaults to 8.0;9.0")
+        # Ampere and Hopper code, plus Hopper's PTX so that newer GPUs (Blackwell) compile
+        # the kernels at load instead of finding no code for their architecture.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        print("memory_ext: no GPU visible, TORCH_CUDA_ARCH_LIST defaults to 8.0;9.0+PTX")
     # ATen's CUDA headers include cuBLAS/cuSPARSE; a partial toolkit has them only in
     # torch's pip dependencies.
     for site in sys.path:

@@ -38,7 +38,7 @@ endif()
 # torch's config turns TORCH_CUDA_ARCH_LIST into -gencode flags (it ignores
 # CMAKE_CUDA_ARCHITECTURES); default to the architectures setup.py uses without a GPU.
 if(NOT DEFINED TORCH_CUDA_ARCH_LIST AND NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
-  set(TORCH_CUDA_ARCH_LIST "8.0;9.0")
+  set(TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX")
 endif()
 
 find_package(Torch REQUIRED)

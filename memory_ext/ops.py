@@ -23,6 +23,7 @@ __all__ = [
     "embedding_bag_backward",
     "rows_to_dense",
     "pk_topk",
+    "pk_topk_by_sorting",
     "quantized_embedding_bag",
     "row_adam_",
     "row_adagrad_",
@@ -38,18 +39,30 @@ __all__ = [
 _ops = torch.ops.memory
 
 
-def embedding_bag(values: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+def embedding_bag(values: Tensor, indices: Tensor, weights: Tensor, *, check_indices: bool = True) -> Tensor:
     """Weighted bag of rows: out[t] = sum_j weights[t, j] * values[indices[t, j]].
 
     values: (rows, dim) float32/bfloat16/float16/float64; indices: (tokens, bag) int64 or
     int32; weights: (tokens, bag) float32 or values' dtype -> (tokens, dim) values' dtype.
     Accumulates in float32 (float64 for float64). Differentiable in values and weights.
+
+    check_indices=False vouches that every index is in [0, rows) (indices made by the
+    library, such as a memory layer's top-k over its own table): the CUDA kernel then
+    skips its index report and the host synchronisation it costs (see set_index_checks);
+    an index out of range all the same is skipped, never read. The CPU kernel checks
+    either way, at no synchronisation cost.
     """
-    return _ops.embedding_bag(values, indices, weights)
+    return _ops.embedding_bag(values, indices, weights, check_indices)
 
 
 def quantized_embedding_bag(
-    packed: Tensor, indices: Tensor, weights: Tensor, codes: str, out_dtype: torch.dtype = torch.float32
+    packed: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    codes: str,
+    out_dtype: torch.dtype = torch.float32,
+    *,
+    check_indices: bool = True,
 ) -> Tensor:
     """Weighted bag of row-wise quantized rows, for inference (forward only).
 
@@ -59,9 +72,9 @@ def quantized_embedding_bag(
     "float8_e4m3fn" (dim e4m3 codes then a float32 scale, value = code * scale); indices:
     (tokens, bag) int64 or int32; weights: (tokens, bag) float32 -> (tokens, dim) out_dtype
     (float32, bfloat16 or float16), accumulated in float32. memory_ext.nn.quantize_rows
-    builds ``packed`` from a float table.
+    builds ``packed`` from a float table. check_indices as for embedding_bag.
     """
-    return _ops.quantized_embedding_bag(packed, indices, weights, codes, out_dtype)
+    return _ops.quantized_embedding_bag(packed, indices, weights, codes, out_dtype, check_indices)
 
 
 def embedding_bag_backward(
@@ -77,9 +90,13 @@ def embedding_bag_backward(
     return _ops.embedding_bag_backward(grad_out, values, indices, weights, need_weights_grad)
 
 
-def rows_to_dense(rows: Tensor, rows_grad: Tensor, n_rows: int) -> Tensor:
-    """Dense (n_rows, dim) tensor with rows_grad[u] at row rows[u] and zeros elsewhere."""
-    return _ops.rows_to_dense(rows, rows_grad, n_rows)
+def rows_to_dense(rows: Tensor, rows_grad: Tensor, n_rows: int, *, check_rows: bool = True) -> Tensor:
+    """Dense (n_rows, dim) tensor with rows_grad[u] at row rows[u] and zeros elsewhere.
+
+    rows: (U,) int64 strictly ascending in [0, n_rows). check_rows=False vouches for that
+    (rows returned by embedding_bag_backward): the CUDA kernel then skips their check and
+    its host synchronisation. The CPU kernel checks either way."""
+    return _ops.rows_to_dense(rows, rows_grad, n_rows, check_rows)
 
 
 def pk_topk(query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -90,15 +107,41 @@ def pk_topk(query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
     q1 . K1[i] + q2 . K2[j]; indices: (tokens, heads, k) int64, i * n_keys + j.
     Differentiable in query and keys through the selected pairs.
 
+    float32 on CUDA follows torch's rule for float32 matmuls. With
+    ``torch.get_float32_matmul_precision()`` at "high" or "medium", on compute capability
+    8.0 or newer and for half <= 1024, the halves are scored on TF32 tensor cores: every
+    element of query and keys is rounded to TF32 (10 mantissa bits, to nearest, ties away
+    from zero); each half-score q_x . K_x[i] accumulates the products of the rounded
+    elements in float32, in the order and with the intermediate rounding of the tensor
+    cores; a returned score is the float32 sum of its two half-scores, and the top k is
+    exact over these scores. Each then differs from the exact q1 . K1[i] + q2 . K2[j] by at
+    most 2^-9 * (sum |q1 * K1[i]| + sum |q2 * K2[j]|). At "highest" (torch's default), and
+    for larger halves or older GPUs, float32 is scored with float32 FMAs in dimension order.
+
     Ties go to the lower index when the tied sums come from tied half-scores (so with
     exactly representable sums the order is score descending, then index ascending); the
     order of sums equal only after rounding is not specified. Non-finite half-scores: NaN
     ranks first (as in torch.topk), but which NaN pairs are returned is not specified; a
     +inf half-score met by a -inf one sums to NaN, and that pair may or may not be among
-    those returned. The CUDA kernel takes n_keys <= 65536 and heads <= 65535, and k is
-    bounded by its shared memory (the error says how much a k needs).
+    those returned. On CUDA, what the fused kernels cannot take (n_keys > 65536, heads >
+    65535, or a k beyond their shared memory, about k > 512) goes to pk_topk_by_sorting:
+    the same contract, slower (its half-scores come from torch's matmul, TF32 under the
+    same precision rule).
     """
     return _ops.pk_topk(query, keys, k)
+
+
+def pk_topk_by_sorting(query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """pk_topk's contract (shapes, dtypes, exact top-k, equal sums to the lower index)
+    computed with ATen ops on any device and for any k <= n_keys: each half-score row
+    from a batched matmul, sorted stably, then the pairs of ranks (a, b) with
+    (a + 1) * (b + 1) <= k (about k ln k of them, which hold the exact top-k) sorted by
+    index, then stably by score. The CUDA pk_topk takes this path when k needs more shared
+    memory than its fused kernel has; it is slower than the fused kernels and needs
+    memory for tokens x heads x (k ln k) candidates (processed in chunks). Differentiable
+    in query and keys, with pk_topk's gradient.
+    """
+    return _ops.pk_topk_by_sorting(query, keys, k)
 
 
 def row_adam_(
@@ -229,7 +272,7 @@ def index_checks(enabled: bool) -> Iterator[None]:
 
 
 @torch.library.register_fake("memory::embedding_bag")
-def _embedding_bag_fake(values, indices, weights):
+def _embedding_bag_fake(values, indices, weights, check_indices=True):
     _checks.check_embedding_bag("embedding_bag", values, indices, weights)
     return values.new_empty((indices.shape[0], values.shape[1]))
 
@@ -248,7 +291,7 @@ def _embedding_bag_backward_fake(grad_out, values, indices, weights, need_weight
 
 
 @torch.library.register_fake("memory::rows_to_dense")
-def _rows_to_dense_fake(rows, rows_grad, n_rows):
+def _rows_to_dense_fake(rows, rows_grad, n_rows, check_rows=True):
     _checks.check_rows_to_dense(rows, rows_grad, n_rows)
     return rows_grad.new_empty((n_rows, rows_grad.shape[1]))
 
@@ -272,8 +315,15 @@ def _pk_topk_fake(query, keys, k):
     return query.new_empty(shape, dtype=accumulation_dtype(query.dtype)), query.new_empty(shape, dtype=torch.int64)
 
 
+@torch.library.register_fake("memory::pk_topk_by_sorting")
+def _pk_topk_by_sorting_fake(query, keys, k):
+    _checks.check_pk_topk(query, keys, k, "pk_topk_by_sorting")
+    shape = (query.shape[0], query.shape[1], k)
+    return query.new_empty(shape, dtype=accumulation_dtype(query.dtype)), query.new_empty(shape, dtype=torch.int64)
+
+
 @torch.library.register_fake("memory::quantized_embedding_bag")
-def _quantized_embedding_bag_fake(packed, indices, weights, codes, out_dtype):
+def _quantized_embedding_bag_fake(packed, indices, weights, codes, out_dtype, check_indices=True):
     _checks.check_quantized_embedding_bag(packed, indices, weights, codes, out_dtype)
     dim = packed.shape[1] - _checks.QUANTIZED_ROW_TAIL_BYTES[codes]
     return packed.new_empty((indices.shape[0], dim), dtype=out_dtype)
@@ -283,19 +333,26 @@ def _quantized_embedding_bag_fake(packed, indices, weights, codes, out_dtype):
 # Autograd.
 
 
+# The gradient formulas below call the ops on indices and rows the library made itself
+# (the backward's own rows, sub-key indices built from pk_topk's output), so they pass
+# check_indices / check_rows False: on CUDA a checked call costs a host synchronisation,
+# and the only one a memory layer's backward needs is the one that sizes
+# embedding_bag_backward's outputs.
+
+
 def _embedding_bag_setup(ctx, inputs, output):
-    values, indices, weights = inputs
+    values, indices, weights = inputs[:3]
     ctx.save_for_backward(values, indices, weights)
 
 
 def _embedding_bag_grad(ctx, grad_out):
     values, indices, weights = ctx.saved_tensors
-    need_values, _, need_weights = ctx.needs_input_grad
+    need_values, _, need_weights = ctx.needs_input_grad[:3]
     rows, rows_grad, weights_grad = _ops.embedding_bag_backward(
         grad_out, values, indices, weights, need_weights
     )
-    grad_values = _ops.rows_to_dense(rows, rows_grad, values.shape[0]) if need_values else None
-    return grad_values, None, weights_grad if need_weights else None
+    grad_values = _ops.rows_to_dense(rows, rows_grad, values.shape[0], False) if need_values else None
+    return grad_values, None, weights_grad if need_weights else None, None
 
 
 torch.library.register_autograd(
@@ -326,16 +383,18 @@ def _pk_topk_grad(ctx, grad_scores, _grad_indices):
     bag_w = bag_w.reshape(tokens * heads * 2, k)
     grad_query = grad_keys = None
     if ctx.needs_input_grad[0]:
-        grad_query = _ops.embedding_bag(table, bag_idx, bag_w).view(tokens, heads, 2 * half)
+        grad_query = _ops.embedding_bag(table, bag_idx, bag_w, False).view(tokens, heads, 2 * half)
     if ctx.needs_input_grad[1]:
         rows, rows_grad, _ = _ops.embedding_bag_backward(
             query.reshape(tokens * heads * 2, half), table, bag_idx, bag_w, False
         )
-        grad_keys = _ops.rows_to_dense(rows, rows_grad, table.shape[0]).view(keys.shape)
+        grad_keys = _ops.rows_to_dense(rows, rows_grad, table.shape[0], False).view(keys.shape)
     return grad_query, grad_keys, None
 
 
 torch.library.register_autograd("memory::pk_topk", _pk_topk_grad, setup_context=_pk_topk_setup)
+# The same contract, so the same gradient.
+torch.library.register_autograd("memory::pk_topk_by_sorting", _pk_topk_grad, setup_context=_pk_topk_setup)
 
 
 def _quantized_embedding_bag_grad(ctx, grad_out):
