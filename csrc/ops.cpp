@@ -86,7 +86,12 @@ TORCH_LIBRARY(memory, m) {
       "float lr, float eps, float weight_decay) -> ()");
 
   // Index validation on devices where it costs a host synchronisation (CUDA); on by
-  // default. Off, out-of-range lookups are skipped instead (csrc/index_checks.cpp).
+  // default. Off, out-of-range lookups are skipped instead (memory_ext/index_checks.h).
   m.def("set_index_checks(bool enabled) -> ()");
   m.def("index_checks_enabled() -> bool");
+  // The same switch with its third mode: "sync" (the default: raise at the call), "async"
+  // (record on the device, raise at check_index_errors), "off".
+  m.def("set_index_check_mode(str mode) -> ()");
+  m.def("index_check_mode() -> str");
+  m.def("check_index_errors() -> ()");
 }

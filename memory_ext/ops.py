@@ -29,7 +29,9 @@ __all__ = [
     "row_adagrad_",
     "set_index_checks",
     "index_checks_enabled",
+    "index_check_mode",
     "index_checks",
+    "check_errors",
     "accumulation_dtype",
     "advise_huge_pages",
     "cpu_buffer_cache_bytes",
@@ -235,29 +237,53 @@ def release_cpu_buffers() -> int:
     return int(_C.release_cpu_buffers())
 
 
-def set_index_checks(enabled: bool) -> None:
-    """Turn index validation on devices where it costs a host sync (CUDA) on or off.
+def set_index_checks(enabled: bool | str) -> None:
+    """The mode of index validation on devices where it costs a host sync (CUDA).
 
-    On (the default), an out-of-range index raises an error naming the op, the index and
-    the row count. Off, CUDA kernels skip the synchronisation and treat an out-of-range
-    lookup as absent (it adds nothing and gets a zero weight gradient); they still never
-    read out of bounds. Process-wide; the CPU kernels always check.
+    True or "sync" (the default): an out-of-range index raises an error naming the op,
+    the index and the row count, at the call, which waits for the device once to learn
+    it. "async": the call does not wait; the device records the first bad index of every
+    checked call, and check_errors() raises it later with the same message (call it
+    every few steps, or at the end of an epoch; a device records its first error only,
+    until check_errors() clears it; make one call before capturing a CUDA graph, which
+    allocates the record). False or "off": no report. Whatever the mode, CUDA kernels
+    never read out of bounds and treat an out-of-range lookup as absent (it adds nothing
+    and gets a zero weight gradient). embedding_bag_backward waits for the device anyway to size
+    its outputs, so it raises at the call in both sync and async modes. Process-wide; the
+    CPU kernels always check at the call (it costs them no synchronisation).
     """
-    _ops.set_index_checks(bool(enabled))
+    if isinstance(enabled, bool):
+        _ops.set_index_checks(enabled)
+    else:
+        _ops.set_index_check_mode(str(enabled))
 
 
 def index_checks_enabled() -> bool:
-    """Whether index validation is on (see set_index_checks)."""
+    """Whether bad indices are reported at all (mode "sync" or "async"; see set_index_checks)."""
     return bool(_ops.index_checks_enabled())
 
 
+def index_check_mode() -> str:
+    """The mode of index validation: "sync", "async" or "off" (see set_index_checks)."""
+    return str(_ops.index_check_mode())
+
+
+def check_errors() -> None:
+    """Raises the first out-of-range index that CUDA calls recorded in "async" mode since
+    the last check_errors(), with the message the call would have raised in "sync" mode,
+    and clears it; returns None when there is none. Waits for each device that has made
+    such a call. (CPU calls raise at the call in every mode, so they record nothing.)"""
+    _ops.check_index_errors()
+
+
 @contextlib.contextmanager
-def index_checks(enabled: bool) -> Iterator[None]:
-    """Context manager: index validation on or off inside the block, restored after.
+def index_checks(enabled: bool | str) -> Iterator[None]:
+    """Context manager: index validation in mode ``enabled`` inside the block (see
+    set_index_checks), the previous mode restored after.
 
     ``with memory_ext.ops.index_checks(False): out = memory_ext.ops.embedding_bag(...)``
     """
-    previous = index_checks_enabled()
+    previous = index_check_mode()
     set_index_checks(enabled)
     try:
         yield

@@ -1,7 +1,7 @@
 // CUDA quantized_embedding_bag: the launcher of the kernel in
 // quantized_embedding_bag_kernel.cuh (a warp per bag and 128-column tile), and the index
 // check: with checks on, the lowest bad position is reported as the CPU kernel reports it
-// (one host synchronisation).
+// (one host synchronisation), or in "async" mode recorded for memory_ext.ops.check_errors().
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "async_index_errors.h"
 #include "memory_ext/checks.h"
 #include "memory_ext/cuda_utils.cuh"
 #include "memory_ext/index_checks.h"
@@ -52,7 +53,8 @@ at::Tensor quantized_embedding_bag_cuda(const at::Tensor& packed_, const at::Ten
   if (out.numel() == 0) return out;
   if (indices.size(1) == 0) return out.zero_();
 
-  const bool check = check_indices && index_checks_enabled();
+  const IndexCheckMode mode = check_indices ? index_check_mode() : IndexCheckMode::kOff;
+  const bool check = mode != IndexCheckMode::kOff;
   at::Tensor first_bad;
   if (check) first_bad = at::full({1}, -1, packed.options().dtype(at::kLong));
   cuda::QuantizedBagArgs a{};
@@ -74,7 +76,10 @@ at::Tensor quantized_embedding_bag_cuda(const at::Tensor& packed_, const at::Ten
     launch<false>(out_dtype, a, stream);
   else
     launch<true>(out_dtype, a, stream);
-  if (check) {
+  if (mode == IndexCheckMode::kAsync)
+    cuda::record_bad_lookup(cuda::RecordedOp::kQuantizedEmbeddingBag, first_bad, indices, a.rows,
+                            stream);
+  if (mode == IndexCheckMode::kSync) {
     const int64_t bad = first_bad.item<int64_t>();  // the one synchronisation
     if (bad >= 0)
       fail_index_out_of_range("quantized_embedding_bag", bad, a.bag,
