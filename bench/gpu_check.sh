@@ -36,7 +36,7 @@ fi
 STEPS=(
   "env|10|nvidia-smi, versions, commit|env.log env.json"
   "build|170|setup.py build_ext --inplace (CUDA sources, TORCH_CUDA_ARCH_LIST)|build.log"
-  "built_with_cuda|10|import check: CUDA kernels of every op registered, GPU visible|built_with_cuda.log"
+  "built_with_cuda|10|import check: CUDA kernels of every op registered, GPU visible; registers and spills of every kernel (cuobjdump)|built_with_cuda.log resources.log"
   "tests_cuda|110|pytest tests -k 'cuda and not emulation' (every CUDA case of every test module, no -x)|tests_cuda.log junit_cuda.xml"
   "memcheck|35|compute-sanitizer memcheck on bench/sanitize_cases.py (small cases, every CUDA op)|memcheck.log memcheck_cases.json"
   "racecheck|35|compute-sanitizer racecheck on bench/sanitize_cases.py|racecheck.log racecheck_cases.json"
@@ -117,6 +117,11 @@ assert not missing, f"no CUDA kernel registered for {missing}"
 assert torch.cuda.is_available(), "no GPU visible"
 print("CUDA kernels of", ", ".join(ops), "on", torch.cuda.get_device_name(0))
 EOF
+  # Registers, spills and shared memory of every kernel of the built library.
+  local cuobjdump
+  cuobjdump=$(command -v cuobjdump || echo "$CUDA_HOME/bin/cuobjdump")
+  "$cuobjdump" --dump-resource-usage memory_ext/_C*.so > "$WORK/resources.log" 2>&1 ||
+    echo "cuobjdump failed: see resources.log"
 }
 
 # Every CUDA case of every module: the device-parametrized cases carry "cuda" in their ids
