@@ -422,6 +422,20 @@ inline void run_copy(const PendingCopy& c) {
 
 namespace memory_ext::cuda {
 
+// The lane's four float32 results of an m16n8kK mma: CuTe's CLayout
+// ((4,8),(2,2)):((32,1),(16,8)) over the column-major 16x8 (m, n), each d[v] plus the
+// products A(m, k) * B(k, n) added in float32 in k order.
+template <int K, typename FA, typename FB>
+inline void accumulate_mma_tile(float (&d)[4], int lane, FA&& A, FB&& B) {
+  for (int v = 0; v < 4; ++v) {
+    const int idx = 32 * (lane % 4) + (lane / 4) + 16 * (v % 2) + 8 * (v / 2);
+    const int m = idx % 16, n = idx / 16;
+    float s = d[v];
+    for (int k = 0; k < K; ++k) s += A(m, k) * B(k, n);
+    d[v] = s;
+  }
+}
+
 template <bool kBf16>
 inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   emu::WarpCtx& w = emu::warp();
@@ -453,13 +467,7 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
       }
     std::abort();
   };
-  for (int v = 0; v < 4; ++v) {
-    const int idx = 32 * (lane % 4) + (lane / 4) + 16 * (v % 2) + 8 * (v / 2);
-    const int m = idx % 16, n = idx / 16;
-    float s = d[v];
-    for (int k = 0; k < 16; ++k) s += A(m, k) * B(k, n);
-    d[v] = s;
-  }
+  accumulate_mma_tile<16>(d, lane, A, B);
   __syncwarp();
 }
 
@@ -543,13 +551,7 @@ inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, ui
       }
     std::abort();
   };
-  for (int v = 0; v < 4; ++v) {
-    const int idx = 32 * (lane % 4) + (lane / 4) + 16 * (v % 2) + 8 * (v / 2);
-    const int m = idx % 16, n = idx / 16;
-    float s = d[v];
-    for (int k = 0; k < 8; ++k) s += A(m, k) * B(k, n);
-    d[v] = s;
-  }
+  accumulate_mma_tile<8>(d, lane, A, B);
   __syncwarp();
 }
 
