@@ -316,16 +316,64 @@ Grouped group(const std::vector<index_t>& idx, int64_t rows) {
   return g;
 }
 
+// What one schedule of the backward writes; starts poisoned (the weight gradient zeroed
+// when bad lookups are skipped, as the op does).
+template <typename T>
+struct BackwardOutputs {
+  std::vector<int64_t> rows_out;
+  emu::OffsetBuffer<T> rows_grad;
+  std::vector<acc_t<T>> partial;
+  std::vector<uint32_t> long_runs;
+  emu::OffsetBuffer<float> wg_f;
+  emu::OffsetBuffer<T> wg_t;
+  BackwardOutputs(int64_t n_runs, int64_t dim, int64_t long_slots, int64_t n_long, int64_t n,
+                  const Offsets& off, bool zero_wg)
+      : rows_out(n_runs),
+        rows_grad(n_runs * dim, off.out),
+        partial(long_slots * dim),
+        long_runs(n_long, 0xdeadbeefu),
+        wg_f(n, off.weights),
+        wg_t(n, off.weights) {
+    emu::poison(rows_out);
+    rows_grad.poison();
+    emu::poison(partial);
+    wg_f.poison();
+    wg_t.poison();
+    for (int64_t p = 0; zero_wg && p < n; ++p) {
+      wg_f[p] = 0.0f;
+      wg_t[p] = from_double<T>(0);
+    }
+  }
+};
+
+// Launches of the short-run schedule, and cases where the launcher would pick it, per
+// section; a section fails if either is none.
+int g_short_launches = 0, g_short_picked = 0;
+std::vector<int> g_short_widths;  // the vector widths it ran with
+
+// A random value that is not a short binary fraction, for the cases that compare the two
+// schedules bit for bit where float sums round (and so depend on the order).
+double rough_value() { return std::uniform_real_distribution<double>(-2, 2)(rng); }
+
+// One backward case. The schedule the launcher picks (use_short_run_backward) runs; when
+// that is the short-run schedule, the segment kernel runs too, and both must equal the
+// exact reference and each other bit for bit. With exact false the inputs are rough values
+// whose sums round: no reference, only the bitwise comparison of the two schedules (the
+// short-run schedule must sum in the segment kernel's order).
 template <typename T>
 void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, double hot, bool idx64,
-                   bool w_f32, bool need_wg, int n_bad, Offsets off = {}) {
+                   bool w_f32, bool need_wg, int n_bad, Offsets off = {}, bool exact = true,
+                   int64_t max_blocks = 3) {
   using A = acc_t<T>;
   Lookups L = make_lookups(tokens, bag, rows, hot, n_bad);
   const int64_t n = tokens * bag;
+  auto value = [&] { return exact ? small_value() : rough_value(); };
+  if (!exact)
+    for (double& w : L.w) w = rough_value();
   std::vector<double> vd(rows * dim), gd(tokens * dim);
   emu::OffsetBuffer<T> values(rows * dim, off.values), grad(tokens * dim, off.grad_out);
-  for (size_t i = 0; i < vd.size(); ++i) values[i] = from_double<T>(vd[i] = small_value());
-  for (size_t i = 0; i < gd.size(); ++i) grad[i] = from_double<T>(gd[i] = small_value());
+  for (size_t i = 0; i < vd.size(); ++i) values[i] = from_double<T>(vd[i] = value());
+  for (size_t i = 0; i < gd.size(); ++i) grad[i] = from_double<T>(gd[i] = value());
   emu::OffsetBuffer<float> wf(n, off.weights);
   emu::OffsetBuffer<T> wt(n, off.weights);
   for (int64_t p = 0; p < n; ++p) {
@@ -337,63 +385,77 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
       idx64 ? group(L.idx, rows) : group(std::vector<int32_t>(L.idx.begin(), L.idx.end()), rows);
   const int64_t first_bad = g.info[kFirstBad];
   const int64_t n_runs = g.info[kRunsWithBad] - (first_bad >= 0 ? 1 : 0);
-  std::vector<int64_t> rows_out(n_runs);
-  emu::OffsetBuffer<T> rows_grad(n_runs * dim, off.out);
-  std::vector<A> partial(g.info[kLongSlots] * dim);
-  std::vector<uint32_t> long_runs(g.info[kLongRuns], 0xdeadbeefu);
-  emu::OffsetBuffer<float> wg_f(n, off.weights);
-  emu::OffsetBuffer<T> wg_t(n, off.weights);
-  emu::poison(rows_out);
-  rows_grad.poison();
-  emu::poison(partial);
-  wg_f.poison();
-  wg_t.poison();
-  if (first_bad >= 0) {  // the op zero-fills the weight gradient when bad lookups are skipped
-    for (int64_t p = 0; p < n; ++p) {
-      wg_f[p] = 0.0f;
-      wg_t[p] = from_double<T>(0);
-    }
-  }
+  auto make_outputs = [&] {
+    return BackwardOutputs<T>(n_runs, dim, g.info[kLongSlots], g.info[kLongRuns], n, off,
+                              first_bad >= 0);
+  };
 
   BackwardArgs a{};
   a.grad_out = grad.data();
   a.values = values.data();
   a.weights = w_f32 ? static_cast<const void*>(wf.data()) : static_cast<const void*>(wt.data());
-  a.weights_grad = !need_wg ? nullptr
-                   : w_f32  ? static_cast<void*>(wg_f.data())
-                            : static_cast<void*>(wg_t.data());
   a.keys = g.keys.data();
   a.positions = g.positions.data();
   a.run_begin = g.run_begin.data();
   a.plan = g.plan.data();
-  a.rows_out = rows_out.data();
-  a.rows_grad = rows_grad.data();
-  a.partial = partial.empty() ? nullptr : partial.data();
-  a.long_runs = long_runs.empty() ? nullptr : long_runs.data();
   a.bag = bag;
   a.dim = dim;
   a.n_runs = n_runs;
   a.n_segments = g.info[kSegments];
   a.n_long_runs = g.info[kLongRuns];
+  a.lookups = n;
   a.w_f32 = w_f32;
-  std::string shape = "none";
-  // The launcher's choice of vector (embedding_bag_backward.cu).
+  auto point_at = [&](BackwardOutputs<T>& o) {
+    a.weights_grad = !need_wg ? nullptr
+                     : w_f32  ? static_cast<void*>(o.wg_f.data())
+                              : static_cast<void*>(o.wg_t.data());
+    a.rows_out = o.rows_out.data();
+    a.rows_grad = o.rows_grad.data();
+    a.partial = o.partial.empty() ? nullptr : o.partial.data();
+    a.long_runs = o.long_runs.empty() ? nullptr : o.long_runs.data();
+  };
+  BackwardOutputs<T> seg_out = make_outputs(), short_out = make_outputs();
+  point_at(seg_out);
+  // The launcher's choice of vector (embedding_bag_backward.cu); both output sets have the
+  // same alignment.
   constexpr int kV = kVec16<T>;
   const int vec = widest_vector(dim, kV,
                                 {{a.values, sizeof(T)},
                                  {a.grad_out, sizeof(T)},
                                  {a.rows_grad, sizeof(T)},
                                  {a.partial, sizeof(A)}});
+  // The short-run schedule runs wherever it fits, so every grid reaches it; the launcher
+  // takes it only where use_short_run_backward says (counted for the section's check).
+  const bool short_runs = short_run_backward_fits(a.n_runs, a.n_segments, a.n_long_runs, dim / vec);
+  if (use_short_run_backward(a.n_runs, a.n_segments, a.n_long_runs, a.lookups, dim / vec))
+    ++g_short_picked;
+  std::string shape = "none", short_shape;
   if (a.n_segments > 0) {
     g_widths.push_back(vec);
     with_vector<kV>(vec, [&]<int VEC>() {
       with_backward_shape<VEC>(dim / VEC, [&]<int G, int VPT, int R, bool TILED>() {
         shape = "G" + std::to_string(G) + "xVPT" + std::to_string(VPT) + (TILED ? "T" : "");
         constexpr int kBlock = backward_block(G);
-        const int64_t blocks = std::min<int64_t>(3, ceil_div(a.n_segments, kBlock / G));
+        const int64_t blocks = std::min<int64_t>(max_blocks, ceil_div(a.n_segments, kBlock / G));
         emu::launch(static_cast<unsigned>(blocks), kBlock,
                     &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, a);
       });
+      if (!short_runs) return;
+      point_at(short_out);
+      ++g_short_launches;
+      g_short_widths.push_back(VEC);
+      with_short_run_shape<VEC>(dim / VEC, [&]<int G, int VPT, int R>() {
+        short_shape =
+            std::string(" short R") + std::to_string(R) +
+            (use_short_run_backward(a.n_runs, a.n_segments, a.n_long_runs, a.lookups, dim / VEC)
+                 ? " (picked)"
+                 : "");
+        const int64_t units = ceil_div(a.n_runs, kShortUnit);
+        const int64_t blocks = std::min<int64_t>(max_blocks, ceil_div(units, kShortBlock / G));
+        emu::launch(static_cast<unsigned>(blocks), kShortBlock,
+                    &embedding_bag_backward_short_kernel<T, VEC, G, VPT, R>, a);
+      });
+      point_at(seg_out);
     });
     const int64_t items = a.n_long_runs * ceil_div(dim, kReduceBlock);
     if (items > 0)
@@ -407,53 +469,68 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
     if (L.ok(p)) want_rows.push_back(L.idx[p]);
   std::sort(want_rows.begin(), want_rows.end());
   want_rows.erase(std::unique(want_rows.begin(), want_rows.end()), want_rows.end());
-  std::string bad;
-  if (first_bad != L.first_bad()) bad = "first_bad " + std::to_string(first_bad);
-  if (hot > 0 && a.n_long_runs == 0) bad = "the case has no run longer than a segment";
-  if (bad.empty() && (static_cast<int64_t>(want_rows.size()) != n_runs || rows_out != want_rows))
-    bad =
-        "rows differ (" + std::to_string(n_runs) + " vs " + std::to_string(want_rows.size()) + ")";
-  int64_t max_run = 0;
-  if (bad.empty()) {
-    std::vector<double> dense(rows * dim, 0.0);
-    std::vector<int64_t> count(rows, 0);
-    for (int64_t p = 0; p < n; ++p) {
-      if (!L.ok(p)) continue;
-      ++count[L.idx[p]];
+  std::vector<double> dense(rows * dim, 0.0);
+  std::vector<int64_t> count(rows, 0);
+  for (int64_t p = 0; p < n; ++p) {
+    if (!L.ok(p)) continue;
+    ++count[L.idx[p]];
+    if (exact)
       for (int64_t d = 0; d < dim; ++d)
         dense[L.idx[p] * dim + d] += L.w[p] * gd[(p / bag) * dim + d];
-    }
-    max_run = *std::max_element(count.begin(), count.end());
+  }
+  const int64_t max_run = rows > 0 ? *std::max_element(count.begin(), count.end()) : 0;
+  auto check = [&](BackwardOutputs<T>& o) {
+    std::string bad;
+    if (first_bad != L.first_bad()) bad = "first_bad " + std::to_string(first_bad);
+    if (hot > 0 && a.n_long_runs == 0) bad = "the case has no run longer than a segment";
+    if (bad.empty() &&
+        (static_cast<int64_t>(want_rows.size()) != n_runs || o.rows_out != want_rows))
+      bad = "rows differ (" + std::to_string(n_runs) + " vs " + std::to_string(want_rows.size()) +
+            ")";
+    if (!exact) return bad;
     for (int64_t u = 0; u < n_runs && bad.empty(); ++u)
       for (int64_t d = 0; d < dim && bad.empty(); ++d) {
         const double want = rounded<T>(dense[want_rows[u] * dim + d]),
-                     got = to_double(rows_grad[u * dim + d]);
+                     got = to_double(o.rows_grad[u * dim + d]);
         if (!same(got, want))
           bad = "rows_grad[" + std::to_string(u) + "," + std::to_string(d) +
                 "] = " + std::to_string(got) + ", want " + std::to_string(want);
       }
     for (int64_t p = 0; p < n && bad.empty() && need_wg; ++p) {
-      double exact = 0;
+      double exact_dot = 0;
       if (L.ok(p))
-        for (int64_t d = 0; d < dim; ++d) exact += gd[(p / bag) * dim + d] * vd[L.idx[p] * dim + d];
+        for (int64_t d = 0; d < dim; ++d)
+          exact_dot += gd[(p / bag) * dim + d] * vd[L.idx[p] * dim + d];
       const double want =
-          w_f32 ? static_cast<double>(static_cast<float>(exact)) : rounded<T>(exact);
-      const double got = w_f32 ? static_cast<double>(wg_f[p]) : to_double(wg_t[p]);
+          w_f32 ? static_cast<double>(static_cast<float>(exact_dot)) : rounded<T>(exact_dot);
+      const double got = w_f32 ? static_cast<double>(o.wg_f[p]) : to_double(o.wg_t[p]);
       if (!same(got, want))
         bad = "weights_grad[" + std::to_string(p) + "] = " + std::to_string(got) + ", want " +
               std::to_string(want);
     }
-  }
-  char name[260];
+    return bad;
+  };
+  char name[300];
   std::snprintf(name, sizeof name,
                 "backward %s vec%d %s dim %lld lookups %lld rows %lld longest run %lld (%lld "
                 "segments, %lld long) "
-                "idx%s w%s%s bad %d%s",
+                "idx%s w%s%s bad %d%s%s",
                 emu::type_name<T>(), vec, shape.c_str(), (long long)dim, (long long)n,
                 (long long)rows, (long long)max_run, (long long)a.n_segments,
                 (long long)a.n_long_runs, idx64 ? "64" : "32", w_f32 ? "f32" : emu::type_name<T>(),
-                need_wg ? " wg" : "", n_bad, off.name().c_str());
-  emu::report(bad.empty(), name, bad);
+                need_wg ? " wg" : "", n_bad, off.name().c_str(), exact ? "" : " rough");
+  emu::report(check(seg_out).empty(), name, check(seg_out));
+  if (!short_runs) return;
+  std::string bad = check(short_out);
+  // Bit for bit the segment kernel's outputs (rough inputs make the order visible).
+  if (bad.empty() && std::memcmp(short_out.rows_grad.data(), seg_out.rows_grad.data(),
+                                 n_runs * dim * sizeof(T)) != 0)
+    bad = "rows_grad differs from the segment kernel's";
+  if (bad.empty() && need_wg &&
+      (w_f32 ? std::memcmp(short_out.wg_f.data(), seg_out.wg_f.data(), n * sizeof(float))
+             : std::memcmp(short_out.wg_t.data(), seg_out.wg_t.data(), n * sizeof(T))) != 0)
+    bad = "weights_grad differs from the segment kernel's";
+  emu::report(bad.empty(), std::string(name) + short_shape, bad);
 }
 
 template <typename T>
@@ -506,6 +583,30 @@ void backward_cases() {
     backward_case<T>(8 * V, 6, 100, 6, 0.95, true, true, true, 0, off);
   }
   check_widths<T>("backward");
+
+  // The short-run schedule where the launcher picks it: mostly unique rows over several
+  // units of kShortUnit runs, on one block (so the unit loop strides) and on three, for
+  // every group shape; runs of a few positions that cross chunks of R; rough inputs, whose
+  // rounded sums the two schedules must produce bit for bit; bad lookups.
+  for (int64_t n : {1, 5, 8, 16, 17, 32, 33, 128}) {
+    const bool idx64 = (k % 2) == 0, w_f32 = std::is_same_v<T, float> || (k % 3) != 0;
+    backward_case<T>(n * V, 60, 5, 700, 0.0, idx64, w_f32, true, 0, {}, true, 1);
+    backward_case<T>(n * V, 30, 7, 60, 0.0, !idx64, w_f32, (k % 2) == 0, (k % 3) == 0 ? 3 : 0);
+    backward_case<T>(n * V, 40, 5, 300, 0.0, idx64, !w_f32, true, 0, {}, false, 2);
+    backward_case<T>(n * V, 24, 8, 50, 0.0, !idx64, w_f32, true, 2, {}, false);
+    ++k;
+  }
+  for (int64_t dim : {1, 3, 6, 12, 33, 36})
+    backward_case<T>(dim, 40, 5, 300, 0.0, (k++ % 2) == 0, true, true, 0, {}, false);
+  emu::report(g_short_launches > 0 && g_short_picked > 0,
+              std::string("backward ") + emu::type_name<T>() +
+                  " short-run schedule: " + std::to_string(g_short_launches) + " launches, " +
+                  std::to_string(g_short_picked) + " picked by the launcher",
+              "never launched or never picked");
+  g_short_launches = g_short_picked = 0;
+  g_widths = g_short_widths;  // the short-run schedule too reaches every width
+  g_short_widths.clear();
+  check_widths<T>("backward short-run schedule");
 }
 
 // ---------------------------------------------------------------------------------------

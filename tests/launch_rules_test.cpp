@@ -1,7 +1,8 @@
 // The host-side launch decisions of the CUDA ops (memory_ext/launch_rules.h and the
 // launch section of csrc/cuda/pk_topk_common.cuh), checked on the CPU: vector width from
 // alignment (and its step-down to 8-, 4-byte and element accesses), the rows_to_dense copy
-// unit, what happens to bad lookups, the pk_topk kernel and its CTA size.
+// unit, the embedding_bag backward's short-run schedule, what happens to bad lookups, the
+// pk_topk kernel and its CTA size.
 //
 // Build: g++ -std=c++20 -O2 -Icsrc/include -Icsrc/cuda tests/launch_rules_test.cpp
 // Run:   ./a.out   (exit status 0 when every check holds; prints each check)
@@ -67,6 +68,24 @@ int main() {
   check(cu::dense_copy_unit(6, at(0x100), at(0x200)) == 2, "dense unit 2: row of 6 bytes");
   check(cu::dense_copy_unit(32, at(0x100), at(0x201)) == 1, "dense unit 1: odd destination");
   check(cu::dense_copy_unit(0, at(0x100), at(0x200)) == 16, "dense unit: empty rows");
+
+  // The backward's short-run schedule: 1M lookups over 1M rows (mostly unique) take it; a
+  // run cut into segments, rows wider than a warp's 128 accesses or long average runs do
+  // not.
+  check(cu::use_short_run_backward(632000, 632000, 0, 1000000, 64),
+        "short runs: 1M lookups of 1M rows, 632K distinct");
+  check(cu::use_short_run_backward(1000, 1000, 0, 4000, 128),
+        "short runs: mean run of 4 lookups, 128 accesses per row");
+  check(!cu::use_short_run_backward(1000, 1000, 0, 4001, 128),
+        "short runs: mean run above 4 lookups takes the segment kernel");
+  check(!cu::use_short_run_backward(1000, 1000, 0, 1000, 129),
+        "short runs: rows of more than one warp's 128 accesses");
+  check(!cu::use_short_run_backward(1000, 1002, 1, 2000, 16),
+        "short runs: a run cut into segments (partial rows)");
+  check(!cu::use_short_run_backward(0, 0, 0, 5, 16), "short runs: no valid lookups");
+  check(cu::short_run_backward_fits(1000, 1000, 0, 16) &&
+            !cu::short_run_backward_fits(1000, 1001, 0, 16),
+        "short runs: fit without the mean-run condition, only runs of one segment");
 
   check(cu::bad_lookup_action(-1, true) == cu::BadLookups::kNone, "bad lookups: none");
   check(cu::bad_lookup_action(0, true) == cu::BadLookups::kRaise, "bad lookups: checks on raise");

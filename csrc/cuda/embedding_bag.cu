@@ -3,10 +3,12 @@
 // dispatch key. The kernels of the forward and backward live next to this file.
 //
 // Index validation: kernels never read out of bounds; an out-of-range lookup adds nothing
-// and gets a zero weight gradient. With index checks on (the default, see
-// memory_ext/index_checks.h) the kernels also record the lowest bad position on the
-// device and the op raises the same error as the CPU kernel, at the cost of one host
-// synchronisation in the forward (the backward synchronises anyway to size its outputs).
+// and gets a zero weight gradient. With index checks on (see memory_ext/index_checks.h)
+// the kernels also record the lowest bad position on the device; in the default "sync"
+// mode the op then raises the same error as the CPU kernel, at the cost of one host
+// synchronisation in the forward (the backward synchronises anyway to size its outputs),
+// and in "async" mode the position goes to the device's record (async_index_errors.h) for
+// memory_ext.ops.check_errors() to raise later.
 // A caller that vouches for its indices (check_indices / check_rows false: indices the
 // library made, as the autograd formulas and the memory layers pass) skips that
 // synchronisation, so a layer's training step waits on the device only where the
@@ -22,6 +24,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "async_index_errors.h"
 #include "embedding_bag_cuda.h"
 #include "memory_ext/checks.h"
 #include "memory_ext/cuda_utils.cuh"
@@ -63,7 +66,8 @@ at::Tensor embedding_bag_cuda(const at::Tensor& values_, const at::Tensor& indic
   auto out = at::empty({indices.size(0), values.size(1)}, values.options());
   if (out.numel() == 0) return out;
 
-  const bool check = check_indices && index_checks_enabled();
+  const IndexCheckMode mode = check_indices ? index_check_mode() : IndexCheckMode::kOff;
+  const bool check = mode != IndexCheckMode::kOff;
   at::Tensor first_bad;
   if (check) first_bad = at::full({1}, -1, values.options().dtype(at::kLong));
   cuda::ForwardArgs a{};
@@ -79,10 +83,13 @@ at::Tensor embedding_bag_cuda(const at::Tensor& values_, const at::Tensor& indic
   a.w_f32 = weights.scalar_type() == at::kFloat;
   a.first_bad = check ? reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>())
                       : nullptr;
-  cuda::launch_embedding_bag(values.scalar_type(), a, c10::cuda::getCurrentCUDAStream());
-  if (check) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cuda::launch_embedding_bag(values.scalar_type(), a, stream);
+  if (mode == IndexCheckMode::kSync) {
     const int64_t bad = first_bad.item<int64_t>();  // the one synchronisation
     if (bad >= 0) fail_index("embedding_bag", indices, bad, a.rows);
+  } else if (mode == IndexCheckMode::kAsync) {
+    cuda::record_bad_lookup(cuda::RecordedOp::kEmbeddingBag, first_bad, indices, a.rows, stream);
   }
   return out;
 }
@@ -135,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cuda(
   a.n_runs = g.n_runs;
   a.n_segments = g.n_segments;
   a.n_long_runs = g.n_long_runs;
+  a.lookups = in.indices.numel();
   a.w_f32 = in.weights.scalar_type() == at::kFloat;
   cuda::launch_embedding_bag_backward(in.values.scalar_type(), a, stream);
   return {rows, rows_grad, in.weights_grad};
@@ -160,13 +168,17 @@ at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_gr
   const auto rows_grad = rows_grad_.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n_unique = rows.size(0);
-  if (n_unique > 0 && check_rows && index_checks_enabled()) {
+  const IndexCheckMode mode = check_rows ? index_check_mode() : IndexCheckMode::kOff;
+  if (n_unique > 0 && mode != IndexCheckMode::kOff) {
     at::Tensor first_bad = at::full({1}, -1, rows.options());
     check_rows_kernel<<<grid_for(n_unique, kDenseBlock), kDenseBlock, 0, stream>>>(
         rows.const_data_ptr<int64_t>(), n_unique, n_rows,
         reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t u = first_bad.item<int64_t>();  // the one synchronisation
+    if (mode == IndexCheckMode::kAsync)
+      cuda::record_bad_sparse_row(first_bad, rows, n_rows, stream);
+    const int64_t u = mode == IndexCheckMode::kSync ? first_bad.item<int64_t>()  // the one sync
+                                                    : -1;
     if (u >= 0) {
       const at::Tensor near = rows.narrow(0, std::max<int64_t>(u - 1, 0), u > 0 ? 2 : 1).cpu();
       const int64_t r = near[u > 0 ? 1 : 0].item<int64_t>();

@@ -24,6 +24,17 @@ void launch_embedding_bag_backward(c10::ScalarType value_type, const BackwardArg
                                    {a.rows_grad, sizeof(T)},
                                    {a.partial, sizeof(acc_t<T>)}});
     with_vector<kV>(vec, [&]<int VEC>() {
+      // Mostly unique rows: several runs per group (the short-run schedule), with the same
+      // results bit for bit as one group per segment.
+      if (use_short_run_backward(a.n_runs, a.n_segments, a.n_long_runs, a.lookups, a.dim / VEC)) {
+        with_short_run_shape<VEC>(a.dim / VEC, [&]<int G, int VPT, int R>() {
+          embedding_bag_backward_short_kernel<T, VEC, G, VPT, R>
+              <<<grid_for(ceil_div(a.n_runs, kShortUnit), kShortBlock / G), kShortBlock, 0,
+                 stream>>>(a);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        return;
+      }
       with_backward_shape<VEC>(a.dim / VEC, [&]<int G, int VPT, int R, bool TILED>() {
         constexpr int kBlock = backward_block(G);
         embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>

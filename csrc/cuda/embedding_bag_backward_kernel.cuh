@@ -8,8 +8,10 @@
 // Rows move as the widest vectors (16, 8 or 4 bytes, else single elements) that their
 // length and every base allow (widest_vector, memory_ext/launch_rules.h).
 // A run of one segment writes its row gradient directly; longer runs write float32
-// partial rows that a second kernel folds in segment order. No atomics, no locks, no
-// order that depends on scheduling: results are bitwise reproducible. (The row gradient
+// partial rows that a second kernel folds in segment order. When no run is cut and runs
+// are short (mostly unique rows), the short-run kernel below instead gives a group several
+// runs at once, with the same summation order. No atomics, no locks, no order that
+// depends on scheduling: results are bitwise reproducible. (The row gradient
 // sums each column in position order whatever the launch shape; the weight gradient's
 // dot product is split over lanes by the shape, which follows dim and the vector width,
 // so the same data in a view of another alignment may differ in its last bits.)
@@ -235,6 +237,180 @@ __global__ void __launch_bounds__(kReduceBlock)
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Short-run schedule, for launches where every run is one segment (no partial rows) and
+// most runs are one or two positions: the segment kernel would spend a whole group's
+// setup (and registers sized for R positions of one run) on one or two rows. Here a group
+// takes kShortUnit consecutive runs and walks their sorted positions in chunks of R, so
+// the R positions in flight belong to different runs: R grad_out rows and the value rows
+// of the runs that start in the chunk load together. Positions are taken one at a time in
+// the chunk; a run's row gradient is stored (and the accumulator cleared) at its last
+// position, so each column is summed in position order, exactly as the segment kernel
+// does. The group shape (G, VPT, VEC) is the segment kernel's for the same launch, so each
+// position's weight gradient has the same lane split, the same per-lane order and the
+// same butterfly: results are bitwise those of the segment kernel. Only shapes of one warp
+// or less (rows of up to 128 accesses) have this schedule; wider rows keep a block of the
+// segment kernel busy per position, and split the weight gradient across warps (launch
+// rule: use_short_run_backward).
+
+// Runs per group unit: a unit costs two dependent loads (its run_begin bounds, then its
+// first chunk's positions) before its chunks pipeline, so several runs share them; few
+// enough that units stay short. A unit's work is all positions of its runs: up to
+// kShortUnit * kSegment if hot runs of nearly a segment each fall together, which the
+// launch rule (short runs on average) makes unlikely but does not exclude.
+constexpr int64_t kShortUnit = 16;
+constexpr int kShortBlock = 128;
+
+// Blocks per SM asked of the compiler (__launch_bounds__): at least 5 blocks of 128 threads
+// (at most 102 registers, 20 warps per SM) for one access per lane, 3 (168 registers, 12
+// warps) for four accesses per lane, whose 2 * R rows in flight and accumulators alone take
+// 64-80 registers with 16-byte vectors. ptxas then needs 50-96 and 128-145 registers
+// without spills (sm_80, sm_90); tighter bounds spill. Either way a warp keeps about 4 KiB
+// (one access per lane) or 8 KiB (four) of rows in flight.
+constexpr int short_min_blocks(int vpt) { return vpt == 1 ? 5 : 3; }
+
+template <typename T, int VEC, int G, int VPT, int R>
+__global__ void __launch_bounds__(kShortBlock, short_min_blocks(VPT))
+    embedding_bag_backward_short_kernel(const BackwardArgs a) {
+  using A = acc_t<T>;
+  using VecT = Vec<T, VEC>;
+  static_assert(G <= kWarpSize && R <= G, "a group is at most a warp; a lane per position");
+  constexpr int kGroups = kShortBlock / G;
+  const int lane = threadIdx.x % G;
+  const int group_base = static_cast<int>(threadIdx.x % kWarpSize) / G * G;
+  const unsigned mask = group_mask<G>();
+  const bool need_wg = a.weights_grad != nullptr;
+  const T* GO = static_cast<const T*>(a.grad_out);
+  const T* VAL = static_cast<const T*>(a.values);
+  T* RG = static_cast<T*>(a.rows_grad);
+  const auto bag = static_cast<uint32_t>(a.bag);  // bag <= lookups < 2^32
+
+  int64_t col[VPT];
+  bool in[VPT];
+#pragma unroll
+  for (int kv = 0; kv < VPT; ++kv) {
+    col[kv] = int64_t(kv * G + lane) * VEC;
+    in[kv] = col[kv] < a.dim;  // dim % VEC == 0, so a vector is wholly in or out
+  }
+
+  const int64_t n_units = ceil_div(a.n_runs, kShortUnit);
+  for (int64_t unit = int64_t(blockIdx.x) * kGroups + threadIdx.x / G; unit < n_units;
+       unit += int64_t(gridDim.x) * kGroups) {
+    const int64_t u0 = unit * kShortUnit;
+    const int64_t u_end = u0 + kShortUnit < a.n_runs ? u0 + kShortUnit : a.n_runs;
+    const int64_t begin = a.run_begin[u0], end = a.run_begin[u_end];
+    int64_t u = u0 - 1;        // run of the last position taken
+    bool chunk_starts = true;  // the chunk's first position starts a run
+    VecT v[VPT];               // value row of run u
+    A acc[VPT][VEC];
+#pragma unroll
+    for (int kv = 0; kv < VPT; ++kv) {
+      v[kv] = zero_vec<T, VEC>();
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[kv][e] = A(0);
+    }
+
+    // Lane r holds the sorted position c + r of the next chunk, its row and the next
+    // sorted key (to tell whether it ends its run), loaded a chunk ahead: a chunk then
+    // waits on one round trip (its rows and weights), not two. Lanes past the unit's end
+    // keep stale values that they never use.
+    uint32_t ahead_pos = 0, ahead_key = 0, ahead_next_key = 0;
+    auto load_ahead = [&](int64_t c) {
+      if (lane < R && c + lane < end) {
+        ahead_pos = a.positions[c + lane];
+        ahead_key = a.keys[c + lane];
+        if (c + lane + 1 < end) ahead_next_key = a.keys[c + lane + 1];
+      }
+    };
+    load_ahead(begin);
+    for (int64_t c = begin; c < end; c += R) {
+      // Lane r takes position c + r: its token, weight and row, and whether it ends its
+      // run (the next sorted key differs, or the unit ends).
+      const bool mine = lane < R && c + lane < end;
+      uint32_t my_pos = 0, my_tok = 0, my_key = 0;
+      bool my_last = false;
+      A my_w = A(0);
+      if (mine) {
+        my_pos = ahead_pos;
+        my_key = ahead_key;
+        my_last = c + lane + 1 == end || ahead_next_key != my_key;
+        my_tok = my_pos / bag;
+        my_w = load_f32_or<T>(a.weights, a.w_f32, my_pos);
+      }
+      const unsigned lasts = __ballot_sync(mask, my_last) >> group_base;
+      uint32_t tok[R], key[R];
+      A w[R];
+      bool starts[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        tok[r] = __shfl_sync(mask, my_tok, r, G);
+        key[r] = __shfl_sync(mask, my_key, r, G);
+        w[r] = __shfl_sync(mask, my_w, r, G);
+        starts[r] = r == 0 ? chunk_starts : ((lasts >> (r - 1)) & 1u) != 0;
+      }
+      // Every row of the chunk in flight: grad_out for each position, values for each
+      // position that starts a run.
+      VecT g[R][VPT], vn[R][VPT];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const bool valid = c + r < end;
+        const T* go = GO + int64_t(tok[r]) * a.dim;
+        const T* vr = VAL + int64_t(key[r]) * a.dim;
+#pragma unroll
+        for (int kv = 0; kv < VPT; ++kv) {
+          g[r][kv] = (valid && in[kv]) ? load_nc<T, VEC>(go + col[kv]) : zero_vec<T, VEC>();
+          vn[r][kv] = (need_wg && valid && starts[r] && in[kv]) ? load_nc<T, VEC>(vr + col[kv])
+                                                                : zero_vec<T, VEC>();
+        }
+      }
+      if (c + R < end) load_ahead(c + R);  // in flight with this chunk's rows
+      // Positions in order: the same per-position sweep as the segment kernel.
+      A d[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        d[r] = A(0);
+        if (c + r >= end) continue;
+        if (starts[r]) {
+          ++u;
+#pragma unroll
+          for (int kv = 0; kv < VPT; ++kv) v[kv] = vn[r][kv];
+          if (lane == 0) a.rows_out[u] = key[r];
+        }
+#pragma unroll
+        for (int kv = 0; kv < VPT; ++kv) {
+          if (need_wg)
+            fma_dot_vec(acc[kv], w[r], g[r][kv], v[kv], d[r]);
+          else
+            fma_vec(acc[kv], w[r], g[r][kv]);
+        }
+        if ((lasts >> r) & 1u) {
+#pragma unroll
+          for (int kv = 0; kv < VPT; ++kv) {
+            if (in[kv]) {
+              VecT o;
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) o.v[e] = from_acc<T>(acc[kv][e]);
+              store_vec(RG + u * a.dim + col[kv], o);
+            }
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[kv][e] = A(0);
+          }
+        }
+      }
+      chunk_starts = ((lasts >> (R - 1)) & 1u) != 0;
+      if (need_wg) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) d[r] = group_sum<G>(mask, d[r]);
+        A mine_d = A(0);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          if (lane == r) mine_d = d[r];
+        if (mine) store_f32_or<T>(a.weights_grad, a.w_f32, my_pos, mine_d);
+      }
+    }
+  }
+}
+
 // Launch shape from the row length in accesses (n = dim / VEC): sub-warps for short rows,
 // a warp with four accesses per lane up to 128 accesses (2 KiB of bf16), a block of 128
 // up to 512, then a tiled block of 256. Calls f.template operator()<G, VPT, R, TILED>();
@@ -252,6 +428,22 @@ void with_backward_shape(int64_t n, F&& f) {
     if (n <= 512) return f.template operator()<128, 4, 4, false>();
   }
   return f.template operator()<256, 2, 4, true>();
+}
+
+// Positions in flight per group in the short-run schedule: 4 for one access per lane, 2 for
+// four, keeping the group's value and grad_out slices (2 * R * VPT vectors) within the
+// register budget of short_min_blocks.
+constexpr int short_positions(int vpt) { return vpt > 1 ? 2 : 4; }
+
+// The short-run launch shape: the segment kernel's G and VPT for the same row (so the
+// weight gradient's lane split is the same), with short_positions in flight. Calls
+// f.template operator()<G, VPT, R>() for rows of up to 128 accesses (one warp or less),
+// nothing for wider rows (use_short_run_backward never picks them).
+template <int VEC, typename F>
+void with_short_run_shape(int64_t n, F&& f) {
+  with_backward_shape<VEC>(n, [&]<int G, int VPT, int R, bool TILED>() {
+    if constexpr (G <= kWarpSize && !TILED) f.template operator()<G, VPT, short_positions(VPT)>();
+  });
 }
 
 }  // namespace

@@ -3,7 +3,8 @@
 //                             the rows_to_dense launch;
 //   embedding_bag_forward.cu  the weighted gather;
 //   embedding_bag_sort.cu     grouping of lookups by row (radix sort, runs, segments);
-//   embedding_bag_backward.cu the one-pass sparse backward over those segments.
+//   embedding_bag_backward.cu the one-pass sparse backward over those segments (or, for
+//                             mostly unique rows, over several short runs per group).
 // The kernels themselves live in torch-free headers (*_kernel.cuh, *_kernels.cuh) with
 // their parameter structs in embedding_bag_params.h, so the CPU emulation in
 // tests/embedding_bag_emulate.cpp compiles the same source.

@@ -45,6 +45,7 @@ struct BackwardArgs {
   void* partial;        // (n_long_slots, dim) accumulator type
   uint32_t* long_runs;  // (n_long_runs,)
   int64_t bag, dim, n_runs, n_segments, n_long_runs;
+  int64_t lookups;  // sorted positions, bad lookups included (tokens * bag)
   bool w_f32;
 };
 

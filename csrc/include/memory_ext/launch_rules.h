@@ -72,6 +72,27 @@ inline int dense_copy_unit(int64_t row_bytes, const void* src, const void* dst) 
   return 1;
 }
 
+// Whether the embedding_bag backward's short-run schedule (one group walks several runs
+// with their rows in flight together) can serve a launch: no run is cut into segments (it
+// writes every row gradient directly) and rows are of at most 128 accesses (groups of one
+// warp or less, with the segment kernel's lane split; wider rows give a group enough bytes
+// per position anyway).
+inline bool short_run_backward_fits(int64_t n_runs, int64_t n_segments, int64_t n_long_runs,
+                                    int64_t accesses_per_row) {
+  return n_runs > 0 && n_long_runs == 0 && n_segments == n_runs && accesses_per_row <= 128;
+}
+
+// Whether the backward takes it: where it fits and runs average at most
+// kShortRunMeanLookups positions (lookups counts the bad ones too). Longer runs share the
+// segment kernel's setup among many positions already, and its one group per run spreads
+// hot runs better than units of consecutive runs do.
+constexpr int64_t kShortRunMeanLookups = 4;
+inline bool use_short_run_backward(int64_t n_runs, int64_t n_segments, int64_t n_long_runs,
+                                   int64_t lookups, int64_t accesses_per_row) {
+  return short_run_backward_fits(n_runs, n_segments, n_long_runs, accesses_per_row) &&
+         lookups <= kShortRunMeanLookups * n_runs;
+}
+
 // What the backward does once the row grouping reports its lowest bad position.
 enum class BadLookups {
   kNone,   // every index in range
