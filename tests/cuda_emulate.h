@@ -436,14 +436,22 @@ inline void accumulate_mma_tile(float (&d)[4], int lane, FA&& A, FB&& B) {
   }
 }
 
-template <bool kBf16>
-inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// Puts the lane's A and B registers where the other lanes of the warp can read them (after
+// the barrier) and returns the warp's shared slots.
+inline emu::WarpCtx& share_mma_operands(int lane, const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
   emu::WarpCtx& w = emu::warp();
-  const int lane = emu::lane();
   for (int i = 0; i < 4; ++i) w.mma_a[lane][i] = a[i];
   w.mma_b[lane][0] = b0;
   w.mma_b[lane][1] = b1;
   __syncwarp();
+  return w;
+}
+
+template <bool kBf16>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const int lane = emu::lane();
+  emu::WarpCtx& w = share_mma_operands(lane, a, b0, b1);
   // CuTe: ALayout ((4,8),(2,2,2)):((32,1),(16,8,128)) over the column-major 16x16 (m, k);
   // BLayout ((4,8),(2,2)):((16,1),(8,64)) over the column-major 8x16 (n, k);
   // CLayout ((4,8),(2,2)):((32,1),(16,8)) over the column-major 16x8 (m, n); thread
@@ -520,12 +528,8 @@ inline uint32_t to_tf32(float x) { return emu::tf32_round_bits(__float_as_uint(x
 // mma_16816. An operand with any of its low 13 bits set is a kernel that forgot to_tf32:
 // the GPU's result would then depend on what the tensor core does with those bits.
 inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  emu::WarpCtx& w = emu::warp();
   const int lane = emu::lane();
-  for (int i = 0; i < 4; ++i) w.mma_a[lane][i] = a[i];
-  w.mma_b[lane][0] = b0;
-  w.mma_b[lane][1] = b1;
-  __syncwarp();
+  emu::WarpCtx& w = share_mma_operands(lane, a, b0, b1);
   // CuTe SM80_16x8x8_F32TF32TF32F32_TN: ALayout ((4,8),(2,2)):((16,1),(8,64)) over the
   // column-major 16x8 (m, k); BLayout ((4,8),2):((8,1),32) over the column-major 8x8 (n, k);
   // CLayout as for m16n8k16; thread t = t0 + 4 t1, value v = v0 + 2 v1, one value per
