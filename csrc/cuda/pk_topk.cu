@@ -211,10 +211,8 @@ std::tuple<at::Tensor, at::Tensor> pk_topk_cuda(const at::Tensor& query, const a
 
   // What the fused kernels cannot take goes to the sorting path (same contract, ATen ops):
   // combined indices i * n_keys + j are 32-bit inside the kernels, heads are a grid
-  // dimension, and shared memory bounds k (below).
-  const int64_t max_rows_per_block = int64_t{pk::kMaxWarps} * pk::kRowsPerWarp;
-  if (n_keys > 65536 || heads > 65535 || half > (int64_t{1} << 24) ||
-      tokens > int64_t{INT_MAX} * max_rows_per_block)
+  // dimension, and shared memory bounds k and the token count the grid (both below).
+  if (n_keys > 65536 || heads > 65535 || half > (int64_t{1} << 24))
     return pk_topk_by_sorting(query, keys, k);
 
   const auto keys_c = keys.contiguous();
