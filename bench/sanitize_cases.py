@@ -115,6 +115,17 @@ def cases_embedding_bag_backward(device: str) -> int:
     return n + _bad_index_paths(device, lambda s: ops.embedding_bag_backward(*op_args(s)))
 
 
+def cases_embedding_bag_backward_dense(device: str) -> int:
+    n = 0
+    for dtype, dim in BAG_SHAPES:
+        for hot in (0.0, 0.95):
+            s = sample_inputs("embedding_bag_backward_dense", device, dtype, seed=n, tokens=24, bag=100, rows=40,
+                              dim=dim, hot=hot)
+            _finite(*ops.embedding_bag_backward_dense(**s, check_indices=False))
+            n += 1
+    return n + _bad_index_paths(device, lambda s: ops.embedding_bag_backward_dense(*op_args(s)))
+
+
 def _bad_index_paths(device: str, call: Callable[[dict], object]) -> int:
     s = sample_inputs("embedding_bag_backward", device, tokens=4, bag=6, rows=20, dim=32)
     s["indices"][1, 2] = 20
@@ -262,6 +273,7 @@ def cases_embedding_bag_host_table(device: str) -> int:
 CASES: dict[str, Callable[[str], int]] = {
     "embedding_bag": cases_embedding_bag,
     "embedding_bag_backward": cases_embedding_bag_backward,
+    "embedding_bag_backward_dense": cases_embedding_bag_backward_dense,
     "rows_to_dense": cases_rows_to_dense,
     "pk_topk": cases_pk_topk,
     "pk_topk_by_sorting": cases_pk_topk_by_sorting,

@@ -32,6 +32,18 @@ TORCH_LIBRARY(memory, m) {
       "Tensor weights, bool need_weights_grad) -> (Tensor rows, Tensor rows_grad, "
       "Tensor weights_grad)");
 
+  // embedding_bag_backward with the row gradient in dense form: grad_values (rows, dim)
+  // holds rows_to_dense(rows, rows_grad, rows) of embedding_bag_backward's result, bit for
+  // bit, and weights_grad is the same. On CUDA nothing waits for the device (the output's
+  // size is known in advance), so a training step with a dense table gradient can be
+  // captured in a CUDA graph. check_indices as for embedding_bag: false skips the index
+  // report (an out-of-range lookup adds nothing and gets a zero weight gradient); true in
+  // the "sync" mode reads the report back, a synchronisation. The CPU kernel checks either way.
+  m.def(
+      "embedding_bag_backward_dense(Tensor grad_out, Tensor values, Tensor indices, "
+      "Tensor weights, bool need_weights_grad, bool check_indices=True) -> (Tensor grad_values, "
+      "Tensor weights_grad)");
+
   // Dense form of a sparse row gradient: (n_rows, dim), rows_grad[u] at rows[u], zero
   // elsewhere; every row of the result written exactly once. check_rows=false: the caller
   // vouches that rows are strictly ascending and in range (rows that

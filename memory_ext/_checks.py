@@ -196,10 +196,12 @@ def check_embedding_bag(
     _check_lookups(op, values, "values", indices, weights)
 
 
-def check_embedding_bag_backward(grad_out: Tensor, values: Tensor, indices: Tensor, weights: Tensor) -> None:
-    """The prologue of embedding_bag_backward: the forward's checks, grad_out (tokens, dim)
-    floating on the values' device, and at most 2^32 lookups and rows."""
-    op = "embedding_bag_backward"
+def check_embedding_bag_backward(
+    grad_out: Tensor, values: Tensor, indices: Tensor, weights: Tensor, op: str = "embedding_bag_backward"
+) -> None:
+    """The prologue of embedding_bag_backward (and of its dense form, named by op): the
+    forward's checks, grad_out (tokens, dim) floating on the values' device, and at most
+    2^32 lookups and rows."""
     check_embedding_bag(op, values, indices, weights)
     _require(
         grad_out.dim() == 2 and _sym_and(grad_out.shape[0] == indices.shape[0], grad_out.shape[1] == values.shape[1]),

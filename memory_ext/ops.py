@@ -21,6 +21,7 @@ from memory_ext._checks import accumulation_dtype
 __all__ = [
     "embedding_bag",
     "embedding_bag_backward",
+    "embedding_bag_backward_dense",
     "rows_to_dense",
     "pk_topk",
     "pk_topk_by_sorting",
@@ -90,6 +91,29 @@ def embedding_bag_backward(
     need_weights_grad is False.
     """
     return _ops.embedding_bag_backward(grad_out, values, indices, weights, need_weights_grad)
+
+
+def embedding_bag_backward_dense(
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    need_weights_grad: bool = True,
+    *,
+    check_indices: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """embedding_bag_backward with the row gradient in dense form, for dense table gradients.
+
+    -> grad_values: (rows, dim) values' dtype, bit for bit
+    ``rows_to_dense(*embedding_bag_backward(...)[:2], rows)``; weights_grad as there. On CUDA
+    it never waits for the device (the sparse form must, to size its output), so a
+    training step with a dense table gradient can be captured in a CUDA graph; the
+    autograd of embedding_bag and of pk_topk's keys use it. check_indices as for
+    embedding_bag: False skips the index report (out-of-range lookups add nothing and get
+    a zero weight gradient); True in the "sync" mode reads the report back, a host
+    synchronisation. The CPU kernel checks either way.
+    """
+    return _ops.embedding_bag_backward_dense(grad_out, values, indices, weights, need_weights_grad, check_indices)
 
 
 def rows_to_dense(rows: Tensor, rows_grad: Tensor, n_rows: int, *, check_rows: bool = True) -> Tensor:
@@ -316,6 +340,13 @@ def _embedding_bag_backward_fake(grad_out, values, indices, weights, need_weight
     return rows, rows_grad, weights_grad
 
 
+@torch.library.register_fake("memory::embedding_bag_backward_dense")
+def _embedding_bag_backward_dense_fake(grad_out, values, indices, weights, need_weights_grad, check_indices=True):
+    _checks.check_embedding_bag_backward(grad_out, values, indices, weights, "embedding_bag_backward_dense")
+    weights_grad = weights.new_empty(indices.shape if need_weights_grad else (0,))
+    return values.new_empty(values.shape), weights_grad
+
+
 @torch.library.register_fake("memory::rows_to_dense")
 def _rows_to_dense_fake(rows, rows_grad, n_rows, check_rows=True):
     _checks.check_rows_to_dense(rows, rows_grad, n_rows)
@@ -359,11 +390,11 @@ def _quantized_embedding_bag_fake(packed, indices, weights, codes, out_dtype, ch
 # Autograd.
 
 
-# The gradient formulas below call the ops on indices and rows the library made itself
-# (the backward's own rows, sub-key indices built from pk_topk's output), so they pass
-# check_indices / check_rows False: on CUDA a checked call costs a host synchronisation,
-# and the only one a memory layer's backward needs is the one that sizes
-# embedding_bag_backward's outputs.
+# The gradient formulas below want dense gradients (autograd's contract for a dense
+# parameter), so they take embedding_bag_backward_dense, which never waits for the device;
+# the sparse and fused value paths (memory_ext.sparse_rows) call the sparse form, whose
+# output size costs one synchronisation. The indices are the forward's, checked there, or
+# sub-key indices the library built from pk_topk's output: check_indices False.
 
 
 def _embedding_bag_setup(ctx, inputs, output):
@@ -374,10 +405,14 @@ def _embedding_bag_setup(ctx, inputs, output):
 def _embedding_bag_grad(ctx, grad_out):
     values, indices, weights = ctx.saved_tensors
     need_values, _, need_weights = ctx.needs_input_grad[:3]
-    rows, rows_grad, weights_grad = _ops.embedding_bag_backward(
-        grad_out, values, indices, weights, need_weights
+    if not need_values:
+        # The weight gradient alone: the sparse form, whose row gradient is dropped
+        # (it costs the sizing synchronisation; a frozen table with trained scores is rare).
+        _, _, weights_grad = _ops.embedding_bag_backward(grad_out, values, indices, weights, True)
+        return None, None, weights_grad, None
+    grad_values, weights_grad = _ops.embedding_bag_backward_dense(
+        grad_out, values, indices, weights, need_weights, False
     )
-    grad_values = _ops.rows_to_dense(rows, rows_grad, values.shape[0], False) if need_values else None
     return grad_values, None, weights_grad if need_weights else None, None
 
 
@@ -411,10 +446,10 @@ def _pk_topk_grad(ctx, grad_scores, _grad_indices):
     if ctx.needs_input_grad[0]:
         grad_query = _ops.embedding_bag(table, bag_idx, bag_w, False).view(tokens, heads, 2 * half)
     if ctx.needs_input_grad[1]:
-        rows, rows_grad, _ = _ops.embedding_bag_backward(
-            query.reshape(tokens * heads * 2, half), table, bag_idx, bag_w, False
+        grad_table, _ = _ops.embedding_bag_backward_dense(
+            query.reshape(tokens * heads * 2, half), table, bag_idx, bag_w, False, False
         )
-        grad_keys = _ops.rows_to_dense(rows, rows_grad, table.shape[0], False).view(keys.shape)
+        grad_keys = grad_table.view(keys.shape)
     return grad_query, grad_keys, None
 
 

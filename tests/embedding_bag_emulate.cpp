@@ -346,6 +346,36 @@ struct BackwardOutputs {
   }
 };
 
+// What the static-size launch writes (embedding_bag_backward_dense: counts left on the
+// device, buffers and grids sized by backward_bounds, row gradients at their rows of a
+// dense table). The table starts poisoned: rows no lookup touches must stay as they were
+// (the op zeroes them first); the weight gradient starts zeroed, as the op does.
+template <typename T>
+struct StaticOutputs {
+  emu::OffsetBuffer<T> dense;
+  std::vector<acc_t<T>> partial;
+  std::vector<uint32_t> long_runs;
+  emu::OffsetBuffer<float> wg_f;
+  emu::OffsetBuffer<T> wg_t;
+  StaticOutputs(int64_t rows, int64_t dim, const BackwardBounds& bound, int64_t n,
+                const Offsets& off)
+      : dense(rows * dim, off.out),
+        partial(bound.long_slots * dim),
+        long_runs(bound.long_runs, 0xdeadbeefu),
+        wg_f(n, off.weights),
+        wg_t(n, off.weights) {
+    dense.poison();
+    emu::poison(partial);
+    for (int64_t p = 0; p < n; ++p) {
+      wg_f[p] = 0.0f;
+      wg_t[p] = from_double<T>(0);
+    }
+  }
+};
+
+// Static-size launches per section (each case has one).
+int g_static_launches = 0;
+
 // Launches of the short-run schedule, and cases where the launcher would pick it, per
 // section; a section fails if either is none.
 int g_short_launches = 0, g_short_picked = 0;
@@ -415,6 +445,22 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
     a.long_runs = o.long_runs.empty() ? nullptr : o.long_runs.data();
   };
   BackwardOutputs<T> seg_out = make_outputs(), short_out = make_outputs();
+  const BackwardBounds bound = backward_bounds(n, rows);
+  StaticOutputs<T> static_out(rows, dim, bound, n, off);
+  // The static launch: bounds for the host's counts, the exact ones on the "device".
+  BackwardArgs s = a;
+  s.n_runs = bound.runs;
+  s.n_segments = bound.segments;
+  s.n_long_runs = bound.long_runs;
+  s.device_counts = g.info;
+  s.dense_rows = true;
+  s.rows_out = nullptr;
+  s.rows_grad = static_out.dense.data();
+  s.partial = static_out.partial.empty() ? nullptr : static_out.partial.data();
+  s.long_runs = static_out.long_runs.empty() ? nullptr : static_out.long_runs.data();
+  s.weights_grad = !need_wg ? nullptr
+                   : w_f32  ? static_cast<void*>(static_out.wg_f.data())
+                            : static_cast<void*>(static_out.wg_t.data());
   point_at(seg_out);
   // The launcher's choice of vector (embedding_bag_backward.cu); both output sets have the
   // same alignment.
@@ -439,6 +485,13 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
         const int64_t blocks = std::min<int64_t>(max_blocks, ceil_div(a.n_segments, kBlock / G));
         emu::launch(static_cast<unsigned>(blocks), kBlock,
                     &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, a);
+        // The static launch's grid covers the bounds (one block more than the exact
+        // launch where the bounds allow, so groups past the counts exist and must idle).
+        const int64_t static_blocks =
+            std::min<int64_t>(max_blocks + 1, ceil_div(s.n_segments, kBlock / G));
+        emu::launch(static_cast<unsigned>(static_blocks), kBlock,
+                    &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, s);
+        ++g_static_launches;
       });
       if (!short_runs) return;
       point_at(short_out);
@@ -461,6 +514,10 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
     if (items > 0)
       emu::launch(static_cast<unsigned>(std::min<int64_t>(2, items)), kReduceBlock,
                   &embedding_bag_backward_reduce_kernel<T>, a);
+    const int64_t static_items = s.n_long_runs * ceil_div(dim, kReduceBlock);
+    if (static_items > 0)
+      emu::launch(static_cast<unsigned>(std::min<int64_t>(3, static_items)), kReduceBlock,
+                  &embedding_bag_backward_reduce_kernel<T>, s);
   }
 
   // Reference.
@@ -510,6 +567,31 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
     }
     return bad;
   };
+  // The static launch against the segment kernel's outputs, bit for bit: each touched
+  // row's gradient at its row, every other row untouched (still poison), the same weight
+  // gradient; and the exact counts within their bounds.
+  auto check_static = [&](StaticOutputs<T>& o) -> std::string {
+    if (n_runs > bound.runs || g.info[kSegments] > bound.segments ||
+        g.info[kLongSlots] > bound.long_slots || g.info[kLongRuns] > bound.long_runs)
+      return "counts exceed backward_bounds";
+    if (a.n_segments == 0) return "";
+    std::vector<char> poisoned(dim * sizeof(T), char(0xff));
+    int64_t u = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const void* got = &o.dense[r * dim];
+      if (u < n_runs && seg_out.rows_out[u] == r) {
+        if (std::memcmp(got, &seg_out.rows_grad[u * dim], dim * sizeof(T)) != 0)
+          return "dense row " + std::to_string(r) + " differs from the segment kernel's";
+        ++u;
+      } else if (std::memcmp(got, poisoned.data(), dim * sizeof(T)) != 0) {
+        return "dense row " + std::to_string(r) + " was written but no lookup touches it";
+      }
+    }
+    if (need_wg && (w_f32 ? std::memcmp(o.wg_f.data(), seg_out.wg_f.data(), n * sizeof(float))
+                          : std::memcmp(o.wg_t.data(), seg_out.wg_t.data(), n * sizeof(T))) != 0)
+      return "weights_grad differs from the segment kernel's";
+    return "";
+  };
   char name[300];
   std::snprintf(name, sizeof name,
                 "backward %s vec%d %s dim %lld lookups %lld rows %lld longest run %lld (%lld "
@@ -520,6 +602,8 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
                 (long long)a.n_long_runs, idx64 ? "64" : "32", w_f32 ? "f32" : emu::type_name<T>(),
                 need_wg ? " wg" : "", n_bad, off.name().c_str(), exact ? "" : " rough");
   emu::report(check(seg_out).empty(), name, check(seg_out));
+  emu::report(check_static(static_out).empty(), std::string(name) + " static",
+              check_static(static_out));
   if (!short_runs) return;
   std::string bad = check(short_out);
   // Bit for bit the segment kernel's outputs (rough inputs make the order visible).
@@ -598,6 +682,11 @@ void backward_cases() {
   }
   for (int64_t dim : {1, 3, 6, 12, 33, 36})
     backward_case<T>(dim, 40, 5, 300, 0.0, (k++ % 2) == 0, true, true, 0, {}, false);
+  emu::report(g_static_launches > 0,
+              std::string("backward ") + emu::type_name<T>() +
+                  " static sizes: " + std::to_string(g_static_launches) + " launches",
+              "never launched");
+  g_static_launches = 0;
   emu::report(g_short_launches > 0 && g_short_picked > 0,
               std::string("backward ") + emu::type_name<T>() +
                   " short-run schedule: " + std::to_string(g_short_launches) + " launches, " +

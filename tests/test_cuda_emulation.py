@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # family -> (least number of cases that must pass, environments to run the program in)
 EMULATIONS = {
-    "embedding_bag": (580, [{}]),
+    "embedding_bag": (1400, [{}]),
     # async copies retired late (reads of a stage before its wait see poison), then issued
     # early (overwrites of a stage still being read show as wrong results or races)
     "pk_topk": (45, [{"MEMORY_EXT_EMU_EARLY_COPIES": "0"}, {"MEMORY_EXT_EMU_EARLY_COPIES": "1"}]),

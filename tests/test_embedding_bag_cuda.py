@@ -206,6 +206,47 @@ def test_backward_bitwise_deterministic():
 
 
 @requires_cuda
+@pytest.mark.parametrize("dim", [3, 96, 1000, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hot", [0.0, 0.6])
+def test_dense_backward_is_the_sparse_backward_in_a_table(dim, dtype, hot):
+    """embedding_bag_backward_dense (counts left on the device, the segment kernel writing
+    rows of the table) equals rows_to_dense of the sparse backward bit for bit, on mostly
+    unique rows (where the sparse form takes the short-run schedule) and on hot rows."""
+    values, indices, weights, grad_out = _random_case(64, 128, 5000, dim, dtype, torch.int64, torch.float32,
+                                                      hot=hot, seed=dim)
+    args = _cuda(grad_out, values, indices, weights)
+    rows, rows_grad, wg = ops.embedding_bag_backward(*args, True)
+    for check in (True, False):
+        dense, dense_wg = ops.embedding_bag_backward_dense(*args, True, check_indices=check)
+        assert torch.equal(dense, ops.rows_to_dense(rows, rows_grad, values.shape[0]))
+        assert torch.equal(dense_wg, wg)
+
+
+@requires_cuda
+def test_dense_backward_reports_or_skips_bad_lookups():
+    values, indices, weights, grad_out = _random_case(6, 5, 50, 16, torch.float32, torch.int64, torch.float32)
+    indices[2, 3] = 1000
+    v, i, w, g = _cuda(values, indices, weights, grad_out)
+    msg = r"memory\.embedding_bag_backward_dense: index out of range: indices\[2, 3\] = 1000 but values has 50 rows"
+    with pytest.raises(RuntimeError, match=msg):
+        ops.embedding_bag_backward_dense(g, v, i, w)
+    # Unchecked: the bad lookup adds nothing and gets a zero weight gradient.
+    dense, wg = ops.embedding_bag_backward_dense(g, v, i, w, check_indices=False)
+    w0 = w.clone()
+    w0[2, 3] = 0
+    want, want_wg = ops.embedding_bag_backward_dense(g, v, i.clamp(0, 49), w0)
+    assert torch.equal(dense, want)
+    assert wg[2, 3] == 0
+    wg[2, 3] = want_wg[2, 3]
+    assert torch.equal(wg, want_wg)
+    with ops.index_checks("async"):
+        ops.embedding_bag_backward_dense(g, v, i, w)
+        with pytest.raises(RuntimeError, match=msg):
+            ops.check_errors()
+
+
+@requires_cuda
 @pytest.mark.parametrize("dim", [1, 3, 96, 1000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.uint8])
 def test_rows_to_dense(dim, dtype):

@@ -1,13 +1,18 @@
 """Host synchronisations in a memory layer's training step.
 
 On CUDA a memory op waits for the device in two cases: when it reports bad indices (the
-checked embedding_bag, quantized_embedding_bag and rows_to_dense, with index checks at
-their default) and when embedding_bag_backward sizes its outputs (the number of rows read
-is data). A layer vouches for the indices it made itself, so its step should wait only
-for the second. The CPU tests record every memory op that a step dispatches, with its
+checked embedding_bag, quantized_embedding_bag, embedding_bag_backward_dense and
+rows_to_dense, with index checks at their default) and when embedding_bag_backward sizes
+its sparse outputs (the number of rows read is data). A layer vouches for the indices it
+made itself, and its dense gradients (the sub-keys', and the values' on the dense path)
+come from embedding_bag_backward_dense, whose size is known: a step waits only where the
+sparse or fused value path sizes the values' row gradient, once per lookup, and never on
+the dense path. The CPU tests record every memory op that a step dispatches, with its
 arguments, and count the calls that would wait on CUDA; the CUDA tests count the waits
-themselves (torch.cuda.set_sync_debug_mode) and capture a forward in a CUDA graph.
+themselves (torch.cuda.set_sync_debug_mode) and capture a forward, and a whole training
+step on the dense path, in a CUDA graph.
 """
+import copy
 import warnings
 
 import pytest
@@ -26,7 +31,9 @@ _CHECK_ARGUMENT = {
     "memory::embedding_bag": "check_indices",
     "memory::quantized_embedding_bag": "check_indices",
     "memory::rows_to_dense": "check_rows",
+    "memory::embedding_bag_backward_dense": "check_indices",
 }
+_DENSE = "memory::embedding_bag_backward_dense"
 _SIZING = "memory::embedding_bag_backward"
 
 
@@ -74,10 +81,11 @@ def train_step(model, x, optimizer=None):
 
 
 @pytest.mark.parametrize("path", ["dense", "sparse", "fused"])
-def test_a_layer_step_waits_only_where_the_backward_sizes_its_outputs(path):
-    """Forward and backward of a layer (values and sub-keys trained): the only calls that
-    would wait on CUDA are the two sizing ones (the values' and the sub-keys' gradients);
-    every other lookup and dense copy runs on indices the library made, unchecked."""
+def test_a_layer_step_waits_only_where_the_sparse_values_are_sized(path):
+    """Forward and backward of a layer (values and sub-keys trained): on the dense path no
+    call would wait on CUDA (both gradients dense, of known size); on the sparse and fused
+    paths only the values' row gradient is sized. Every lookup and dense gradient runs on
+    indices the library made, unchecked."""
     model = layer()
     optimizer = None
     if path != "dense":
@@ -86,14 +94,19 @@ def test_a_layer_step_waits_only_where_the_backward_sizes_its_outputs(path):
     with MemoryOpLog() as log:
         train_step(model, x, optimizer)
     assert log.count("memory::pk_topk") == 1
-    assert log.count(_SIZING) == 2, log.calls
-    assert log.waits_on_cuda() == [_SIZING, _SIZING], log.calls
+    want_sizing = 0 if path == "dense" else 1
+    assert log.count(_SIZING) == want_sizing, log.calls
+    assert log.count(_DENSE) == 2 - want_sizing, log.calls  # the sub-keys' (and the values')
+    assert log.waits_on_cuda() == [_SIZING] * want_sizing, log.calls
 
 
-def test_a_decoder_step_waits_twice_per_memory_layer():
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_decoder_step_waits_once_per_sparse_lookup_and_never_on_the_dense_path(sparse):
     cfg = DecoderConfig(vocab_size=50, dim=32, n_layers=4, n_heads=2, max_seq_len=16)
     cfg.memory_layers = memory_placement(4, 2)
     cfg.memory = dict(n_keys=8, heads=2, k=4)
+    if sparse:
+        cfg.memory["values"] = MemoryValues(8 * 8, 32, sparse_grad=True)
     torch.manual_seed(0)
     model = Decoder(cfg)
     tokens = torch.randint(0, 50, (2, 16))
@@ -101,7 +114,23 @@ def test_a_decoder_step_waits_twice_per_memory_layer():
         model(tokens).float().square().mean().backward()
     n_layers = log.count("memory::pk_topk")
     assert n_layers == len(cfg.memory_layers) == 2
-    assert log.waits_on_cuda() == [_SIZING] * (2 * n_layers), log.calls
+    assert log.waits_on_cuda() == [_SIZING] * (n_layers if sparse else 0), log.calls
+
+
+def test_the_dense_backward_equals_the_sparse_one_placed_in_a_table():
+    """embedding_bag_backward_dense is rows_to_dense of embedding_bag_backward, bit for bit,
+    with the same weight gradient; a user's bad index is reported, naming the op."""
+    gen = torch.Generator().manual_seed(5)
+    values = torch.randn(30, 6, generator=gen)
+    indices = torch.randint(0, 30, (9, 4), generator=gen)
+    weights = torch.randn(9, 4, generator=gen)
+    grad_out = torch.randn(9, 6, generator=gen)
+    dense, weights_grad = memory_ext.ops.embedding_bag_backward_dense(grad_out, values, indices, weights)
+    rows, rows_grad, want_weights_grad = memory_ext.ops.embedding_bag_backward(grad_out, values, indices, weights)
+    assert torch.equal(dense, memory_ext.ops.rows_to_dense(rows, rows_grad, 30))
+    assert torch.equal(weights_grad, want_weights_grad)
+    with pytest.raises(RuntimeError, match="embedding_bag_backward_dense: index out of range"):
+        memory_ext.ops.embedding_bag_backward_dense(grad_out, values, indices + 30, weights)
 
 
 def test_a_users_own_indices_are_still_checked():
@@ -132,9 +161,9 @@ def test_unchecked_calls_compute_the_same():
 
 @requires_cuda
 @pytest.mark.parametrize("path", ["dense", "sparse", "fused"])
-def test_cuda_layer_step_synchronises_only_to_size_the_backward(path):
-    """The waits counted by torch itself: one per embedding_bag_backward (its output size),
-    none in the forward."""
+def test_cuda_layer_step_synchronises_only_to_size_the_sparse_backward(path):
+    """The waits counted by torch itself: one per embedding_bag_backward (the sparse value
+    gradient's size), none in the forward, none at all on the dense path."""
     model = layer("cuda")
     optimizer = value_optimizer(model, 1e-2, fused=path == "fused") if path != "dense" else None
     x = torch.randn(64, 16, device="cuda")
@@ -151,14 +180,13 @@ def test_cuda_layer_step_synchronises_only_to_size_the_backward(path):
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert forward_waits == 0, syncs
-    assert len(syncs) == log.count(_SIZING) == 2, syncs
+    assert len(syncs) == log.count(_SIZING) == (0 if path == "dense" else 1), syncs
 
 
 @requires_cuda
 def test_cuda_graph_captures_a_layer_forward():
     """With no host synchronisation left in the forward, a layer's inference forward
-    (pk_topk and the unchecked gather) is captured in a CUDA graph and replays exactly.
-    The backward is not capturable: embedding_bag_backward synchronises to size its output."""
+    (pk_topk and the unchecked gather) is captured in a CUDA graph and replays exactly."""
     model = layer("cuda").eval()
     static_x = torch.randn(32, 16, device="cuda")
     with torch.no_grad():
@@ -175,3 +203,42 @@ def test_cuda_graph_captures_a_layer_forward():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, model(fresh))
+
+
+@requires_cuda
+def test_cuda_graph_captures_a_whole_training_step_on_the_dense_path():
+    """Forward, backward (dense value and sub-key gradients, no host synchronisation) and a
+    capturable AdamW step are captured as one CUDA graph; each replay computes what the
+    same step computes eagerly on a twin model."""
+    model = layer("cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, capturable=True)
+    static_x = torch.randn(32, 16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: lazy state, launch caches
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            model(static_x).square().mean().backward()
+            optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    twin = copy.deepcopy(model)
+    twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-2, capturable=True)
+    twin_optimizer.load_state_dict(optimizer.state_dict())
+
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = model(static_x).square().mean()
+        static_loss.backward()
+        optimizer.step()
+    for seed in range(3):
+        x = torch.randn(32, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        static_x.copy_(x)
+        graph.replay()
+        twin_optimizer.zero_grad(set_to_none=True)
+        loss = twin(x).square().mean()
+        loss.backward()
+        twin_optimizer.step()
+        torch.testing.assert_close(static_loss, loss)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q)

@@ -43,6 +43,14 @@ def test_opcheck_embedding_bag_backward(device):
         torch.library.opcheck(torch.ops.memory.embedding_bag_backward.default, op_args(s))
 
 
+def test_opcheck_embedding_bag_backward_dense(device):
+    for need in (True, False):
+        s = sample_inputs("embedding_bag_backward_dense", device, tokens=6, bag=5, rows=30, dim=7,
+                          need_weights_grad=need)
+        torch.library.opcheck(torch.ops.memory.embedding_bag_backward_dense.default, (*op_args(s), False))
+        torch.library.opcheck(torch.ops.memory.embedding_bag_backward_dense.default, op_args(s))
+
+
 def test_opcheck_rows_to_dense(device):
     s = sample_inputs("rows_to_dense", device, n_rows=12, n_unique=4, dim=5)
     torch.library.opcheck(torch.ops.memory.rows_to_dense.default, op_args(s))

@@ -225,8 +225,11 @@ def compiled_training(path, backend):
 def test_compiled_training_matches_eager(path):
     torch._dynamo.reset()
     eager = compiled_training(path, None)
-    # aot_eager runs the same ATen kernels as eager: the compiled parts change nothing.
-    assert all(torch.equal(a, b) for a, b in zip(eager, compiled_training(path, "aot_eager"), strict=True))
+    # aot_eager runs the same kernels as eager, but its traced backward (one graph: every
+    # gradient of the step has a static size) may add a tensor's gradient contributions in
+    # another order than eager autograd: rounding-level differences only.
+    for a, b in zip(eager, compiled_training(path, "aot_eager"), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     # inductor generates its own kernels for the parts around the lookup: float32 reordering only.
     for a, b in zip(eager, compiled_training(path, "inductor"), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

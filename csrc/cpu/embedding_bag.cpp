@@ -404,11 +404,11 @@ void weights_grad_in_lookup_order(const EmbeddingBagBackwardInputs& in, weight_t
 // weight gradient in its own pass.
 template <typename scalar_t, typename weight_t, typename index_t>
 void embedding_bag_backward_impl(const EmbeddingBagBackwardInputs& in, at::Tensor& rows_out,
-                                 at::Tensor& rows_grad, at::Tensor& weights_grad) {
+                                 at::Tensor& rows_grad, at::Tensor& weights_grad, const char* op) {
   const int64_t n_lookups = in.indices.numel(), bag = in.indices.size(1);
   const int64_t n_rows = in.values.size(0), dim = in.values.size(1);
-  const cpu::RowRuns runs = cpu::sort_by_row(in.indices.const_data_ptr<index_t>(), n_lookups,
-                                             n_rows, bag, "embedding_bag_backward");
+  const cpu::RowRuns runs =
+      cpu::sort_by_row(in.indices.const_data_ptr<index_t>(), n_lookups, n_rows, bag, op);
   const int64_t n_unique = static_cast<int64_t>(runs.run_begin.size()) - 1;
 
   rows_out = at::empty({n_unique}, in.indices.options().dtype(at::kLong));
@@ -434,10 +434,10 @@ void embedding_bag_backward_impl(const EmbeddingBagBackwardInputs& in, at::Tenso
         in, weights_grad.mutable_data_ptr<weight_t>());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_backward(
     const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
-    const at::Tensor& weights, bool need_weights_grad) {
-  check_embedding_bag_backward_args(grad_out, values, indices, weights);
+    const at::Tensor& weights, bool need_weights_grad, const char* op) {
+  check_embedding_bag_backward_args(grad_out, values, indices, weights, op);
   const EmbeddingBagBackwardInputs in =
       embedding_bag_backward_inputs(grad_out, values, indices, weights, need_weights_grad);
   if (in.no_lookups()) return in.no_lookups_result();
@@ -448,12 +448,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cpu(
         AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "embedding_bag_backward_cpu", [&] {
           if (in.weights.scalar_type() == in.values.scalar_type())
             embedding_bag_backward_impl<value_t, value_t, index_t>(in, rows, rows_grad,
-                                                                   weights_grad);
+                                                                   weights_grad, op);
           else
-            embedding_bag_backward_impl<value_t, float, index_t>(in, rows, rows_grad, weights_grad);
+            embedding_bag_backward_impl<value_t, float, index_t>(in, rows, rows_grad, weights_grad,
+                                                                 op);
         });
       });
   return {rows, rows_grad, weights_grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& weights, bool need_weights_grad) {
+  return sparse_backward(grad_out, values, indices, weights, need_weights_grad,
+                         "embedding_bag_backward");
 }
 
 // check_rows is not read: checking rows here costs no synchronisation.
@@ -485,11 +493,23 @@ at::Tensor rows_to_dense_cpu(const at::Tensor& rows_, const at::Tensor& rows_gra
   return out;
 }
 
+// The sparse backward placed in a dense table: the same bits as rows_to_dense of
+// embedding_bag_backward (on the CPU nothing waits, so there is nothing more to save).
+// check_indices is not read: the CPU kernel checks either way.
+std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_dense_cpu(
+    const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& weights, bool need_weights_grad, bool /*check_indices*/) {
+  auto [rows, rows_grad, weights_grad] = sparse_backward(
+      grad_out, values, indices, weights, need_weights_grad, "embedding_bag_backward_dense");
+  return {rows_to_dense_cpu(rows, rows_grad, values.size(0), false), weights_grad};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memory, CPU, m) {
   m.impl("embedding_bag", &embedding_bag_cpu);
   m.impl("embedding_bag_backward", &embedding_bag_backward_cpu);
+  m.impl("embedding_bag_backward_dense", &embedding_bag_backward_dense_cpu);
   m.impl("rows_to_dense", &rows_to_dense_cpu);
 }
 

@@ -97,6 +97,9 @@ void raise_first_recorded() {
     case RecordedOp::kQuantizedEmbeddingBag:
       fail_index_out_of_range("quantized_embedding_bag", w[kPosition], w[kBag], w[kValue],
                               w[kRows]);
+    case RecordedOp::kEmbeddingBagBackwardDense:
+      fail_index_out_of_range("embedding_bag_backward_dense", w[kPosition], w[kBag], w[kValue],
+                              w[kRows]);
     case RecordedOp::kRowsToDense:
       fail_sparse_row(kRowsToDenseRows, w[kPosition], w[kPrevious], w[kValue], w[kRows]);
   }

@@ -14,7 +14,12 @@
 namespace memory_ext::cuda {
 
 // The ops whose errors are recorded (their names go into the message).
-enum class RecordedOp : int64_t { kEmbeddingBag = 1, kQuantizedEmbeddingBag = 2, kRowsToDense = 3 };
+enum class RecordedOp : int64_t {
+  kEmbeddingBag = 1,
+  kQuantizedEmbeddingBag = 2,
+  kRowsToDense = 3,
+  kEmbeddingBagBackwardDense = 4
+};
 
 // first_bad: int64 (1,) on the device, -1 or the lowest bad flat position of indices
 // (tokens, bag), contiguous, int64 or int32; rows: the table's row count.

@@ -6,7 +6,8 @@
 // and gets a zero weight gradient. With index checks on (see memory_ext/index_checks.h)
 // the kernels also record the lowest bad position on the device; in the default "sync"
 // mode the op then raises the same error as the CPU kernel, at the cost of one host
-// synchronisation in the forward (the backward synchronises anyway to size its outputs),
+// synchronisation in the forward (the sparse backward synchronises anyway to size its
+// outputs; the dense backward, whose output size is known, only when it checks),
 // and in "async" mode the position goes to the device's record (async_index_errors.h) for
 // memory_ext.ops.check_errors() to raise later.
 // A caller that vouches for its indices (check_indices / check_rows false: indices the
@@ -16,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -94,6 +96,41 @@ at::Tensor embedding_bag_cuda(const at::Tensor& values_, const at::Tensor& indic
   return out;
 }
 
+// The backward's arguments from its inputs and the grouping; outputs and partial sums
+// are sized from the grouping's counts (upper bounds when they stay on the device).
+struct BackwardLaunch {
+  cuda::BackwardArgs args{};
+  at::Tensor partial, long_runs;
+
+  BackwardLaunch(const EmbeddingBagBackwardInputs& in, const cuda::RowGroups& g) {
+    const int64_t dim = in.values.size(1);
+    if (g.n_long_slots > 0) {
+      partial = at::empty({g.n_long_slots, dim},
+                          in.values.options().dtype(acc_dtype(in.values.scalar_type())));
+      long_runs = at::empty({g.n_long_runs}, in.indices.options().dtype(at::kInt));
+    }
+    cuda::BackwardArgs& a = args;
+    a.grad_out = in.grad_out.const_data_ptr();
+    a.values = in.values.const_data_ptr();
+    a.weights = in.weights.const_data_ptr();
+    a.weights_grad = in.need_weights_grad ? in.weights_grad.mutable_data_ptr() : nullptr;
+    a.keys = as_u32(g.keys);
+    a.positions = as_u32(g.positions);
+    a.run_begin = as_u32(g.run_begin);
+    a.plan = reinterpret_cast<const cuda::RunPlan*>(g.plan.const_data_ptr());
+    a.partial = partial.defined() ? partial.mutable_data_ptr() : nullptr;
+    a.long_runs = long_runs.defined() ? as_mutable_u32(long_runs) : nullptr;
+    a.bag = in.indices.size(1);
+    a.dim = dim;
+    a.n_runs = g.n_runs;
+    a.n_segments = g.n_segments;
+    a.n_long_runs = g.n_long_runs;
+    a.lookups = in.indices.numel();
+    a.w_f32 = in.weights.scalar_type() == at::kFloat;
+    a.device_counts = g.counts_on_device ? g.info.const_data_ptr<int64_t>() : nullptr;
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& weights, bool need_weights_grad) {
@@ -118,34 +155,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cuda(
 
   at::Tensor rows = at::empty({g.n_runs}, in.indices.options().dtype(at::kLong));
   at::Tensor rows_grad = at::empty({g.n_runs, dim}, in.values.options());
-  at::Tensor partial, long_runs;
-  if (g.n_long_slots > 0) {
-    partial = at::empty({g.n_long_slots, dim},
-                        in.values.options().dtype(acc_dtype(in.values.scalar_type())));
-    long_runs = at::empty({g.n_long_runs}, in.indices.options().dtype(at::kInt));
-  }
-  cuda::BackwardArgs a{};
-  a.grad_out = in.grad_out.const_data_ptr();
-  a.values = in.values.const_data_ptr();
-  a.weights = in.weights.const_data_ptr();
-  a.weights_grad = need_weights_grad ? in.weights_grad.mutable_data_ptr() : nullptr;
-  a.keys = as_u32(g.keys);
-  a.positions = as_u32(g.positions);
-  a.run_begin = as_u32(g.run_begin);
-  a.plan = reinterpret_cast<const cuda::RunPlan*>(g.plan.const_data_ptr());
-  a.rows_out = rows.mutable_data_ptr<int64_t>();
-  a.rows_grad = rows_grad.mutable_data_ptr();
-  a.partial = partial.defined() ? partial.mutable_data_ptr() : nullptr;
-  a.long_runs = long_runs.defined() ? as_mutable_u32(long_runs) : nullptr;
-  a.bag = in.indices.size(1);
-  a.dim = dim;
-  a.n_runs = g.n_runs;
-  a.n_segments = g.n_segments;
-  a.n_long_runs = g.n_long_runs;
-  a.lookups = in.indices.numel();
-  a.w_f32 = in.weights.scalar_type() == at::kFloat;
-  cuda::launch_embedding_bag_backward(in.values.scalar_type(), a, stream);
+  BackwardLaunch launch(in, g);
+  launch.args.rows_out = rows.mutable_data_ptr<int64_t>();
+  launch.args.rows_grad = rows_grad.mutable_data_ptr();
+  cuda::launch_embedding_bag_backward(in.values.scalar_type(), launch.args, stream);
   return {rows, rows_grad, in.weights_grad};
+}
+
+// The dense gradient without a host synchronisation: the grouping's counts stay on the
+// device, the kernels write each touched row's gradient into a zeroed (rows, dim) table.
+// Index errors: "sync" reads the lowest bad position back (a synchronisation, only with
+// check_indices), "async" records it, "off" or check_indices false skip bad lookups.
+std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_dense_cuda(
+    const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& weights, bool need_weights_grad, bool check_indices) {
+  check_embedding_bag_backward_args(grad_out, values, indices, weights,
+                                    "embedding_bag_backward_dense");
+  const c10::cuda::CUDAGuard guard(values.device());
+  const EmbeddingBagBackwardInputs in =
+      embedding_bag_backward_inputs(grad_out, values, indices, weights, need_weights_grad);
+  const int64_t n_rows = in.values.size(0);
+  at::Tensor grad_values = at::zeros(in.values.sizes(), in.values.options());
+  // Bad lookups are never written: their weight gradient is the zero put here.
+  if (need_weights_grad) in.weights_grad.zero_();
+  if (in.no_lookups()) return {grad_values, in.weights_grad};
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cuda::RowGroups g = cuda::group_by_row(in.indices, n_rows, stream, /*read_counts=*/false);
+  const IndexCheckMode mode = check_indices ? index_check_mode() : IndexCheckMode::kOff;
+  const at::Tensor first_bad = g.info.narrow(0, cuda::kFirstBad, 1);
+  if (mode == IndexCheckMode::kSync) {
+    const int64_t bad = first_bad.item<int64_t>();
+    if (bad >= 0) fail_index("embedding_bag_backward_dense", in.indices, bad, n_rows);
+  } else if (mode == IndexCheckMode::kAsync) {
+    cuda::record_bad_lookup(cuda::RecordedOp::kEmbeddingBagBackwardDense, first_bad, in.indices,
+                            n_rows, stream);
+  }
+  if (grad_values.numel() == 0) return {grad_values, in.weights_grad};  // dim 0: dots are 0
+  BackwardLaunch launch(in, g);
+  launch.args.rows_out = nullptr;
+  launch.args.rows_grad = grad_values.mutable_data_ptr();
+  launch.args.dense_rows = true;
+  cuda::launch_embedding_bag_backward(in.values.scalar_type(), launch.args, stream);
+  return {grad_values, in.weights_grad};
 }
 
 template <typename W>
@@ -213,6 +265,7 @@ at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_gr
 TORCH_LIBRARY_IMPL(memory, CUDA, m) {
   m.impl("embedding_bag", &embedding_bag_cuda);
   m.impl("embedding_bag_backward", &embedding_bag_backward_cuda);
+  m.impl("embedding_bag_backward_dense", &embedding_bag_backward_dense_cuda);
   m.impl("rows_to_dense", &rows_to_dense_cuda);
 }
 

@@ -1,5 +1,6 @@
 // Launcher of the CUDA embedding_bag backward (kernels in
-// embedding_bag_backward_kernel.cuh).
+// embedding_bag_backward_kernel.cuh). With device counts, n_segments and n_long_runs are
+// upper bounds: the grids cover them and the kernels stop at the exact counts.
 #include <c10/cuda/CUDAException.h>
 
 #include "embedding_bag_backward_kernel.cuh"
@@ -25,8 +26,11 @@ void launch_embedding_bag_backward(c10::ScalarType value_type, const BackwardArg
                                    {a.partial, sizeof(acc_t<T>)}});
     with_vector<kV>(vec, [&]<int VEC>() {
       // Mostly unique rows: several runs per group (the short-run schedule), with the same
-      // results bit for bit as one group per segment.
-      if (use_short_run_backward(a.n_runs, a.n_segments, a.n_long_runs, a.lookups, a.dim / VEC)) {
+      // results bit for bit as one group per segment. It is chosen from the counts, so a
+      // launch that leaves them on the device (static sizes) takes the segment kernel.
+      const bool host_counts = a.device_counts == nullptr && !a.dense_rows;
+      if (host_counts &&
+          use_short_run_backward(a.n_runs, a.n_segments, a.n_long_runs, a.lookups, a.dim / VEC)) {
         with_short_run_shape<VEC>(a.dim / VEC, [&]<int G, int VPT, int R>() {
           embedding_bag_backward_short_kernel<T, VEC, G, VPT, R>
               <<<grid_for(ceil_div(a.n_runs, kShortUnit), kShortBlock / G), kShortBlock, 0,

@@ -29,6 +29,22 @@ namespace {
 // groups share blocks of 128.
 constexpr int backward_block(int g) { return g > 32 ? g : 128; }
 
+// The exact counts of the launch: the host's, or the grouping's slots on the device
+// (BackwardArgs::device_counts), where the run of bad lookups, if any, is not a run.
+struct BackwardCounts {
+  int64_t n_runs, n_segments, n_long_runs;
+};
+__device__ __forceinline__ BackwardCounts backward_counts(const BackwardArgs& a) {
+  const int64_t* c = a.device_counts;
+  if (c == nullptr) return {a.n_runs, a.n_segments, a.n_long_runs};
+  return {c[kRunsWithBad] - (c[kFirstBad] >= 0 ? 1 : 0), c[kSegments], c[kLongRuns]};
+}
+
+// Where a run's row gradient goes: its run's slot, or its row's of a dense gradient.
+__device__ __forceinline__ int64_t row_grad_slot(const BackwardArgs& a, int64_t run, int64_t row) {
+  return a.dense_rows ? row : run;
+}
+
 // G threads per segment (a power of two; above 32 the group is the whole block), VEC
 // elements per access, VPT accesses per thread and row, R positions in flight. TILED
 // groups loop over column tiles of G * VPT * VEC for rows wider than one tile, keeping
@@ -57,17 +73,19 @@ __global__ void __launch_bounds__(backward_block(G))
   const auto bag = static_cast<uint32_t>(a.bag);  // bag <= lookups < 2^32
 
   // Grid-stride over segments; the segment is uniform per group and, for G > 32, the
-  // group is the block, so every barrier below is reached by all of its threads.
-  for (int64_t seg = int64_t(blockIdx.x) * (kBlock / G) + threadIdx.x / G; seg < a.n_segments;
+  // group is the block, so every barrier below is reached by all of its threads. With
+  // device counts the grid is sized for backward_bounds and groups past the count idle.
+  const BackwardCounts counts = backward_counts(a);
+  for (int64_t seg = int64_t(blockIdx.x) * (kBlock / G) + threadIdx.x / G; seg < counts.n_segments;
        seg += int64_t(gridDim.x) * (kBlock / G)) {
     // The run of this segment: the last run whose first segment is <= seg. Every run has
     // at least one segment, and all runs together have `extra` more segments than runs,
     // so plan[u].seg lies in [u, u + extra]: the run is within `extra` below seg. When
     // rows are unique or runs short (the common case) extra is 0 and the run is seg
     // itself, with no search; a few hot rows cost log2(extra) steps, not log2(n_runs).
-    const int64_t extra = a.n_segments - a.n_runs;
+    const int64_t extra = counts.n_segments - counts.n_runs;
     int64_t lo = seg > extra ? seg - extra : 0;
-    int64_t hi = (seg < a.n_runs - 1 ? seg : a.n_runs - 1) + 1;
+    int64_t hi = (seg < counts.n_runs - 1 ? seg : counts.n_runs - 1) + 1;
     while (hi - lo > 1) {
       const int64_t mid = (lo + hi) / 2;
       if (int64_t(a.plan[mid].seg) <= seg)
@@ -83,11 +101,11 @@ __global__ void __launch_bounds__(backward_block(G))
     const int64_t pe = pb + kSegment < run_e ? pb + kSegment : run_e;
     const int64_t row = a.keys[run_b];
     if (k == 0 && threadIdx.x % G == 0) {
-      a.rows_out[u] = row;
+      if (a.rows_out != nullptr) a.rows_out[u] = row;
       if (n_seg > 1) a.long_runs[a.plan[u].long_rank] = static_cast<uint32_t>(u);
     }
     const T* V = static_cast<const T*>(a.values) + row * a.dim;
-    T* out_row = static_cast<T*>(a.rows_grad) + u * a.dim;
+    T* out_row = static_cast<T*>(a.rows_grad) + row_grad_slot(a, u, row) * a.dim;
     A* part_row = n_seg > 1
                       ? static_cast<A*>(a.partial) + (int64_t(a.plan[u].long_slot) + k) * a.dim
                       : nullptr;
@@ -215,7 +233,8 @@ __global__ void __launch_bounds__(kReduceBlock)
   const A* P = static_cast<const A*>(a.partial);
   T* RG = static_cast<T*>(a.rows_grad);
   const int64_t n_chunks = ceil_div(a.dim, kReduceBlock);
-  for (int64_t item = blockIdx.x; item < a.n_long_runs * n_chunks; item += gridDim.x) {
+  const int64_t n_long_runs = backward_counts(a).n_long_runs;
+  for (int64_t item = blockIdx.x; item < n_long_runs * n_chunks; item += gridDim.x) {
     const int64_t u = a.long_runs[item / n_chunks];
     const int64_t col = (item % n_chunks) * kReduceBlock + threadIdx.x;
     if (col >= a.dim) continue;
@@ -233,7 +252,7 @@ __global__ void __launch_bounds__(kReduceBlock)
       s += x3;
     }
     for (; i < n_seg; ++i) s += p[i * a.dim];
-    RG[u * a.dim + col] = from_acc<T>(s);
+    RG[row_grad_slot(a, u, a.keys[a.run_begin[u]]) * a.dim + col] = from_acc<T>(s);
   }
 }
 
@@ -251,7 +270,7 @@ __global__ void __launch_bounds__(kReduceBlock)
 // same butterfly: results are bitwise those of the segment kernel. Only shapes of one warp
 // or less (rows of up to 128 accesses) have this schedule; wider rows keep a block of the
 // segment kernel busy per position, and split the weight gradient across warps (launch
-// rule: use_short_run_backward).
+// rule: use_short_run_backward). It needs the counts on the host, and writes run slots.
 
 // Runs per group unit: a unit costs two dependent loads (its run_begin bounds, then its
 // first chunk's positions) before its chunks pipeline, so several runs share them; few

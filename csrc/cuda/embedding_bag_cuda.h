@@ -34,16 +34,22 @@ struct RowGroups {
   at::Tensor positions;  // (n,) uint32: flat lookup positions, ascending within a row
   at::Tensor run_begin;  // (n + 1,) uint32: first sorted position of each run, then n
   at::Tensor plan;       // (n + 1,) RunPlan, as bytes
-  int64_t n_runs = 0;    // runs of valid rows (a run of bad indices, if any, follows them)
+  at::Tensor info;       // (kInfoSize,) int64 on the device: the counts below, exact
+  // The counts, read back by the host; or, when counts_on_device, their backward_bounds
+  // (the exact counts then stay in `info` for the kernels, and first_bad is not known).
+  int64_t n_runs = 0;  // runs of valid rows (a run of bad indices, if any, follows them)
   int64_t n_segments = 0;
   int64_t n_long_slots = 0;  // partial-sum rows needed
   int64_t n_long_runs = 0;
   int64_t first_bad = -1;  // lowest flat position of an out-of-range index, or -1
+  bool counts_on_device = false;
 };
 
 // Stable grouping of the flat lookup positions of `indices` by row, on the current
-// stream. Costs one host synchronisation (the number of runs sizes the outputs).
-RowGroups group_by_row(const at::Tensor& indices, int64_t rows, cudaStream_t stream);
+// stream. With read_counts it costs one host synchronisation (the number of runs sizes
+// the outputs); without, none (for outputs of a size known in advance).
+RowGroups group_by_row(const at::Tensor& indices, int64_t rows, cudaStream_t stream,
+                       bool read_counts = true);
 
 // ---------------------------------------------------------------------------------------
 // Backward over the groups.

@@ -1,14 +1,16 @@
 // Grouping of lookups by row for the CUDA backward: a stable radix sort of (row, position)
 // pairs on only the bits a row needs, run boundaries, and the segment plan of each run.
 //
-// Pipeline (all on the current stream, one host synchronisation at the end):
+// Pipeline (all on the current stream):
 //   1. keys[p] = indices[p] (or `rows` when out of range, so bad lookups sort last as one
 //      run that the backward skips), positions[p] = p; the lowest bad p is recorded.
 //   2. stable LSD radix sort on bits [0, bit_width(rows)): positions stay ascending inside
 //      each row's run, which fixes the summation order.
 //   3. run heads, an exclusive sum of them, and a scatter give each run's first position.
 //   4. per run: its segment count and partial-sum slots; an exclusive scan gives the plan.
-//   5. the totals and the count of runs are copied to the host to size the outputs.
+//   5. the totals and the count of runs are copied to the host to size the outputs, or,
+//      for static sizes, left on the device for the backward's kernels to read (the
+//      outputs then sized by backward_bounds): no synchronisation at all.
 // Every count is < 2^32 because the op rejects 2^32 lookups or rows.
 
 // CUB is compiled into this library; a private namespace keeps its kernels apart from the
@@ -162,7 +164,8 @@ void plan_runs(int64_t n, int64_t rows, CubWork& work, const uint32_t* sorted_ke
 
 }  // namespace
 
-RowGroups group_by_row(const at::Tensor& indices, int64_t rows, cudaStream_t stream) {
+RowGroups group_by_row(const at::Tensor& indices, int64_t rows, cudaStream_t stream,
+                       bool read_counts) {
   const int64_t n = indices.numel();
   TORCH_INTERNAL_ASSERT(n > 0 && n < (int64_t(1) << 32) && rows > 0 && rows < (int64_t(1) << 32));
   GroupingBuffers b(indices, n);
@@ -174,15 +177,25 @@ RowGroups group_by_row(const at::Tensor& indices, int64_t rows, cudaStream_t str
   find_runs(n, work, keys, positions, b, stream);
   plan_runs(n, rows, work, keys.Current(), b, stream);
 
-  // Step 5, the one synchronisation: sizes of the outputs and the index report.
-  const at::Tensor host = b.info.to(at::kCPU);
-  const int64_t* h = host.const_data_ptr<int64_t>();
   RowGroups g;
-  g.first_bad = h[kFirstBad];
-  g.n_runs = h[kRunsWithBad] - (g.first_bad >= 0 ? 1 : 0);
-  g.n_segments = h[kSegments];
-  g.n_long_slots = h[kLongSlots];
-  g.n_long_runs = h[kLongRuns];
+  g.info = b.info;
+  if (read_counts) {
+    // Step 5, the one synchronisation: sizes of the outputs and the index report.
+    const at::Tensor host = b.info.to(at::kCPU);
+    const int64_t* h = host.const_data_ptr<int64_t>();
+    g.first_bad = h[kFirstBad];
+    g.n_runs = h[kRunsWithBad] - (g.first_bad >= 0 ? 1 : 0);
+    g.n_segments = h[kSegments];
+    g.n_long_slots = h[kLongSlots];
+    g.n_long_runs = h[kLongRuns];
+  } else {
+    const BackwardBounds bound = backward_bounds(n, rows);
+    g.counts_on_device = true;
+    g.n_runs = bound.runs;
+    g.n_segments = bound.segments;
+    g.n_long_slots = bound.long_slots;
+    g.n_long_runs = bound.long_runs;
+  }
   // Keep whichever buffers hold the sorted data.
   g.keys = keys.Current() == u32_data(b.keys_a) ? b.keys_a : b.keys_b;
   g.positions = positions.Current() == u32_data(b.pos_a) ? b.pos_a : b.pos_b;

@@ -13,9 +13,6 @@ namespace {
 
 constexpr int kSortBlock = 256;
 
-// info[] slots, one int64 each, copied to the host in one transfer.
-enum Info { kFirstBad = 0, kRunsWithBad, kSegments, kLongSlots, kLongRuns, kInfoSize };
-
 __global__ void init_info_kernel(int64_t* info) {
   if (threadIdx.x < kInfoSize) info[threadIdx.x] = threadIdx.x == kFirstBad ? -1 : 0;
 }

@@ -146,8 +146,9 @@ def _spans_several_ranks(process_group) -> bool:
 class _SparseGradBag(torch.autograd.Function):
     """embedding_bag whose table gradient is a coalesced sparse COO tensor of the touched rows.
 
-    The same kernels as the dense path (so the same bits per row); only rows_to_dense is
-    skipped. Layers sharing a pool get their sparse gradients summed by autograd."""
+    The same kernels as the dense path (whose embedding_bag_backward_dense places these rows
+    in a table, bit for bit). Layers sharing a pool get their sparse gradients summed by
+    autograd."""
 
     @staticmethod
     def forward(ctx, table: Tensor, indices: Tensor, weights: Tensor, check_indices: bool) -> Tensor:

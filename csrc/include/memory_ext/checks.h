@@ -107,14 +107,13 @@ inline void check_grad_out(const char* op, const at::Tensor& grad_out, const at:
 // embedding_bag_backward: the forward's arguments, grad_out, and flat positions and rows
 // that fit the 32 bits the backward sorts on.
 inline void check_embedding_bag_backward_args(const at::Tensor& grad_out, const at::Tensor& values,
-                                              const at::Tensor& indices,
-                                              const at::Tensor& weights) {
-  check_embedding_bag_args("embedding_bag_backward", values, indices, weights);
-  check_grad_out("embedding_bag_backward", grad_out, values, indices);
-  TORCH_CHECK(
-      indices.numel() < (int64_t(1) << 32) && values.size(0) < (int64_t(1) << 32),
-      "memory.embedding_bag_backward: more than 2^32 lookups or rows are not supported, got ",
-      indices.numel(), " lookups and ", values.size(0), " rows");
+                                              const at::Tensor& indices, const at::Tensor& weights,
+                                              const char* op = "embedding_bag_backward") {
+  check_embedding_bag_args(op, values, indices, weights);
+  check_grad_out(op, grad_out, values, indices);
+  TORCH_CHECK(indices.numel() < (int64_t(1) << 32) && values.size(0) < (int64_t(1) << 32),
+              "memory.", op, ": more than 2^32 lookups or rows are not supported, got ",
+              indices.numel(), " lookups and ", values.size(0), " rows");
 }
 
 // The error for an out-of-range lookup at flat position `pos` of (tokens, bag) indices.
