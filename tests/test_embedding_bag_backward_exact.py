@@ -3,7 +3,8 @@
 Values, weights and output gradients are dyadic (nonzero integers times a power of two,
 exact in every dtype), so every product and every float32 partial sum is exact whatever
 the summation order: the kernel's rows_grad and weights_grad must equal the float64
-reference rounded once to the output dtype, bit for bit.
+reference rounded once to the output dtype, bit for bit; so must embedding_bag_backward_dense,
+which writes those rows straight into the table gradient and zeros the others.
 
 Sizes are past every internal boundary of csrc/cpu/embedding_bag.cpp and sort_by_row.h:
 128 000 lookups (four sort chunks of 2^15), 5000 rows (a two-pass radix sort; a test with
@@ -100,7 +101,19 @@ def check_exact(case, ref, need_weights_grad):
         assert bits_equal(weights_grad, ref_gw.to(weights.dtype)), "weights_grad differs"
     else:
         assert weights_grad.shape == (0,)
+    check_dense_exact(case, ref, need_weights_grad)
     return rows, rows_grad
+
+
+def check_dense_exact(case, ref, need_weights_grad):
+    grad_out, values, indices, weights = case
+    ref_gv, ref_gw, want_rows, _ = ref
+    dense, weights_grad = ops.embedding_bag_backward_dense(grad_out, values, indices, weights, need_weights_grad)
+    want = torch.zeros(values.shape, dtype=torch.float64)
+    want[want_rows] = ref_gv
+    assert bits_equal(dense, want.to(values.dtype)), "embedding_bag_backward_dense differs"
+    if need_weights_grad:
+        assert bits_equal(weights_grad, ref_gw.to(weights.dtype)), "its weights_grad differs"
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
@@ -170,9 +183,12 @@ def test_backward_bitwise_across_threads(dtype):
         for n in (1, 2, 1, 2):
             torch.set_num_threads(n)
             results.append(ops.embedding_bag_backward(grad_out, values, indices, weights, True))
+            results[-1] += ops.embedding_bag_backward_dense(grad_out, values, indices, weights, True)
     finally:
         torch.set_num_threads(threads)
     first = results[0]
+    # The dense form holds the sparse one's rows, bit for bit, and zeros elsewhere.
+    assert bits_equal(first[3], ops.rows_to_dense(first[0], first[1], ROWS)) and bits_equal(first[4], first[2])
     for other in results[1:]:
         assert torch.equal(other[0], first[0])
-        assert bits_equal(other[1], first[1]) and bits_equal(other[2], first[2])
+        assert all(bits_equal(a, b) for a, b in zip(other[1:], first[1:], strict=True))

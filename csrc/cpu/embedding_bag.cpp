@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -245,12 +246,18 @@ struct BackwardData {
   const scalar_t* grad_out;
   const weight_t* weights;
   int64_t* rows_out;
-  scalar_t* rows_grad;
+  scalar_t* rows_grad;  // (runs, dim), or with dense_rows the (rows, dim) table gradient
   int64_t bag, dim;
   // rows_grad is large (cpu::kPooledBytes or more): written with streaming stores, as it
   // is read next by the optimizer or rows_to_dense from DRAM anyway.
   bool stream_rows_grad;
+  // Each run's gradient goes to its row of a dense table gradient instead of its run's
+  // slot (embedding_bag_backward_dense: no (runs, dim) buffer to fill and copy out).
+  bool dense_rows;
 
+  scalar_t* out_row(int64_t run, int64_t row) const {
+    return rows_grad + (dense_rows ? row : run) * dim;
+  }
   const scalar_t* grad_row(int64_t sorted_pos) const {
     return grad_out + key_position(sorted[sorted_pos]) / bag * dim;
   }
@@ -316,11 +323,12 @@ void sum_segments(const BackwardData<scalar_t, weight_t>& d, const SegmentPlan& 
       const bool whole_run = seg.partial_slot < 0;
       sum_segment(d, seg, prefetch_end, whole_run ? acc.data() : partial + seg.partial_slot * dim);
       if (whole_run) {
-        d.rows_out[seg.run] = key_row(d.sorted[seg.begin]);
+        const int64_t row = key_row(d.sorted[seg.begin]);
+        d.rows_out[seg.run] = row;
         if (d.stream_rows_grad)
-          cpu::row_store_streaming(d.rows_grad + seg.run * dim, acc.data(), dim);
+          cpu::row_store_streaming(d.out_row(seg.run, row), acc.data(), dim);
         else
-          cpu::row_store(d.rows_grad + seg.run * dim, acc.data(), dim);
+          cpu::row_store(d.out_row(seg.run, row), acc.data(), dim);
       }
     }
     if (d.stream_rows_grad) cpu::stream_fence();
@@ -345,8 +353,9 @@ void fold_long_runs(const BackwardData<scalar_t, weight_t>& d, const cpu::RowRun
         const A* part = first + c * dim;
         for (int64_t e = 0; e < dim; ++e) acc[e] += part[e];
       }
-      d.rows_out[u] = key_row(d.sorted[runs.run_begin[u]]);
-      cpu::row_store(d.rows_grad + u * dim, acc.data(), dim);
+      const int64_t row = key_row(d.sorted[runs.run_begin[u]]);
+      d.rows_out[u] = row;
+      cpu::row_store(d.out_row(u, row), acc.data(), dim);
     }
   });
 }
@@ -400,11 +409,29 @@ void weights_grad_in_lookup_order(const EmbeddingBagBackwardInputs& in, weight_t
   });
 }
 
+// Zeros in every row of a dense (n_rows, dim) table that is not among `rows` (ascending):
+// with the touched rows written by the backward, each row of the table is written once.
+template <typename scalar_t>
+void zero_untouched_rows(scalar_t* table, const int64_t* rows, int64_t n_unique, int64_t n_rows,
+                         int64_t dim) {
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
+  at::parallel_for(0, n_rows, 1024, [&](int64_t r0, int64_t r1) {
+    int64_t u = std::lower_bound(rows, rows + n_unique, r0) - rows;
+    for (int64_t r = r0; r < r1;) {
+      const int64_t gap_end = u < n_unique ? std::min(rows[u], r1) : r1;
+      if (gap_end > r) std::memset(table + r * dim, 0, (gap_end - r) * row_bytes);
+      r = gap_end + 1;  // past the touched row (or r1)
+      ++u;
+    }
+  });
+}
+
 // Sort the lookups by row (stable), plan the segments, sum them, fold the long runs; the
-// weight gradient in its own pass.
+// weight gradient in its own pass. dense: rows_grad is the (rows, dim) table gradient.
 template <typename scalar_t, typename weight_t, typename index_t>
 void embedding_bag_backward_impl(const EmbeddingBagBackwardInputs& in, at::Tensor& rows_out,
-                                 at::Tensor& rows_grad, at::Tensor& weights_grad, const char* op) {
+                                 at::Tensor& rows_grad, at::Tensor& weights_grad, const char* op,
+                                 bool dense) {
   const int64_t n_lookups = in.indices.numel(), bag = in.indices.size(1);
   const int64_t n_rows = in.values.size(0), dim = in.values.size(1);
   const cpu::RowRuns runs =
@@ -412,7 +439,7 @@ void embedding_bag_backward_impl(const EmbeddingBagBackwardInputs& in, at::Tenso
   const int64_t n_unique = static_cast<int64_t>(runs.run_begin.size()) - 1;
 
   rows_out = at::empty({n_unique}, in.indices.options().dtype(at::kLong));
-  rows_grad = cpu::empty_large({n_unique, dim}, in.values.options());
+  rows_grad = cpu::empty_large({dense ? n_rows : n_unique, dim}, in.values.options());
   if (in.need_weights_grad)
     weights_grad = cpu::empty_large(in.indices.sizes(), in.weights.options());
   const BackwardData<scalar_t, weight_t> d{
@@ -423,8 +450,16 @@ void embedding_bag_backward_impl(const EmbeddingBagBackwardInputs& in, at::Tenso
       rows_grad.mutable_data_ptr<scalar_t>(),
       bag,
       dim,
-      static_cast<int64_t>(rows_grad.nbytes()) >= cpu::kPooledBytes};
+      static_cast<int64_t>(rows_grad.nbytes()) >= cpu::kPooledBytes,
+      dense};
 
+  if (dense) {
+    // The untouched rows first, in table order: the table's pages are then first touched
+    // in order, before the row gradients land on them (measured faster than after).
+    int64_t* R = rows_out.mutable_data_ptr<int64_t>();
+    for (int64_t u = 0; u < n_unique; ++u) R[u] = key_row(runs.sorted[runs.run_begin[u]]);
+    zero_untouched_rows(rows_grad.mutable_data_ptr<scalar_t>(), R, n_unique, n_rows, dim);
+  }
   const SegmentPlan plan = plan_segments(runs, n_lookups);
   std::vector<acc_t<scalar_t>> partial(static_cast<size_t>(plan.n_slots * dim));
   sum_segments(d, plan, partial.data());
@@ -434,13 +469,18 @@ void embedding_bag_backward_impl(const EmbeddingBagBackwardInputs& in, at::Tenso
         in, weights_grad.mutable_data_ptr<weight_t>());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_backward(
+// The backward of both ops; dense: rows_grad is the (rows, dim) table gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
-    const at::Tensor& weights, bool need_weights_grad, const char* op) {
+    const at::Tensor& weights, bool need_weights_grad, const char* op, bool dense) {
   check_embedding_bag_backward_args(grad_out, values, indices, weights, op);
   const EmbeddingBagBackwardInputs in =
       embedding_bag_backward_inputs(grad_out, values, indices, weights, need_weights_grad);
-  if (in.no_lookups()) return in.no_lookups_result();
+  if (in.no_lookups()) {
+    auto [rows, rows_grad, weights_grad] = in.no_lookups_result();
+    return {rows, dense ? at::zeros(in.values.sizes(), in.values.options()) : rows_grad,
+            weights_grad};
+  }
   at::Tensor rows, rows_grad, weights_grad = in.weights_grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, in.values.scalar_type(), "embedding_bag_backward_cpu", [&] {
@@ -448,10 +488,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_backward(
         AT_DISPATCH_INDEX_TYPES(in.indices.scalar_type(), "embedding_bag_backward_cpu", [&] {
           if (in.weights.scalar_type() == in.values.scalar_type())
             embedding_bag_backward_impl<value_t, value_t, index_t>(in, rows, rows_grad,
-                                                                   weights_grad, op);
+                                                                   weights_grad, op, dense);
           else
             embedding_bag_backward_impl<value_t, float, index_t>(in, rows, rows_grad, weights_grad,
-                                                                 op);
+                                                                 op, dense);
         });
       });
   return {rows, rows_grad, weights_grad};
@@ -460,8 +500,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& weights, bool need_weights_grad) {
-  return sparse_backward(grad_out, values, indices, weights, need_weights_grad,
-                         "embedding_bag_backward");
+  return backward(grad_out, values, indices, weights, need_weights_grad, "embedding_bag_backward",
+                  false);
 }
 
 // check_rows is not read: checking rows here costs no synchronisation.
@@ -493,15 +533,16 @@ at::Tensor rows_to_dense_cpu(const at::Tensor& rows_, const at::Tensor& rows_gra
   return out;
 }
 
-// The sparse backward placed in a dense table: the same bits as rows_to_dense of
-// embedding_bag_backward (on the CPU nothing waits, so there is nothing more to save).
-// check_indices is not read: the CPU kernel checks either way.
+// The backward writing each touched row's gradient straight into the dense table (the
+// other rows zeroed): the same bits as rows_to_dense of embedding_bag_backward, without
+// the (touched rows, dim) buffer written and copied out. check_indices is not read: the
+// CPU kernel checks either way.
 std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_dense_cpu(
     const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
     const at::Tensor& weights, bool need_weights_grad, bool /*check_indices*/) {
-  auto [rows, rows_grad, weights_grad] = sparse_backward(
-      grad_out, values, indices, weights, need_weights_grad, "embedding_bag_backward_dense");
-  return {rows_to_dense_cpu(rows, rows_grad, values.size(0), false), weights_grad};
+  auto [rows, grad_values, weights_grad] = backward(
+      grad_out, values, indices, weights, need_weights_grad, "embedding_bag_backward_dense", true);
+  return {grad_values, weights_grad};
 }
 
 }  // namespace
