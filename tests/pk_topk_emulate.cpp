@@ -107,8 +107,6 @@ void launch_kernel(const pk::Params& prm, const Case& c) {
       const int steps = pk::query_mma_steps(path, c.half);
       if (steps == 16)
         emu::launch(grid, block, smem, &pk::pk_topk_mma_kernel<In, 16>, prm);
-      else if (steps == 32)
-        emu::launch(grid, block, smem, &pk::pk_topk_mma_kernel<In, 32>, prm);
       else
         emu::launch(grid, block, smem, &pk::pk_topk_mma_kernel<In, pk::kStreamedQuery>, prm);
       return;
@@ -341,13 +339,13 @@ int main(int argc, char** argv) {
       {7, 2, 64, 0, 10, Dtype::kBF16, true, 1, 32},  // half 0: every score ties at 0
       {7, 1, 64, 0, 10, Dtype::kF32, false, 1, 32},
       // fp32 on TF32 tensor cores (torch allows TF32), the bf16 grid again: 4 k-steps of 8
-      // dims per 32-dim chunk, 16 or 32 k-steps in registers (half <= 128, <= 256)
+      // dims per 32-dim chunk, 16 k-steps in registers (half <= 128), streamed beyond
       {37, 2, 100, 48, 7, Dtype::kF32, true, 2, 32},         // partial CTA, partial tile and chunk
       {20, 1, 64, 40, 32, Dtype::kF32, true, 1, 32},         // half not a multiple of 32
       {17, 1, 130, 37, 5, Dtype::kF32, true, 1, 32},         // odd half: element-wise stage loads
-      {16, 1, 64, 200, 64, Dtype::kF32, true, 1, 16},        // 32 k-steps, k == n_keys
-      {9, 1, 70, 256, 3, Dtype::kF32, true, 1, 16},          // the largest half in registers
-      {9, 1, 70, 300, 3, Dtype::kF32, true, 1, 16},          // half > 256: query streamed
+      {16, 1, 64, 200, 64, Dtype::kF32, true, 1, 16},        // streamed, k == n_keys
+      {9, 1, 70, 128, 3, Dtype::kF32, true, 1, 16},          // the largest half in registers
+      {9, 1, 70, 136, 3, Dtype::kF32, true, 1, 16},          // half > 128: query streamed
       {40, 3, 200, 64, 16, Dtype::kF32, true, 4, 32, true},  // strided query, 4 warps
       {16, 1, 64, 32, 32, Dtype::kF32, true, 1, 1},          // many ties
       {16, 1, 512, 32, 256, Dtype::kF32, true, 1, 32},       // k = 256
@@ -355,9 +353,12 @@ int main(int argc, char** argv) {
       {16, 1, 1024, 16, 32, Dtype::kF32, true, 1, 32},                      // n_keys >> k
       {7, 2, 64, 0, 10, Dtype::kF32, true, 1, 32},                          // half 0
       {130, 1, 150, 96, 20, Dtype::kF32, true, 8, 64, false, false, true},  // 8 warps
-      {33, 2, 200, 256, 12, Dtype::kF32, true, 2, 64, true, false, true},   // strided, 32 steps
+      {33, 2, 200, 256, 12, Dtype::kF32, true, 2, 64, true, false, true},   // strided, streamed
       {17, 1, 90, 44, 9, Dtype::kF32, true, 1, 64, false, true, true},      // misaligned
-      // wider halves: the query streamed from shared memory (bf16/fp16 > 512, fp32 > 256)
+      // wider halves: the query streamed from shared memory (bf16/fp16 > 256, fp32 > 128)
+      {9, 1, 70, 256, 3, Dtype::kBF16, true, 1, 16},                // the largest in registers
+      {20, 1, 70, 264, 20, Dtype::kBF16, true, 1, 16},              // half > 256: streamed
+      {16, 1, 300, 512, 32, Dtype::kF16, true, 2, 32},              // 32 k-steps, streamed
       {37, 2, 100, 520, 7, Dtype::kBF16, true, 2, 16},              // partial CTA and chunk
       {20, 1, 70, 700, 70, Dtype::kF16, true, 1, 8},                // half % 8 != 0, k == n_keys
       {16, 1, 64, 2048, 16, Dtype::kBF16, true, 1, 8},              // the widest streamed half

@@ -72,9 +72,8 @@ template <class In>
 KernelChoice mma_kernel(pk::ScorePath path, int64_t half) {
   const int steps = pk::query_mma_steps(path, half);
   const int elem = sizeof(typename In::Raw);
-  const KernelFn fn = steps == 16   ? pk_topk_mma_kernel<In, 16>
-                      : steps == 32 ? pk_topk_mma_kernel<In, 32>
-                                    : pk_topk_mma_kernel<In, pk::kStreamedQuery>;
+  const KernelFn fn =
+      steps == 16 ? pk_topk_mma_kernel<In, 16> : pk_topk_mma_kernel<In, pk::kStreamedQuery>;
   const int row_words =
       steps == pk::kStreamedQuery ? pk::streamed_query_row_words(static_cast<int>(half), elem) : 0;
   return {fn, true, sizeof(float), sizeof(pk::KeyF), elem, row_words};

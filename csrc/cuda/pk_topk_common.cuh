@@ -228,14 +228,13 @@ inline int mma_step_dims(ScorePath path) { return path == ScorePath::kTf32 ? 8 :
 // kHk of a tensor-core kernel that streams its query half from shared memory.
 constexpr int kStreamedQuery = 0;
 
-// k-steps of query a tensor-core kernel keeps in registers (its kHk): 16 or 32 k-steps of 4
-// words (half <= 512 bf16/fp16 dims, <= 256 fp32 dims); wider halves are streamed from
-// shared memory chunk by chunk (kStreamedQuery), which costs one more shared-memory load
-// per four B loads.
+// k-steps of query a tensor-core kernel keeps in registers (its kHk): 16 k-steps of 4 words
+// (half <= 256 bf16/fp16 dims, <= 128 fp32 dims); wider halves are streamed from shared
+// memory chunk by chunk (kStreamedQuery), which costs one more shared-memory load per four
+// B loads. 32 k-steps held in registers spilled inside the tile loop (ptxas, sm_80 and
+// sm_90: 384-392 bytes per thread for bf16/fp16, 24-40 for TF32); 16 do not.
 inline int query_mma_steps(ScorePath path, int64_t half) {
-  return half <= 16 * mma_step_dims(path)   ? 16
-         : half <= 32 * mma_step_dims(path) ? 32
-                                            : kStreamedQuery;
+  return half <= 16 * mma_step_dims(path) ? 16 : kStreamedQuery;
 }
 
 // Warps per CTA (16 tokens each), from blocks_per_sm[i], the CTAs of 2^i warps one SM holds
