@@ -36,20 +36,22 @@ def _point(name: str, r: dict, n_keys: int | None) -> dict:
             "accuracy_seen_template": r["accuracy_seen_template"], "step_ms": r["step_ms_in_training"]}
 
 
-def run(args: argparse.Namespace, demo_argv: list[str]) -> list[dict]:
+def run(args: argparse.Namespace, demo_argv: list[str]) -> tuple[list[dict], dict]:
+    """Every run's point, and the machine (versions, commit) the first run recorded."""
     from memory_ext import demo
 
-    out, points = Path(args.out), []
+    out, points, machine = Path(args.out), [], {}
     common = demo_argv + ["--entities", str(args.entities), "--timing-rounds", "0"]
     for seed in (int(s) for s in args.seeds.split(",")):
         base = common + ["--seed", str(seed)]
         report = demo.main(base + ["--models", "dense,dense-2x", "--out", str(out / f"seed{seed}_dense")])
+        machine = machine or report["machine"]
         points += [dict(_point(name, r, None), seed=seed) for name, r in report["models"].items()]
         for n_keys in (int(n) for n in args.n_keys.split(",")):
             report = demo.main(base + ["--models", "memory+", "--n-keys", str(n_keys),
                                        "--out", str(out / f"seed{seed}_nkeys{n_keys}")])
             points.append(dict(_point("memory+", report["models"]["memory+"], n_keys), seed=seed))
-    return points
+    return points, machine
 
 
 def by_size(points: list[dict]) -> list[dict]:
@@ -95,9 +97,11 @@ def plot(points: list[dict], path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     args, demo_argv = parse_args(sys.argv[1:] if argv is None else argv)
-    points = run(args, demo_argv)
+    points, machine = run(args, demo_argv)
     rows = by_size(points)
-    result = {"options": vars(args), "demo_options": demo_argv, "points": points, "memory_plus_by_size": rows,
+    options = {k: v for k, v in vars(args).items() if k != "out"}  # where it was written is not a result
+    result = {"machine": machine, "options": options, "demo_options": demo_argv, "points": points,
+              "memory_plus_by_size": rows,
               "step_time_largest_over_smallest": rows[-1]["step_ms"] / rows[0]["step_ms"] if rows else None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

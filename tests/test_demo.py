@@ -148,3 +148,4 @@ def test_sweep_trains_every_size_against_the_dense_models(tmp_path):
     sizes = report["memory_plus_by_size"]
     assert [r["memory_params"] for r in sizes] == [16 * 32, 64 * 32]
     assert (tmp_path / "sweep.json").exists() and (tmp_path / "sweep.png").stat().st_size > 0
+    assert report["machine"]["cpu"] and "commit" in report["machine"] and "out" not in report["options"]
