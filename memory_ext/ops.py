@@ -392,9 +392,10 @@ def _quantized_embedding_bag_fake(packed, indices, weights, codes, out_dtype, ch
 
 # The gradient formulas below want dense gradients (autograd's contract for a dense
 # parameter), so they take embedding_bag_backward_dense, which never waits for the device;
-# the sparse and fused value paths (memory_ext.sparse_rows) call the sparse form, whose
-# output size costs one synchronisation. The indices are the forward's, checked there, or
-# sub-key indices the library built from pk_topk's output: check_indices False.
+# the sparse and fused value paths (memory_ext.nn: sparse_lookup, fused_lookup) call the
+# sparse form, whose output size costs one synchronisation. The indices are the forward's,
+# checked there, or sub-key indices the library built from pk_topk's output:
+# check_indices False.
 
 
 def _embedding_bag_setup(ctx, inputs, output):
