@@ -26,23 +26,26 @@ void launch_embedding_bag_backward(c10::ScalarType value_type, const BackwardArg
                                    {a.partial, sizeof(acc_t<T>)}});
     with_vector<kV>(vec, [&]<int VEC>() {
       // Mostly unique rows: several runs per group (the short-run schedule), with the same
-      // results bit for bit as one group per segment. It is chosen from the counts, so a
-      // launch that leaves them on the device (static sizes) takes the segment kernel.
-      const bool host_counts = a.device_counts == nullptr && !a.dense_rows;
-      if (host_counts &&
+      // results bit for bit as one group per segment. It is chosen from the counts; where
+      // they stay on the device both schedules are launched (over the bounds) and each
+      // kernel applies the same rule to the exact counts, so one of them exits at once.
+      BackwardArgs b = a;
+      const bool host_counts = a.device_counts == nullptr;
+      b.both_schedules = !host_counts && a.dim / VEC <= kShortRunMaxAccesses;
+      if (b.both_schedules ||
           use_short_run_backward(a.n_runs, a.n_segments, a.n_long_runs, a.lookups, a.dim / VEC)) {
         with_short_run_shape<VEC>(a.dim / VEC, [&]<int G, int VPT, int R>() {
           embedding_bag_backward_short_kernel<T, VEC, G, VPT, R>
-              <<<grid_for(ceil_div(a.n_runs, kShortUnit), kShortBlock / G), kShortBlock, 0,
-                 stream>>>(a);
+              <<<grid_for(ceil_div(b.n_runs, kShortUnit), kShortBlock / G), kShortBlock, 0,
+                 stream>>>(b);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
-        return;
+        if (!b.both_schedules) return;
       }
       with_backward_shape<VEC>(a.dim / VEC, [&]<int G, int VPT, int R, bool TILED>() {
         constexpr int kBlock = backward_block(G);
         embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>
-            <<<grid_for(a.n_segments, kBlock / G), kBlock, 0, stream>>>(a);
+            <<<grid_for(b.n_segments, kBlock / G), kBlock, 0, stream>>>(b);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

@@ -21,6 +21,7 @@
 
 #include "embedding_bag_params.h"
 #include "memory_ext/cuda_device.cuh"
+#include "memory_ext/launch_rules.h"
 
 namespace memory_ext::cuda {
 namespace {
@@ -38,6 +39,13 @@ __device__ __forceinline__ BackwardCounts backward_counts(const BackwardArgs& a)
   const int64_t* c = a.device_counts;
   if (c == nullptr) return {a.n_runs, a.n_segments, a.n_long_runs};
   return {c[kRunsWithBad] - (c[kFirstBad] >= 0 ? 1 : 0), c[kSegments], c[kLongRuns]};
+}
+
+// Whether the short-run schedule is the one use_short_run_backward picks for these counts
+// and rows of `accesses` vectors (both kernels of a both_schedules launch ask).
+__device__ __forceinline__ bool short_schedule_picked(const BackwardArgs& a,
+                                                      const BackwardCounts& c, int64_t accesses) {
+  return use_short_run_backward(c.n_runs, c.n_segments, c.n_long_runs, a.lookups, accesses);
 }
 
 // Where a run's row gradient goes: its run's slot, or its row's of a dense gradient.
@@ -76,6 +84,7 @@ __global__ void __launch_bounds__(backward_block(G))
   // group is the block, so every barrier below is reached by all of its threads. With
   // device counts the grid is sized for backward_bounds and groups past the count idle.
   const BackwardCounts counts = backward_counts(a);
+  if (a.both_schedules && short_schedule_picked(a, counts, a.dim / VEC)) return;  // whole grid
   for (int64_t seg = int64_t(blockIdx.x) * (kBlock / G) + threadIdx.x / G; seg < counts.n_segments;
        seg += int64_t(gridDim.x) * (kBlock / G)) {
     // The run of this segment: the last run whose first segment is <= seg. Every run has
@@ -270,7 +279,7 @@ __global__ void __launch_bounds__(kReduceBlock)
 // same butterfly: results are bitwise those of the segment kernel. Only shapes of one warp
 // or less (rows of up to 128 accesses) have this schedule; wider rows keep a block of the
 // segment kernel busy per position, and split the weight gradient across warps (launch
-// rule: use_short_run_backward). It needs the counts on the host, and writes run slots.
+// rule: use_short_run_backward; with counts on the device, both_schedules).
 
 // Runs per group unit: a unit costs two dependent loads (its run_begin bounds, then its
 // first chunk's positions) before its chunks pipeline, so several runs share them; few
@@ -312,11 +321,14 @@ __global__ void __launch_bounds__(kShortBlock, short_min_blocks(VPT))
     in[kv] = col[kv] < a.dim;  // dim % VEC == 0, so a vector is wholly in or out
   }
 
-  const int64_t n_units = ceil_div(a.n_runs, kShortUnit);
+  const BackwardCounts counts = backward_counts(a);
+  if (a.both_schedules && !short_schedule_picked(a, counts, a.dim / VEC)) return;  // whole grid
+  const int64_t n_runs = counts.n_runs;
+  const int64_t n_units = ceil_div(n_runs, kShortUnit);
   for (int64_t unit = int64_t(blockIdx.x) * kGroups + threadIdx.x / G; unit < n_units;
        unit += int64_t(gridDim.x) * kGroups) {
     const int64_t u0 = unit * kShortUnit;
-    const int64_t u_end = u0 + kShortUnit < a.n_runs ? u0 + kShortUnit : a.n_runs;
+    const int64_t u_end = u0 + kShortUnit < n_runs ? u0 + kShortUnit : n_runs;
     const int64_t begin = a.run_begin[u0], end = a.run_begin[u_end];
     int64_t u = u0 - 1;        // run of the last position taken
     bool chunk_starts = true;  // the chunk's first position starts a run
@@ -393,7 +405,7 @@ __global__ void __launch_bounds__(kShortBlock, short_min_blocks(VPT))
           ++u;
 #pragma unroll
           for (int kv = 0; kv < VPT; ++kv) v[kv] = vn[r][kv];
-          if (lane == 0) a.rows_out[u] = key[r];
+          if (lane == 0 && a.rows_out != nullptr) a.rows_out[u] = key[r];
         }
 #pragma unroll
         for (int kv = 0; kv < VPT; ++kv) {
@@ -409,7 +421,7 @@ __global__ void __launch_bounds__(kShortBlock, short_min_blocks(VPT))
               VecT o;
 #pragma unroll
               for (int e = 0; e < VEC; ++e) o.v[e] = from_acc<T>(acc[kv][e]);
-              store_vec(RG + u * a.dim + col[kv], o);
+              store_vec(RG + row_grad_slot(a, u, key[r]) * a.dim + col[kv], o);
             }
 #pragma unroll
             for (int e = 0; e < VEC; ++e) acc[kv][e] = A(0);

@@ -72,6 +72,10 @@ struct BackwardArgs {
   // A run's row gradient goes to rows_grad[row] of a dense (rows, dim) gradient rather
   // than to rows_grad[run] (rows the run never touches keep what the caller put there).
   bool dense_rows;
+  // With device counts the host cannot pick the schedule (use_short_run_backward), so it
+  // launches both where the short-run one fits the row; each kernel evaluates the rule on
+  // the exact counts and the one not picked exits at once.
+  bool both_schedules;
 };
 
 }  // namespace memory_ext::cuda

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "memory_ext/host_device.h"
+
 namespace memory_ext::cuda {
 
 inline bool is_aligned(const void* p, size_t bytes) {
@@ -77,9 +79,13 @@ inline int dense_copy_unit(int64_t row_bytes, const void* src, const void* dst) 
 // writes every row gradient directly) and rows are of at most 128 accesses (groups of one
 // warp or less, with the segment kernel's lane split; wider rows give a group enough bytes
 // per position anyway).
-inline bool short_run_backward_fits(int64_t n_runs, int64_t n_segments, int64_t n_long_runs,
-                                    int64_t accesses_per_row) {
-  return n_runs > 0 && n_long_runs == 0 && n_segments == n_runs && accesses_per_row <= 128;
+// Host and device: a launch with its counts on the device decides there (the backward
+// kernels, BackwardArgs::both_schedules).
+constexpr int64_t kShortRunMaxAccesses = 128;
+MEMORY_EXT_HD bool short_run_backward_fits(int64_t n_runs, int64_t n_segments, int64_t n_long_runs,
+                                           int64_t accesses_per_row) {
+  return n_runs > 0 && n_long_runs == 0 && n_segments == n_runs &&
+         accesses_per_row <= kShortRunMaxAccesses;
 }
 
 // Whether the backward takes it: where it fits and runs average at most
@@ -87,8 +93,8 @@ inline bool short_run_backward_fits(int64_t n_runs, int64_t n_segments, int64_t 
 // segment kernel's setup among many positions already, and its one group per run spreads
 // hot runs better than units of consecutive runs do.
 constexpr int64_t kShortRunMeanLookups = 4;
-inline bool use_short_run_backward(int64_t n_runs, int64_t n_segments, int64_t n_long_runs,
-                                   int64_t lookups, int64_t accesses_per_row) {
+MEMORY_EXT_HD bool use_short_run_backward(int64_t n_runs, int64_t n_segments, int64_t n_long_runs,
+                                          int64_t lookups, int64_t accesses_per_row) {
   return short_run_backward_fits(n_runs, n_segments, n_long_runs, accesses_per_row) &&
          lookups <= kShortRunMeanLookups * n_runs;
 }
