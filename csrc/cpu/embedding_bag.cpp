@@ -245,7 +245,6 @@ struct BackwardData {
   const uint64_t* sorted;  // the sorted keys
   const scalar_t* grad_out;
   const weight_t* weights;
-  int64_t* rows_out;
   scalar_t* rows_grad;  // (runs, dim), or with dense_rows the (rows, dim) table gradient
   int64_t bag, dim;
   // rows_grad is large (cpu::kPooledBytes or more): written with streaming stores, as it
@@ -324,7 +323,6 @@ void sum_segments(const BackwardData<scalar_t, weight_t>& d, const SegmentPlan& 
       sum_segment(d, seg, prefetch_end, whole_run ? acc.data() : partial + seg.partial_slot * dim);
       if (whole_run) {
         const int64_t row = key_row(d.sorted[seg.begin]);
-        d.rows_out[seg.run] = row;
         if (d.stream_rows_grad)
           cpu::row_store_streaming(d.out_row(seg.run, row), acc.data(), dim);
         else
@@ -354,7 +352,6 @@ void fold_long_runs(const BackwardData<scalar_t, weight_t>& d, const cpu::RowRun
         for (int64_t e = 0; e < dim; ++e) acc[e] += part[e];
       }
       const int64_t row = key_row(d.sorted[runs.run_begin[u]]);
-      d.rows_out[u] = row;
       cpu::row_store(d.out_row(u, row), acc.data(), dim);
     }
   });
@@ -446,20 +443,20 @@ void embedding_bag_backward_impl(const EmbeddingBagBackwardInputs& in, at::Tenso
       runs.sorted.data(),
       in.grad_out.const_data_ptr<scalar_t>(),
       in.weights.const_data_ptr<weight_t>(),
-      rows_out.mutable_data_ptr<int64_t>(),
       rows_grad.mutable_data_ptr<scalar_t>(),
       bag,
       dim,
       static_cast<int64_t>(rows_grad.nbytes()) >= cpu::kPooledBytes,
       dense};
 
-  if (dense) {
-    // The untouched rows first, in table order: the table's pages are then first touched
-    // in order, before the row gradients land on them (measured faster than after).
-    int64_t* R = rows_out.mutable_data_ptr<int64_t>();
-    for (int64_t u = 0; u < n_unique; ++u) R[u] = key_row(runs.sorted[runs.run_begin[u]]);
-    zero_untouched_rows(rows_grad.mutable_data_ptr<scalar_t>(), R, n_unique, n_rows, dim);
-  }
+  // The unique rows, once, before the sums (the dense form needs them first).
+  int64_t* R = rows_out.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, n_unique, 4096, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) R[u] = key_row(runs.sorted[runs.run_begin[u]]);
+  });
+  // The untouched rows first, in table order: the table's pages are then first touched in
+  // order, before the row gradients land on them (measured faster than after).
+  if (dense) zero_untouched_rows(rows_grad.mutable_data_ptr<scalar_t>(), R, n_unique, n_rows, dim);
   const SegmentPlan plan = plan_segments(runs, n_lookups);
   std::vector<acc_t<scalar_t>> partial(static_cast<size_t>(plan.n_slots * dim));
   sum_segments(d, plan, partial.data());
