@@ -47,7 +47,7 @@ from memory_ext.nn import (
     value_parameters,
     value_tables,
 )
-from memory_ext.provenance import machine_info
+from memory_ext.provenance import machine_info, recorded_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -552,7 +552,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(line)
     print("held-out questions, answers generated greedily:\n" + "\n".join(answer_lines(facts, shown, answers)))
     report = {
-        "config": vars(args),
+        "config": recorded_options(args),
         "run": run.describe(),
         "machine": machine_info(run.device),
         "questions": n_q,

@@ -39,7 +39,7 @@ from memory_ext.demo import answer_lines, evaluate, generated_answers
 from memory_ext.facts import FactSet
 from memory_ext.model import Decoder, DecoderConfig, memory_placement
 from memory_ext.nn import clip_grad_norms, param_groups
-from memory_ext.provenance import machine_info
+from memory_ext.provenance import machine_info, recorded_options
 
 __all__ = ["main", "split_facts", "METHODS"]
 
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     picked = random.Random(args.seed).sample(range(len(questions)), min(args.eval_subset, len(questions)))
     subset_old = [questions[i] for i in sorted(picked)]
     before = {"new_seen": pretrained["new_seen"], "old_seen_subset": evaluate(base, subset_old, args.device)[0]}
-    report = {"machine": machine_info(args.device), "config": vars(args), "pretrain": info, "pretrained": pretrained,
+    report = {"machine": machine_info(args.device), "config": recorded_options(args), "pretrain": info, "pretrained": pretrained,
               "facts": {"old": len(old.questions()), "new": len(new.questions())}}
     if args.sweep:
         points = []

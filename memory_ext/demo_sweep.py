@@ -18,6 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from memory_ext.provenance import recorded_options
+
 __all__ = ["main"]
 
 
@@ -99,8 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, demo_argv = parse_args(sys.argv[1:] if argv is None else argv)
     points, machine = run(args, demo_argv)
     rows = by_size(points)
-    options = {k: v for k, v in vars(args).items() if k != "out"}  # where it was written is not a result
-    result = {"machine": machine, "options": options, "demo_options": demo_argv, "points": points,
+    result = {"machine": machine, "options": recorded_options(args), "demo_options": demo_argv, "points": points,
               "memory_plus_by_size": rows,
               "step_time_largest_over_smallest": rows[-1]["step_ms"] / rows[0]["step_ms"] if rows else None}
     out = Path(args.out)

@@ -11,7 +11,7 @@ import torch
 
 import memory_ext
 
-__all__ = ["machine_info"]
+__all__ = ["machine_info", "recorded_options"]
 
 
 def machine_info(device: str) -> dict:
@@ -33,6 +33,12 @@ def machine_info(device: str) -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     return info
+
+
+def recorded_options(args) -> dict:
+    """A run's command-line options as saved with its results: all but the output folder,
+    which says where this machine wrote them, not how they were made."""
+    return {k: v for k, v in vars(args).items() if k != "out"}
 
 
 def _cpu_model() -> str:

@@ -260,7 +260,7 @@ def test_demo_smoke(tmp_path, capsys):
     report = demo_continual.main(tiny_args)
     saved = json.loads((tmp_path / "continual.json").read_text())
     assert set(saved["methods"]) == {"full", "lora", "memory-read", "sparse"} == set(report["methods"])
-    assert "commit" in saved["machine"]
+    assert "commit" in saved["machine"] and "out" not in saved["config"]
     for r in saved["methods"].values():
         assert [p["step"] for p in r["curve"]] == [0, 1, 2] and r["background_nll"] > 0
     assert saved["methods"]["sparse"]["rows_updated_last_step"][0] <= 5
