@@ -1,11 +1,17 @@
 """The demo over several seeds: how robust its headline is.
 
-    python -m memory_ext.demo seeds [--seeds 0,1,2,3,4] [--out DIR] [demo options...]
+    python -m memory_ext.demo seeds [--seeds 0,1,2,3,4] [--out DIR] [--reuse] [demo options...]
 
 Runs the demo (memory_ext.demo, every option passed on) once per seed, each into
 DIR/seed<N>/, and writes DIR/seeds.json: per seed the held-out accuracy of every model,
 Memory+'s ratio to dense and to dense-2x, and the step-time ratio; their min / median /
 max over the seeds; and the table printed at the end (markdown, as README shows it).
+
+With --reuse, a seed whose DIR/seed<N>/results.json exists is read instead of run, after
+checking that it was made with the same demo options; so the seeds can run as separate
+processes at once (`python -m memory_ext.demo --seed N --out DIR/seedN ...`, one thread
+each: a demo's results depend on its thread count, not on the load) and be summarised
+afterwards.
 """
 from __future__ import annotations
 
@@ -22,7 +28,27 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m memory_ext.demo seeds", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
     p.add_argument("--out", default="demo_seeds_out")
+    p.add_argument("--reuse", action="store_true", help="read seeds already run into DIR instead of running them")
     return p.parse_known_args(argv)
+
+
+def saved_report(seed_dir: Path, demo_argv: list[str], seed: int) -> dict | None:
+    """The demo's results.json in seed_dir, or None if there is none; an error if it was
+    made with other options than demo_argv and seed."""
+    from memory_ext import demo
+    from memory_ext.provenance import recorded_options
+
+    path = seed_dir / "results.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    wanted = recorded_options(demo.parse_args(demo_argv + ["--seed", str(seed), "--out", str(seed_dir)]))
+    if report.get("config") != wanted:
+        differ = sorted(k for k in set(wanted) | set(report.get("config", {}))
+                        if wanted.get(k) != report.get("config", {}).get(k))
+        raise SystemExit(f"demo seeds --reuse: {path} was made with other options ({', '.join(differ)} differ); "
+                         "remove it or run without --reuse")
+    return report
 
 
 def _ratio(a: float, b: float) -> float:
@@ -69,8 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     rows, reports = [], {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        print(f"seed {seed}", file=sys.stderr)
-        report = demo.main(demo_argv + ["--seed", str(seed), "--out", str(out / f"seed{seed}")])
+        report = saved_report(out / f"seed{seed}", demo_argv, seed) if args.reuse else None
+        print(f"seed {seed}" + (" (reused)" if report is not None else ""), file=sys.stderr)
+        if report is None:
+            report = demo.main(demo_argv + ["--seed", str(seed), "--out", str(out / f"seed{seed}")])
         reports[seed] = report
         rows.append(per_seed(seed, report))
     result = {"demo_options": demo_argv, "seeds": rows, "spread": spread(rows), "table": table(rows),

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from memory_ext import demo
+from memory_ext import demo, demo_seeds
 
 TINY = ["--steps", "3", "--entities", "12", "--dim", "32", "--layers", "3", "--heads", "2", "--n-keys", "8",
         "--mem-heads", "2", "--topk", "4", "--batch", "2", "--seq", "16", "--eval-every", "2", "--eval-subset", "8", "--timing-rounds", "2"]
@@ -139,6 +139,19 @@ def test_seeds_runs_the_demo_per_seed_and_summarises(tmp_path):
     spread = report["spread"]["memory+_accuracy"]
     assert spread["min"] <= spread["median"] <= spread["max"]
     assert json.loads((tmp_path / "seeds.json").read_text())["table"].count("\n") == 2 + 2 + 3 - 1
+
+
+def test_seeds_reuse_reads_runs_made_apart_and_refuses_other_options(tmp_path, monkeypatch):
+    # Seed 1 run on its own, as a separate process would; --reuse reads it and runs seed 0.
+    alone = demo.main(TINY + ["--seed", "1", "--out", str(tmp_path / "seed1")])
+    ran = []
+    real_main = demo.main
+    monkeypatch.setattr(demo, "main", lambda argv: ran.append(argv) or real_main(argv))
+    report = demo_seeds.main(["--seeds", "0,1", "--out", str(tmp_path), "--reuse", *TINY])
+    assert len(ran) == 1 and "0" in ran[0]
+    assert report["seeds"][1]["memory+_accuracy"] == 100 * alone["models"]["memory+"]["accuracy"]
+    with pytest.raises(SystemExit, match="steps differ"):
+        demo_seeds.main(["--seeds", "1", "--out", str(tmp_path), "--reuse", *TINY[:1], "4", *TINY[2:]])
 
 
 def test_sweep_trains_every_size_against_the_dense_models(tmp_path):
