@@ -10,15 +10,22 @@ speed-ups are ratios of medians measured in the same process.
 Inputs are drawn on the device, once per (dtype, dim) for the largest token count; smaller
 token counts use the leading tokens. The JSON file is rewritten after every case
 ("complete": false until the last), so a run stopped early keeps what it measured.
+--fresh-process runs each (dtype, dim, tokens) case in a new Python process, which draws its
+own inputs and measures its own copy bandwidth (each row then carries its case's copy_gbs):
+no case inherits the allocator, page cache or thread-pool state of the cases before it.
 
-    python bench/bench_embedding_bag.py [--device cpu|cuda] [--quick] [--out bench/out/embedding_bag.json]
+    python bench/bench_embedding_bag.py [--device cpu|cuda] [--quick] [--fresh-process]
+        [--out bench/out/embedding_bag.json]
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 
 import torch
@@ -222,6 +229,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--iters", type=int, default=None, help="timed calls per measurement (default 7; --quick: 3)")
     p.add_argument("--quick", action="store_true", help="small shapes: a smoke run of a few seconds")
+    p.add_argument("--fresh-process", action="store_true",
+                   help="run each (dtype, dim, tokens) case in a new process with its own copy bandwidth")
     p.add_argument("--out", default="bench/out/embedding_bag.json")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -235,8 +244,37 @@ def parse_args(argv=None):
     return args
 
 
+def case_in_fresh_process(args, dtype_name: str, dim: int, tokens: int) -> list[dict]:
+    """One case run by a new process of this script; its rows, each with the copy bandwidth
+    that process measured."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "case.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--device", args.device, "--dtypes", dtype_name,
+               "--dims", str(dim), "--tokens", str(tokens), "--bag", str(args.bag), "--rows", str(args.rows),
+               "--iters", str(args.iters), "--out", out] + (["--quick"] if args.quick else [])
+        subprocess.run(cmd, check=True)
+        case = json.loads(open(out).read())
+    return [dict(r, copy_gbs=case["copy_gbs"]) for r in case["results"]]
+
+
+def main_fresh_processes(args) -> None:
+    info = machine_info(args.device)
+    print(f"device {args.device} ({info.get('gpu', info['cpu'])}), threads {info['threads']}; "
+          "each case in a fresh process")
+    payload = dict(benchmark="embedding_bag", machine=info, copy_gbs=None, config=vars(args), complete=False,
+                   results=[])
+    for dtype_name in args.dtypes:
+        for dim in args.dims:
+            for tokens in sorted(args.tokens):
+                payload["results"].extend(case_in_fresh_process(args, dtype_name, dim, tokens))
+                save_json(args.out, payload, quiet=True)
+    save_complete(args.out, payload, COLUMNS + ["copy_gbs"])
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.fresh_process:
+        return main_fresh_processes(args)
     fbgemm = load_fbgemm() if not args.device.startswith("cuda") else None
     info = machine_info(args.device)
     copy = copy_bandwidth_gbs(args.device, nbytes=(1 << 26) if args.quick else (1 << 30))

@@ -12,11 +12,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def quick_run(name: str, out) -> dict:
+def quick_run(name: str, out, *options: str) -> dict:
     """bench/bench_<name>.py --quick --out out -> its JSON, checked complete and with a commit."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", f"bench_{name}.py"), "--quick", "--out", str(out)],
+        [sys.executable, os.path.join(ROOT, "bench", f"bench_{name}.py"), "--quick", "--out", str(out), *options],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
@@ -30,6 +30,17 @@ def quick_run(name: str, out) -> dict:
 @pytest.mark.parametrize("name", ["embedding_bag", "pk_topk", "value_update"])
 def test_benchmark_quick_run_writes_complete_json(name, tmp_path):
     quick_run(name, tmp_path / f"{name}.json")
+
+
+def test_embedding_bag_fresh_process_runs_each_case_apart(tmp_path):
+    report = quick_run("embedding_bag", tmp_path / "fresh.json", "--fresh-process", "--dtypes", "float32", "bfloat16")
+    assert report["copy_gbs"] is None and report["config"]["fresh_process"] is True
+    assert {r["dtype"] for r in report["results"]} == {"float32", "bfloat16"}
+    # every row names the copy bandwidth of its own process, and its % of copy uses it
+    for r in report["results"]:
+        assert r["copy_gbs"] > 0
+        if r["gbs"] is not None:
+            assert abs(r["pct_copy"] - 100 * r["gbs"] / r["copy_gbs"]) < 1e-6 * r["pct_copy"]
 
 
 def test_scaling_quick_run_measures_every_installed_peer(tmp_path):
