@@ -245,7 +245,8 @@ struct BackwardData {
   const uint64_t* sorted;  // the sorted keys
   const scalar_t* grad_out;
   const weight_t* weights;
-  scalar_t* rows_grad;  // (runs, dim), or with dense_rows the (rows, dim) table gradient
+  scalar_t* rows_grad;      // (runs, dim), or with dense_rows the (rows, dim) table gradient
+  const int64_t* run_rows;  // the row of each run (ascending)
   int64_t bag, dim;
   // rows_grad is large (cpu::kPooledBytes or more): written with streaming stores, as it
   // is read next by the optimizer or rows_to_dense from DRAM anyway.
@@ -254,8 +255,8 @@ struct BackwardData {
   // slot (embedding_bag_backward_dense: no (runs, dim) buffer to fill and copy out).
   bool dense_rows;
 
-  scalar_t* out_row(int64_t run, int64_t row) const {
-    return rows_grad + (dense_rows ? row : run) * dim;
+  scalar_t* out_row(int64_t run) const {
+    return rows_grad + (dense_rows ? run_rows[run] : run) * dim;
   }
   const scalar_t* grad_row(int64_t sorted_pos) const {
     return grad_out + key_position(sorted[sorted_pos]) / bag * dim;
@@ -322,11 +323,10 @@ void sum_segments(const BackwardData<scalar_t, weight_t>& d, const SegmentPlan& 
       const bool whole_run = seg.partial_slot < 0;
       sum_segment(d, seg, prefetch_end, whole_run ? acc.data() : partial + seg.partial_slot * dim);
       if (whole_run) {
-        const int64_t row = key_row(d.sorted[seg.begin]);
         if (d.stream_rows_grad)
-          cpu::row_store_streaming(d.out_row(seg.run, row), acc.data(), dim);
+          cpu::row_store_streaming(d.out_row(seg.run), acc.data(), dim);
         else
-          cpu::row_store(d.out_row(seg.run, row), acc.data(), dim);
+          cpu::row_store(d.out_row(seg.run), acc.data(), dim);
       }
     }
     if (d.stream_rows_grad) cpu::stream_fence();
@@ -351,8 +351,7 @@ void fold_long_runs(const BackwardData<scalar_t, weight_t>& d, const cpu::RowRun
         const A* part = first + c * dim;
         for (int64_t e = 0; e < dim; ++e) acc[e] += part[e];
       }
-      const int64_t row = key_row(d.sorted[runs.run_begin[u]]);
-      cpu::row_store(d.out_row(u, row), acc.data(), dim);
+      cpu::row_store(d.out_row(u), acc.data(), dim);
     }
   });
 }
@@ -439,21 +438,21 @@ void embedding_bag_backward_impl(const EmbeddingBagBackwardInputs& in, at::Tenso
   rows_grad = cpu::empty_large({dense ? n_rows : n_unique, dim}, in.values.options());
   if (in.need_weights_grad)
     weights_grad = cpu::empty_large(in.indices.sizes(), in.weights.options());
+  // The unique rows, once, before the sums (the dense form writes each run at its row).
+  int64_t* R = rows_out.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, n_unique, 4096, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) R[u] = key_row(runs.sorted[runs.run_begin[u]]);
+  });
   const BackwardData<scalar_t, weight_t> d{
       runs.sorted.data(),
       in.grad_out.const_data_ptr<scalar_t>(),
       in.weights.const_data_ptr<weight_t>(),
       rows_grad.mutable_data_ptr<scalar_t>(),
+      R,
       bag,
       dim,
       static_cast<int64_t>(rows_grad.nbytes()) >= cpu::kPooledBytes,
       dense};
-
-  // The unique rows, once, before the sums (the dense form needs them first).
-  int64_t* R = rows_out.mutable_data_ptr<int64_t>();
-  at::parallel_for(0, n_unique, 4096, [&](int64_t u0, int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) R[u] = key_row(runs.sorted[runs.run_begin[u]]);
-  });
   // The untouched rows first, in table order: the table's pages are then first touched in
   // order, before the row gradients land on them (measured faster than after).
   if (dense) zero_untouched_rows(rows_grad.mutable_data_ptr<scalar_t>(), R, n_unique, n_rows, dim);
