@@ -6,8 +6,9 @@ Decoder, and the share of a decode step the memory layers and their lookup take.
 Configurations (both built from one seed; the Memory+ model is the dense one with the FFNs
 of memory_placement(layers) swapped for ProductKeyMemory layers sharing one pool):
 
-- demo: the recall demo's defaults (memory_ext.demo: dim 128, 6 layers, 4 heads, vocabulary
-  288 of its 300-entity fact set, 128^2 value rows, 4 memory heads reading 16 rows each);
+- demo: the recall demo's model (memory_ext.demo: dim 128, 6 layers, 4 heads, vocabulary
+  288 of its 300-entity fact set, 4 memory heads reading 16 rows each) with 128^2 value
+  rows, its memory size until the demo took 32^2;
 - large: dim 512, 8 layers, 8 heads, vocabulary 32000, 512^2 = 262144 value rows of 512
   floats (512 MiB), 4 memory heads reading 32 rows each, max_seq_len 256.
 

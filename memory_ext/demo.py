@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=6, help="blocks of the dense and Memory+ models")
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--n-keys", type=int, default=128, help="sub-keys per half; n_keys^2 value rows")
+    p.add_argument("--n-keys", type=int, default=32, help="sub-keys per half; n_keys^2 value rows")
     p.add_argument("--mem-heads", type=int, default=4)
     p.add_argument("--topk", type=int, default=16, help="rows read per memory head")
     p.add_argument("--memory-layers", default=None, help="blocks with memory, e.g. 1,3,5 (default: Memory+ placement)")
