@@ -384,7 +384,7 @@ void weights_grad_in_lookup_order(const EmbeddingBagBackwardInputs& in, weight_t
   const int64_t chunk = std::min<int64_t>(dim, kRegisterChunk);
   at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
     std::vector<const R*> rows(bag), ahead(bag);
-    std::vector<A> lanes(bag * L);
+    std::vector<A> lanes(bag * L), g(std::is_same_v<R, A> ? 0 : dim);
     const int64_t end = t1 * bag;
     for (int64_t p = t0 * bag; p < std::min(end, t0 * bag + kAheadLookups); ++p)
       cpu::prefetch_row<cpu::PrefetchTo::L2>(row(p), chunk * int64_t(sizeof(scalar_t)));
@@ -395,9 +395,15 @@ void weights_grad_in_lookup_order(const EmbeddingBagBackwardInputs& in, weight_t
         ahead[j] = base + j + kAheadLookups < end ? row(base + j + kAheadLookups) : nullptr;
       }
       std::fill(lanes.begin(), lanes.end(), A(0));
-      const R* g = grad_out + t * dim;
+      // grad_out[t] widened once for the whole bag (float rows are read as they are).
+      const R* g_raw = grad_out + t * dim;
+      const A* g_row = g.data();
+      if constexpr (std::is_same_v<R, A>)
+        g_row = g_raw;
+      else
+        for (int64_t e = 0; e < dim; ++e) g[e] = cpu::widen(g_raw[e]);
       for (int64_t c = 0; c < dim; c += chunk)
-        cpu::bag_dots_chunk(lanes.data(), rows.data(), ahead.data(), g, bag, c,
+        cpu::bag_dots_chunk(lanes.data(), rows.data(), ahead.data(), g_row, bag, c,
                             std::min(chunk, dim - c));
       for (int64_t j = 0; j < bag; ++j)
         weights_grad[base + j] = static_cast<weight_t>(cpu::fold_lanes(lanes.data() + j * L));
