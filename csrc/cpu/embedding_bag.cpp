@@ -44,6 +44,9 @@ constexpr int64_t kAheadLookups = 16;
 // prefetched four positions ahead.
 constexpr int kGradRowsInFlight = 4;
 constexpr int64_t kGradPrefetchDistance = 4;
+// With the weight gradient, the sorted pass also reads each run's value row (ascending
+// rows), prefetched this many segments ahead (4, 8 and 16 measured alike).
+constexpr int64_t kValuePrefetchSegments = 8;
 
 // The forward's inputs as raw pointers, and the index check every lookup goes through.
 template <typename scalar_t, typename weight_t, typename index_t>
@@ -245,6 +248,8 @@ struct BackwardData {
   const uint64_t* sorted;  // the sorted keys
   const scalar_t* grad_out;
   const weight_t* weights;
+  const scalar_t* values;
+  weight_t* weights_grad;   // null when not needed
   scalar_t* rows_grad;      // (runs, dim), or with dense_rows the (rows, dim) table gradient
   const int64_t* run_rows;  // the row of each run (ascending)
   int64_t bag, dim;
@@ -261,10 +266,12 @@ struct BackwardData {
   const scalar_t* grad_row(int64_t sorted_pos) const {
     return grad_out + key_position(sorted[sorted_pos]) / bag * dim;
   }
+  const scalar_t* value_row(int64_t run) const { return values + run_rows[run] * dim; }
   int64_t row_bytes() const { return dim * static_cast<int64_t>(sizeof(scalar_t)); }
 };
 
-// dst = sum of w * grad_out over the segment's positions in order, four rows at a time.
+// dst = sum of w * grad_out over the segment's positions in order, four rows at a time;
+// with the weight gradient, also each position's <grad_out row, the run's value row>.
 // grad_out rows are prefetched kGradPrefetchDistance positions ahead, across segment
 // boundaries up to prefetch_end.
 template <typename scalar_t, typename weight_t>
@@ -302,6 +309,15 @@ void sum_segment(const BackwardData<scalar_t, weight_t>& d, const Segment& seg,
     else
       cpu::row_axpy_n<1, false>(dst, &g, &w, dim);
   }
+  if (d.weights_grad != nullptr) {
+    // The weight gradient of each of the segment's lookups, with the segment's value row
+    // (read once) and the grad_out rows just summed (in cache).
+    const auto* v = as_raw(d.value_row(seg.run));
+    for (p = seg.begin; p < seg.end; ++p)
+      d.weights_grad[key_position(d.sorted[p])] =
+          static_cast<weight_t>(cpu::row_dot<cpu::raw_t<scalar_t>, cpu::raw_t<scalar_t>, A>(
+              v, as_raw(d.grad_row(p)), dim));
+  }
 }
 
 // One pass over all segments: runs of one segment are written to rows_grad, longer runs
@@ -318,7 +334,13 @@ void sum_segments(const BackwardData<scalar_t, weight_t>& d, const SegmentPlan& 
     for (int64_t p = segs[s0].begin;
          p < std::min(prefetch_end, segs[s0].begin + kGradPrefetchDistance); ++p)
       cpu::prefetch_row(d.grad_row(p), row_bytes);
+    for (int64_t s = s0; d.weights_grad != nullptr && s < std::min(s1, s0 + kValuePrefetchSegments);
+         ++s)
+      cpu::prefetch_row<cpu::PrefetchTo::L2>(d.value_row(segs[s].run), row_bytes);
     for (int64_t s = s0; s < s1; ++s) {
+      if (d.weights_grad != nullptr && s + kValuePrefetchSegments < s1)
+        cpu::prefetch_row<cpu::PrefetchTo::L2>(d.value_row(segs[s + kValuePrefetchSegments].run),
+                                               row_bytes);
       const Segment seg = segs[s];
       const bool whole_run = seg.partial_slot < 0;
       sum_segment(d, seg, prefetch_end, whole_run ? acc.data() : partial + seg.partial_slot * dim);
@@ -356,61 +378,6 @@ void fold_long_runs(const BackwardData<scalar_t, weight_t>& d, const cpu::RowRun
   });
 }
 
-// weights_grad[t, j] = <grad_out[t], values[indices[t, j]]>, in lookup order, after the
-// sort has checked every index: the value rows are then read as the forward reads them, a
-// kRegisterChunk-column chunk of every row of the bag before the next chunk, prefetched
-// kAheadLookups lookups ahead, with grad_out[t] in L1 for the whole bag. Measured on a
-// 2-core Xeon (bf16 2^20 x 512, 4096 x 128 lookups), the dots cost 55-60 ms taken in the
-// sorted pass (one value row per segment) or as whole rows in lookup order, whatever the
-// prefetch distance, and 35 ms in chunks.
-template <typename scalar_t, typename weight_t, typename index_t>
-void weights_grad_in_lookup_order(const EmbeddingBagBackwardInputs& in, weight_t* weights_grad) {
-  using A = acc_t<scalar_t>;
-  using R = cpu::raw_t<scalar_t>;
-  const R* values = as_raw(in.values.const_data_ptr<scalar_t>());
-  const R* grad_out = as_raw(in.grad_out.const_data_ptr<scalar_t>());
-  const index_t* indices = in.indices.const_data_ptr<index_t>();
-  const int64_t tokens = in.indices.size(0), bag = in.indices.size(1), dim = in.values.size(1);
-  constexpr int L = cpu::kDotLanes;
-  auto row = [&](int64_t pos) { return values + static_cast<int64_t>(indices[pos]) * dim; };
-  if (dim % L != 0) {  // rows not a whole number of lanes: one row_dot per lookup
-    at::parallel_for(0, tokens * bag, 1024, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p)
-        weights_grad[p] =
-            static_cast<weight_t>(cpu::row_dot<R, R, A>(row(p), grad_out + p / bag * dim, dim));
-    });
-    return;
-  }
-  const int64_t chunk = std::min<int64_t>(dim, kRegisterChunk);
-  at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<const R*> rows(bag), ahead(bag);
-    std::vector<A> lanes(bag * L), g(std::is_same_v<R, A> ? 0 : dim);
-    const int64_t end = t1 * bag;
-    for (int64_t p = t0 * bag; p < std::min(end, t0 * bag + kAheadLookups); ++p)
-      cpu::prefetch_row<cpu::PrefetchTo::L2>(row(p), chunk * int64_t(sizeof(scalar_t)));
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t base = t * bag;
-      for (int64_t j = 0; j < bag; ++j) {
-        rows[j] = row(base + j);
-        ahead[j] = base + j + kAheadLookups < end ? row(base + j + kAheadLookups) : nullptr;
-      }
-      std::fill(lanes.begin(), lanes.end(), A(0));
-      // grad_out[t] widened once for the whole bag (float rows are read as they are).
-      const R* g_raw = grad_out + t * dim;
-      const A* g_row = g.data();
-      if constexpr (std::is_same_v<R, A>)
-        g_row = g_raw;
-      else
-        for (int64_t e = 0; e < dim; ++e) g[e] = cpu::widen(g_raw[e]);
-      for (int64_t c = 0; c < dim; c += chunk)
-        cpu::bag_dots_chunk(lanes.data(), rows.data(), ahead.data(), g_row, bag, c,
-                            std::min(chunk, dim - c));
-      for (int64_t j = 0; j < bag; ++j)
-        weights_grad[base + j] = static_cast<weight_t>(cpu::fold_lanes(lanes.data() + j * L));
-    }
-  });
-}
-
 // Zeros in every row of a dense (n_rows, dim) table that is not among `rows` (ascending):
 // with the touched rows written by the backward, each row of the table is written once.
 template <typename scalar_t>
@@ -428,8 +395,9 @@ void zero_untouched_rows(scalar_t* table, const int64_t* rows, int64_t n_unique,
   });
 }
 
-// Sort the lookups by row (stable), plan the segments, sum them, fold the long runs; the
-// weight gradient in its own pass. dense: rows_grad is the (rows, dim) table gradient.
+// Sort the lookups by row (stable), plan the segments, sum them (and take the weight
+// gradient's dots in the same pass), fold the long runs. dense: rows_grad is the (rows, dim)
+// table gradient.
 template <typename scalar_t, typename weight_t, typename index_t>
 void embedding_bag_backward_impl(const EmbeddingBagBackwardInputs& in, at::Tensor& rows_out,
                                  at::Tensor& rows_grad, at::Tensor& weights_grad, const char* op,
@@ -453,6 +421,8 @@ void embedding_bag_backward_impl(const EmbeddingBagBackwardInputs& in, at::Tenso
       runs.sorted.data(),
       in.grad_out.const_data_ptr<scalar_t>(),
       in.weights.const_data_ptr<weight_t>(),
+      in.values.const_data_ptr<scalar_t>(),
+      in.need_weights_grad ? weights_grad.mutable_data_ptr<weight_t>() : nullptr,
       rows_grad.mutable_data_ptr<scalar_t>(),
       R,
       bag,
@@ -466,9 +436,6 @@ void embedding_bag_backward_impl(const EmbeddingBagBackwardInputs& in, at::Tenso
   std::vector<acc_t<scalar_t>> partial(static_cast<size_t>(plan.n_slots * dim));
   sum_segments(d, plan, partial.data());
   if (!plan.long_runs.empty()) fold_long_runs(d, runs, plan, partial.data());
-  if (in.need_weights_grad)
-    weights_grad_in_lookup_order<scalar_t, weight_t, index_t>(
-        in, weights_grad.mutable_data_ptr<weight_t>());
 }
 
 // The backward of both ops; dense: rows_grad is the (rows, dim) table gradient.

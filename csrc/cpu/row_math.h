@@ -137,23 +137,14 @@ MEMORY_EXT_CLONES void bag_sum_in_registers(A* __restrict out, const R* const* r
   for (int l = 0; l < C; ++l) out[l] = s[l];
 }
 
-// sum_i a[i] * b[i] in kDotLanes fixed lanes, folded pairwise in a fixed order.
+// Dot products keep their partial sums in kDotLanes fixed lanes, folded pairwise in a fixed
+// order.
 constexpr int kDotLanes = 16;
 template <typename A>
 inline A fold_lanes(A* lanes) {  // lanes[0] = their sum, folded pairwise
   for (int w = kDotLanes / 2; w > 0; w /= 2)
     for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
   return lanes[0];
-}
-template <typename RA, typename RB, typename A>
-MEMORY_EXT_CLONES A row_dot(const RA* __restrict a, const RB* __restrict b, int64_t n) {
-  constexpr int L = kDotLanes;
-  A lanes[L] = {};
-  int64_t i = 0;
-  for (; i + L <= n; i += L)
-    for (int l = 0; l < L; ++l) lanes[l] += A(widen(a[i + l])) * A(widen(b[i + l]));
-  for (int l = 0; i < n; ++i, ++l) lanes[l] += A(widen(a[i])) * A(widen(b[i]));
-  return fold_lanes(lanes);
 }
 
 // kDotLanes lanes of A as one value, which the compiler keeps in one register (one zmm for
@@ -177,18 +168,15 @@ constexpr bool kVectorLanes = std::is_same_v<R, A> || std::is_same_v<R, uint16_t
 #endif
     ;
 
-// s[l] += widen(r[l]) * b[l] for every lane l, as one vector operation (s by reference: a
-// vector wider than the baseline's registers is not passed by value across a call).
+// v = the kDotLanes elements of p widened to A, lane l from p[l] (an out parameter: a
+// vector wider than the baseline's registers is not returned by value across a call).
 template <typename R, typename A>
-inline void add_lane_products(dot_lanes_t<A>& s, const R* r, const A* b) {
-  using V = dot_lanes_t<A>;
-  V bv, rv;
-  std::memcpy(&bv, b, sizeof(bv));
+inline void load_lanes(dot_lanes_t<A>& v, const R* p) {
   if constexpr (std::is_same_v<R, A>) {
-    std::memcpy(&rv, r, sizeof(rv));
+    std::memcpy(&v, p, sizeof(v));
   } else {
     lanes_vector_t<R> raw;
-    std::memcpy(&raw, r, sizeof(raw));
+    std::memcpy(&raw, p, sizeof(raw));
     if constexpr (std::is_same_v<R, uint16_t>) {
       // bf16: each code the top half of a float, interleaved with zeros (one permute; a
       // widening conversion and a shift compiled to five instructions per 16 lanes).
@@ -202,49 +190,39 @@ inline void add_lane_products(dot_lanes_t<A>& s, const R* r, const A* b) {
       const lanes_vector_t<uint32_t> pairs = __builtin_convertvector(raw, lanes_vector_t<uint32_t>)
                                              << 16;
 #endif
-      std::memcpy(&rv, &pairs, sizeof(rv));
+      std::memcpy(&v, &pairs, sizeof(v));
     } else {
-      rv = __builtin_convertvector(raw, V);
+      v = __builtin_convertvector(raw, dot_lanes_t<A>);
     }
   }
-  s += rv * bv;
 }
 
-// The dots of a bag's rows with one b, a chunk of columns at a time: lanes[j * kDotLanes ..]
-// (+)= the products of rows[j][offset .. offset + len) and b over that range, per lane, for
-// every row j < n; len is a multiple of kDotLanes. b is already widened to A (the caller
-// widens the bag's b once, not once per row). Taking every row's chunk before any row's
-// next chunk reads each row as short bursts, like bag_sum_in_registers, and the lane sums
-// come out bit for bit those of row_dot once every chunk is in (each lane still adds its
-// elements in column order). A row's lanes are one vector value: written as an array of
-// kDotLanes, the compiler moved them lane by lane through memory for every chunk, and the
-// dots cost 4x the bag's forward sum on the same rows with the rows in L1 (bf16, 2^19
-// lookups of 512 elements on an AVX-512 Xeon: 22-25 ms against 6; 12-13 ms as vectors, and
-// the backward with the weight gradient at 2^20 rows 92-95 -> 84-90 ms). ahead[j], when not null,
-// is a row whose same chunk is prefetched as row j is taken.
-template <typename R, typename A>
-MEMORY_EXT_CLONES void bag_dots_chunk(A* __restrict lanes, const R* const* rows,
-                                      const R* const* ahead, const A* __restrict b, int64_t n,
-                                      int64_t offset, int64_t len) {
+// s[l] += widen(a[l]) * widen(b[l]) for every lane l, as one vector operation.
+template <typename RA, typename RB, typename A>
+inline void add_lane_products(dot_lanes_t<A>& s, const RA* a, const RB* b) {
+  dot_lanes_t<A> av, bv;
+  load_lanes<RA, A>(av, a);
+  load_lanes<RB, A>(bv, b);
+  s += av * bv;
+}
+
+// sum_i a[i] * b[i]: lane l adds the products of elements l, l + kDotLanes, ... in order,
+// then fold_lanes.
+template <typename RA, typename RB, typename A>
+MEMORY_EXT_CLONES A row_dot(const RA* __restrict a, const RB* __restrict b, int64_t n) {
   constexpr int L = kDotLanes;
-  for (int64_t j = 0; j < n; ++j) {
-    if (ahead[j] != nullptr)
-      prefetch_row<PrefetchTo::L2>(ahead[j] + offset, len * int64_t(sizeof(R)));
-    const R* __restrict r = rows[j] + offset;
-    const A* __restrict bb = b + offset;
-    if constexpr (kVectorLanes<R, A>) {
-      dot_lanes_t<A> s;
-      std::memcpy(&s, lanes + j * L, sizeof(s));
-      for (int64_t i = 0; i < len; i += L) add_lane_products(s, r + i, bb + i);
-      std::memcpy(lanes + j * L, &s, sizeof(s));
-    } else {
-      A s[L];
-      for (int l = 0; l < L; ++l) s[l] = lanes[j * L + l];
-      for (int64_t i = 0; i < len; i += L)
-        for (int l = 0; l < L; ++l) s[l] += A(widen(r[i + l])) * bb[i + l];
-      for (int l = 0; l < L; ++l) lanes[j * L + l] = s[l];
-    }
+  A lanes[L] = {};
+  int64_t i = 0;
+  if constexpr (kVectorLanes<RA, A> && kVectorLanes<RB, A>) {
+    dot_lanes_t<A> s = {};
+    for (; i + L <= n; i += L) add_lane_products<RA, RB, A>(s, a + i, b + i);
+    std::memcpy(lanes, &s, sizeof(s));
+  } else {
+    for (; i + L <= n; i += L)
+      for (int l = 0; l < L; ++l) lanes[l] += A(widen(a[i + l])) * A(widen(b[i + l]));
   }
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += A(widen(a[i])) * A(widen(b[i]));
+  return fold_lanes(lanes);
 }
 
 // out[i] = round(acc[i]) in the output dtype. Compiled per instruction set like the loops
