@@ -257,17 +257,27 @@ def case_in_fresh_process(args, dtype_name: str, dim: int, tokens: int) -> list[
     return [dict(r, copy_gbs=case["copy_gbs"]) for r in case["results"]]
 
 
+def each_case(args):
+    """(dtype name, dim, tokens) of every case, in the order both modes run them."""
+    for dtype_name in args.dtypes:
+        for dim in args.dims:
+            for tokens in sorted(args.tokens):
+                yield dtype_name, dim, tokens
+
+
+def new_payload(args, info: dict, copy_gbs: float | None) -> dict:
+    return dict(benchmark="embedding_bag", machine=info, copy_gbs=copy_gbs, config=vars(args), complete=False,
+                results=[])
+
+
 def main_fresh_processes(args) -> None:
     info = machine_info(args.device)
     print(f"device {args.device} ({info.get('gpu', info['cpu'])}), threads {info['threads']}; "
           "each case in a fresh process")
-    payload = dict(benchmark="embedding_bag", machine=info, copy_gbs=None, config=vars(args), complete=False,
-                   results=[])
-    for dtype_name in args.dtypes:
-        for dim in args.dims:
-            for tokens in sorted(args.tokens):
-                payload["results"].extend(case_in_fresh_process(args, dtype_name, dim, tokens))
-                save_json(args.out, payload, quiet=True)
+    payload = new_payload(args, info, None)
+    for case in each_case(args):
+        payload["results"].extend(case_in_fresh_process(args, *case))
+        save_json(args.out, payload, quiet=True)
     save_complete(args.out, payload, COLUMNS + ["copy_gbs"])
 
 
@@ -280,17 +290,17 @@ def main(argv=None):
     copy = copy_bandwidth_gbs(args.device, nbytes=(1 << 26) if args.quick else (1 << 30))
     print(f"device {args.device} ({info.get('gpu', info['cpu'])}), threads {info['threads']}, "
           f"copy bandwidth {copy:.1f} GB/s")
-    payload = dict(benchmark="embedding_bag", machine=info, copy_gbs=copy, config=vars(args), complete=False,
-                   results=[])
-    for dtype_name in args.dtypes:
-        for dim in args.dims:
+    payload = new_payload(args, info, copy)
+    drawn, inputs = None, None  # the inputs of one (dtype, dim), shared by its token counts
+    for dtype_name, dim, tokens in each_case(args):
+        if drawn != (dtype_name, dim):
+            inputs = None  # the previous table freed before the next is drawn
             inputs = draw_inputs(max(args.tokens), args.bag, args.rows, dim, getattr(torch, dtype_name), args.device)
-            for tokens in sorted(args.tokens):
-                rows = bench_case(leading_tokens(inputs, tokens), args.device, args.iters, fbgemm, copy)
-                payload["results"].extend(rows)
-                save_json(args.out, payload, quiet=True)
-                print_table(rows, COLUMNS)
-            del inputs
+            drawn = (dtype_name, dim)
+        rows = bench_case(leading_tokens(inputs, tokens), args.device, args.iters, fbgemm, copy)
+        payload["results"].extend(rows)
+        save_json(args.out, payload, quiet=True)
+        print_table(rows, COLUMNS)
     save_complete(args.out, payload, COLUMNS)
 
 
