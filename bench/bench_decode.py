@@ -32,7 +32,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, print_table, save_complete, save_json, spread_ms, sync  # noqa: E402
+from common import machine_info, print_table, recorded_options, save_complete, save_json, spread_ms, sync  # noqa: E402
 
 from memory_ext import ProductKeyMemory  # noqa: E402
 from memory_ext.model import Decoder, DecoderConfig, memory_placement  # noqa: E402
@@ -162,7 +162,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     info = machine_info(args.device)
     print(f"device {args.device} ({info.get('gpu', info['cpu'])}), threads {info['threads']}")
-    payload = dict(benchmark="decode", machine=info, config=vars(args), configs={c: CONFIGS[c] for c in args.configs},
+    payload = dict(benchmark="decode", machine=info, config=recorded_options(args), configs={c: CONFIGS[c] for c in args.configs},
                    complete=False, results=[])
     for config in args.configs:
         models = {"dense": build(config, False, args.device), "memory+": build(config, True, args.device)}

@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     machine_info,
     on_table_storage,
     print_table,
+    recorded_options,
     save_complete,
     save_json,
     spread_ms,
@@ -266,7 +267,7 @@ def each_case(args):
 
 
 def new_payload(args, info: dict, copy_gbs: float | None) -> dict:
-    return dict(benchmark="embedding_bag", machine=info, copy_gbs=copy_gbs, config=vars(args), complete=False,
+    return dict(benchmark="embedding_bag", machine=info, copy_gbs=copy_gbs, config=recorded_options(args), complete=False,
                 results=[])
 
 

@@ -49,7 +49,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth_gbs, machine_info, print_table, save_json, spread_ms, time_samples_ms  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth_gbs,
+    machine_info,
+    print_table,
+    recorded_options,
+    save_json,
+    spread_ms,
+    time_samples_ms,
+)
 
 from memory_ext import ops  # noqa: E402
 from memory_ext.nn import load_values, write_values_file  # noqa: E402
@@ -321,7 +329,7 @@ def main(argv=None):
     copy = copy_bandwidth_gbs("cpu", nbytes=(1 << 26) if args.quick else (1 << 30))
     print(f"copy bandwidth {copy:.1f} GB/s")
     # The folder is this machine's own; its file system (table_file) is what the numbers depend on.
-    config = {k: v for k, v in vars(args).items() if k != "dir"}
+    config = {k: v for k, v in recorded_options(args).items() if k != "dir"}
     payload = dict(benchmark="file_values", machine=info, config=config, copy_gbs=copy, complete=False,
                    results=[], skipped=[])
     fd, path = tempfile.mkstemp(prefix="bench_file_values-", suffix=".safetensors", dir=args.dir)

@@ -21,7 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, print_table, save_json, spread_ms, time_samples_ms  # noqa: E402
+from common import machine_info, print_table, recorded_options, save_json, spread_ms, time_samples_ms  # noqa: E402
 
 import memory_ext  # noqa: E402
 from memory_ext.reference import pk_topk_reference_path  # noqa: E402
@@ -100,7 +100,7 @@ def main():
     print(f"device {args.device} ({info.get('gpu', info['cpu'])}), threads {info['threads']}")
 
     rows = []
-    payload = dict(benchmark="pk_topk", machine=info, config=vars(args), complete=False, results=rows)
+    payload = dict(benchmark="pk_topk", machine=info, config=recorded_options(args), complete=False, results=rows)
     for dtype_name in dtypes:
         shape = (tokens, args.heads, args.n_keys, half)
         query, keys = make_inputs(*shape, getattr(torch, dtype_name), args.device)

@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     machine_info,
     on_table_storage,
     print_table,
+    recorded_options,
     save_json,
     spread_ms,
     time_samples_ms,
@@ -157,7 +158,7 @@ def main(argv=None):
     print_table(results, COLUMNS)
     for t in targets:
         print(f"target {t['target']}: {t['value']:.3g} -> {'met' if t['met'] else 'NOT met'}")
-    save_json(args.out, dict(benchmark="quantized", machine=info, config=vars(args), copy_gbs=copy, results=results,
+    save_json(args.out, dict(benchmark="quantized", machine=info, config=recorded_options(args), copy_gbs=copy, results=results,
                              rounds_ms=round_ms, target_checks=targets, complete=True))
 
 

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, print_table, save_json, spread_ms, time_samples_ms  # noqa: E402
+from common import machine_info, print_table, recorded_options, save_json, spread_ms, time_samples_ms  # noqa: E402
 
 from memory_ext.nn import MemoryValues, ProductKeyMemory, param_groups, value_optimizer  # noqa: E402
 from memory_ext.testing import generator  # noqa: E402
@@ -504,7 +504,7 @@ def main(argv=None):
 
     versions = {"torch": torch.__version__, "memory_ext": info["memory_ext"]}
     versions["product-key-memory"] = importlib.metadata.version("product-key-memory") if PKM is not None else None
-    config = dict(vars(args), shapes=args.shapes, shape_overrides={"tokens": 64} if args.quick else {},
+    config = dict(recorded_options(args), shapes=args.shapes, shape_overrides={"tokens": 64} if args.quick else {},
                   log2_n=log2_ns, lr=LR, values_lr_scale=VALUES_LR_SCALE, seed=SEED, dtype="float32",
                   loss="mse_loss(layer(x), target), x and target randn (tokens, dim), the same for every peer")
     payload = dict(benchmark="scaling", machine=info, versions=versions, memory=budget, config=config,

@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 import memory_ext  # noqa: E402
 from memory_ext import distributed as md  # noqa: E402
 from memory_ext.distributed import comm  # noqa: E402
+from memory_ext.provenance import recorded_options  # noqa: E402
 
 _ops = torch.ops.memory
 
@@ -248,7 +249,7 @@ def main() -> None:
 
     value_bytes = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     model = bytes_model(args.world, args.tokens, args.dim, args.bag, value_bytes)
-    report = {"machine": _machine(), "args": vars(args), "results": results,
+    report = {"machine": _machine(), "args": recorded_options(args), "results": results,
               "bytes_model_per_rank": {k: sum(v.values()) for k, v in model.items()}}
     print(f"P={args.world} rows={args.rows} dim={args.dim} tokens/rank={args.tokens} bag={args.bag} {args.dtype}, "
           f"Gloo, {args.threads} thread(s)/rank, load {report['machine']['load_average_at_start'][0]:.1f}")

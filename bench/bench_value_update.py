@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import copy_bandwidth_gbs, machine_info, print_table, save_json, spread_ms, time_samples_ms  # noqa: E402
+from common import (  # noqa: E402
+    copy_bandwidth_gbs,
+    machine_info,
+    print_table,
+    recorded_options,
+    save_json,
+    spread_ms,
+    time_samples_ms,
+)
 
 from memory_ext import MemoryValues  # noqa: E402
 from memory_ext.nn import SparseRowAdam  # noqa: E402
@@ -81,7 +89,7 @@ def main():
         return table, lambda t, i, w: F.embedding_bag(i, t, mode="sum", per_sample_weights=w, sparse=sparse)
 
     rows = []
-    payload = dict(benchmark="value_update", machine=info, copy_gbs=copy, config=vars(args), touched_rows=touched,
+    payload = dict(benchmark="value_update", machine=info, copy_gbs=copy, config=recorded_options(args), touched_rows=touched,
                    complete=False, results=rows)
     for impl, make in (("memory_ext", ours), ("torch", torch_bag)):
         for sparse in (True, False):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from memory_ext.ops import advise_huge_pages
-from memory_ext.provenance import machine_info  # noqa: F401  (re-exported for the benchmarks)
+from memory_ext.provenance import machine_info, recorded_options  # noqa: F401  (re-exported for the benchmarks)
 
 
 def sync(device: str) -> None:

@@ -1,14 +1,20 @@
 """Accuracy against memory size at fixed FLOPs: the paper's Figure 1 in small.
 
     python -m memory_ext.demo sweep [--n-keys 32,64,128,256,512] [--seeds 0,1]
-                                    [--entities 2000] [--out DIR] [demo options...]
+                                    [--entities 1000] [--no-dense] [--out DIR] [demo options...]
+    python -m memory_ext.demo sweep --merge A/sweep.json B/sweep.json [--out DIR]
 
 For each seed, trains dense and dense-2x once and Memory+ once per n_keys (n_keys^2 value
 rows; heads, k and every other option the same, so FLOPs per token barely change), each
-with the same budget (--steps / --seconds, passed on to the demo). Writes DIR/sweep.json
+with the same budget (--steps / --seconds, passed on to the demo; 2000 steps unless given:
+the demo's 800 are too few for a fact set this size). Writes DIR/sweep.json
 (every run's accuracy, seen-template accuracy, memory parameters and step time) and
 DIR/sweep.png: held-out and seen-template accuracy against memory parameters (log x), the
 dense models as horizontal lines, and Memory+'s step time per size.
+
+--no-dense skips the dense references (for sizes added to a sweep run before); --merge
+combines the points of sweeps run separately with the same options into one sweep.json and
+plot, refusing files whose fact set or demo options differ.
 """
 from __future__ import annotations
 
@@ -22,14 +28,23 @@ from memory_ext.provenance import recorded_options
 
 __all__ = ["main"]
 
+DEFAULT_STEPS = 2000
+
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m memory_ext.demo sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--n-keys", default="32,64,128,256,512", help="comma-separated sub-key counts")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
-    p.add_argument("--entities", type=int, default=2000, help="entities of the (harder) fact set")
+    p.add_argument("--entities", type=int, default=1000, help="entities of the (harder) fact set")
+    p.add_argument("--no-dense", dest="dense", action="store_false",
+                   help="train only Memory+ (the dense references come from another sweep, see --merge)")
+    p.add_argument("--merge", nargs="+", metavar="SWEEP_JSON", default=None,
+                   help="combine the points of these sweep.json files instead of training")
     p.add_argument("--out", default="demo_sweep_out")
-    return p.parse_known_args(argv)
+    args, demo_argv = p.parse_known_args(argv)
+    if not args.merge and not {"--steps", "--seconds"} & {a.split("=")[0] for a in demo_argv}:
+        demo_argv = ["--steps", str(DEFAULT_STEPS)] + demo_argv
+    return args, demo_argv
 
 
 def _point(name: str, r: dict, n_keys: int | None) -> dict:
@@ -46,14 +61,42 @@ def run(args: argparse.Namespace, demo_argv: list[str]) -> tuple[list[dict], dic
     common = demo_argv + ["--entities", str(args.entities), "--timing-rounds", "0"]
     for seed in (int(s) for s in args.seeds.split(",")):
         base = common + ["--seed", str(seed)]
-        report = demo.main(base + ["--models", "dense,dense-2x", "--out", str(out / f"seed{seed}_dense")])
-        machine = machine or report["machine"]
-        points += [dict(_point(name, r, None), seed=seed) for name, r in report["models"].items()]
+        if args.dense:
+            report = demo.main(base + ["--models", "dense,dense-2x", "--out", str(out / f"seed{seed}_dense")])
+            machine = machine or report["machine"]
+            points += [dict(_point(name, r, None), seed=seed) for name, r in report["models"].items()]
         for n_keys in (int(n) for n in args.n_keys.split(",")):
             report = demo.main(base + ["--models", "memory+", "--n-keys", str(n_keys),
                                        "--out", str(out / f"seed{seed}_nkeys{n_keys}")])
+            machine = machine or report["machine"]
             points.append(dict(_point("memory+", report["models"]["memory+"], n_keys), seed=seed))
     return points, machine
+
+
+def merge(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
+    """The points of several sweep.json files, each file's machine and options, and the demo options.
+
+    Points are comparable only when every file trained the same fact set with the same demo
+    options (budget, model shape); a file that differs, or a (model, n_keys, seed) measured
+    twice, is refused rather than averaged in.
+    """
+    points, sources, demo_options, entities = [], [], None, None
+    seen: set[tuple] = set()
+    for path in paths:
+        sweep = json.loads(Path(path).read_text())
+        if demo_options is None:
+            demo_options, entities = sweep["demo_options"], sweep["options"]["entities"]
+        if sweep["demo_options"] != demo_options or sweep["options"]["entities"] != entities:
+            raise SystemExit(f"sweep --merge: {path} was run with entities {sweep['options']['entities']} and demo "
+                             f"options {sweep['demo_options']}, the first file with {entities} and {demo_options}")
+        for p in sweep["points"]:
+            key = (p["model"], p["n_keys"], p["seed"])
+            if key in seen:
+                raise SystemExit(f"sweep --merge: {key} (model, n_keys, seed) appears in more than one file")
+            seen.add(key)
+            points.append(p)
+        sources.append({"file": Path(path).name, "machine": sweep["machine"], "options": sweep["options"]})
+    return points, sources, demo_options
 
 
 def by_size(points: list[dict]) -> list[dict]:
@@ -99,10 +142,16 @@ def plot(points: list[dict], path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     args, demo_argv = parse_args(sys.argv[1:] if argv is None else argv)
-    points, machine = run(args, demo_argv)
+    if args.merge:
+        if demo_argv:
+            raise SystemExit(f"sweep --merge: demo options {demo_argv} have no effect on a merge")
+        points, sources, demo_argv = merge(args.merge)
+        provenance = {"merged_from": sources}
+    else:
+        points, machine = run(args, demo_argv)
+        provenance = {"machine": machine, "options": recorded_options(args)}
     rows = by_size(points)
-    result = {"machine": machine, "options": recorded_options(args), "demo_options": demo_argv, "points": points,
-              "memory_plus_by_size": rows,
+    result = {**provenance, "demo_options": demo_argv, "points": points, "memory_plus_by_size": rows,
               "step_time_largest_over_smallest": rows[-1]["step_ms"] / rows[0]["step_ms"] if rows else None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from memory_ext import demo, demo_seeds
+from memory_ext import demo, demo_seeds, demo_sweep
 
 TINY = ["--steps", "3", "--entities", "12", "--dim", "32", "--layers", "3", "--heads", "2", "--n-keys", "8",
         "--mem-heads", "2", "--topk", "4", "--batch", "2", "--seq", "16", "--eval-every", "2", "--eval-subset", "8", "--timing-rounds", "2"]
@@ -164,3 +164,30 @@ def test_sweep_trains_every_size_against_the_dense_models(tmp_path):
     assert [r["memory_params"] for r in sizes] == [16 * 32, 64 * 32]
     assert (tmp_path / "sweep.json").exists() and (tmp_path / "sweep.png").stat().st_size > 0
     assert report["machine"]["cpu"] and "commit" in report["machine"] and "out" not in report["options"]
+
+
+def test_sweep_merges_sizes_run_apart_and_refuses_unlike_runs(tmp_path):
+    tiny = [a for i, a in enumerate(TINY) if a not in ("--n-keys", "--entities") and TINY[i - 1] not in ("--n-keys", "--entities")]
+    sweep = ["sweep", "--seeds", "0", "--entities", "12"]
+    demo.main(sweep + ["--n-keys", "4", "--out", str(tmp_path / "first"), *tiny])
+    added = demo.main(sweep + ["--n-keys", "8", "--no-dense", "--out", str(tmp_path / "added"), *tiny])
+    assert [(p["model"], p["n_keys"]) for p in added["points"]] == [("memory+", 8)]
+    first, second = str(tmp_path / "first" / "sweep.json"), str(tmp_path / "added" / "sweep.json")
+    merged = demo.main(["sweep", "--merge", first, second, "--out", str(tmp_path / "merged")])
+    assert sorted((p["model"], p["n_keys"]) for p in merged["points"]) == [("dense", None), ("dense-2x", None),
+                                                                          ("memory+", 4), ("memory+", 8)]
+    assert [r["n_keys"] for r in merged["memory_plus_by_size"]] == [4, 8]
+    assert [s["file"] for s in merged["merged_from"]] == ["sweep.json", "sweep.json"]
+    assert (tmp_path / "merged" / "sweep.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="more than one file"):
+        demo.main(["sweep", "--merge", first, first, "--out", str(tmp_path / "twice")])
+    other = [a if TINY[i - 1] != "--steps" else "4" for i, a in enumerate(tiny)]
+    demo.main(sweep + ["--n-keys", "16", "--no-dense", "--out", str(tmp_path / "other"), *other])
+    with pytest.raises(SystemExit, match="demo options"):
+        demo.main(["sweep", "--merge", first, str(tmp_path / "other" / "sweep.json"), "--out", str(tmp_path / "m2")])
+
+
+def test_sweep_trains_2000_steps_unless_told():
+    assert demo_sweep.parse_args(["--seeds", "0"])[1] == ["--steps", "2000"]
+    assert demo_sweep.parse_args(["--seconds", "5"])[1] == ["--seconds", "5"]
+    assert demo_sweep.parse_args(["--steps=7"])[1] == ["--steps=7"]
