@@ -157,6 +157,39 @@ def test_autograd_matches_reference(device, dtype):
     torch.testing.assert_close(values.grad.double(), ref_gv, **tolerance(dtype, terms=longest_run(indices)))
     torch.testing.assert_close(weights.grad.double(), ref_gw, **tolerance(weights.dtype, terms=40))
 
+def _same_codes(a, b):
+    """Bitwise equal 16-bit tensors, where a NaN only has to meet a NaN (payloads may differ)."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a.view(torch.int16)[~nan], b.view(torch.int16)[~nan])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [40, 64])
+def test_every_16_bit_code_is_read_exactly(device, dtype, dim):
+    """Every fp16 / bf16 code (subnormals, infinities, NaNs, -0 included) as a value row and
+    as an output gradient, each lookup a bag of one row of weight 1: the forward and the row
+    gradient must return the codes unchanged. The weight gradient, the dot of a row of finite
+    codes with a one-hot gradient row, must equal the one code it picks. Rows of 64 take the
+    vector paths of the CPU kernels, rows of 40 their tails."""
+    codes = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    codes = torch.cat([codes, codes[: (-codes.numel()) % dim]]).reshape(-1, dim).to(device)
+    rows = codes.shape[0]
+    indices = torch.arange(rows, device=device).reshape(-1, 1)
+    weights = torch.ones(rows, 1, device=device)
+    assert _same_codes(ops.embedding_bag(codes, indices, weights), codes)
+    _, rows_grad, _ = ops.embedding_bag_backward(codes, codes, indices, weights, False)
+    assert _same_codes(rows_grad, codes)
+
+    finite = codes.reshape(-1)[torch.isfinite(codes.reshape(-1))]
+    finite = finite[: finite.numel() // dim * dim].reshape(-1, dim)
+    picked = torch.arange(finite.numel(), device=device) % dim  # lookup p picks element p % dim of its row
+    indices = (torch.arange(finite.numel(), device=device) // dim).reshape(-1, 1)
+    one_hot = torch.nn.functional.one_hot(picked, dim).to(dtype)
+    weights = torch.ones(finite.numel(), 1, device=device)
+    _, _, weights_grad = ops.embedding_bag_backward(one_hot, finite, indices, weights, True)
+    assert torch.equal(weights_grad.reshape(-1), finite.reshape(-1).float())
+
+
 
 @pytest.mark.parametrize("pattern,hot", [("all_equal", 0.0), ("distinct", 0.0), ("random", 0.5)])
 def test_index_patterns(device, pattern, hot):

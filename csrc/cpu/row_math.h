@@ -29,7 +29,7 @@
 namespace memory_ext::cpu {
 
 // Storage types the loops see: bf16 as raw bits (widened by a shift, which vectorises),
-// fp16 as the compiler's _Float16 (vcvtph2ps with F16C).
+// fp16 as raw bits (widened by half_to_float).
 template <typename scalar_t>
 struct raw_of {
   using type = scalar_t;
@@ -38,17 +38,15 @@ template <>
 struct raw_of<c10::BFloat16> {
   using type = uint16_t;
 };
-#if defined(__FLT16_MAX__)
+// fp16 as raw bits too: a conversion from the compiler's _Float16 is not vectorised by GCC
+// 12 (one vcvtph2ps per element even with F16C), the integer decode below is.
+struct half_bits {
+  uint16_t bits;
+};
 template <>
 struct raw_of<c10::Half> {
-  using type = _Float16;
+  using type = half_bits;
 };
-#else
-template <>
-struct raw_of<c10::Half> {
-  using type = c10::Half;
-};
-#endif
 template <typename scalar_t>
 using raw_t = typename raw_of<scalar_t>::type;
 
@@ -59,12 +57,54 @@ struct e4m3_bits {
 
 using memory_ext::acc_t;  // float accumulation for every dtype but float64
 
+// mask = all ones where c holds: c a bool (U = uint32_t) or a vector comparison (U its
+// unsigned vector), so one decode serves a scalar loop and whole vectors of lanes.
+template <typename U, typename C>
+inline void set_lane_mask(U& mask, const C& c) {
+  if constexpr (std::is_same_v<C, bool>)
+    mask = 0u - uint32_t(c);
+  else
+    std::memcpy(&mask, &c, sizeof(mask));
+}
+
+// fp16 bits (zero-extended to 32 bits, in U: uint32_t or a vector of it) decoded exactly to
+// float (F: float or the matching float vector), integer arithmetic and one subtraction
+// only, so loops over fp16 rows vectorise. The exponent and mantissa move to float's
+// positions and the exponent is rebased (15 -> 127); infinities and NaNs (exponent 31) get
+// float's all-ones exponent; a subnormal m * 2^-24 is formed as 2^-14 * (1 + m / 1024) -
+// 2^-14, an exact subtraction of normal floats, so denormals-are-zero modes cannot change
+// it. The sign is set last, so -0 stays -0. (Out parameters and memcpy: a vector wider than
+// the baseline's registers is not returned by value across a call.)
+template <typename U, typename F>
+inline void half_to_float(const U& h, F& out) {
+  static_assert(sizeof(U) == sizeof(F), "half_to_float: one 32-bit lane per float");
+  const U magnitude = (h & 0x7fffu) << 13;
+  const U exponent = magnitude & 0x0f800000u;
+  U subnormal, special;
+  set_lane_mask(subnormal, exponent == 0u);
+  set_lane_mask(special, exponent == 0x0f800000u);
+  const U rebased = magnitude + (112u << 23) + (special & (112u << 23)) + (subnormal & (1u << 23));
+  const U two_to_minus_14 = subnormal & (113u << 23);
+  F value, offset;
+  std::memcpy(&value, &rebased, sizeof(F));
+  std::memcpy(&offset, &two_to_minus_14, sizeof(F));
+  value -= offset;
+  U bits;
+  std::memcpy(&bits, &value, sizeof(U));
+  bits |= (h & 0x8000u) << 16;
+  std::memcpy(&out, &bits, sizeof(F));
+}
+
 template <typename R>
 inline auto widen(R v) {
   if constexpr (std::is_same_v<R, uint16_t>) {
     uint32_t bits = uint32_t(v) << 16;
     float f;
     std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  } else if constexpr (std::is_same_v<R, half_bits>) {
+    float f;
+    half_to_float(uint32_t(v.bits), f);
     return f;
   } else if constexpr (std::is_same_v<R, e4m3_bits>) {
     return e4m3_to_float(v.bits);  // exact, and the CUDA kernel's decode (memory_ext/e4m3.h)
@@ -156,51 +196,56 @@ struct lanes_vector {
 };
 template <typename T>
 using lanes_vector_t = typename lanes_vector<T>::type;
-template <typename A>
-using dot_lanes_t = lanes_vector_t<A>;
 
-// Whether add_lane_products can load kDotLanes elements of R as one vector: float and double rows
-// as they are, bf16 bits and _Float16 widened by a vector conversion.
+// Whether load_lanes can load kDotLanes elements of R as one vector: float and double rows
+// as they are, bf16 and fp16 bits widened by vector integer arithmetic.
 template <typename R, typename A>
-constexpr bool kVectorLanes = std::is_same_v<R, A> || std::is_same_v<R, uint16_t>
-#if defined(__FLT16_MAX__)
-                              || std::is_same_v<R, _Float16>
-#endif
-    ;
+constexpr bool kVectorLanes = std::is_same_v<R, A> || std::is_same_v<R, uint16_t> ||
+                              (std::is_same_v<R, half_bits> && std::is_same_v<A, float>);
 
 // v = the kDotLanes elements of p widened to A, lane l from p[l] (an out parameter: a
 // vector wider than the baseline's registers is not returned by value across a call).
 template <typename R, typename A>
-inline void load_lanes(dot_lanes_t<A>& v, const R* p) {
+inline void load_lanes(lanes_vector_t<A>& v, const R* p) {
   if constexpr (std::is_same_v<R, A>) {
     std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same_v<R, uint16_t> || std::is_same_v<R, half_bits>) {
+    constexpr bool kBf16 = std::is_same_v<R, uint16_t>;
+    lanes_vector_t<uint16_t> raw;
+    std::memcpy(&raw, p, sizeof(raw));
+    // Each 16-bit code widened to 32 bits by interleaving it with zeros, one permute (a
+    // widening conversion compiled to more instructions): a bf16 code becomes the top half of
+    // its float, an fp16 code the low half of what half_to_float decodes.
+    lanes_vector_t<uint32_t> wide;
+#if defined(__clang__) || __GNUC__ >= 12
+    typedef uint16_t pairs_t __attribute__((vector_size(2 * kDotLanes * sizeof(uint16_t))));
+    const lanes_vector_t<uint16_t> zero = {};
+    const pairs_t pairs = kBf16
+                              ? __builtin_shufflevector(zero, raw, 0, 16, 1, 17, 2, 18, 3, 19, 4,
+                                                        20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10,
+                                                        26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31)
+                              : __builtin_shufflevector(raw, zero, 0, 16, 1, 17, 2, 18, 3, 19, 4,
+                                                        20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10,
+                                                        26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    std::memcpy(&wide, &pairs, sizeof(wide));
+#else
+    wide = __builtin_convertvector(raw, lanes_vector_t<uint32_t>) << (kBf16 ? 16 : 0);
+#endif
+    if constexpr (kBf16)
+      std::memcpy(&v, &wide, sizeof(v));
+    else
+      half_to_float(wide, v);
   } else {
     lanes_vector_t<R> raw;
     std::memcpy(&raw, p, sizeof(raw));
-    if constexpr (std::is_same_v<R, uint16_t>) {
-      // bf16: each code the top half of a float, interleaved with zeros (one permute; a
-      // widening conversion and a shift compiled to five instructions per 16 lanes).
-#if defined(__clang__) || __GNUC__ >= 12
-      typedef uint16_t pairs_t __attribute__((vector_size(2 * kDotLanes * sizeof(uint16_t))));
-      const lanes_vector_t<uint16_t> zero = {};
-      const pairs_t pairs =
-          __builtin_shufflevector(zero, raw, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                  8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-#else
-      const lanes_vector_t<uint32_t> pairs = __builtin_convertvector(raw, lanes_vector_t<uint32_t>)
-                                             << 16;
-#endif
-      std::memcpy(&v, &pairs, sizeof(v));
-    } else {
-      v = __builtin_convertvector(raw, dot_lanes_t<A>);
-    }
+    v = __builtin_convertvector(raw, lanes_vector_t<A>);
   }
 }
 
 // s[l] += widen(a[l]) * widen(b[l]) for every lane l, as one vector operation.
 template <typename RA, typename RB, typename A>
-inline void add_lane_products(dot_lanes_t<A>& s, const RA* a, const RB* b) {
-  dot_lanes_t<A> av, bv;
+inline void add_lane_products(lanes_vector_t<A>& s, const RA* a, const RB* b) {
+  lanes_vector_t<A> av, bv;
   load_lanes<RA, A>(av, a);
   load_lanes<RB, A>(bv, b);
   s += av * bv;
@@ -214,7 +259,7 @@ MEMORY_EXT_CLONES A row_dot(const RA* __restrict a, const RB* __restrict b, int6
   A lanes[L] = {};
   int64_t i = 0;
   if constexpr (kVectorLanes<RA, A> && kVectorLanes<RB, A>) {
-    dot_lanes_t<A> s = {};
+    lanes_vector_t<A> s = {};
     for (; i + L <= n; i += L) add_lane_products<RA, RB, A>(s, a + i, b + i);
     std::memcpy(lanes, &s, sizeof(s));
   } else {
