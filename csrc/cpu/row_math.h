@@ -161,6 +161,12 @@ MEMORY_EXT_CLONES void row_axpy_n(A* __restrict acc, const R* const* rows, const
 // C running sums stay in registers for the whole bag, and each row is one short burst of
 // loads. ahead[j], when not null, is a row whose same C elements are prefetched as row j
 // is added, a fixed number of lookups ahead, so that they are in cache when it is added.
+// bag_sum_in_registers also prefetches the chunk of the row it adds kNearRows rows later
+// into L1: the far prefetch (ahead, into L2) hides DRAM, this one the L2 -> L1 refill that
+// each row's burst of loads would otherwise wait for. Measured on an AVX-512 Xeon at 2^20
+// rows of 512, 4096 x 128 lookups: uint8 rows 22.0 -> 19.5 ms, bf16 26.5 -> 24.2 ms, fp32
+// 47.7 -> 46.3 ms at 4 rows; 1 and 2 rows gained less, 8 the same, 16 lost.
+constexpr int64_t kNearRows = 4;
 template <int C, typename R, typename A>
 MEMORY_EXT_CLONES void bag_sum_in_registers(A* __restrict out, const R* const* rows, const A* w,
                                             const R* const* ahead, int64_t n, int64_t offset) {
@@ -169,6 +175,8 @@ MEMORY_EXT_CLONES void bag_sum_in_registers(A* __restrict out, const R* const* r
   for (int64_t j = 0; j < n; ++j) {
     if (ahead[j] != nullptr)
       prefetch_row<PrefetchTo::L2>(ahead[j] + offset, C * int64_t(sizeof(R)));
+    if (j + kNearRows < n)
+      prefetch_row<PrefetchTo::L1>(rows[j + kNearRows] + offset, C * int64_t(sizeof(R)));
     if (j == 0) continue;
     const R* __restrict r = rows[j] + offset;
     const A wj = w[j];
