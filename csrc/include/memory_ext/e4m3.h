@@ -9,18 +9,18 @@
 
 namespace memory_ext {
 
-// Every e4m3 magnitude is an integer times 2^-9 below 2^18: (8 + mantissa) << (exponent -
-// 1), or the mantissa alone for exponent 0, converted exactly to float. Arithmetic only (a
-// select or a branch keeps a CPU loop scalar); the NaN code 0x7f adds a NaN (x + 0 = x
-// otherwise), and the sign bit is set last, so -0 stays -0. No float32 subnormal is formed,
-// so denormals-are-zero modes cannot change the result.
+// The exponent and mantissa move to float32's positions and the exponent is rebased (7 ->
+// 127); a subnormal m * 2^-9 (exponent 0) is formed as 2^-6 * (1 + m / 8) - 2^-6, an exact
+// subtraction of normal floats, so no float32 subnormal is formed and denormals-are-zero
+// modes cannot change the result. The NaN code 0x7f gets a NaN's bits; the sign bit is set
+// last, so -0 stays -0. Masks, not selects or branches: integer arithmetic that a CPU loop
+// vectorises at about a dozen operations per 16 codes.
 MEMORY_EXT_HD float e4m3_to_float(uint8_t code) {
-  const uint32_t magnitude = code & 0x7fu;
-  const uint32_t exponent = magnitude >> 3, normal = uint32_t(exponent != 0);
-  const uint32_t scaled = ((magnitude & 7u) + 8u * normal) << (exponent - normal);
-  const float nan_or_zero = bit_cast<float>((0u - uint32_t(magnitude == 0x7fu)) & 0x7fc00000u);
-  const float f = static_cast<float>(static_cast<int32_t>(scaled)) * 0x1p-9f + nan_or_zero;
-  return bit_cast<float>(bit_cast<uint32_t>(f) | (uint32_t(code & 0x80u) << 24));
+  const uint32_t bits = code, magnitude = bits & 0x7fu;
+  const uint32_t subnormal = 0u - uint32_t(magnitude < 8u), nan = 0u - uint32_t(magnitude == 0x7fu);
+  const uint32_t rebased = (magnitude << 20) + (120u << 23) + (subnormal & (1u << 23));
+  const float value = bit_cast<float>(rebased) - bit_cast<float>(subnormal & (121u << 23));
+  return bit_cast<float>(bit_cast<uint32_t>(value) | (nan & 0x7fc00000u) | ((bits & 0x80u) << 24));
 }
 
 }  // namespace memory_ext
