@@ -14,7 +14,8 @@ dense models as horizontal lines, and Memory+'s step time per size.
 
 --no-dense skips the dense references (for sizes added to a sweep run before); --merge
 combines the points of sweeps run separately with the same options into one sweep.json and
-plot, refusing files whose fact set or demo options differ.
+plot (a merged file merges again), refusing files whose fact set or demo options differ and
+sweep options that a merge would ignore (--n-keys, --seeds, --entities, --no-dense).
 """
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="combine the points of these sweep.json files instead of training")
     p.add_argument("--out", default="demo_sweep_out")
     args, demo_argv = p.parse_known_args(argv)
+    if args.merge:
+        # What a merge takes from its files; given on the command line too, it would be ignored.
+        ignored = [o for o in ("--n-keys", "--seeds", "--entities", "--no-dense")
+                   if any(a == o or a.startswith(o + "=") for a in argv)]
+        if ignored:
+            raise SystemExit(f"sweep --merge: {', '.join(ignored)} would have no effect: a merge takes its sizes, "
+                             "seeds and fact set from the files")
     if not args.merge and not {"--steps", "--seconds"} & {a.split("=")[0] for a in demo_argv}:
         demo_argv = ["--steps", str(DEFAULT_STEPS)] + demo_argv
     return args, demo_argv
@@ -73,29 +81,48 @@ def run(args: argparse.Namespace, demo_argv: list[str]) -> tuple[list[dict], dic
     return points, machine
 
 
+def read_sweep(path: str) -> dict:
+    """One sweep.json (of a sweep run or of a merge), or SystemExit naming the problem."""
+    try:
+        sweep = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise SystemExit(f"sweep --merge: cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"sweep --merge: {path} is not JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(sweep, dict):
+        raise SystemExit(f"sweep --merge: {path} is not a sweep.json")
+    keys = ("points", "demo_options", "merged_from") if "merged_from" in sweep else ("points", "demo_options", "options", "machine")
+    missing = [k for k in keys if k not in sweep]
+    if missing:
+        raise SystemExit(f"sweep --merge: {path} is not a sweep.json: it has no {', '.join(missing)}")
+    return sweep
+
+
 def merge(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
-    """The points of several sweep.json files, each file's machine and options, and the demo options.
+    """The points of several sweep.json files, each run's machine and options, and the demo options.
 
     Points are comparable only when every file trained the same fact set with the same demo
     options (budget, model shape); a file that differs, or a (model, n_keys, seed) measured
-    twice, is refused rather than averaged in.
+    twice, is refused rather than averaged in. A merged file's runs are listed as its own.
     """
     points, sources, demo_options, entities = [], [], None, None
     seen: set[tuple] = set()
     for path in paths:
-        sweep = json.loads(Path(path).read_text())
-        if demo_options is None:
-            demo_options, entities = sweep["demo_options"], sweep["options"]["entities"]
-        if sweep["demo_options"] != demo_options or sweep["options"]["entities"] != entities:
-            raise SystemExit(f"sweep --merge: {path} was run with entities {sweep['options']['entities']} and demo "
-                             f"options {sweep['demo_options']}, the first file with {entities} and {demo_options}")
+        sweep = read_sweep(path)
+        runs = sweep.get("merged_from") or [{"file": Path(path).name, "machine": sweep["machine"], "options": sweep["options"]}]
+        for run in runs:
+            if demo_options is None:
+                demo_options, entities = sweep["demo_options"], run["options"]["entities"]
+            if sweep["demo_options"] != demo_options or run["options"]["entities"] != entities:
+                raise SystemExit(f"sweep --merge: {path} was run with entities {run['options']['entities']} and demo "
+                                 f"options {sweep['demo_options']}, the first file with {entities} and {demo_options}")
         for p in sweep["points"]:
             key = (p["model"], p["n_keys"], p["seed"])
             if key in seen:
                 raise SystemExit(f"sweep --merge: {key} (model, n_keys, seed) appears in more than one file")
             seen.add(key)
             points.append(p)
-        sources.append({"file": Path(path).name, "machine": sweep["machine"], "options": sweep["options"]})
+        sources.extend(runs)
     return points, sources, demo_options
 
 

@@ -181,10 +181,26 @@ def test_sweep_merges_sizes_run_apart_and_refuses_unlike_runs(tmp_path):
     assert (tmp_path / "merged" / "sweep.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="more than one file"):
         demo.main(["sweep", "--merge", first, first, "--out", str(tmp_path / "twice")])
+    # A merged file merges again: its runs are listed as they were.
+    demo.main(["sweep", "--merge", first, "--out", str(tmp_path / "m1")])
+    again = demo.main(["sweep", "--merge", str(tmp_path / "m1" / "sweep.json"), second, "--out", str(tmp_path / "again")])
+    assert again["points"] == merged["points"] and again["merged_from"] == merged["merged_from"]
     other = [a if TINY[i - 1] != "--steps" else "4" for i, a in enumerate(tiny)]
     demo.main(sweep + ["--n-keys", "16", "--no-dense", "--out", str(tmp_path / "other"), *other])
     with pytest.raises(SystemExit, match="demo options"):
         demo.main(["sweep", "--merge", first, str(tmp_path / "other" / "sweep.json"), "--out", str(tmp_path / "m2")])
+
+
+def test_sweep_merge_names_bad_files_and_ignored_options(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"points": []}))
+    for name, message in (("missing.json", "cannot read .*missing.json"), ("broken.json", "broken.json is not JSON"),
+                          ("other.json", "other.json is not a sweep.json: it has no demo_options, options, machine")):
+        with pytest.raises(SystemExit, match=message):
+            demo.main(["sweep", "--merge", str(tmp_path / name), "--out", str(tmp_path / "out")])
+    for option in (["--n-keys", "8"], ["--seeds=3"], ["--no-dense"], ["--entities", "5"]):
+        with pytest.raises(SystemExit, match=f"{option[0].split('=')[0]} would have no effect"):
+            demo_sweep.parse_args(["--merge", "a.json", *option])
 
 
 def test_sweep_trains_2000_steps_unless_told():
