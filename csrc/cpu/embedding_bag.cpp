@@ -96,7 +96,7 @@ void forward_in_registers(const ForwardData<scalar_t, weight_t, index_t>& d, int
       }
       if (bag == 0) std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t c = 0; bag > 0 && c < d.dim; c += C)
-        cpu::bag_sum_in_registers<C>(acc.data() + c, rows.data(), w.data(), ahead.data(), bag, c);
+        cpu::bag_sum<C>(acc.data() + c, rows.data(), w.data(), ahead.data(), C * sizeof(R), bag, c);
       cpu::row_store(d.out + t * d.dim, acc.data(), d.dim);
     }
   });

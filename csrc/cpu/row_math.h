@@ -19,7 +19,12 @@
 #include "memory_ext/e4m3.h"
 #include "memory_ext/host_device.h"
 
+// GCC on x86-64 (not nvcc's host pass): where the per-instruction-set variants below exist.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define MEMORY_EXT_GCC_X86_64 1
+#endif
+
+#if defined(MEMORY_EXT_GCC_X86_64)
 #define MEMORY_EXT_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -27,6 +32,11 @@
 #endif
 
 namespace memory_ext::cpu {
+
+// Inlined wherever called. prefetch_row must be: GCC finds that an out-of-line copy has no
+// effect a program can observe and deletes the calls (seen with GCC 12 under an
+// always-inlined caller: every row prefetch of the gather gone, 20 -> 34 ms).
+#define MEMORY_EXT_ALWAYS_INLINE __attribute__((always_inline)) inline
 
 // Storage types the loops see: bf16 as raw bits (widened by a shift, which vectorises),
 // fp16 as raw bits (widened by half_to_float).
@@ -130,7 +140,7 @@ enum class PrefetchTo { L1, L2 };
 // Every cache line of [p, p + bytes), also when p is not line-aligned (packed quantized
 // rows are not).
 template <PrefetchTo To = PrefetchTo::L1>
-inline void prefetch_row(const void* p, int64_t bytes) {
+MEMORY_EXT_ALWAYS_INLINE void prefetch_row(const void* p, int64_t bytes) {
   const auto start = reinterpret_cast<uintptr_t>(p);
   const uintptr_t end = start + static_cast<uintptr_t>(bytes);
   for (uintptr_t line = start & ~uintptr_t(63); line < end; line += 64)
@@ -155,34 +165,6 @@ MEMORY_EXT_CLONES void row_axpy_n(A* __restrict acc, const R* const* rows, const
     for (int q = 1; q < N; ++q) sum += wq[q] * widen(r[q][i]);
     acc[i] = kFirst ? sum : acc[i] + sum;
   }
-}
-
-// out[0..C) = sum_j w[j] * rows[j][offset .. offset + C) over j < n (n >= 1), in order: the
-// C running sums stay in registers for the whole bag, and each row is one short burst of
-// loads. ahead[j], when not null, is a row whose same C elements are prefetched as row j
-// is added, a fixed number of lookups ahead, so that they are in cache when it is added.
-// bag_sum_in_registers also prefetches the chunk of the row it adds kNearRows rows later
-// into L1: the far prefetch (ahead, into L2) hides DRAM, this one the L2 -> L1 refill that
-// each row's burst of loads would otherwise wait for. Measured on an AVX-512 Xeon at 2^20
-// rows of 512, 4096 x 128 lookups: uint8 rows 22.0 -> 19.5 ms, bf16 26.5 -> 24.2 ms, fp32
-// 47.7 -> 46.3 ms at 4 rows; 1 and 2 rows gained less, 8 the same, 16 lost.
-constexpr int64_t kNearRows = 4;
-template <int C, typename R, typename A>
-MEMORY_EXT_CLONES void bag_sum_in_registers(A* __restrict out, const R* const* rows, const A* w,
-                                            const R* const* ahead, int64_t n, int64_t offset) {
-  A s[C];
-  for (int l = 0; l < C; ++l) s[l] = w[0] * widen(rows[0][offset + l]);
-  for (int64_t j = 0; j < n; ++j) {
-    if (ahead[j] != nullptr)
-      prefetch_row<PrefetchTo::L2>(ahead[j] + offset, C * int64_t(sizeof(R)));
-    if (j + kNearRows < n)
-      prefetch_row<PrefetchTo::L1>(rows[j + kNearRows] + offset, C * int64_t(sizeof(R)));
-    if (j == 0) continue;
-    const R* __restrict r = rows[j] + offset;
-    const A wj = w[j];
-    for (int l = 0; l < C; ++l) s[l] += wj * widen(r[l]);
-  }
-  for (int l = 0; l < C; ++l) out[l] = s[l];
 }
 
 // Dot products keep their partial sums in kDotLanes fixed lanes, folded pairwise in a fixed
@@ -248,6 +230,128 @@ inline void load_lanes(lanes_vector_t<A>& v, const R* p) {
     std::memcpy(&raw, p, sizeof(raw));
     v = __builtin_convertvector(raw, lanes_vector_t<A>);
   }
+}
+
+// The running sums of a chunk of C elements of a bag, element by element: each
+// instruction set's clone of bag_sum_in_registers vectorises them as it sees fit.
+template <int C, typename R, typename A>
+struct ElementSums {
+  A s[C];
+  MEMORY_EXT_ALWAYS_INLINE void start(A w, const R* __restrict row) {
+    for (int l = 0; l < C; ++l) s[l] = w * widen(row[l]);
+  }
+  MEMORY_EXT_ALWAYS_INLINE void add(A w, const R* __restrict row) {
+    for (int l = 0; l < C; ++l) s[l] += w * widen(row[l]);
+  }
+  MEMORY_EXT_ALWAYS_INLINE void store(A* __restrict out) const {
+    for (int l = 0; l < C; ++l) out[l] = s[l];
+  }
+};
+
+// The same sums for rows of byte codes (uint8, e4m3) as vectors of kDotLanes floats, each
+// filled from kDotLanes codes. Over a whole chunk GCC widens bytes through 16-bit halves
+// and extracts (about nine shuffles per 64 codes, on the one port that shuffles); 16 uint8
+// codes to 16 floats is one zero-extending load (vpmovzxbd) and one conversion under
+// AVX-512. Compiled only into the AVX-512 variant (bag_sum_codes_v4): under AVX2 a 64-byte
+// vector is assembled lane by lane.
+template <int C, typename R>
+struct ByteLaneSums {
+  static_assert(C % kDotLanes == 0, "ByteLaneSums: whole vectors of lanes");
+  static constexpr int kVectors = C / kDotLanes;
+  lanes_vector_t<float> s[kVectors];
+  static MEMORY_EXT_ALWAYS_INLINE void load(lanes_vector_t<float>& v, const R* __restrict codes) {
+    float f[kDotLanes];
+#pragma GCC unroll 16
+    for (int l = 0; l < kDotLanes; ++l) {
+      if constexpr (std::is_same_v<R, uint8_t>)
+        f[l] = float(int32_t(codes[l]));  // through int32: GCC converts uint8 lane by lane
+      else
+        f[l] = widen(codes[l]);
+    }
+    std::memcpy(&v, f, sizeof(v));
+  }
+  MEMORY_EXT_ALWAYS_INLINE void start(float w, const R* __restrict row) {
+#pragma GCC unroll 64
+    for (int b = 0; b < kVectors; ++b) {
+      lanes_vector_t<float> v;
+      load(v, row + b * kDotLanes);
+      s[b] = w * v;
+    }
+  }
+  MEMORY_EXT_ALWAYS_INLINE void add(float w, const R* __restrict row) {
+#pragma GCC unroll 64
+    for (int b = 0; b < kVectors; ++b) {
+      lanes_vector_t<float> v;
+      load(v, row + b * kDotLanes);
+      s[b] += w * v;
+    }
+  }
+  MEMORY_EXT_ALWAYS_INLINE void store(float* __restrict out) const {
+#pragma GCC unroll 64
+    for (int b = 0; b < kVectors; ++b) std::memcpy(out + b * kDotLanes, &s[b], sizeof(s[b]));
+  }
+};
+
+// out[0..C) = sum_j w[j] * rows[j][offset .. offset + C) over j < n (n >= 1), in order (the
+// first product, then one fused multiply-add per row, in every variant): the
+// C running sums stay in registers for the whole bag, and each row is one short burst of
+// loads. ahead[j], when not null, is a row whose same C elements are prefetched as row j
+// is added, a fixed number of lookups ahead, so that they are in cache when it is added.
+// bag_sum_chunk also prefetches the chunk of the row it adds kNearRows rows later
+// into L1: the far prefetch (ahead, into L2) hides DRAM, this one the L2 -> L1 refill that
+// each row's burst of loads would otherwise wait for. Measured on an AVX-512 Xeon at 2^20
+// rows of 512, 4096 x 128 lookups: uint8 rows 22.0 -> 19.5 ms, bf16 26.5 -> 24.2 ms, fp32
+// 47.7 -> 46.3 ms at 4 rows; 1 and 2 rows gained less, 8 the same, 16 lost.
+constexpr int64_t kNearRows = 4;
+template <class Sums, int C, typename R, typename A>
+MEMORY_EXT_ALWAYS_INLINE void bag_sum_chunk(A* __restrict out, const R* const* rows, const A* w,
+                                            const R* const* ahead, int64_t ahead_bytes, int64_t n,
+                                            int64_t offset) {
+  Sums sums;
+  sums.start(w[0], rows[0] + offset);
+  for (int64_t j = 0; j < n; ++j) {
+    if (ahead[j] != nullptr) prefetch_row<PrefetchTo::L2>(ahead[j] + offset, ahead_bytes);
+    if (j + kNearRows < n)
+      prefetch_row<PrefetchTo::L1>(rows[j + kNearRows] + offset, C * int64_t(sizeof(R)));
+    if (j > 0) sums.add(w[j], rows[j] + offset);
+  }
+  sums.store(out);
+}
+
+template <int C, typename R, typename A>
+MEMORY_EXT_CLONES void bag_sum_in_registers(A* __restrict out, const R* const* rows, const A* w,
+                                            const R* const* ahead, int64_t ahead_bytes, int64_t n,
+                                            int64_t offset) {
+  bag_sum_chunk<ElementSums<C, R, A>, C>(out, rows, w, ahead, ahead_bytes, n, offset);
+}
+
+#if defined(MEMORY_EXT_GCC_X86_64)
+// bag_sum_in_registers for byte codes on CPUs with AVX-512 (x86-64-v4), the codes widened
+// a vector of lanes at a time (ByteLaneSums).
+template <int C, typename R>
+__attribute__((target("arch=x86-64-v4"))) void bag_sum_codes_v4(
+    float* __restrict out, const R* const* rows, const float* w, const R* const* ahead,
+    int64_t ahead_bytes, int64_t n, int64_t offset) {
+  bag_sum_chunk<ByteLaneSums<C, R>, C>(out, rows, w, ahead, ahead_bytes, n, offset);
+}
+inline bool cpu_is_x86_64_v4() {
+  static const bool v4 = __builtin_cpu_supports("x86-64-v4");
+  return v4;
+}
+#endif
+
+// The bag sum of one chunk (bag_sum_chunk): byte codes on AVX-512 CPUs take
+// bag_sum_codes_v4, everything else the clones of bag_sum_in_registers.
+template <int C, typename R, typename A>
+inline void bag_sum(A* __restrict out, const R* const* rows, const A* w, const R* const* ahead,
+                    int64_t ahead_bytes, int64_t n, int64_t offset) {
+#if defined(MEMORY_EXT_GCC_X86_64)
+  if constexpr ((std::is_same_v<R, uint8_t> || std::is_same_v<R, e4m3_bits>) &&
+                std::is_same_v<A, float> && C % kDotLanes == 0) {
+    if (cpu_is_x86_64_v4()) return bag_sum_codes_v4<C>(out, rows, w, ahead, ahead_bytes, n, offset);
+  }
+#endif
+  bag_sum_in_registers<C>(out, rows, w, ahead, ahead_bytes, n, offset);
 }
 
 // s[l] += widen(a[l]) * widen(b[l]) for every lane l, as one vector operation.
