@@ -41,7 +41,7 @@ def functions(pattern: str) -> dict[str, str]:
 def test_every_bag_sum_keeps_its_row_prefetches():
     # The far prefetch into L2 (prefetcht1) and the near one into L1 (prefetcht0), in every
     # instruction set's variant of every chunk width and row type.
-    sums = functions(r"memory_ext::cpu::bag_sum_(in_registers|codes_v4)<")
+    sums = functions(r"memory_ext::cpu::bag_sum_(in_registers|codes_v4|bf16_v4)<")
     assert len(sums) >= 20, sorted(sums)
     for name, code in sums.items():
         assert "prefetcht1" in code and "prefetcht0" in code, f"{name} lost its prefetches"
@@ -53,3 +53,11 @@ def test_avx512_uint8_codes_are_widened_by_zero_extending_loads():
         pytest.skip("the AVX-512 variant is built by GCC on x86-64 only")
     for name, code in variants.items():
         assert "vpmovzxbd" in code and "vextracti" not in code, name
+
+
+def test_avx512_bf16_rows_are_widened_by_masks_and_shifts():
+    variants = functions(r"memory_ext::cpu::bag_sum_bf16_v4<")
+    if not variants:
+        pytest.skip("the AVX-512 variant is built by GCC on x86-64 only")
+    for name, code in variants.items():  # no per-16-codes zero extension (vpmovzxwd) left
+        assert "vpandd" in code and "vpslld" in code and "vpmovzxwd" not in code, name

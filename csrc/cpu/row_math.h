@@ -292,6 +292,57 @@ struct ByteLaneSums {
   }
 };
 
+// The same sums for bf16 rows (raw bits) as vectors of kDotLanes floats: a 64-byte load
+// holds 2 * kDotLanes codes, the odd ones the top halves of its 32-bit lanes (a mask makes
+// them floats) and the even ones the low halves (a shift). The even and odd elements are
+// summed in vectors of their own and interleaved once, at the end: two integer operations
+// per 32 elements where widening 16 codes at a time takes a shuffle and a shift per 16.
+template <int C>
+struct Bf16PairSums {
+  static_assert(C % (2 * kDotLanes) == 0, "Bf16PairSums: whole pairs of vectors");
+  static constexpr int kPairs = C / (2 * kDotLanes);
+  lanes_vector_t<float> even[kPairs], odd[kPairs];
+  static MEMORY_EXT_ALWAYS_INLINE void load(lanes_vector_t<float>& e, lanes_vector_t<float>& o,
+                                            const uint16_t* __restrict codes) {
+    lanes_vector_t<uint32_t> bits, low, high;
+    std::memcpy(&bits, codes, sizeof(bits));
+    low = bits << 16;
+    high = bits & 0xffff0000u;
+    std::memcpy(&e, &low, sizeof(e));
+    std::memcpy(&o, &high, sizeof(o));
+  }
+  MEMORY_EXT_ALWAYS_INLINE void start(float w, const uint16_t* __restrict row) {
+#pragma GCC unroll 64
+    for (int b = 0; b < kPairs; ++b) {
+      lanes_vector_t<float> e, o;
+      load(e, o, row + b * 2 * kDotLanes);
+      even[b] = w * e;
+      odd[b] = w * o;
+    }
+  }
+  MEMORY_EXT_ALWAYS_INLINE void add(float w, const uint16_t* __restrict row) {
+#pragma GCC unroll 64
+    for (int b = 0; b < kPairs; ++b) {
+      lanes_vector_t<float> e, o;
+      load(e, o, row + b * 2 * kDotLanes);
+      even[b] += w * e;
+      odd[b] += w * o;
+    }
+  }
+  MEMORY_EXT_ALWAYS_INLINE void store(float* __restrict out) const {
+#pragma GCC unroll 64
+    for (int b = 0; b < kPairs; ++b) {
+      static_assert(kDotLanes == 16, "the interleave below is written for 16 lanes");
+      const lanes_vector_t<float> first = __builtin_shufflevector(
+          even[b], odd[b], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const lanes_vector_t<float> second = __builtin_shufflevector(
+          even[b], odd[b], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+      std::memcpy(out + b * 2 * kDotLanes, &first, sizeof(first));
+      std::memcpy(out + (b * 2 + 1) * kDotLanes, &second, sizeof(second));
+    }
+  }
+};
+
 // out[0..C) = sum_j w[j] * rows[j][offset .. offset + C) over j < n (n >= 1), in order (the
 // first product, then one fused multiply-add per row, in every variant): the
 // C running sums stay in registers for the whole bag, and each row is one short burst of
@@ -328,6 +379,12 @@ MEMORY_EXT_CLONES void bag_sum_in_registers(A* __restrict out, const R* const* r
 #if defined(MEMORY_EXT_GCC_X86_64)
 // bag_sum_in_registers for byte codes on CPUs with AVX-512 (x86-64-v4), the codes widened
 // a vector of lanes at a time (ByteLaneSums).
+template <int C>
+__attribute__((target("arch=x86-64-v4"))) void bag_sum_bf16_v4(
+    float* __restrict out, const uint16_t* const* rows, const float* w,
+    const uint16_t* const* ahead, int64_t ahead_bytes, int64_t n, int64_t offset) {
+  bag_sum_chunk<Bf16PairSums<C>, C>(out, rows, w, ahead, ahead_bytes, n, offset);
+}
 template <int C, typename R>
 __attribute__((target("arch=x86-64-v4"))) void bag_sum_codes_v4(
     float* __restrict out, const R* const* rows, const float* w, const R* const* ahead,
@@ -349,6 +406,10 @@ inline void bag_sum(A* __restrict out, const R* const* rows, const A* w, const R
   if constexpr ((std::is_same_v<R, uint8_t> || std::is_same_v<R, e4m3_bits>) &&
                 std::is_same_v<A, float> && C % kDotLanes == 0) {
     if (cpu_is_x86_64_v4()) return bag_sum_codes_v4<C>(out, rows, w, ahead, ahead_bytes, n, offset);
+  }
+  if constexpr (std::is_same_v<R, uint16_t> && std::is_same_v<A, float> &&
+                C % (2 * kDotLanes) == 0) {
+    if (cpu_is_x86_64_v4()) return bag_sum_bf16_v4<C>(out, rows, w, ahead, ahead_bytes, n, offset);
   }
 #endif
   bag_sum_in_registers<C>(out, rows, w, ahead, ahead_bytes, n, offset);
