@@ -191,6 +191,23 @@ def test_every_16_bit_code_is_read_exactly(device, dtype, dim):
 
 
 
+@pytest.mark.parametrize("dim", [64, 128, 1024])  # 1024: rows side by side
+def test_every_fp16_code_is_read_exactly_when_denormals_are_zero(dim):
+    """The CPU forward's fp16 decode (vcvtph2ps on AVX-512, integer arithmetic elsewhere)
+    with the CPU flushing denormals: fp16 subnormals are normal floats once widened and must
+    come through unchanged. (bf16 subnormals are float32 subnormals, which the mode flushes
+    in any float32 arithmetic.)"""
+    dtype = torch.float16
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no denormals-are-zero mode")
+    try:
+        codes = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, dim)
+        indices = torch.arange(codes.shape[0]).reshape(-1, 1)
+        assert _same_codes(ops.embedding_bag(codes, indices, torch.ones(codes.shape[0], 1)), codes)
+    finally:
+        torch.set_flush_denormal(False)
+
+
 @pytest.mark.parametrize("pattern,hot", [("all_equal", 0.0), ("distinct", 0.0), ("random", 0.5)])
 def test_index_patterns(device, pattern, hot):
     """One run, all-distinct rows, and hot rows among random ones."""
