@@ -249,10 +249,11 @@ struct ElementSums {
 };
 
 // out[0..C) = sum_j w[j] * rows[j][offset .. offset + C) over j < n (n >= 1), in order (the
-// first product, then one fused multiply-add per row, in every variant): the
-// C running sums stay in registers for the whole bag, and each row is one short burst of
-// loads. ahead[j], when not null, is a row whose same C elements are prefetched as row j
-// is added, a fixed number of lookups ahead, so that they are in cache when it is added.
+// first product, then a multiply-add per row, fused on every CPU with FMA: all variants but
+// baseline x86-64's): the C running sums stay in registers for the whole bag, and each row
+// is one short burst of loads. ahead[j], when not null, is a row whose ahead_bytes bytes
+// from element offset are prefetched as row j is added (the same chunk, or on to the end of
+// a quantized row), a fixed number of lookups ahead, so that they are in cache when needed.
 // bag_sum_chunk also prefetches the chunk of the row it adds kNearRows rows later
 // into L1: the far prefetch (ahead, into L2) hides DRAM, this one the L2 -> L1 refill that
 // each row's burst of loads would otherwise wait for. Measured on an AVX-512 Xeon at 2^20
@@ -284,7 +285,8 @@ MEMORY_EXT_CLONES void bag_sum_in_registers(A* __restrict out, const R* const* r
 #if defined(MEMORY_EXT_GCC_X86_64)
 // The AVX-512 variants of bag_sum_chunk (x86-64-v4: AVX-512 F/BW/DQ/VL), picked at run time
 // by bag_sum. Their sums are kept in vectors of kDotLanes floats, filled however a row type
-// widens best; the arithmetic, and so every bit of the result, is ElementSums'.
+// widens best; the arithmetic, and so every bit of the result, is that of ElementSums in
+// the x86-64-v4 clone of bag_sum_in_registers.
 #define MEMORY_EXT_V4 __attribute__((target("arch=x86-64-v4")))
 // Everything a variant calls is inlined into it, where its instructions are allowed (the
 // sums' methods are compiled for AVX-512 too, and always_inline would have them inlined
