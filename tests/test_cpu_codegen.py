@@ -61,3 +61,14 @@ def test_avx512_bf16_rows_are_widened_by_masks_and_shifts():
         pytest.skip("the AVX-512 variant is built by GCC on x86-64 only")
     for name, code in variants.items():  # no per-16-codes zero extension (vpmovzxwd) left
         assert "vpandd" in code and "vpslld" in code and "vpmovzxwd" not in code, name
+
+
+def test_avx512_fp16_rows_are_widened_by_vcvtph2ps():
+    variants = functions(r"memory_ext::cpu::(bag_sum_codes_v4<\d+, memory_ext::cpu::half_bits>|row_axpy_n_half_v4<|"
+                         r"row_dot_half_v4)")
+    if not variants:
+        pytest.skip("the AVX-512 variants are built by GCC on x86-64 only")
+    for kind in ("bag_sum_codes_v4", "row_axpy_n_half_v4", "row_dot_half_v4"):
+        assert any(kind in name for name in variants), (kind, sorted(variants))
+    for name, code in variants.items():
+        assert "vcvtph2ps" in code, name

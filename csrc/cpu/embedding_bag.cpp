@@ -15,7 +15,7 @@
 #include "large_buffers.h"
 #include "memory_ext/checks.h"
 #include "memory_ext/prologues.h"
-#include "row_math.h"
+#include "row_dispatch.h"
 #include "sort_by_row.h"
 
 namespace memory_ext {

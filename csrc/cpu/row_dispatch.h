@@ -1,0 +1,256 @@
+// The entry points of the CPU kernels' row loops (bag_sum, row_axpy_n, row_dot): each runs
+// an AVX-512 variant where the CPU has AVX-512 and one exists for the row type, and the
+// portable clones of row_math.h otherwise. A variant does the arithmetic of the clone for
+// x86-64-v4 in the same order, so every bit of a result is the same; it differs in how rows
+// are widened to float, where GCC's vectoriser does poorly from portable loops.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "row_math.h"
+
+#if defined(MEMORY_EXT_GCC_X86_64)
+#include <immintrin.h>
+#endif
+
+namespace memory_ext::cpu {
+
+#if defined(MEMORY_EXT_GCC_X86_64)
+// x86-64-v4: AVX-512 F/BW/CD/DQ/VL, the level GCC's target_clones names.
+#define MEMORY_EXT_V4 __attribute__((target("arch=x86-64-v4")))
+// Everything a variant calls is inlined into it, where its instructions are allowed (the
+// helpers below are compiled for AVX-512 too, and always_inline would have them inlined into
+// portable callers such as bag_sum_chunk, which are not).
+#define MEMORY_EXT_FLATTEN __attribute__((flatten))
+
+inline bool cpu_is_x86_64_v4() {
+  static const bool v4 = __builtin_cpu_supports("x86-64-v4");
+  return v4;
+}
+
+// 16 fp16 codes widened by one vcvtph2ps: exact for every code, subnormals included, and
+// unaffected by a denormals-are-zero mode. (GCC converts a _Float16 vector one lane at a
+// time, and the portable decode, half_to_float, costs about 13 vector operations per 16.)
+MEMORY_EXT_V4 inline void load_half_lanes(lanes_vector_t<float>& v, const half_bits* codes) {
+  static_assert(kDotLanes == 16, "one vcvtph2ps widens 16 codes");
+  // (maskz, all lanes: the unmasked form trips GCC 12's -Wuninitialized in its header)
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+  const __m512 wide = _mm512_maskz_cvtph_ps(0xffff, raw);
+  std::memcpy(&v, &wide, sizeof(v));
+}
+
+// Rows of byte codes (uint8, e4m3) and fp16 rows, kDotLanes codes widened at a time. Over a
+// whole chunk GCC widens bytes through 16-bit halves and extracts (about nine shuffles per
+// 64 codes, on the one port that shuffles); 16 uint8 codes to 16 floats is one
+// zero-extending load (vpmovzxbd) and one conversion; fp16 codes take load_half_lanes.
+// Under AVX2 these 64-byte vectors would be assembled lane by lane, hence AVX-512 only.
+template <int C, typename R>
+struct CodeLaneSums {
+  static_assert(C % kDotLanes == 0, "CodeLaneSums: whole vectors of lanes");
+  static constexpr int kVectors = C / kDotLanes;
+  lanes_vector_t<float> s[kVectors];
+  static MEMORY_EXT_V4 inline void load(lanes_vector_t<float>& v, const R* __restrict codes) {
+    if constexpr (std::is_same_v<R, half_bits>) {
+      load_half_lanes(v, codes);
+      return;
+    }
+    float f[kDotLanes];
+#pragma GCC unroll 16
+    for (int l = 0; l < kDotLanes; ++l) {
+      if constexpr (std::is_same_v<R, uint8_t>)
+        f[l] = float(int32_t(codes[l]));  // through int32: GCC converts uint8 lane by lane
+      else
+        f[l] = widen(codes[l]);
+    }
+    std::memcpy(&v, f, sizeof(v));
+  }
+  MEMORY_EXT_V4 inline void start(float w, const R* __restrict row) {
+#pragma GCC unroll 64
+    for (int b = 0; b < kVectors; ++b) {
+      lanes_vector_t<float> v;
+      load(v, row + b * kDotLanes);
+      s[b] = w * v;
+    }
+  }
+  MEMORY_EXT_V4 inline void add(float w, const R* __restrict row) {
+#pragma GCC unroll 64
+    for (int b = 0; b < kVectors; ++b) {
+      lanes_vector_t<float> v;
+      load(v, row + b * kDotLanes);
+      s[b] += w * v;
+    }
+  }
+  MEMORY_EXT_V4 inline void store(float* __restrict out) const {
+#pragma GCC unroll 64
+    for (int b = 0; b < kVectors; ++b) std::memcpy(out + b * kDotLanes, &s[b], sizeof(s[b]));
+  }
+};
+
+// The same sums for bf16 rows (raw bits) as vectors of kDotLanes floats: a 64-byte load
+// holds 2 * kDotLanes codes, the odd ones the top halves of its 32-bit lanes (a mask makes
+// them floats) and the even ones the low halves (a shift). The even and odd elements are
+// summed in vectors of their own and interleaved once, at the end: two integer operations
+// per 32 elements where widening 16 codes at a time takes a shuffle and a shift per 16.
+template <int C>
+struct Bf16PairSums {
+  static_assert(C % (2 * kDotLanes) == 0, "Bf16PairSums: whole pairs of vectors");
+  static constexpr int kPairs = C / (2 * kDotLanes);
+  lanes_vector_t<float> even[kPairs], odd[kPairs];
+  static MEMORY_EXT_V4 inline void load(lanes_vector_t<float>& e, lanes_vector_t<float>& o,
+                                        const uint16_t* __restrict codes) {
+    lanes_vector_t<uint32_t> bits, low, high;
+    std::memcpy(&bits, codes, sizeof(bits));
+    low = bits << 16;
+    high = bits & 0xffff0000u;
+    std::memcpy(&e, &low, sizeof(e));
+    std::memcpy(&o, &high, sizeof(o));
+  }
+  MEMORY_EXT_V4 inline void start(float w, const uint16_t* __restrict row) {
+#pragma GCC unroll 64
+    for (int b = 0; b < kPairs; ++b) {
+      lanes_vector_t<float> e, o;
+      load(e, o, row + b * 2 * kDotLanes);
+      even[b] = w * e;
+      odd[b] = w * o;
+    }
+  }
+  MEMORY_EXT_V4 inline void add(float w, const uint16_t* __restrict row) {
+#pragma GCC unroll 64
+    for (int b = 0; b < kPairs; ++b) {
+      lanes_vector_t<float> e, o;
+      load(e, o, row + b * 2 * kDotLanes);
+      even[b] += w * e;
+      odd[b] += w * o;
+    }
+  }
+  MEMORY_EXT_V4 inline void store(float* __restrict out) const {
+#pragma GCC unroll 64
+    for (int b = 0; b < kPairs; ++b) {
+      static_assert(kDotLanes == 16, "the interleave below is written for 16 lanes");
+      const lanes_vector_t<float> first = __builtin_shufflevector(
+          even[b], odd[b], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const lanes_vector_t<float> second = __builtin_shufflevector(
+          even[b], odd[b], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+      std::memcpy(out + b * 2 * kDotLanes, &first, sizeof(first));
+      std::memcpy(out + (b * 2 + 1) * kDotLanes, &second, sizeof(second));
+    }
+  }
+};
+
+template <int C>
+MEMORY_EXT_V4 MEMORY_EXT_FLATTEN void bag_sum_bf16_v4(float* __restrict out,
+                                                      const uint16_t* const* rows, const float* w,
+                                                      const uint16_t* const* ahead,
+                                                      int64_t ahead_bytes, int64_t n,
+                                                      int64_t offset) {
+  bag_sum_chunk<Bf16PairSums<C>, C>(out, rows, w, ahead, ahead_bytes, n, offset);
+}
+template <int C, typename R>
+MEMORY_EXT_V4 MEMORY_EXT_FLATTEN void bag_sum_codes_v4(float* __restrict out, const R* const* rows,
+                                                       const float* w, const R* const* ahead,
+                                                       int64_t ahead_bytes, int64_t n,
+                                                       int64_t offset) {
+  bag_sum_chunk<CodeLaneSums<C, R>, C>(out, rows, w, ahead, ahead_bytes, n, offset);
+}
+
+// row_axpy_n_clones for fp16 rows, kDotLanes elements at a time (load_half_lanes); the tail
+// element by element, as there.
+template <int N, bool kFirst>
+MEMORY_EXT_V4 MEMORY_EXT_FLATTEN void row_axpy_n_half_v4(float* __restrict acc,
+                                                         const half_bits* const* rows,
+                                                         const float* w, int64_t n) {
+  const half_bits* __restrict r[N];
+  float wq[N];
+  for (int q = 0; q < N; ++q) {
+    r[q] = rows[q];
+    wq[q] = w[q];
+  }
+  int64_t i = 0;
+  for (; i + kDotLanes <= n; i += kDotLanes) {
+    lanes_vector_t<float> x, sum;
+    load_half_lanes(x, r[0] + i);
+    sum = wq[0] * x;
+#pragma GCC unroll 16
+    for (int q = 1; q < N; ++q) {
+      load_half_lanes(x, r[q] + i);
+      sum += wq[q] * x;
+    }
+    if constexpr (!kFirst) {
+      lanes_vector_t<float> before;
+      std::memcpy(&before, acc + i, sizeof(before));
+      sum = before + sum;
+    }
+    std::memcpy(acc + i, &sum, sizeof(sum));
+  }
+  for (; i < n; ++i) {
+    float sum = wq[0] * widen(r[0][i]);
+    for (int q = 1; q < N; ++q) sum += wq[q] * widen(r[q][i]);
+    acc[i] = kFirst ? sum : acc[i] + sum;
+  }
+}
+
+// row_dot_clones of two fp16 rows, kDotLanes elements at a time (load_half_lanes).
+MEMORY_EXT_V4 MEMORY_EXT_FLATTEN inline float row_dot_half_v4(const half_bits* __restrict a,
+                                                              const half_bits* __restrict b,
+                                                              int64_t n) {
+  constexpr int L = kDotLanes;
+  float lanes[L] = {};
+  lanes_vector_t<float> s = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    lanes_vector_t<float> av, bv;
+    load_half_lanes(av, a + i);
+    load_half_lanes(bv, b + i);
+    s += av * bv;
+  }
+  std::memcpy(lanes, &s, sizeof(s));
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += widen(a[i]) * widen(b[i]);
+  return fold_lanes(lanes);
+}
+#endif  // MEMORY_EXT_GCC_X86_64
+
+// The bag sum of one chunk (bag_sum_chunk): uint8, e4m3, fp16 and bf16 rows on AVX-512 CPUs
+// take the variants above, everything else the clones of bag_sum_in_registers.
+template <int C, typename R, typename A>
+inline void bag_sum(A* __restrict out, const R* const* rows, const A* w, const R* const* ahead,
+                    int64_t ahead_bytes, int64_t n, int64_t offset) {
+#if defined(MEMORY_EXT_GCC_X86_64)
+  if constexpr ((std::is_same_v<R, uint8_t> || std::is_same_v<R, e4m3_bits> ||
+                 std::is_same_v<R, half_bits>) &&
+                std::is_same_v<A, float> && C % kDotLanes == 0) {
+    if (cpu_is_x86_64_v4()) return bag_sum_codes_v4<C>(out, rows, w, ahead, ahead_bytes, n, offset);
+  }
+  if constexpr (std::is_same_v<R, uint16_t> && std::is_same_v<A, float> &&
+                C % (2 * kDotLanes) == 0) {
+    if (cpu_is_x86_64_v4()) return bag_sum_bf16_v4<C>(out, rows, w, ahead, ahead_bytes, n, offset);
+  }
+#endif
+  bag_sum_in_registers<C>(out, rows, w, ahead, ahead_bytes, n, offset);
+}
+
+// acc (+)= the weighted sum of N rows (row_axpy_n_clones).
+template <int N, bool kFirst, typename R, typename A>
+inline void row_axpy_n(A* __restrict acc, const R* const* rows, const A* w, int64_t n) {
+#if defined(MEMORY_EXT_GCC_X86_64)
+  if constexpr (std::is_same_v<R, half_bits> && std::is_same_v<A, float>) {
+    if (cpu_is_x86_64_v4()) return row_axpy_n_half_v4<N, kFirst>(acc, rows, w, n);
+  }
+#endif
+  row_axpy_n_clones<N, kFirst>(acc, rows, w, n);
+}
+
+// sum_i a[i] * b[i] in fixed lanes (row_dot_clones).
+template <typename RA, typename RB, typename A>
+inline A row_dot(const RA* __restrict a, const RB* __restrict b, int64_t n) {
+#if defined(MEMORY_EXT_GCC_X86_64)
+  if constexpr (std::is_same_v<RA, half_bits> && std::is_same_v<RB, half_bits> &&
+                std::is_same_v<A, float>) {
+    if (cpu_is_x86_64_v4()) return row_dot_half_v4(a, b, n);
+  }
+#endif
+  return row_dot_clones<RA, RB, A>(a, b, n);
+}
+
+}  // namespace memory_ext::cpu
