@@ -1,11 +1,13 @@
 // The entry points of the CPU kernels' row loops (bag_sum, row_axpy_n, row_dot): each runs
 // an AVX-512 variant where the CPU has AVX-512 and one exists for the row type, and the
 // portable clones of row_math.h otherwise. A variant does the arithmetic of the clone for
-// x86-64-v4 in the same order, so every bit of a result is the same; it differs in how rows
+// x86-64-v4 in the same order, down to which product the compiler fused into an add, so
+// every bit of a result is the same (tests/test_cpu_variants.py); it differs in how rows
 // are widened to float, where GCC's vectoriser does poorly from portable loops.
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -25,8 +27,11 @@ namespace memory_ext::cpu {
 // portable callers such as bag_sum_chunk, which are not).
 #define MEMORY_EXT_FLATTEN __attribute__((flatten))
 
+// Whether the variants run: on x86-64-v4 CPUs unless MEMORY_EXT_NO_AVX512_VARIANTS is set
+// (read once; the tests use it to compare the variants with the clones bit for bit).
 inline bool cpu_is_x86_64_v4() {
-  static const bool v4 = __builtin_cpu_supports("x86-64-v4");
+  static const bool v4 = __builtin_cpu_supports("x86-64-v4") &&
+                         std::getenv("MEMORY_EXT_NO_AVX512_VARIANTS") == nullptr;
   return v4;
 }
 
@@ -155,6 +160,12 @@ MEMORY_EXT_V4 MEMORY_EXT_FLATTEN void bag_sum_codes_v4(float* __restrict out, co
   bag_sum_chunk<CodeLaneSums<C, R>, C>(out, rows, w, ahead, ahead_bytes, n, offset);
 }
 
+// a * b + c, rounded once.
+MEMORY_EXT_V4 inline lanes_vector_t<float> fma_lanes(const lanes_vector_t<float>& a, float b,
+                                                     const lanes_vector_t<float>& c) {
+  return _mm512_fmadd_ps(a, _mm512_set1_ps(b), c);
+}
+
 // row_axpy_n_clones for fp16 rows, kDotLanes elements at a time (load_half_lanes); the tail
 // element by element, as there.
 template <int N, bool kFirst>
@@ -172,8 +183,15 @@ MEMORY_EXT_V4 MEMORY_EXT_FLATTEN void row_axpy_n_half_v4(float* __restrict acc,
     lanes_vector_t<float> x, sum;
     load_half_lanes(x, r[0] + i);
     sum = wq[0] * x;
+    if constexpr (N > 1) {
+      // The clones' compiler fuses the first product into the second row's add (fma(w0, x0,
+      // w1 * x1)); the same here keeps every bit of their result.
+      lanes_vector_t<float> second;
+      load_half_lanes(second, r[1] + i);
+      sum = fma_lanes(x, wq[0], wq[1] * second);
+    }
 #pragma GCC unroll 16
-    for (int q = 1; q < N; ++q) {
+    for (int q = 2; q < N; ++q) {
       load_half_lanes(x, r[q] + i);
       sum += wq[q] * x;
     }
@@ -186,7 +204,8 @@ MEMORY_EXT_V4 MEMORY_EXT_FLATTEN void row_axpy_n_half_v4(float* __restrict acc,
   }
   for (; i < n; ++i) {
     float sum = wq[0] * widen(r[0][i]);
-    for (int q = 1; q < N; ++q) sum += wq[q] * widen(r[q][i]);
+    if constexpr (N > 1) sum = __builtin_fmaf(widen(r[0][i]), wq[0], wq[1] * widen(r[1][i]));
+    for (int q = 2; q < N; ++q) sum = __builtin_fmaf(wq[q], widen(r[q][i]), sum);
     acc[i] = kFirst ? sum : acc[i] + sum;
   }
 }
