@@ -29,7 +29,7 @@ namespace memory_ext::cpu {
 
 // Whether the variants run: on x86-64-v4 CPUs unless MEMORY_EXT_NO_AVX512_VARIANTS is set
 // (read once; the tests use it to compare the variants with the clones bit for bit).
-inline bool cpu_is_x86_64_v4() {
+inline bool use_avx512_variants() {
   static const bool v4 = __builtin_cpu_supports("x86-64-v4") &&
                          std::getenv("MEMORY_EXT_NO_AVX512_VARIANTS") == nullptr;
   return v4;
@@ -239,11 +239,13 @@ inline void bag_sum(A* __restrict out, const R* const* rows, const A* w, const R
   if constexpr ((std::is_same_v<R, uint8_t> || std::is_same_v<R, e4m3_bits> ||
                  std::is_same_v<R, half_bits>) &&
                 std::is_same_v<A, float> && C % kDotLanes == 0) {
-    if (cpu_is_x86_64_v4()) return bag_sum_codes_v4<C>(out, rows, w, ahead, ahead_bytes, n, offset);
+    if (use_avx512_variants())
+      return bag_sum_codes_v4<C>(out, rows, w, ahead, ahead_bytes, n, offset);
   }
   if constexpr (std::is_same_v<R, uint16_t> && std::is_same_v<A, float> &&
                 C % (2 * kDotLanes) == 0) {
-    if (cpu_is_x86_64_v4()) return bag_sum_bf16_v4<C>(out, rows, w, ahead, ahead_bytes, n, offset);
+    if (use_avx512_variants())
+      return bag_sum_bf16_v4<C>(out, rows, w, ahead, ahead_bytes, n, offset);
   }
 #endif
   bag_sum_in_registers<C>(out, rows, w, ahead, ahead_bytes, n, offset);
@@ -254,7 +256,7 @@ template <int N, bool kFirst, typename R, typename A>
 inline void row_axpy_n(A* __restrict acc, const R* const* rows, const A* w, int64_t n) {
 #if defined(MEMORY_EXT_GCC_X86_64)
   if constexpr (std::is_same_v<R, half_bits> && std::is_same_v<A, float>) {
-    if (cpu_is_x86_64_v4()) return row_axpy_n_half_v4<N, kFirst>(acc, rows, w, n);
+    if (use_avx512_variants()) return row_axpy_n_half_v4<N, kFirst>(acc, rows, w, n);
   }
 #endif
   row_axpy_n_clones<N, kFirst>(acc, rows, w, n);
@@ -266,7 +268,7 @@ inline A row_dot(const RA* __restrict a, const RB* __restrict b, int64_t n) {
 #if defined(MEMORY_EXT_GCC_X86_64)
   if constexpr (std::is_same_v<RA, half_bits> && std::is_same_v<RB, half_bits> &&
                 std::is_same_v<A, float>) {
-    if (cpu_is_x86_64_v4()) return row_dot_half_v4(a, b, n);
+    if (use_avx512_variants()) return row_dot_half_v4(a, b, n);
   }
 #endif
   return row_dot_clones<RA, RB, A>(a, b, n);
