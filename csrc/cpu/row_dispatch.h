@@ -59,17 +59,17 @@ struct CodeLaneSums {
   static MEMORY_EXT_V4 inline void load(lanes_vector_t<float>& v, const R* __restrict codes) {
     if constexpr (std::is_same_v<R, half_bits>) {
       load_half_lanes(v, codes);
-      return;
-    }
-    float f[kDotLanes];
+    } else {
+      float f[kDotLanes];
 #pragma GCC unroll 16
-    for (int l = 0; l < kDotLanes; ++l) {
-      if constexpr (std::is_same_v<R, uint8_t>)
-        f[l] = float(int32_t(codes[l]));  // through int32: GCC converts uint8 lane by lane
-      else
-        f[l] = widen(codes[l]);
+      for (int l = 0; l < kDotLanes; ++l) {
+        if constexpr (std::is_same_v<R, uint8_t>)
+          f[l] = float(int32_t(codes[l]));  // through int32: GCC converts uint8 lane by lane
+        else
+          f[l] = widen(codes[l]);
+      }
+      std::memcpy(&v, f, sizeof(v));
     }
-    std::memcpy(&v, f, sizeof(v));
   }
   MEMORY_EXT_V4 inline void start(float w, const R* __restrict row) {
 #pragma GCC unroll 64
@@ -182,13 +182,14 @@ MEMORY_EXT_V4 MEMORY_EXT_FLATTEN void row_axpy_n_half_v4(float* __restrict acc,
   for (; i + kDotLanes <= n; i += kDotLanes) {
     lanes_vector_t<float> x, sum;
     load_half_lanes(x, r[0] + i);
-    sum = wq[0] * x;
     if constexpr (N > 1) {
       // The clones' compiler fuses the first product into the second row's add (fma(w0, x0,
       // w1 * x1)); the same here keeps every bit of their result.
       lanes_vector_t<float> second;
       load_half_lanes(second, r[1] + i);
       sum = fma_lanes(x, wq[0], wq[1] * second);
+    } else {
+      sum = wq[0] * x;
     }
 #pragma GCC unroll 16
     for (int q = 2; q < N; ++q) {
@@ -203,8 +204,9 @@ MEMORY_EXT_V4 MEMORY_EXT_FLATTEN void row_axpy_n_half_v4(float* __restrict acc,
     std::memcpy(acc + i, &sum, sizeof(sum));
   }
   for (; i < n; ++i) {
-    float sum = wq[0] * widen(r[0][i]);
-    if constexpr (N > 1) sum = __builtin_fmaf(widen(r[0][i]), wq[0], wq[1] * widen(r[1][i]));
+    // (r[1 % N]: row 1; an index in bounds where N is 1 and that branch is not taken)
+    float sum = N > 1 ? __builtin_fmaf(widen(r[0][i]), wq[0], wq[1] * widen(r[1 % N][i]))
+                      : wq[0] * widen(r[0][i]);
     for (int q = 2; q < N; ++q) sum = __builtin_fmaf(wq[q], widen(r[q][i]), sum);
     acc[i] = kFirst ? sum : acc[i] + sum;
   }
