@@ -110,11 +110,11 @@ def merge(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
     for path in paths:
         sweep = read_sweep(path)
         runs = sweep.get("merged_from") or [{"file": Path(path).name, "machine": sweep["machine"], "options": sweep["options"]}]
-        for run in runs:
+        for source in runs:
             if demo_options is None:
-                demo_options, entities = sweep["demo_options"], run["options"]["entities"]
-            if sweep["demo_options"] != demo_options or run["options"]["entities"] != entities:
-                raise SystemExit(f"sweep --merge: {path} was run with entities {run['options']['entities']} and demo "
+                demo_options, entities = sweep["demo_options"], source["options"]["entities"]
+            if sweep["demo_options"] != demo_options or source["options"]["entities"] != entities:
+                raise SystemExit(f"sweep --merge: {path} was run with entities {source['options']['entities']} and demo "
                                  f"options {sweep['demo_options']}, the first file with {entities} and {demo_options}")
         for p in sweep["points"]:
             key = (p["model"], p["n_keys"], p["seed"])
