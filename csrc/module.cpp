@@ -34,6 +34,7 @@ PYBIND11_MODULE(_C, m) {
         "Bytes held in free blocks by the pool of the CPU kernels' large outputs");
   m.def("release_cpu_buffers", &memory_ext::cpu::release_cached_buffers,
         "Unmap the free blocks of the CPU kernels' output pool; returns the bytes released");
-  m.def("cpu_bf16_tile_scoring", &memory_ext::cpu::bf16_scores_available,
-        "Whether CPU pk_topk scores bf16 inputs on the AMX tile unit in this process");
+  m.def("cpu_bf16_scoring_kernel", &memory_ext::cpu::bf16_scores_kernel,
+        "The kernel CPU pk_topk scores bf16 inputs with in this process: amx, avx512_bf16 "
+        "or none (float32 GEMM)");
 }

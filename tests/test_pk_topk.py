@@ -62,8 +62,9 @@ def check_topk(query, keys, k, scores, indices, exact=False):
     "tokens,heads,n_keys,half,k",
     [(1, 1, 1, 1, 1), (7, 1, 5, 3, 5), (33, 4, 100, 16, 32), (20, 2, 64, 48, 7), (9, 3, 37, 8, 1), (5, 2, 300, 8, 256),
      (16, 2, 1024, 8, 32), (40, 4, 256, 16, 8), (24, 2, 128, 16, 16),
-     # n_keys and half multiples of 32 and 64 tokens or more: bf16 takes the CPU's AMX
-     # scoring where it has one, in blocks of 32 tokens (70 and 97 leave a short last block)
+     # n_keys and half multiples of 32 and 64 tokens or more: bf16 takes our AMX or
+     # AVX512-BF16 scoring where the CPU has one, in blocks of 32 or 12 tokens (70 and 97
+     # leave a short last block for both)
      (70, 2, 64, 32, 8), (97, 3, 96, 64, 16), (600, 2, 64, 32, 8)],
 )
 def test_matches_bruteforce(device, dtype, tokens, heads, n_keys, half, k):
@@ -158,7 +159,7 @@ def test_gradients_match_reference(device, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_and_backward_are_deterministic_across_threads(dtype):
-    """bf16 scores come from our AMX kernel where the CPU has it, float32 scores from
+    """bf16 scores come from our AMX or AVX512-BF16 kernel where the CPU has one, float32 scores from
     torch's GEMM."""
     query, keys = make_inputs(600, 4, 256, 32, dtype, "cpu")
     query.requires_grad_(True)
@@ -178,7 +179,7 @@ def test_forward_and_backward_are_deterministic_across_threads(dtype):
 
 
 def test_bf16_inputs_without_the_bf16_kernel():
-    """MEMORY_EXT_CPU_BF16_DOT=0 turns off the AMX scoring (bf16_scores.h): the bf16
+    """MEMORY_EXT_CPU_BF16_DOT=0 turns off our bf16 scoring (bf16_scores.h): the bf16
     cases then take torch's float32 GEMM, as on CPUs without it, and must pass the same
     checks. Run in a fresh process, which reads the setting once."""
     env = dict(os.environ, MEMORY_EXT_CPU_BF16_DOT="0")
@@ -189,14 +190,20 @@ def test_bf16_inputs_without_the_bf16_kernel():
     assert " passed" in done.stdout and " failed" not in done.stdout
 
 
-def test_the_tile_unit_scores_bf16_where_the_cpu_has_one():
-    """On Linux with AMX-BF16 the bf16 cases above ran on the tile unit (unless turned off)."""
+def test_our_bf16_kernel_scores_bf16_where_the_cpu_has_one():
+    """On Linux with AMX-BF16 the bf16 cases above ran on the tile unit, with AVX512-BF16
+    and no tile unit (AMD Zen 4) on our VDPBF16PS kernel (unless turned off)."""
     from memory_ext import _C
 
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if " amx_bf16" not in flags or " amx_tile" not in flags or os.environ.get("MEMORY_EXT_CPU_BF16_DOT") == "0":
-        pytest.skip("no AMX-BF16 on this CPU, or turned off")
-    assert _C.cpu_bf16_tile_scoring()
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    if os.environ.get("MEMORY_EXT_CPU_BF16_DOT") == "0":
+        assert _C.cpu_bf16_scoring_kernel() == "none"
+    elif {"amx_bf16", "amx_tile"} <= flags:
+        assert _C.cpu_bf16_scoring_kernel() in ("amx", "avx512_bf16")  # avx512_bf16: tile state refused
+    elif "avx512_bf16" in flags:
+        assert _C.cpu_bf16_scoring_kernel() == "avx512_bf16"
+    else:
+        pytest.skip("neither AMX-BF16 nor AVX512-BF16 on this CPU")
 
 
 def test_subnormal_bf16_inputs_are_not_read_as_zero():

@@ -4,9 +4,11 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #include <asm/prctl.h>
@@ -19,6 +21,7 @@
 #endif
 #define MEMORY_EXT_HAS_AMX_KERNEL 1
 #define MEMORY_EXT_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f")))
+#define MEMORY_EXT_DPBF16_TARGET __attribute__((target("avx512f,avx512bf16")))
 #else
 #define MEMORY_EXT_HAS_AMX_KERNEL 0
 #endif
@@ -96,21 +99,97 @@ MEMORY_EXT_AMX_TARGET void configure_tiles() {
 }
 
 MEMORY_EXT_AMX_TARGET void release_tiles() { _tile_release(); }
+
+// The AVX512-BF16 kernel: R tokens x 32 keys of one group, R x 2 vectors of 16 float32 sums
+// in registers. Per pair of dimensions p, one load of each of the two packed tiles (16 keys'
+// values 2p and 2p + 1 side by side) and a broadcast of each token's pair; VDPBF16PS adds
+// both products of each lane to its sum. a: R query rows a_stride elements apart; c: R
+// rows of 32 sums, c_stride elements apart.
+template <int R>
+MEMORY_EXT_DPBF16_TARGET void dot_block(const uint16_t* a, int64_t a_stride, const uint16_t* b0,
+                                        const uint16_t* b1, int64_t pairs, float* c,
+                                        int64_t c_stride) {
+  __m512 sums[R][2];
+  for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const auto k0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b0 + p * 2 * kTileKeys));
+    const auto k1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b1 + p * 2 * kTileKeys));
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, a + r * a_stride + 2 * p, sizeof pair);
+      const auto q = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+      sums[r][0] = _mm512_dpbf16_ps(sums[r][0], q, k0);
+      sums[r][1] = _mm512_dpbf16_ps(sums[r][1], q, k1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(c + r * c_stride, sums[r][0]);
+    _mm512_storeu_ps(c + r * c_stride + kTileKeys, sums[r][1]);
+  }
+}
+
+// Tokens per dot_block: 12 x 2 sums, two key vectors and a broadcast fill 27 of the 32
+// vector registers.
+constexpr int kDotTokens = 12;
+using DotBlock = void (*)(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, int64_t,
+                          float*, int64_t);
+template <size_t... R>
+constexpr std::array<DotBlock, sizeof...(R)> dot_blocks(std::index_sequence<R...>) {
+  return {&dot_block<int(R) + 1>...};
+}
+// dot_block<r + 1> at [r]: the last block of a call may be short.
+constexpr auto kDotBlocks = dot_blocks(std::make_index_sequence<kDotTokens>{});
+
+bool cpu_has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16"); }
+
+// Every group's keys are read 32 at a time (two packed tiles, 2 * half * 32 bytes, which
+// stay in L1) against all the call's tokens, kDotTokens at a time.
+void dot_scores(const uint16_t* query, int64_t token_stride, const uint16_t* packed, int64_t g0,
+                int64_t g1, int64_t tokens, int64_t n_keys, int64_t half, float* out) {
+  const int64_t tile_elems = half * kTileKeys;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint16_t* group_tiles = packed + g * n_keys * half;
+    for (int64_t j0 = 0; j0 < n_keys; j0 += 2 * kTileKeys) {
+      const uint16_t* b0 = group_tiles + (j0 / kTileKeys) * tile_elems;
+      for (int64_t t0 = 0; t0 < tokens; t0 += kDotTokens) {
+        const int64_t bt = std::min<int64_t>(kDotTokens, tokens - t0);
+        kDotBlocks[bt - 1](query + t0 * token_stride + g * half, token_stride, b0, b0 + tile_elems,
+                           half / 2, out + (g * tokens + t0) * n_keys + j0, n_keys);
+      }
+    }
+  }
+}
 #endif
+
+// Which kernel bf16_scores runs in this process (read once).
+enum class Bf16Kernel { kNone, kTiles, kDot };
+Bf16Kernel bf16_kernel() {
+  static const Bf16Kernel kernel = [] {
+    const char* env = std::getenv("MEMORY_EXT_CPU_BF16_DOT");
+    if (env != nullptr && std::string(env) == "0") return Bf16Kernel::kNone;
+#if MEMORY_EXT_HAS_AMX_KERNEL
+    if (cpu_has_amx_bf16() && request_amx()) return Bf16Kernel::kTiles;
+    if (cpu_has_avx512_bf16()) return Bf16Kernel::kDot;
+#endif
+    return Bf16Kernel::kNone;
+  }();
+  return kernel;
+}
 
 }  // namespace
 
-bool bf16_scores_available() {
-  static const bool available = [] {
-    const char* env = std::getenv("MEMORY_EXT_CPU_BF16_DOT");
-    if (env != nullptr && std::string(env) == "0") return false;
-#if MEMORY_EXT_HAS_AMX_KERNEL
-    return cpu_has_amx_bf16() && request_amx();
-#else
-    return false;
-#endif
-  }();
-  return available;
+bool bf16_scores_available() { return bf16_kernel() != Bf16Kernel::kNone; }
+
+const char* bf16_scores_kernel() {
+  switch (bf16_kernel()) {
+    case Bf16Kernel::kTiles:
+      return "amx";
+    case Bf16Kernel::kDot:
+      return "avx512_bf16";
+    case Bf16Kernel::kNone:
+      break;
+  }
+  return "none";
 }
 
 bool bf16_scores_supports(int64_t n_keys, int64_t half) {
@@ -145,6 +224,10 @@ std::vector<uint16_t> pack_bf16_keys(const uint16_t* keys, int64_t groups, int64
 void bf16_scores(const uint16_t* query, int64_t token_stride, const uint16_t* packed, int64_t g0,
                  int64_t g1, int64_t tokens, int64_t n_keys, int64_t half, float* out) {
 #if MEMORY_EXT_HAS_AMX_KERNEL
+  if (bf16_kernel() == Bf16Kernel::kDot) {
+    dot_scores(query, token_stride, packed, g0, g1, tokens, n_keys, half, out);
+    return;
+  }
   constexpr int64_t kBlockTokens = 2 * kRows;
   const int64_t tile_elems = half * kTileKeys;  // one packed tile of 16 keys
   const int64_t dim_steps = half / kTileDims;

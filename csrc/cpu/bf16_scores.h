@@ -1,24 +1,32 @@
-// Half-scores of bfloat16 queries and sub-keys in float32 on the AMX tile unit (Intel Xeon
-// from Sapphire Rapids on): each TDPBF16PS multiplies a 16 x 32 block of bf16 query values
-// by a 32 x 16 block of sub-keys into 16 x 16 float32 sums, the products exact in float32.
+// Half-scores of bfloat16 queries and sub-keys in float32, the products exact in float32,
+// by one of two kernels:
+// - on the AMX tile unit (Intel Xeon from Sapphire Rapids on): each TDPBF16PS multiplies a
+//   16 x 32 block of bf16 query values by a 32 x 16 block of sub-keys into 16 x 16 float32
+//   sums. Measured on a 2-core Xeon with AMX (4096 tokens x 4 heads, n_keys 1024, half 128,
+//   k 32): pk_topk in bf16 80 -> 58 ms. (AVX512-BF16 was no faster there than the float32
+//   GEMM: that Xeon runs two float32 FMAs a cycle and one VDPBF16PS.)
+// - with AVX512-BF16 where there is no tile unit (AMD Zen 4 and later): each VDPBF16PS adds
+//   two products to each of 16 float32 sums, twice a float32 FMA's work where both run one
+//   instruction a cycle. Measured on a 2-core AMD EPYC (Zen 4) at the shape above: see
+//   pk_topk.cpp.
 // torch has no CPU matmul of bf16 inputs with a float32 result (its bf16 matmul rounds the
-// result to bf16, which would change the selection), so pk_topk had converted both to
-// float32 and run a float32 GEMM. Measured on a 2-core Xeon with AMX (4096 tokens x 4
-// heads, n_keys 1024, half 128, k 32): pk_topk in bf16 80 -> 58 ms. (AVX512-BF16's
-// vdpbf16ps, tried first, was no faster than the float32 GEMM: one instruction a cycle.)
+// result to bf16, which would change the selection), so without these pk_topk converts both
+// to float32 and runs a float32 GEMM.
 //
-// Each score sums its products in the tile unit's fixed order, whatever the block or the
-// thread count, so results are bitwise reproducible. The tile unit treats bf16 subnormal
-// inputs as zero, which can move a score by a subnormal times the other factor (large if
-// that factor is huge): pk_topk checks its inputs (has_bf16_subnormals) and scores calls
-// with any subnormal on the float32 path instead. Subnormal sums are flushed to zero, a
-// change of less than 2^-126.
+// Each score sums its products in a fixed order (the tile unit's, or per pair of dimensions
+// in ascending order), whatever the block or the thread count, so results are bitwise
+// reproducible on one machine; the two kernels round differently from each other. Both
+// treat bf16 subnormal inputs as zero, which can move a score by a subnormal times the other
+// factor (large if that factor is huge): pk_topk checks its inputs (has_bf16_subnormals)
+// and scores calls with any subnormal on the float32 path instead. Subnormal sums are
+// flushed to zero, a change of less than 2^-126.
 //
 // Linux gives the tile state only to processes that ask for it (arch_prctl), and from then
 // on an alternate signal stack must hold that state: sigaltstack with a smaller stack fails
 // (ENOMEM), and a process whose threads already have a smaller alternate stack is refused
-// (pk_topk then uses the float32 path). MEMORY_EXT_CPU_BF16_DOT=0 in the environment keeps
-// the process from asking.
+// (pk_topk then uses AVX512-BF16 where the CPU has it, else the float32 path).
+// MEMORY_EXT_CPU_BF16_DOT=0 in the environment turns both kernels off (and keeps the
+// process from asking for the tile state).
 #pragma once
 
 #include <cstdint>
@@ -26,11 +34,14 @@
 
 namespace memory_ext::cpu {
 
-// Whether bf16_scores can run here: this CPU has AMX-BF16, the build could target it and
-// Linux gave this process the AMX state.
+// Whether bf16_scores can run here: this CPU has AMX-BF16 (and Linux gave this process the
+// AMX state) or AVX512-BF16, and the build could target it.
 // MEMORY_EXT_CPU_BF16_DOT=0 in the environment turns it off (read once), so the float32
 // path can be tested on the same machine.
 bool bf16_scores_available();
+
+// The kernel bf16_scores runs in this process: "amx", "avx512_bf16" or "none".
+const char* bf16_scores_kernel();
 
 // Whether bf16_scores takes this shape: n_keys and half positive multiples of 32.
 bool bf16_scores_supports(int64_t n_keys, int64_t half);
