@@ -142,15 +142,15 @@ void select_block_packed(const float* scores, int64_t block, int64_t heads, int6
   });
 }
 
-// Calls of fewer tokens (decode steps, small batches) are scored in float32 even where the
-// tile unit is there: packing and checking the sub-keys costs more than their GEMM saves
+// Calls of fewer tokens (decode steps, small batches) are scored in float32 even where our
+// bf16 kernels run: packing and checking the sub-keys costs more than their GEMM saves
 // (4 heads x 1024 x 128 bf16 on a 2-core Xeon, tile path against float32: 1 token 0.6 ms
 // against 0.26, 32 tokens 1.0 against 0.88, 64 tokens 1.33 against 1.44).
 constexpr int64_t kTileMinTokens = 64;
 
 // The half-scores of a block of tokens, (heads * 2, tokens, n_keys) in the score dtype.
-// bf16 inputs of kTileMinTokens tokens or more go to our AMX scoring where the CPU has it
-// (bf16_scores.h), unless an input is subnormal (which the tile unit reads as zero);
+// bf16 inputs of kTileMinTokens tokens or more go to our AMX or AVX512-BF16 scoring where
+// the CPU has one (bf16_scores.h), unless an input is subnormal (which both read as zero);
 // everything else to torch's GEMM on the inputs converted to the score dtype.
 class HalfScorer {
  public:
