@@ -183,11 +183,43 @@ def test_bf16_inputs_without_the_bf16_kernel():
     cases then take torch's float32 GEMM, as on CPUs without it, and must pass the same
     checks. Run in a fresh process, which reads the setting once."""
     env = dict(os.environ, MEMORY_EXT_CPU_BF16_DOT="0")
+    kernel = subprocess.run([sys.executable, "-c", "import memory_ext; print(memory_ext._C.cpu_bf16_scoring_kernel())"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert kernel.stdout.strip() == "none", kernel.stdout + kernel.stderr
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
            "(test_matches_bruteforce or test_exact_inputs_match_bruteforce_exactly) and cpu and bfloat16"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+def test_bf16_inputs_on_the_avx512_bf16_kernel():
+    """MEMORY_EXT_CPU_BF16_DOT=avx512_bf16 runs the bf16 cases on the VDPBF16PS kernel even
+    where the CPU also has a tile unit (the kernel AMD Zen 4 takes by default): the same
+    checks, and the same bits at 1 and 2 threads. Fresh process, as above."""
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    if "avx512_bf16" not in flags:
+        pytest.skip("no AVX512-BF16 on this CPU")
+    env = dict(os.environ, MEMORY_EXT_CPU_BF16_DOT="avx512_bf16")
+    kernel = subprocess.run([sys.executable, "-c", "import memory_ext; print(memory_ext._C.cpu_bf16_scoring_kernel())"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert kernel.stdout.strip() == "avx512_bf16", kernel.stdout + kernel.stderr
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+           "(test_matches_bruteforce and cpu and bfloat16) or test_forward_and_backward_are_deterministic_across_threads"
+           " or test_subnormal_bf16_inputs_are_not_read_as_zero"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+def test_a_misspelt_bf16_kernel_setting_is_an_error():
+    env = dict(os.environ, MEMORY_EXT_CPU_BF16_DOT="avx512")
+    code = ("import torch, memory_ext\n"
+            "q, k = torch.randn(64, 1, 64).bfloat16(), torch.randn(1, 2, 32, 32).bfloat16()\n"
+            "memory_ext.ops.pk_topk(q, k, 4)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "MEMORY_EXT_CPU_BF16_DOT must be 0, 1, amx or avx512_bf16, got 'avx512'" in done.stderr
 
 
 def test_our_bf16_kernel_scores_bf16_where_the_cpu_has_one():
@@ -196,9 +228,9 @@ def test_our_bf16_kernel_scores_bf16_where_the_cpu_has_one():
     from memory_ext import _C
 
     flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
-    if os.environ.get("MEMORY_EXT_CPU_BF16_DOT") == "0":
-        assert _C.cpu_bf16_scoring_kernel() == "none"
-    elif {"amx_bf16", "amx_tile"} <= flags:
+    if os.environ.get("MEMORY_EXT_CPU_BF16_DOT", "1") != "1":
+        pytest.skip("MEMORY_EXT_CPU_BF16_DOT picks the kernel (the tests above check each setting)")
+    if {"amx_bf16", "amx_tile"} <= flags:
         assert _C.cpu_bf16_scoring_kernel() in ("amx", "avx512_bf16")  # avx512_bf16: tile state refused
     elif "avx512_bf16" in flags:
         assert _C.cpu_bf16_scoring_kernel() == "avx512_bf16"

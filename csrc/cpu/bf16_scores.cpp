@@ -161,21 +161,26 @@ void dot_scores(const uint16_t* query, int64_t token_stride, const uint16_t* pac
 }
 #endif
 
-// Which kernel bf16_scores runs in this process (read once).
+// Which kernel bf16_scores runs in this process: the tile unit, else AVX512-BF16, else none;
+// MEMORY_EXT_CPU_BF16_DOT (read once) "0" for none, "amx" or "avx512_bf16" for only that
+// one (none where the CPU lacks it), unset or "1" for the first available.
 enum class Bf16Kernel { kNone, kTiles, kDot };
 Bf16Kernel bf16_kernel() {
   static const Bf16Kernel kernel = [] {
     const char* env = std::getenv("MEMORY_EXT_CPU_BF16_DOT");
-    if (env != nullptr && std::string(env) == "0") return Bf16Kernel::kNone;
+    const std::string choice = env == nullptr ? "1" : env;
+    TORCH_CHECK(choice == "0" || choice == "1" || choice == "amx" || choice == "avx512_bf16",
+                "memory.pk_topk: MEMORY_EXT_CPU_BF16_DOT must be 0, 1, amx or avx512_bf16, got '",
+                choice, "'");
+    if (choice == "0") return Bf16Kernel::kNone;
 #if MEMORY_EXT_HAS_AMX_KERNEL
-    if (cpu_has_amx_bf16() && request_amx()) return Bf16Kernel::kTiles;
-    if (cpu_has_avx512_bf16()) return Bf16Kernel::kDot;
+    if (choice != "avx512_bf16" && cpu_has_amx_bf16() && request_amx()) return Bf16Kernel::kTiles;
+    if (choice != "amx" && cpu_has_avx512_bf16()) return Bf16Kernel::kDot;
 #endif
     return Bf16Kernel::kNone;
   }();
   return kernel;
 }
-
 }  // namespace
 
 bool bf16_scores_available() { return bf16_kernel() != Bf16Kernel::kNone; }

@@ -25,8 +25,9 @@
 // on an alternate signal stack must hold that state: sigaltstack with a smaller stack fails
 // (ENOMEM), and a process whose threads already have a smaller alternate stack is refused
 // (pk_topk then uses AVX512-BF16 where the CPU has it, else the float32 path).
-// MEMORY_EXT_CPU_BF16_DOT=0 in the environment turns both kernels off (and keeps the
-// process from asking for the tile state).
+// MEMORY_EXT_CPU_BF16_DOT in the environment: 0 turns both kernels off (and keeps the process
+// from asking for the tile state), amx or avx512_bf16 allows only that one (so that a CPU
+// with both can test each), 1 or unset takes the tile unit first.
 #pragma once
 
 #include <cstdint>
@@ -35,9 +36,8 @@
 namespace memory_ext::cpu {
 
 // Whether bf16_scores can run here: this CPU has AMX-BF16 (and Linux gave this process the
-// AMX state) or AVX512-BF16, and the build could target it.
-// MEMORY_EXT_CPU_BF16_DOT=0 in the environment turns it off (read once), so the float32
-// path can be tested on the same machine.
+// AMX state) or AVX512-BF16, the build could target it, and MEMORY_EXT_CPU_BF16_DOT (read
+// once; above) allows it, so that the float32 path can be tested on the same machine.
 bool bf16_scores_available();
 
 // The kernel bf16_scores runs in this process: "amx", "avx512_bf16" or "none".
