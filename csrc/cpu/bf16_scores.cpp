@@ -1,4 +1,4 @@
-// AMX half-scores for pk_topk (see bf16_scores.h).
+// bf16 half-scores for pk_topk on AMX or AVX512-BF16 (see bf16_scores.h).
 #include "bf16_scores.h"
 
 #include <c10/util/Exception.h>
@@ -19,11 +19,11 @@
 #ifndef ARCH_REQ_XCOMP_PERM  // kernel headers before 5.16; the kernel answers EINVAL then
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #endif
-#define MEMORY_EXT_HAS_AMX_KERNEL 1
+#define MEMORY_EXT_HAS_BF16_KERNELS 1
 #define MEMORY_EXT_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f")))
 #define MEMORY_EXT_DPBF16_TARGET __attribute__((target("avx512f,avx512bf16")))
 #else
-#define MEMORY_EXT_HAS_AMX_KERNEL 0
+#define MEMORY_EXT_HAS_BF16_KERNELS 0
 #endif
 
 namespace memory_ext::cpu {
@@ -35,7 +35,7 @@ constexpr int64_t kRows = 16;
 constexpr int64_t kTileKeys = 16;
 constexpr int64_t kTileDims = 32;
 
-#if MEMORY_EXT_HAS_AMX_KERNEL
+#if MEMORY_EXT_HAS_BF16_KERNELS
 // The tile configuration of ldtilecfg: palette 1, eight tiles of 16 rows x 64 bytes.
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1;
@@ -173,7 +173,7 @@ Bf16Kernel bf16_kernel() {
                 "memory.pk_topk: MEMORY_EXT_CPU_BF16_DOT must be 0, 1, amx or avx512_bf16, got '",
                 choice, "'");
     if (choice == "0") return Bf16Kernel::kNone;
-#if MEMORY_EXT_HAS_AMX_KERNEL
+#if MEMORY_EXT_HAS_BF16_KERNELS
     if (choice != "avx512_bf16" && cpu_has_amx_bf16() && request_amx()) return Bf16Kernel::kTiles;
     if (choice != "amx" && cpu_has_avx512_bf16()) return Bf16Kernel::kDot;
 #endif
@@ -228,7 +228,7 @@ std::vector<uint16_t> pack_bf16_keys(const uint16_t* keys, int64_t groups, int64
 
 void bf16_scores(const uint16_t* query, int64_t token_stride, const uint16_t* packed, int64_t g0,
                  int64_t g1, int64_t tokens, int64_t n_keys, int64_t half, float* out) {
-#if MEMORY_EXT_HAS_AMX_KERNEL
+#if MEMORY_EXT_HAS_BF16_KERNELS
   if (bf16_kernel() == Bf16Kernel::kDot) {
     dot_scores(query, token_stride, packed, g0, g1, tokens, n_keys, half, out);
     return;
