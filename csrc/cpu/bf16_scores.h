@@ -7,8 +7,8 @@
 //   GEMM: that Xeon runs two float32 FMAs a cycle and one VDPBF16PS.)
 // - with AVX512-BF16 where there is no tile unit (AMD Zen 4 and later): each VDPBF16PS adds
 //   two products to each of 16 float32 sums, twice a float32 FMA's work where both run one
-//   instruction a cycle. Measured on a 2-core AMD EPYC (Zen 4) at the shape above: see
-//   pk_topk.cpp.
+//   instruction a cycle. Measured on a 2-core AMD EPYC (Zen 4) at the shape above:
+//   pk_topk in bf16 113 -> 79 ms (against the float32 GEMM on converted inputs).
 // torch has no CPU matmul of bf16 inputs with a float32 result (its bf16 matmul rounds the
 // result to bf16, which would change the selection), so without these pk_topk converts both
 // to float32 and runs a float32 GEMM.
