@@ -100,6 +100,48 @@ MEMORY_EXT_AMX_TARGET void configure_tiles() {
 
 MEMORY_EXT_AMX_TARGET void release_tiles() { _tile_release(); }
 
+// bf16_scores on the tile unit: 32 tokens x 32 keys per block_32x32.
+void tile_scores(const uint16_t* query, int64_t token_stride, const uint16_t* packed, int64_t g0,
+                 int64_t g1, int64_t tokens, int64_t n_keys, int64_t half, float* out) {
+  constexpr int64_t kBlockTokens = 2 * kRows;
+  const int64_t tile_elems = half * kTileKeys;  // one packed tile of 16 keys
+  const int64_t dim_steps = half / kTileDims;
+  // Rows past the call's tokens come from a zeroed block; their results land in a scratch
+  // block, not in out.
+  std::vector<uint16_t> a_tail(static_cast<size_t>(kBlockTokens * half), 0);
+  std::vector<float> c_tail(static_cast<size_t>(kBlockTokens * 2 * kTileKeys));
+  configure_tiles();
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint16_t* group_tiles = packed + g * n_keys * half;
+    for (int64_t t0 = 0; t0 < tokens; t0 += kBlockTokens) {
+      const int64_t bt = std::min(kBlockTokens, tokens - t0);
+      const uint16_t* a = query + t0 * token_stride + g * half;
+      int64_t a_stride = token_stride * int64_t(sizeof(uint16_t));
+      if (bt < kBlockTokens) {
+        for (int64_t i = 0; i < bt; ++i)
+          std::memcpy(a_tail.data() + i * half, a + i * token_stride, half * sizeof(uint16_t));
+        a = a_tail.data();
+        a_stride = half * int64_t(sizeof(uint16_t));
+      }
+      for (int64_t j0 = 0; j0 < n_keys; j0 += 2 * kTileKeys) {
+        const uint16_t* b0 = group_tiles + (j0 / kTileKeys) * tile_elems;
+        float* c = out + (g * tokens + t0) * n_keys + j0;
+        if (bt == kBlockTokens) {
+          block_32x32(a, a_stride, b0, b0 + tile_elems, dim_steps, c,
+                      n_keys * int64_t(sizeof(float)));
+          continue;
+        }
+        block_32x32(a, a_stride, b0, b0 + tile_elems, dim_steps, c_tail.data(),
+                    2 * kTileKeys * int64_t(sizeof(float)));
+        for (int64_t i = 0; i < bt; ++i)
+          std::memcpy(c + i * n_keys, c_tail.data() + i * 2 * kTileKeys,
+                      2 * kTileKeys * sizeof(float));
+      }
+    }
+  }
+  release_tiles();
+}
+
 // The AVX512-BF16 kernel: R tokens x 32 keys of one group, R x 2 vectors of 16 float32 sums
 // in registers. Per pair of dimensions p, one load of each of the two packed tiles (16 keys'
 // values 2p and 2p + 1 side by side) and a broadcast of each token's pair; VDPBF16PS adds
@@ -229,52 +271,21 @@ std::vector<uint16_t> pack_bf16_keys(const uint16_t* keys, int64_t groups, int64
 void bf16_scores(const uint16_t* query, int64_t token_stride, const uint16_t* packed, int64_t g0,
                  int64_t g1, int64_t tokens, int64_t n_keys, int64_t half, float* out) {
 #if MEMORY_EXT_HAS_BF16_KERNELS
-  if (bf16_kernel() == Bf16Kernel::kDot) {
-    dot_scores(query, token_stride, packed, g0, g1, tokens, n_keys, half, out);
-    return;
+  switch (bf16_kernel()) {
+    case Bf16Kernel::kTiles:
+      tile_scores(query, token_stride, packed, g0, g1, tokens, n_keys, half, out);
+      return;
+    case Bf16Kernel::kDot:
+      dot_scores(query, token_stride, packed, g0, g1, tokens, n_keys, half, out);
+      return;
+    case Bf16Kernel::kNone:
+      break;
   }
-  constexpr int64_t kBlockTokens = 2 * kRows;
-  const int64_t tile_elems = half * kTileKeys;  // one packed tile of 16 keys
-  const int64_t dim_steps = half / kTileDims;
-  // Rows past the call's tokens come from a zeroed block; their results land in a scratch
-  // block, not in out.
-  std::vector<uint16_t> a_tail(static_cast<size_t>(kBlockTokens * half), 0);
-  std::vector<float> c_tail(static_cast<size_t>(kBlockTokens * 2 * kTileKeys));
-  configure_tiles();
-  for (int64_t g = g0; g < g1; ++g) {
-    const uint16_t* group_tiles = packed + g * n_keys * half;
-    for (int64_t t0 = 0; t0 < tokens; t0 += kBlockTokens) {
-      const int64_t bt = std::min(kBlockTokens, tokens - t0);
-      const uint16_t* a = query + t0 * token_stride + g * half;
-      int64_t a_stride = token_stride * int64_t(sizeof(uint16_t));
-      if (bt < kBlockTokens) {
-        for (int64_t i = 0; i < bt; ++i)
-          std::memcpy(a_tail.data() + i * half, a + i * token_stride, half * sizeof(uint16_t));
-        a = a_tail.data();
-        a_stride = half * int64_t(sizeof(uint16_t));
-      }
-      for (int64_t j0 = 0; j0 < n_keys; j0 += 2 * kTileKeys) {
-        const uint16_t* b0 = group_tiles + (j0 / kTileKeys) * tile_elems;
-        float* c = out + (g * tokens + t0) * n_keys + j0;
-        if (bt == kBlockTokens) {
-          block_32x32(a, a_stride, b0, b0 + tile_elems, dim_steps, c,
-                      n_keys * int64_t(sizeof(float)));
-          continue;
-        }
-        block_32x32(a, a_stride, b0, b0 + tile_elems, dim_steps, c_tail.data(),
-                    2 * kTileKeys * int64_t(sizeof(float)));
-        for (int64_t i = 0; i < bt; ++i)
-          std::memcpy(c + i * n_keys, c_tail.data() + i * 2 * kTileKeys,
-                      2 * kTileKeys * sizeof(float));
-      }
-    }
-  }
-  release_tiles();
 #else
   (void)query, (void)token_stride, (void)packed, (void)g0, (void)g1, (void)tokens, (void)n_keys,
       (void)half, (void)out;
-  TORCH_CHECK(false, "memory.pk_topk: the bf16 scoring kernel is not built for this CPU");
 #endif
+  TORCH_CHECK(false, "memory.pk_topk: no bf16 scoring kernel runs in this process");
 }
 
 }  // namespace memory_ext::cpu
