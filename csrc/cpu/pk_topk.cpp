@@ -145,11 +145,13 @@ void select_block_packed(const float* scores, int64_t block, int64_t heads, int6
 // Calls of fewer tokens (decode steps, small batches) are scored in float32 even where our
 // bf16 kernels run: packing and checking the sub-keys costs more than their GEMM saves
 // (4 heads x 1024 x 128 bf16 on a 2-core Xeon, tile path against float32: 1 token 0.6 ms
-// against 0.26, 32 tokens 1.0 against 0.88, 64 tokens 1.33 against 1.44).
-constexpr int64_t kTileMinTokens = 64;
+// against 0.26, 32 tokens 1.0 against 0.88, 64 tokens 1.33 against 1.44; on a 2-core AMD
+// EPYC, AVX512-BF16 against float32: 1 token 0.39-0.49 against 0.23, 32 tokens 0.74-1.05
+// against 1.04-1.10, 64 tokens 1.33-1.85 against 1.93-1.98).
+constexpr int64_t kBf16KernelMinTokens = 64;
 
 // The half-scores of a block of tokens, (heads * 2, tokens, n_keys) in the score dtype.
-// bf16 inputs of kTileMinTokens tokens or more go to our AMX or AVX512-BF16 scoring where
+// bf16 inputs of kBf16KernelMinTokens tokens or more go to our AMX or AVX512-BF16 scoring where
 // the CPU has one (bf16_scores.h), unless an input is subnormal (which both read as zero);
 // everything else to torch's GEMM on the inputs converted to the score dtype.
 class HalfScorer {
@@ -160,23 +162,24 @@ class HalfScorer {
         n_keys_(keys.size(2)),
         half_(keys.size(3)),
         score_type_(score_type) {
-    tiles_ = query.scalar_type() == at::kBFloat16 && query.size(0) >= kTileMinTokens &&
-             cpu::bf16_scores_supports(n_keys_, half_) && cpu::bf16_scores_available();
-    if (tiles_) {
+    bf16_kernel_ = query.scalar_type() == at::kBFloat16 && query.size(0) >= kBf16KernelMinTokens &&
+                   cpu::bf16_scores_supports(n_keys_, half_) && cpu::bf16_scores_available();
+    if (bf16_kernel_) {
       const auto keys_c = keys.contiguous();
       query_ = query.contiguous();
       const auto* k_bits = reinterpret_cast<const uint16_t*>(keys_c.const_data_ptr());
-      tiles_ = !cpu::has_bf16_subnormals(query_bits(), query_.numel()) &&
-               !cpu::has_bf16_subnormals(k_bits, keys_c.numel());
-      if (tiles_) packed_keys_ = cpu::pack_bf16_keys(k_bits, groups_, n_keys_, half_);
+      bf16_kernel_ = !cpu::has_bf16_subnormals(query_bits(), query_.numel()) &&
+                     !cpu::has_bf16_subnormals(k_bits, keys_c.numel());
+      if (bf16_kernel_) packed_keys_ = cpu::pack_bf16_keys(k_bits, groups_, n_keys_, half_);
     }
     // (heads * 2, half, n_keys) in the score dtype: transposed once, reused by every block.
-    if (!tiles_) keys_t_ = keys.to(score_type).reshape({groups_, n_keys_, half_}).transpose(1, 2);
+    if (!bf16_kernel_)
+      keys_t_ = keys.to(score_type).reshape({groups_, n_keys_, half_}).transpose(1, 2);
   }
 
   // out (heads * 2, bt, n_keys) = the scores of tokens t0 .. t0 + bt - 1.
   void score(int64_t t0, int64_t bt, at::Tensor& out) const {
-    if (!tiles_) {
+    if (!bf16_kernel_) {
       // (bt, heads, 2, half) -> (heads * 2, bt, half)
       const auto q =
           query_.narrow(0, t0, bt).to(score_type_).reshape({bt, groups_, half_}).transpose(0, 1);
@@ -198,12 +201,12 @@ class HalfScorer {
     return reinterpret_cast<const uint16_t*>(query_.const_data_ptr());
   }
 
-  at::Tensor query_;  // contiguous on the tile path
+  at::Tensor query_;  // contiguous where our bf16 kernel scores it
   at::Tensor keys_t_;
   std::vector<uint16_t> packed_keys_;
   int64_t groups_, n_keys_, half_;
   at::ScalarType score_type_;
-  bool tiles_ = false;
+  bool bf16_kernel_ = false;
 };
 
 std::tuple<at::Tensor, at::Tensor> pk_topk_cpu(const at::Tensor& query, const at::Tensor& keys,
