@@ -19,7 +19,16 @@ BAGS = (1, 5, 128)
 
 
 def outputs() -> list[torch.Tensor]:
-    """Every op whose CPU kernel goes through row_dispatch.h, over the grid."""
+    """Every op whose CPU kernel goes through row_dispatch.h, over the grid; the thread
+    count is left as it was."""
+    threads_before = torch.get_num_threads()
+    try:
+        return grid_outputs()
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def grid_outputs() -> list[torch.Tensor]:
     torch.manual_seed(0)
     outs = []
     for dim in DIMS:

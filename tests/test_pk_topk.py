@@ -178,6 +178,14 @@ def test_forward_and_backward_are_deterministic_across_threads(dtype):
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return set()
+    with open("/proc/cpuinfo") as f:
+        return set(f.read().split())
+
+
 def bf16_kernel_in_fresh_process(env: dict) -> str:
     """The bf16 scoring kernel a new process with this environment picks."""
     done = subprocess.run([sys.executable, "-c", "import memory_ext; print(memory_ext._C.cpu_bf16_scoring_kernel())"],
@@ -203,7 +211,7 @@ def test_bf16_inputs_on_the_avx512_bf16_kernel():
     """MEMORY_EXT_CPU_BF16_DOT=avx512_bf16 runs the bf16 cases on the VDPBF16PS kernel even
     where the CPU also has a tile unit (the kernel AMD Zen 4 takes by default): the same
     checks, and the same bits at 1 and 2 threads. Fresh process, as above."""
-    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    flags = cpu_flags()
     if "avx512_bf16" not in flags:
         pytest.skip("no AVX512-BF16 on this CPU")
     env = dict(os.environ, MEMORY_EXT_CPU_BF16_DOT="avx512_bf16")
@@ -231,7 +239,7 @@ def test_our_bf16_kernel_scores_bf16_where_the_cpu_has_one():
     and no tile unit (AMD Zen 4) on our VDPBF16PS kernel (unless turned off)."""
     from memory_ext import _C
 
-    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    flags = cpu_flags()
     if os.environ.get("MEMORY_EXT_CPU_BF16_DOT", "1") != "1":
         pytest.skip("MEMORY_EXT_CPU_BF16_DOT picks the kernel (the tests above check each setting)")
     if {"amx_bf16", "amx_tile"} <= flags:
