@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "cpu/bf16_scores.h"
+#include "cpu/f32_scores.h"
 #include "cpu/large_buffers.h"
 #include "memory_ext/huge_pages.h"
 
@@ -37,4 +38,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_bf16_scoring_kernel", &memory_ext::cpu::bf16_scores_kernel,
         "The kernel CPU pk_topk scores bf16 inputs with in this process: amx, avx512_bf16 "
         "or none (float32 GEMM)");
+  m.def("cpu_f32_scoring_kernel", &memory_ext::cpu::f32_scores_kernel,
+        "The kernel CPU pk_topk scores float32 inputs (and float16 or bf16 ones no bf16 kernel "
+        "takes) with in this process, from 64 tokens on: avx512 or none (torch's GEMM)");
 }

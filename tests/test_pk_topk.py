@@ -64,8 +64,10 @@ def check_topk(query, keys, k, scores, indices, exact=False):
      (16, 2, 1024, 8, 32), (40, 4, 256, 16, 8), (24, 2, 128, 16, 16),
      # n_keys and half multiples of 32 and 64 tokens or more: bf16 takes our AMX or
      # AVX512-BF16 scoring where the CPU has one, in blocks of 32 or 12 tokens (70 and 97
-     # leave a short last block for both)
-     (70, 2, 64, 32, 8), (97, 3, 96, 64, 16), (600, 2, 64, 32, 8)],
+     # leave a short last block for both); float32 (and float16, and bf16 without a bf16
+     # kernel) our AVX-512 scoring, which takes any half: tiles of 96 tokens at n_keys <= 512
+     # (200 leaves 8), of 60 at 1024 (70 leaves 10)
+     (70, 2, 64, 32, 8), (97, 3, 96, 64, 16), (600, 2, 64, 32, 8), (200, 2, 32, 5, 9), (70, 1, 1024, 7, 32)],
 )
 def test_matches_bruteforce(device, dtype, tokens, heads, n_keys, half, k):
     query, keys = make_inputs(tokens, heads, n_keys, half, dtype, device)
@@ -160,7 +162,7 @@ def test_gradients_match_reference(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_and_backward_are_deterministic_across_threads(dtype):
     """bf16 scores come from our AMX or AVX512-BF16 kernel where the CPU has one, float32 scores from
-    torch's GEMM."""
+    our AVX-512 kernel where the CPU has AVX-512, else from torch's GEMM."""
     query, keys = make_inputs(600, 4, 256, 32, dtype, "cpu")
     query.requires_grad_(True)
     keys.requires_grad_(True)
@@ -186,12 +188,24 @@ def cpu_flags() -> set[str]:
         return set(f.read().split())
 
 
-def bf16_kernel_in_fresh_process(env: dict) -> str:
-    """The bf16 scoring kernel a new process with this environment picks."""
-    done = subprocess.run([sys.executable, "-c", "import memory_ext; print(memory_ext._C.cpu_bf16_scoring_kernel())"],
-                          env=env, capture_output=True, text=True, timeout=120)
+def kernel_in_fresh_process(env: dict, which: str = "bf16") -> str:
+    """The bf16 (or f32) scoring kernel a new process with this environment picks."""
+    code = f"import memory_ext; print(memory_ext._C.cpu_{which}_scoring_kernel())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip()
+
+
+def pytest_in_fresh_process(env: dict, selection: str) -> None:
+    """Runs this file's tests that match selection (pytest -k) in a new process with env, which
+    reads the kernel settings once; they must all pass."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+BRUTEFORCE_TESTS = "(test_matches_bruteforce or test_exact_inputs_match_bruteforce_exactly) and cpu"
 
 
 def test_bf16_inputs_without_the_bf16_kernel():
@@ -199,12 +213,41 @@ def test_bf16_inputs_without_the_bf16_kernel():
     cases then take torch's float32 GEMM, as on CPUs without it, and must pass the same
     checks. Run in a fresh process, which reads the setting once."""
     env = dict(os.environ, MEMORY_EXT_CPU_BF16_DOT="0")
-    assert bf16_kernel_in_fresh_process(env) == "none"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-           "(test_matches_bruteforce or test_exact_inputs_match_bruteforce_exactly) and cpu and bfloat16"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and " failed" not in done.stdout
+    assert kernel_in_fresh_process(env) == "none"
+    pytest_in_fresh_process(env, f"{BRUTEFORCE_TESTS} and bfloat16")
+
+
+@pytest.mark.parametrize("bf16_kernel", ["0", "1"])
+def test_inputs_on_torchs_gemm_without_our_f32_kernel(bf16_kernel):
+    """MEMORY_EXT_CPU_F32_DOT=0: every call our bf16 kernels do not take (with
+    MEMORY_EXT_CPU_BF16_DOT=0 every call; with it on, those with a subnormal bf16 input) is
+    scored by torch's GEMM and selected per block of tokens, as on CPUs without AVX-512: the
+    same checks, and the same bits at 1 and 2 threads."""
+    env = dict(os.environ, MEMORY_EXT_CPU_F32_DOT="0", MEMORY_EXT_CPU_BF16_DOT=bf16_kernel)
+    assert kernel_in_fresh_process(env, "f32") == "none"
+    pytest_in_fresh_process(env, f"({BRUTEFORCE_TESTS} and not float64) or deterministic_across_threads"
+                            " or test_subnormal_bf16_inputs_are_not_read_as_zero")
+
+
+def test_our_f32_kernel_scores_float32_where_the_cpu_has_avx512():
+    from memory_ext import _C
+
+    if os.environ.get("MEMORY_EXT_CPU_F32_DOT", "1") != "1":
+        pytest.skip("MEMORY_EXT_CPU_F32_DOT turns the kernel off (the test above checks that path)")
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    assert _C.cpu_f32_scoring_kernel() == ("avx512" if "avx512f" in flags else "none")
+
+
+def test_a_misspelt_f32_kernel_setting_is_an_error():
+    env = dict(os.environ, MEMORY_EXT_CPU_F32_DOT="on")
+    code = ("import torch, memory_ext\n"
+            "q, k = torch.randn(64, 1, 64), torch.randn(1, 2, 32, 32)\n"
+            "memory_ext.ops.pk_topk(q, k, 4)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "MEMORY_EXT_CPU_F32_DOT must be 0 or 1, got 'on'" in done.stderr
 
 
 def test_bf16_inputs_on_the_avx512_bf16_kernel():
@@ -215,13 +258,9 @@ def test_bf16_inputs_on_the_avx512_bf16_kernel():
     if "avx512_bf16" not in flags:
         pytest.skip("no AVX512-BF16 on this CPU")
     env = dict(os.environ, MEMORY_EXT_CPU_BF16_DOT="avx512_bf16")
-    assert bf16_kernel_in_fresh_process(env) == "avx512_bf16"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-           "((test_matches_bruteforce or test_exact_inputs_match_bruteforce_exactly) and cpu and bfloat16)"
-           " or test_forward_and_backward_are_deterministic_across_threads or test_subnormal_bf16_inputs_are_not_read_as_zero"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout and " failed" not in done.stdout
+    assert kernel_in_fresh_process(env) == "avx512_bf16"
+    pytest_in_fresh_process(env, f"({BRUTEFORCE_TESTS} and bfloat16) or test_forward_and_backward_are_deterministic_across_threads"
+                            " or test_subnormal_bf16_inputs_are_not_read_as_zero")
 
 
 def test_a_misspelt_bf16_kernel_setting_is_an_error():
@@ -251,8 +290,9 @@ def test_our_bf16_kernel_scores_bf16_where_the_cpu_has_one():
 
 
 def test_subnormal_bf16_inputs_are_not_read_as_zero():
-    """The tile unit reads subnormal bf16 values as 0: a subnormal query value times a huge
-    sub-key must still count, so such calls are scored in float32 (exact here)."""
+    """Our bf16 kernels read subnormal bf16 values as 0: a subnormal query value times a huge
+    sub-key must still count, so such calls are scored in float32 (exact here), by our float32
+    kernel or torch's GEMM."""
     query = torch.zeros(72, 2, 64, dtype=torch.bfloat16)
     keys = torch.zeros(2, 2, 64, 32, dtype=torch.bfloat16)
     query[3, 1, 0] = 2.0**-130  # subnormal in bf16

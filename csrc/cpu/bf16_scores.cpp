@@ -10,6 +10,8 @@
 #include <string>
 #include <utility>
 
+#include "dot_blocks.h"
+
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #include <asm/prctl.h>
 #include <cpuid.h>
@@ -32,7 +34,7 @@ namespace {
 // Tile shapes: 16 rows of 64 bytes. A: 16 tokens x 32 bf16 dimensions; B: 16 pairs of
 // dimensions x 16 keys x 2 bf16 (the packed layout); C: 16 tokens x 16 keys of float32.
 constexpr int64_t kRows = 16;
-constexpr int64_t kTileKeys = 16;
+constexpr int64_t kTileKeys = kDotTileKeys;
 constexpr int64_t kTileDims = 32;
 
 #if MEMORY_EXT_HAS_BF16_KERNELS
@@ -125,7 +127,7 @@ void tile_scores(const uint16_t* query, int64_t token_stride, const uint16_t* pa
       }
       for (int64_t j0 = 0; j0 < n_keys; j0 += 2 * kTileKeys) {
         const uint16_t* b0 = group_tiles + (j0 / kTileKeys) * tile_elems;
-        float* c = out + (g * tokens + t0) * n_keys + j0;
+        float* c = out + ((g - g0) * tokens + t0) * n_keys + j0;
         if (bt == kBlockTokens) {
           block_32x32(a, a_stride, b0, b0 + tile_elems, dim_steps, c,
                       n_keys * int64_t(sizeof(float)));
@@ -170,37 +172,14 @@ MEMORY_EXT_DPBF16_TARGET void dot_block(const uint16_t* a, int64_t a_stride, con
   }
 }
 
-// Tokens per dot_block: 12 x 2 sums, two key vectors and a broadcast fill 27 of the 32
-// vector registers.
-constexpr int kDotTokens = 12;
-using DotBlock = void (*)(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, int64_t,
-                          float*, int64_t);
 template <size_t... R>
-constexpr std::array<DotBlock, sizeof...(R)> dot_blocks(std::index_sequence<R...>) {
+constexpr std::array<DotBlock<uint16_t>, sizeof...(R)> dot_blocks(std::index_sequence<R...>) {
   return {&dot_block<int(R) + 1>...};
 }
 // dot_block<r + 1> at [r]: the last block of a call may be short.
 constexpr auto kDotBlocks = dot_blocks(std::make_index_sequence<kDotTokens>{});
 
 bool cpu_has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16"); }
-
-// Every group's keys are read 32 at a time (two packed tiles, 2 * half * 32 bytes, which
-// stay in L1) against all the call's tokens, kDotTokens at a time.
-void dot_scores(const uint16_t* query, int64_t token_stride, const uint16_t* packed, int64_t g0,
-                int64_t g1, int64_t tokens, int64_t n_keys, int64_t half, float* out) {
-  const int64_t tile_elems = half * kTileKeys;
-  for (int64_t g = g0; g < g1; ++g) {
-    const uint16_t* group_tiles = packed + g * n_keys * half;
-    for (int64_t j0 = 0; j0 < n_keys; j0 += 2 * kTileKeys) {
-      const uint16_t* b0 = group_tiles + (j0 / kTileKeys) * tile_elems;
-      for (int64_t t0 = 0; t0 < tokens; t0 += kDotTokens) {
-        const int64_t bt = std::min<int64_t>(kDotTokens, tokens - t0);
-        kDotBlocks[bt - 1](query + t0 * token_stride + g * half, token_stride, b0, b0 + tile_elems,
-                           half / 2, out + (g * tokens + t0) * n_keys + j0, n_keys);
-      }
-    }
-  }
-}
 #endif
 
 // Which kernel bf16_scores runs in this process: the tile unit, else AVX512-BF16, else none;
@@ -239,6 +218,10 @@ const char* bf16_scores_kernel() {
   return "none";
 }
 
+int64_t bf16_scores_block_tokens() {
+  return bf16_kernel() == Bf16Kernel::kTiles ? 2 * kRows : kDotTokens;
+}
+
 bool bf16_scores_supports(int64_t n_keys, int64_t half) {
   return n_keys > 0 && half > 0 && n_keys % (2 * kTileKeys) == 0 && half % kTileDims == 0;
 }
@@ -252,12 +235,11 @@ bool has_bf16_subnormals(const uint16_t* values, int64_t n) {
 
 // packed[g][tile][p][l][e] = keys[g][tile * 16 + l][2p + e]: per tile of 16 keys and pair
 // of dimensions, the keys' two values side by side; 16 consecutive pairs are one B tile.
-std::vector<uint16_t> pack_bf16_keys(const uint16_t* keys, int64_t groups, int64_t n_keys,
-                                     int64_t half) {
-  std::vector<uint16_t> packed(static_cast<size_t>(groups * n_keys * half));
+void pack_bf16_keys(const uint16_t* keys, int64_t g0, int64_t g1, int64_t n_keys, int64_t half,
+                    uint16_t* packed) {
   const int64_t pairs = half / 2, tiles = n_keys / kTileKeys;
-  uint16_t* dst = packed.data();
-  for (int64_t g = 0; g < groups; ++g)
+  uint16_t* dst = packed + g0 * n_keys * half;
+  for (int64_t g = g0; g < g1; ++g)
     for (int64_t tile = 0; tile < tiles; ++tile)
       for (int64_t p = 0; p < pairs; ++p)
         for (int64_t l = 0; l < kTileKeys; ++l) {
@@ -265,7 +247,6 @@ std::vector<uint16_t> pack_bf16_keys(const uint16_t* keys, int64_t groups, int64
           *dst++ = src[0];
           *dst++ = src[1];
         }
-  return packed;
 }
 
 void bf16_scores(const uint16_t* query, int64_t token_stride, const uint16_t* packed, int64_t g0,
@@ -276,7 +257,8 @@ void bf16_scores(const uint16_t* query, int64_t token_stride, const uint16_t* pa
       tile_scores(query, token_stride, packed, g0, g1, tokens, n_keys, half, out);
       return;
     case Bf16Kernel::kDot:
-      dot_scores(query, token_stride, packed, g0, g1, tokens, n_keys, half, out);
+      dot_scores(kDotBlocks, query, token_stride, packed, g0, g1, tokens, n_keys, half, half / 2,
+                 out);
       return;
     case Bf16Kernel::kNone:
       break;

@@ -43,21 +43,25 @@ bool bf16_scores_available();
 // The kernel bf16_scores runs in this process: "amx", "avx512_bf16" or "none".
 const char* bf16_scores_kernel();
 
+// Tokens that bf16_scores scores at once in this process (32 on the tile unit, 12 with
+// AVX512-BF16): calls of a multiple of it waste no work on padding.
+int64_t bf16_scores_block_tokens();
+
 // Whether bf16_scores takes this shape: n_keys and half positive multiples of 32.
 bool bf16_scores_supports(int64_t n_keys, int64_t half);
 
 // Whether any of the n bf16 values (raw bits) is subnormal.
 bool has_bf16_subnormals(const uint16_t* values, int64_t n);
 
-// The sub-keys of one call rearranged for bf16_scores: groups (heads * 2) blocks of n_keys
-// rows of half bf16 values, from keys (groups, n_keys, half) contiguous, a shape that
-// bf16_scores_supports.
-std::vector<uint16_t> pack_bf16_keys(const uint16_t* keys, int64_t groups, int64_t n_keys,
-                                     int64_t half);
+// Rearranges the groups [g0, g1) of keys (groups, n_keys, half) contiguous, in a shape
+// bf16_scores_supports, into packed (room for all groups * n_keys * half values) for
+// bf16_scores. Callers split the groups between threads.
+void pack_bf16_keys(const uint16_t* keys, int64_t g0, int64_t g1, int64_t n_keys, int64_t half,
+                    uint16_t* packed);
 
-// out[g][t][key] = sum_d query[t][g][d] * keys[g][key][d] in float32 for the groups g in
-// [g0, g1) and t < tokens, with query rows token_stride elements apart (a group's half at
-// g * half), keys packed by pack_bf16_keys and out (groups, tokens, n_keys) contiguous.
+// out[g - g0][t][key] = sum_d query[t][g][d] * keys[g][key][d] in float32 for the groups g
+// in [g0, g1) and t < tokens, with query rows token_stride elements apart (a group's half at
+// g * half), keys packed by pack_bf16_keys and out (g1 - g0, tokens, n_keys) contiguous.
 // Single-threaded: the caller splits the groups between threads.
 void bf16_scores(const uint16_t* query, int64_t token_stride, const uint16_t* packed, int64_t g0,
                  int64_t g1, int64_t tokens, int64_t n_keys, int64_t half, float* out);
