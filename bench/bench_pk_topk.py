@@ -45,15 +45,19 @@ def _rss_bytes() -> int:
 
 
 def _cpu_peak_child(impl, shape, k, dtype_name, threads, queue):
-    # Keep every freed block inside the process (no mmap'd chunks, no trimming), so the
-    # resident set can only grow: its growth over the call is the call's peak footprint.
+    # Keep every block the call frees inside the process (no mmap'd chunks, no trimming), so the
+    # resident set can only grow: its growth over the call is the call's peak footprint. Free
+    # blocks that are resident before the call would hide what the call reuses of them: the
+    # inputs are made before the settings (their temporaries go back to the system), and what
+    # the warm-up call freed is handed back (malloc_trim) before the base is read.
     libc = ctypes.CDLL("libc.so.6")
+    torch.set_num_threads(threads)
+    query, keys = make_inputs(*shape, getattr(torch, dtype_name), "cpu")
     m_trim_threshold, m_mmap_max = -1, -4
     libc.mallopt(m_mmap_max, 0)
     libc.mallopt(m_trim_threshold, 2**30)
-    torch.set_num_threads(threads)
-    query, keys = make_inputs(*shape, getattr(torch, dtype_name), "cpu")
     IMPLS[impl](query[:1], keys, k)  # first call loads what it needs; tiny outputs
+    libc.malloc_trim(0)
     base = _rss_bytes()
     IMPLS[impl](query, keys, k)
     queue.put(max(0, _rss_bytes() - base))
