@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -191,6 +192,22 @@ constexpr int64_t kKernelMinTokens = 64;
 // from our kernel's stores to the selection's reads.
 constexpr int64_t kTileScores = int64_t(1) << 17;
 
+// Uninitialised arrays aligned to 64 bytes, so that the kernels' vector loads of packed
+// sub-keys and stores of scores never straddle two cache lines.
+struct FreeArray {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+using AlignedArray = std::unique_ptr<T[], FreeArray>;
+
+template <typename T>
+AlignedArray<T> aligned_array(int64_t n) {
+  const size_t bytes = (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64;
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  TORCH_CHECK(p != nullptr, "memory.pk_topk: out of memory for ", bytes, " bytes of workspace");
+  return AlignedArray<T>(p);
+}
+
 // Our scoring kernels, which score a tile of tokens of one head at a time (TileScorer).
 enum class TileKernel { kNone, kBf16, kF32 };
 
@@ -226,16 +243,16 @@ class TileScorer {
         n_keys_(keys.size(2)),
         half_(keys.size(3)),
         bf16_(kernel == TileKernel::kBf16) {
-    const auto values = static_cast<size_t>(keys.numel());
+    const int64_t values = keys.numel();
     if (bf16_) {
       const auto* k_bits = reinterpret_cast<const uint16_t*>(keys.const_data_ptr());
-      packed_bf16_.reset(new uint16_t[values]);  // not zeroed: packing writes every value
+      packed_bf16_ = aligned_array<uint16_t>(values);  // packing writes every value
       at::parallel_for(0, groups_, 1, [&](int64_t g0, int64_t g1) {
         cpu::pack_bf16_keys(k_bits, g0, g1, n_keys_, half_, packed_bf16_.get());
       });
       return;
     }
-    packed_f32_.reset(new float[values]);
+    packed_f32_ = aligned_array<float>(values);
     switch (keys.scalar_type()) {  // the dtypes tile_kernel gives to kF32
       case at::kBFloat16:
         pack_f32(keys.const_data_ptr<at::BFloat16>());
@@ -297,8 +314,8 @@ class TileScorer {
   at::Tensor query_;
   int64_t groups_, n_keys_, half_;
   bool bf16_;
-  std::unique_ptr<uint16_t[]> packed_bf16_;
-  std::unique_ptr<float[]> packed_f32_;
+  AlignedArray<uint16_t> packed_bf16_;
+  AlignedArray<float> packed_f32_;
 };
 
 // Scores and selects a tile of tokens of one head per task: the tile's scores go from our
@@ -311,8 +328,8 @@ void topk_by_tiles(const at::Tensor& query, const at::Tensor& keys, TileKernel k
   const int64_t tile = scorer.tile_tokens(), tiles = (tokens + tile - 1) / tile;
   const float z_guess = bar_guess(n_keys, k);
   at::parallel_for(0, heads * tiles, 1, [&](int64_t task0, int64_t task1) {
-    // not zeroed: the kernel writes each tile's scores before they are read
-    const std::unique_ptr<float[]> scores(new float[static_cast<size_t>(2 * tile * n_keys)]);
+    // the kernel writes each tile's scores before they are read
+    const auto scores = aligned_array<float>(2 * tile * n_keys);
     std::vector<float> staging;
     PairSelector selector(n_keys, k, z_guess);
     for (int64_t task = task0; task < task1; ++task) {
