@@ -240,16 +240,6 @@ def test_our_f32_kernel_scores_float32_where_the_cpu_has_avx512():
     assert _C.cpu_f32_scoring_kernel() == ("avx512" if "avx512f" in flags else "none")
 
 
-def test_a_misspelt_f32_kernel_setting_is_an_error():
-    env = dict(os.environ, MEMORY_EXT_CPU_F32_DOT="on")
-    code = ("import torch, memory_ext\n"
-            "q, k = torch.randn(64, 1, 64), torch.randn(1, 2, 32, 32)\n"
-            "memory_ext.ops.pk_topk(q, k, 4)\n")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
-    assert "MEMORY_EXT_CPU_F32_DOT must be 0 or 1, got 'on'" in done.stderr
-
-
 def test_bf16_inputs_on_the_avx512_bf16_kernel():
     """MEMORY_EXT_CPU_BF16_DOT=avx512_bf16 runs the bf16 cases on the VDPBF16PS kernel even
     where the CPU also has a tile unit (the kernel AMD Zen 4 takes by default): the same
@@ -263,14 +253,18 @@ def test_bf16_inputs_on_the_avx512_bf16_kernel():
                             " or test_subnormal_bf16_inputs_are_not_read_as_zero")
 
 
-def test_a_misspelt_bf16_kernel_setting_is_an_error():
-    env = dict(os.environ, MEMORY_EXT_CPU_BF16_DOT="avx512")
+@pytest.mark.parametrize("variable,value,dtype,expected", [
+    ("MEMORY_EXT_CPU_BF16_DOT", "avx512", "bfloat16", "must be 0, 1, amx or avx512_bf16, got 'avx512'"),
+    ("MEMORY_EXT_CPU_F32_DOT", "on", "float32", "must be 0 or 1, got 'on'"),
+])
+def test_a_misspelt_kernel_setting_is_an_error(variable, value, dtype, expected):
+    env = dict(os.environ, **{variable: value})
     code = ("import torch, memory_ext\n"
-            "q, k = torch.randn(64, 1, 64).bfloat16(), torch.randn(1, 2, 32, 32).bfloat16()\n"
+            f"q, k = torch.randn(64, 1, 64).to(torch.{dtype}), torch.randn(1, 2, 32, 32).to(torch.{dtype})\n"
             "memory_ext.ops.pk_topk(q, k, 4)\n")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    assert "MEMORY_EXT_CPU_BF16_DOT must be 0, 1, amx or avx512_bf16, got 'avx512'" in done.stderr
+    assert f"{variable} {expected}" in done.stderr
 
 
 def test_our_bf16_kernel_scores_bf16_where_the_cpu_has_one():
