@@ -79,7 +79,7 @@ inline uint32_t packed_index(uint64_t key) { return ~uint32_t(key); }
 // size-block ends sorted in alternating order and the last (size 8R) descending.
 //
 // The merge-masked forms of the intrinsics, with every lane set: GCC 12's unmasked ones pass
-// _mm512_undefined_epi32() through and warn that it is uninitialised (GCC bug 105593).
+// _mm512_undefined_epi32() through, which its -Wuninitialized reports (a false positive).
 #define MEMORY_EXT_ALL8 __mmask8(0xff)
 template <int R>
 __attribute__((target("avx512f"))) void bitonic_sort_desc(uint64_t* keys, int64_t count) {
@@ -232,10 +232,10 @@ inline int64_t filter_positions_scalar(const float* row, int64_t begin, int64_t 
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // The same with AVX-512: one compare per 16 scores, whose passing positions are packed to
-// the front of two vectors of 8 positions (vpcompressq) and stored whole. Branch-free: the
-// stores reach no further than the positions scanned so far (kept <= i), so pos needs no
-// room beyond n. Popping the mask's bits one by one instead mispredicted a branch for most
-// blocks of 16 (9% of pk_topk's time at k 32 on a Zen 4).
+// the front of two vectors of 8 positions (vpcompressq) and stored whole. Branch-free: as
+// kept never exceeds the positions scanned, the stores end within the block of 16 being
+// scanned, so pos needs no room beyond n. Popping the mask's bits one by one instead
+// mispredicted a branch for most blocks of 16 (9% of pk_topk's time at k 32 on a Zen 4).
 __attribute__((target("avx512f"))) inline int64_t filter_positions_avx512(const float* row,
                                                                           int64_t n, float bar,
                                                                           uint64_t* pos) {
