@@ -10,8 +10,8 @@
 //   instruction a cycle. Measured on a 2-core AMD EPYC (Zen 4) at the shape above:
 //   pk_topk in bf16 113 -> 79 ms (against the float32 GEMM on converted inputs).
 // torch has no CPU matmul of bf16 inputs with a float32 result (its bf16 matmul rounds the
-// result to bf16, which would change the selection), so without these pk_topk converts both
-// to float32 and runs a float32 GEMM.
+// result to bf16, which would change the selection), so without these pk_topk scores the
+// inputs converted to float32 (our float32 kernel, f32_scores.h, or torch's GEMM).
 //
 // Each score sums its products in a fixed order (the tile unit's, or per pair of dimensions
 // in ascending order), whatever the block or the thread count, so results are bitwise
