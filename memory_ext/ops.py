@@ -143,7 +143,8 @@ def pk_topk(query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
     exact over these scores. Each then differs from the exact q1 . K1[i] + q2 . K2[j] by at
     most 2^-9 * (sum |q1 * K1[i]| + sum |q2 * K2[j]|). At "highest" (torch's default), and
     for larger halves or older GPUs, float32 is scored with float32 FMAs in dimension order.
-    On the CPU, calls of 64 tokens or more are scored by our kernels where the CPU has them:
+    On the CPU, calls of 64 tokens or more with n_keys a multiple of 32 (up to 65536) are
+    scored by our kernels where the CPU has them:
     float32 (and float16) with float32 FMAs in dimension order (AVX-512), bf16 with its
     products exact in float32 (AMX or AVX512-BF16); the same bits at any thread count.
     Other calls are scored by torch's GEMM on the inputs converted to float32 (float64).
