@@ -99,7 +99,9 @@ template void pack_f32_keys(const c10::Half*, int64_t, int64_t, int64_t, int64_t
 
 void f32_scores(const float* query, int64_t token_stride, const float* packed, int64_t g0,
                 int64_t g1, int64_t tokens, int64_t n_keys, int64_t half, float* out) {
-  TORCH_CHECK(f32_kernel_on(), "memory.pk_topk: the float32 scoring kernel does not run here");
+  // pk_topk calls this only where f32_scores_available() said yes
+  TORCH_INTERNAL_ASSERT(f32_kernel_on(),
+                        "memory.pk_topk: the float32 scoring kernel does not run here");
 #if MEMORY_EXT_HAS_F32_KERNEL
   dot_scores(kDotBlocks, query, token_stride, packed, g0, g1, tokens, n_keys, half, half, out);
 #else
