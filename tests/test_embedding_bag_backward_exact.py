@@ -192,3 +192,59 @@ def test_backward_bitwise_across_threads(dtype):
     for other in results[1:]:
         assert torch.equal(other[0], first[0])
         assert all(bits_equal(a, b) for a, b in zip(other[1:], first[1:], strict=True))
+
+
+# Rows that outnumber the lookups, at a dim of whole 64-byte lines in every dtype: most runs
+# are one or two lookups, which the kernel finishes eight runs at a time (ShortRuns in
+# csrc/cpu/embedding_bag.cpp); the other runs, and a task's last few, one at a time.
+SPARSE_ROWS, SPARSE_DIM, SPARSE_TOKENS, SPARSE_BAG = 1 << 15, 64, 600, 32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_exact_short_runs(dtype):
+    case, ref = make_case(dtype, torch.int64, torch.float32, seed=7, rows=SPARSE_ROWS, dim=SPARSE_DIM,
+                          tokens=SPARSE_TOKENS, bag=SPARSE_BAG, hot=((5, 3), (9, 4), (11, 2049)))
+    counts = ref[3]
+    hit = counts[counts > 0]
+    assert (hit == 1).sum() > 8000 and (hit == 2).sum() > 1000 and (hit == 3).sum() > 50
+    check_exact(case, ref, True)
+    check_exact(case, ref, False)
+
+
+def run_alone(grad_out, values, indices, weights, row, dense):
+    """The backward of row's lookups alone, in their order: a call of one run, which the
+    kernel finishes on its own."""
+    where = (indices.flatten() == row).nonzero().squeeze(1)
+    bag = indices.shape[1]
+    tokens = where // bag
+    alone = (grad_out[tokens], values, torch.full((where.numel(), 1), row), weights.flatten()[where][:, None])
+    if dense:
+        table_grad, weights_grad = ops.embedding_bag_backward_dense(*alone, True)
+        return table_grad[row], weights_grad.flatten(), where
+    rows, rows_grad, weights_grad = ops.embedding_bag_backward(*alone, True)
+    assert rows.tolist() == [row]
+    return rows_grad[0], weights_grad.flatten(), where
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_short_runs_in_batches_equal_one_at_a_time(dtype, dense):
+    """Gaussian data, where the order and fusing of every operation shows: each run of one,
+    two and three lookups gets the same bits in the full call (batched) as alone."""
+    g = torch.Generator().manual_seed(8)
+    values = torch.randn(SPARSE_ROWS, SPARSE_DIM, generator=g).to(dtype)
+    indices = torch.randint(0, SPARSE_ROWS, (SPARSE_TOKENS, SPARSE_BAG), generator=g)
+    weights = torch.rand(SPARSE_TOKENS, SPARSE_BAG, generator=g)
+    grad_out = torch.randn(SPARSE_TOKENS, SPARSE_DIM, generator=g).to(dtype)
+    if dense:
+        table_grad, weights_grad = ops.embedding_bag_backward_dense(grad_out, values, indices, weights, True)
+    else:
+        rows, rows_grad, weights_grad = ops.embedding_bag_backward(grad_out, values, indices, weights, True)
+        table_grad = torch.zeros(SPARSE_ROWS, SPARSE_DIM, dtype=dtype)
+        table_grad[rows] = rows_grad
+    counts = torch.bincount(indices.flatten(), minlength=SPARSE_ROWS)
+    for length in (1, 2, 3):
+        for row in (counts == length).nonzero().squeeze(1)[:: 97][:12].tolist():
+            row_grad, lookup_grads, where = run_alone(grad_out, values, indices, weights, row, dense)
+            assert bits_equal(table_grad[row], row_grad), (length, row)
+            assert bits_equal(weights_grad.flatten()[where], lookup_grads), (length, row)

@@ -276,4 +276,12 @@ inline A row_dot(const RA* __restrict a, const RB* __restrict b, int64_t n) {
   return row_dot_clones<RA, RB, A>(a, b, n);
 }
 
+// N rows of M lookups each: their gradient rows and the lookups' dots with their value
+// rows (sum_rows_and_dot_n_clones).
+template <int N, int M, bool kStream, bool kDots, typename scalar_t, typename R>
+inline void sum_rows_and_dot_n(scalar_t* const* out, const R* const* g, const float* w,
+                               const R* const* v, float* dots, int64_t n) {
+  sum_rows_and_dot_n_clones<N, M, kStream, kDots>(out, g, w, v, dots, n);
+}
+
 }  // namespace memory_ext::cpu

@@ -358,6 +358,79 @@ MEMORY_EXT_CLONES void row_store_streaming(scalar_t* __restrict out, const A* __
   row_store(out, acc, n);
 }
 
+// For N rows that each have M lookups (M = 1 is most of them where the rows outnumber the
+// lookups): out[q] = round(w[q][0] * g[q][0] + ... + w[q][M-1] * g[q][M-1]), summed in that
+// order, and with kDots dots[q][k] = <v[q], g[q][k]> in row_dot_clones's lanes and order,
+// so every bit equals what row_axpy_n<1, true>, then row_axpy_n<1, false> per further
+// lookup, row_store(_streaming) and row_dot give one row at a time. (g, w and dots hold
+// row q's lookups at q * M .. q * M + M - 1.) The N rows go side by side, a 64-byte line
+// of output at a time, so that N value rows' and N * M gradient rows' misses are in flight
+// together and the dot products are independent chains (one row at a time, each row waited
+// for its misses and each dot for its own adds). With kStream, out is written with
+// streaming stores (row_store_streaming; the caller fences). n: a multiple of
+// kLineElements<scalar_t>; out: 16-byte aligned.
+template <typename scalar_t>
+constexpr int64_t kLineElements = 64 / sizeof(scalar_t);
+
+template <int N, int M, bool kStream, bool kDots, typename scalar_t, typename R>
+MEMORY_EXT_CLONES void sum_rows_and_dot_n_clones(scalar_t* const* out, const R* const* g,
+                                                 const float* w, const R* const* v, float* dots,
+                                                 int64_t n) {
+  constexpr int64_t kLine = kLineElements<scalar_t>;
+  static_assert(kLine % kDotLanes == 0, "whole vectors of lanes per line");
+  lanes_vector_t<float> s[N * M] = {};
+  for (int64_t i = 0; i < n; i += kLine) {
+#pragma GCC unroll 16
+    for (int q = 0; q < N; ++q) {
+      alignas(64) float summed[kLine];
+#pragma GCC unroll 4
+      for (int64_t b = 0; b < kLine; b += kDotLanes) {
+        lanes_vector_t<float> vv, x;
+        if constexpr (kDots) load_lanes<R, float>(vv, v[q] + i + b);
+#pragma GCC unroll 4
+        for (int k = 0; k < M; ++k) {
+          lanes_vector_t<float> gv;
+          load_lanes<R, float>(gv, g[q * M + k] + i + b);
+          if constexpr (kDots) s[q * M + k] += vv * gv;
+          if (k == 0) {
+            x = w[q * M] * gv;
+            // One lookup at a time, this product is stored before the next is added: without
+            // the barrier the compiler may fuse it, not the next one, into the add.
+            if constexpr (M > 1) asm("" : "+m"(x));
+          } else {
+            x = x + w[q * M + k] * gv;
+          }
+        }
+        std::memcpy(summed + b, &x, sizeof(x));
+      }
+#if defined(__x86_64__) && !defined(__CUDACC__)
+      if constexpr (kStream) {
+        alignas(64) scalar_t block[kLine];
+        const scalar_t* from = block;
+        if constexpr (std::is_same_v<scalar_t, float>)
+          from = summed;
+        else
+          round_into(block, summed, kLine);
+        for (int64_t l = 0; l < kLine; l += 16 / int64_t(sizeof(scalar_t))) {
+          __m128i bits;
+          std::memcpy(&bits, from + l, 16);
+          _mm_stream_si128(reinterpret_cast<__m128i*>(out[q] + i + l), bits);
+        }
+        continue;
+      }
+#endif
+      round_into(out[q] + i, summed, kLine);
+    }
+  }
+  if constexpr (kDots) {
+    for (int j = 0; j < N * M; ++j) {
+      float lanes[kDotLanes];
+      std::memcpy(lanes, &s[j], sizeof(lanes));
+      dots[j] = fold_lanes(lanes);
+    }
+  }
+}
+
 // Orders this thread's streaming stores before whatever it does next (a task's end).
 inline void stream_fence() {
 #if defined(__x86_64__) && !defined(__CUDACC__)
