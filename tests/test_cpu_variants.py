@@ -46,6 +46,30 @@ def grid_outputs() -> list[torch.Tensor]:
                     outs.extend(ops.embedding_bag_backward(g, t, idx, w, True))
             for codes in ("uint8", "float8_e4m3fn"):
                 outs.append(ops.quantized_embedding_bag(quantize_rows(table, codes), idx, w, codes))
+    outs.extend(half_special_outputs())
+    return outs
+
+
+def half_special_outputs() -> list[torch.Tensor]:
+    """The fp16 backward's rounding at its edges: NaN codes with payloads (either sign),
+    infinities, sums that overflow, round half to even and land on subnormals; one lookup
+    per row, so the rows go through the batched kernel as well as the single-row tail."""
+    dim, tokens = 64, 61
+    idx = torch.randperm(400)[:tokens].view(tokens, 1)
+    w = torch.tensor([1.0, -1.0, 3.0e4, 1.0e-5, 0.5, 2.0 ** -20]).repeat(tokens)[:tokens].view(tokens, 1)
+    g = torch.randn(tokens, dim).to(torch.float16)
+    codes = g.view(torch.int16)
+    codes[:, 0] = 0x7C01  # a signalling NaN with payload 1
+    codes[:, 1] = 0xFE55 - 0x10000  # a quiet NaN, negative, payload 0x55 (as int16)
+    codes[:, 2] = 0x7C00  # +inf
+    codes[:, 3] = 0x3C01  # 1 + 2^-10: halves and ties under the weights above
+    codes[:, 4] = 0x0001  # the smallest subnormal
+    table = torch.randn(400, dim).to(torch.float16)
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        _, rows_grad, _ = ops.embedding_bag_backward(g, table, idx, w, True)
+        outs.append(rows_grad)
     return outs
 
 

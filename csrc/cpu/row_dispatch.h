@@ -230,6 +230,41 @@ MEMORY_EXT_V4 MEMORY_EXT_FLATTEN inline float row_dot_half_v4(const half_bits* _
   for (int l = 0; i < n; ++i, ++l) lanes[l] += widen(a[i]) * widen(b[i]);
   return fold_lanes(lanes);
 }
+// Lanes for sum_rows_and_dot_n_body over fp16 rows on AVX-512 CPUs: codes widened by
+// load_half_lanes, sums rounded 16 at a time by vcvtps2ph (the portable rounding is a scalar
+// conversion per element; the fp16 backward spent twice bf16's time in it and the decode).
+// vcvtps2ph rounds to nearest even like c10's conversion, which the clones use; only NaNs
+// differ (it keeps payload bits, c10 gives 0x7e00 with the sign), so NaN lanes are set to
+// c10's code and every bit matches.
+struct HalfLanesV4 {
+  static MEMORY_EXT_V4 inline void load(lanes_vector_t<float>& v, const half_bits* codes) {
+    load_half_lanes(v, codes);
+  }
+  static MEMORY_EXT_V4 inline void round(c10::Half* __restrict out, const float* __restrict line) {
+    static_assert(kDotLanes == 16, "one vcvtps2ph rounds 16 floats");
+    for (int64_t b = 0; b < kLineElements<c10::Half>; b += kDotLanes) {
+      const __m512 sums = _mm512_loadu_ps(line + b);
+      // (maskz, all lanes, as in load_half_lanes)
+      const __m256i codes =
+          _mm512_maskz_cvtps_ph(0xffff, sums, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __mmask16 nan = _mm512_cmp_ps_mask(sums, sums, _CMP_UNORD_Q);
+      const __m256i c10_nan = _mm256_or_si256(_mm256_and_si256(codes, _mm256_set1_epi16(-0x8000)),
+                                              _mm256_set1_epi16(0x7e00));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + b),
+                          _mm256_mask_blend_epi16(nan, codes, c10_nan));
+    }
+  }
+};
+
+template <int N, int M, bool kStream, bool kDots>
+MEMORY_EXT_V4 MEMORY_EXT_FLATTEN void sum_rows_and_dot_n_half_v4(c10::Half* const* out,
+                                                                 const half_bits* const* g,
+                                                                 const float* w,
+                                                                 const half_bits* const* v,
+                                                                 float* dots, int64_t n) {
+  sum_rows_and_dot_n_body<HalfLanesV4, N, M, kStream, kDots>(out, g, w, v, dots, n);
+}
+
 #endif  // MEMORY_EXT_GCC_X86_64
 
 // The bag sum of one chunk (bag_sum_chunk): uint8, e4m3, fp16 and bf16 rows on AVX-512 CPUs
@@ -281,6 +316,12 @@ inline A row_dot(const RA* __restrict a, const RB* __restrict b, int64_t n) {
 template <int N, int M, bool kStream, bool kDots, typename scalar_t, typename R>
 inline void sum_rows_and_dot_n(scalar_t* const* out, const R* const* g, const float* w,
                                const R* const* v, float* dots, int64_t n) {
+#if defined(MEMORY_EXT_GCC_X86_64)
+  if constexpr (std::is_same_v<R, half_bits>) {
+    if (use_avx512_variants())
+      return sum_rows_and_dot_n_half_v4<N, M, kStream, kDots>(out, g, w, v, dots, n);
+  }
+#endif
   sum_rows_and_dot_n_clones<N, M, kStream, kDots>(out, g, w, v, dots, n);
 }
 

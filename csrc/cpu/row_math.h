@@ -372,10 +372,25 @@ MEMORY_EXT_CLONES void row_store_streaming(scalar_t* __restrict out, const A* __
 template <typename scalar_t>
 constexpr int64_t kLineElements = 64 / sizeof(scalar_t);
 
-template <int N, int M, bool kStream, bool kDots, typename scalar_t, typename R>
-MEMORY_EXT_CLONES void sum_rows_and_dot_n_clones(scalar_t* const* out, const R* const* g,
-                                                 const float* w, const R* const* v, float* dots,
-                                                 int64_t n) {
+//
+// Lanes says how rows are widened to float lanes (Lanes::load) and how a line of sums is
+// rounded to the output dtype (Lanes::round): PortableLanes in the clones below, an AVX-512
+// variant for fp16 rows in row_dispatch.h.
+struct PortableLanes {
+  template <typename R>
+  static inline void load(lanes_vector_t<float>& v, const R* p) {
+    load_lanes<R, float>(v, p);
+  }
+  template <typename scalar_t>
+  static inline void round(scalar_t* __restrict out, const float* __restrict line) {
+    round_into(out, line, kLineElements<scalar_t>);
+  }
+};
+
+template <class Lanes, int N, int M, bool kStream, bool kDots, typename scalar_t, typename R>
+MEMORY_EXT_ALWAYS_INLINE void sum_rows_and_dot_n_body(scalar_t* const* out, const R* const* g,
+                                                      const float* w, const R* const* v,
+                                                      float* dots, int64_t n) {
   constexpr int64_t kLine = kLineElements<scalar_t>;
   static_assert(kLine % kDotLanes == 0, "whole vectors of lanes per line");
   lanes_vector_t<float> s[N * M] = {};
@@ -386,11 +401,11 @@ MEMORY_EXT_CLONES void sum_rows_and_dot_n_clones(scalar_t* const* out, const R* 
 #pragma GCC unroll 4
       for (int64_t b = 0; b < kLine; b += kDotLanes) {
         lanes_vector_t<float> vv, x;
-        if constexpr (kDots) load_lanes<R, float>(vv, v[q] + i + b);
+        if constexpr (kDots) Lanes::load(vv, v[q] + i + b);
 #pragma GCC unroll 4
         for (int k = 0; k < M; ++k) {
           lanes_vector_t<float> gv;
-          load_lanes<R, float>(gv, g[q * M + k] + i + b);
+          Lanes::load(gv, g[q * M + k] + i + b);
           if constexpr (kDots) s[q * M + k] += vv * gv;
           if (k == 0) {
             x = w[q * M] * gv;
@@ -410,7 +425,7 @@ MEMORY_EXT_CLONES void sum_rows_and_dot_n_clones(scalar_t* const* out, const R* 
         if constexpr (std::is_same_v<scalar_t, float>)
           from = summed;
         else
-          round_into(block, summed, kLine);
+          Lanes::round(block, summed);
         for (int64_t l = 0; l < kLine; l += 16 / int64_t(sizeof(scalar_t))) {
           __m128i bits;
           std::memcpy(&bits, from + l, 16);
@@ -419,7 +434,7 @@ MEMORY_EXT_CLONES void sum_rows_and_dot_n_clones(scalar_t* const* out, const R* 
         continue;
       }
 #endif
-      round_into(out[q] + i, summed, kLine);
+      Lanes::round(out[q] + i, summed);
     }
   }
   if constexpr (kDots) {
@@ -429,6 +444,13 @@ MEMORY_EXT_CLONES void sum_rows_and_dot_n_clones(scalar_t* const* out, const R* 
       dots[j] = fold_lanes(lanes);
     }
   }
+}
+
+template <int N, int M, bool kStream, bool kDots, typename scalar_t, typename R>
+MEMORY_EXT_CLONES void sum_rows_and_dot_n_clones(scalar_t* const* out, const R* const* g,
+                                                 const float* w, const R* const* v, float* dots,
+                                                 int64_t n) {
+  sum_rows_and_dot_n_body<PortableLanes, N, M, kStream, kDots>(out, g, w, v, dots, n);
 }
 
 // Orders this thread's streaming stores before whatever it does next (a task's end).
