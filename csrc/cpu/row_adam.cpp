@@ -13,7 +13,13 @@
 namespace memory_ext {
 namespace {
 
-constexpr int64_t kAhead = 4;  // rows prefetched ahead
+// The parameter and moment rows are prefetched this many rows ahead, into L2: three rows
+// of many lines each a row ask for more lines than L1 has fill buffers, so L1 prefetches a
+// few rows ahead stalled the loads. Measured at 2^20 x 256 fp32, 232k rows a step, on a
+// 2-core AMD EPYC: the step 142-175 ms with L1 prefetches 4 rows ahead, 106-109 ms with
+// L2 ones 12 ahead (8-24 alike; an L1 prefetch of the next row on top, or of the gradient
+// row, no better).
+constexpr int64_t kAhead = 12;
 
 // One row; restrict-qualified so that the loop vectorises (sqrt and divide included), and
 // never fused into multiply-adds, so that every CPU rounds like the CUDA kernel.
@@ -47,13 +53,13 @@ void row_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq
         const scalar_t* G = rows_grad.const_data_ptr<scalar_t>();
         at::parallel_for(0, U, 64, [&](int64_t u0, int64_t u1) {
           for (int64_t u = u0; u < u1; ++u) {
-            // The rows are scattered over the table: ask for the parameter and moment rows a
-            // few rows ahead so that their loads overlap this row's arithmetic.
+            // The rows are scattered over the table: ask for the parameter and moment rows
+            // ahead so that their misses overlap the rows before them.
             if (u + kAhead < u1) {
               const int64_t ahead = R[u + kAhead] * dim;
-              cpu::prefetch_row(P + ahead, dim * int64_t(sizeof(scalar_t)));
-              cpu::prefetch_row(M + ahead, dim * int64_t(sizeof(state_t)));
-              cpu::prefetch_row(V + ahead, dim * int64_t(sizeof(state_t)));
+              cpu::prefetch_row<cpu::PrefetchTo::L2>(P + ahead, dim * int64_t(sizeof(scalar_t)));
+              cpu::prefetch_row<cpu::PrefetchTo::L2>(M + ahead, dim * int64_t(sizeof(state_t)));
+              cpu::prefetch_row<cpu::PrefetchTo::L2>(V + ahead, dim * int64_t(sizeof(state_t)));
             }
             update_row(P + R[u] * dim, M + R[u] * dim, V + R[u] * dim, G + u * dim, dim, c);
           }
