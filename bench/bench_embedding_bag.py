@@ -3,9 +3,13 @@
 Bytes per forward = rows read (tokens * bag * dim * elem) + output written + indices +
 weights; the backward's least bytes = grad_out once + each touched value row once (the
 weight gradient) + each touched row's gradient written once + indices, weights and the
-weight gradient. Bandwidth is shown next to the copy bandwidth measured in the same run. Each case is warmed up and timed over
---iters calls (fwd+bwd steps: at least 5): ms is the median, min_ms and max_ms the extremes;
-speed-ups are ratios of medians measured in the same process.
+weight gradient. Bandwidth is shown next to the copy bandwidth measured in the same run
+(pct_copy) and, call by call, against a 256 MiB copy timed just before each of --iters
+more calls (pct_paired: the median of those calls' ratios; paired_copy_gbs: the median of
+the copies), which follows the machine's bandwidth where it drifts within a run; the
+paired calls run after a copy has evicted the caches and give no times. Each case is warmed up and timed over --iters calls (fwd+bwd steps: at least 5): ms is
+the median, min_ms and max_ms the extremes; speed-ups are ratios of medians measured in the
+same process.
 
 Inputs are drawn on the device, once per (dtype, dim) for the largest token count; smaller
 token counts use the leading tokens. The JSON file is rewritten after every case
@@ -23,6 +27,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,9 +38,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    CopyProbe,
     copy_bandwidth_gbs,
     machine_info,
     on_table_storage,
+    paired_pct_copy,
     print_table,
     recorded_options,
     save_complete,
@@ -47,7 +54,8 @@ from common import (  # noqa: E402
 import memory_ext  # noqa: E402
 from memory_ext.testing import sample_inputs  # noqa: E402
 
-COLUMNS = ["impl", "op", "dtype", "dim", "tokens", "min_ms", "ms", "max_ms", "gbs", "pct_copy", "x_torch", "x_fbgemm"]
+COLUMNS = ["impl", "op", "dtype", "dim", "tokens", "min_ms", "ms", "max_ms", "gbs", "pct_copy", "pct_paired", "x_torch",
+           "x_fbgemm"]
 
 
 def load_fbgemm():
@@ -98,7 +106,9 @@ def traffic_bytes(inp: dict) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------
-# Timed calls: each returns [(impl, op, timing samples in ms, bytes or None)].
+# Timed calls: each returns [(impl, op, timing samples in ms, bytes or None, the copy
+# bandwidth measured just before each sample or None)]. The cases whose bytes are counted
+# pair each call with a copy (probe).
 
 
 def fwd_bwd_step(lookup: Callable, table: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor) -> Callable:
@@ -127,30 +137,40 @@ def _torch_lookup(indices, sparse, table, weights):
     return F.embedding_bag(indices, table, mode="sum", per_sample_weights=weights, sparse=sparse)
 
 
-def time_memory_ext(inp: dict, device: str, iters: int, fwd_bytes: int, bwd_bytes: int) -> list[tuple]:
+def paired(fn: Callable, device: str, iters: int, probe: CopyProbe) -> tuple[list[float], tuple]:
+    """Timing samples of fn; then (samples, copies' GB/s) of as many calls each after a copy
+    measured by probe. The copy evicts the caches, so the plain samples give the times and
+    the paired ones only the shares of copy."""
+    samples = time_samples_ms(fn, device, iters=iters)
+    after_copies = time_samples_ms(fn, device, warmup=0, iters=iters, before_each=probe)
+    return samples, (after_copies, probe.take())
+
+
+def time_memory_ext(inp: dict, device: str, iters: int, fwd_bytes: int, bwd_bytes: int, probe: CopyProbe) -> list[tuple]:
     v, i, w, g = inp["values"], inp["indices"], inp["weights"], inp["grad_out"]
-    fwd = time_samples_ms(functools.partial(memory_ext.embedding_bag, v, i, w), device, iters=iters)
-    bwd = time_samples_ms(functools.partial(memory_ext.embedding_bag_backward, g, v, i, w, True), device, iters=iters)
-    both = time_samples_ms(functools.partial(_ours_fwd_then_bwd, inp), device, iters=iters)
+    fwd = paired(functools.partial(memory_ext.embedding_bag, v, i, w), device, iters, probe)
+    bwd = paired(functools.partial(memory_ext.embedding_bag_backward, g, v, i, w, True), device, iters, probe)
+    both = paired(functools.partial(_ours_fwd_then_bwd, inp), device, iters, probe)
     dense = time_samples_ms(fwd_bwd_step(functools.partial(_ours_lookup, i), v, w, g), device, iters=max(5, iters // 2))
-    return [("memory_ext", "forward", fwd, fwd_bytes), ("memory_ext", "backward (sparse)", bwd, bwd_bytes),
-            ("memory_ext", "fwd+bwd sparse", both, fwd_bytes + bwd_bytes), ("memory_ext", "fwd+bwd dense", dense, None)]
+    return [("memory_ext", "forward", fwd[0], fwd_bytes, fwd[1]), ("memory_ext", "backward (sparse)", bwd[0], bwd_bytes, bwd[1]),
+            ("memory_ext", "fwd+bwd sparse", both[0], fwd_bytes + bwd_bytes, both[1]),
+            ("memory_ext", "fwd+bwd dense", dense, None, None)]
 
 
-def time_torch(inp: dict, device: str, iters: int, fwd_bytes: int) -> list[tuple]:
+def time_torch(inp: dict, device: str, iters: int, fwd_bytes: int, probe: CopyProbe) -> list[tuple]:
     # per-sample weights must have the table's dtype
     v, i, g = inp["values"], inp["indices"], inp["grad_out"]
     psw = inp["weights"].to(v.dtype)
-    out = [("torch", "forward", time_samples_ms(functools.partial(_torch_lookup, i, False, v, psw), device, iters=iters),
-            fwd_bytes)]
+    fwd = paired(functools.partial(_torch_lookup, i, False, v, psw), device, iters, probe)
+    out = [("torch", "forward", fwd[0], fwd_bytes, fwd[1])]
     for sparse in (True, False):
         step = fwd_bwd_step(functools.partial(_torch_lookup, i, sparse), v, psw, g)
         samples = time_samples_ms(step, device, warmup=1, iters=max(5, iters // 2))
-        out.append(("torch", f"fwd+bwd {'sparse' if sparse else 'dense'}", samples, None))
+        out.append(("torch", f"fwd+bwd {'sparse' if sparse else 'dense'}", samples, None, None))
     return out
 
 
-def time_fbgemm(inp: dict, device: str, iters: int, fwd_bytes: int, fbgemm) -> list[tuple]:
+def time_fbgemm(inp: dict, device: str, iters: int, fwd_bytes: int, fbgemm, probe: CopyProbe) -> list[tuple]:
     """FBGEMM's CPU table-batched embedding (float32 only): forward and fwd+bwd dense."""
     v, i, w, g = inp["values"], inp["indices"], inp["weights"], inp["grad_out"]
     if fbgemm is None or device != "cpu" or v.dtype != torch.float32:
@@ -164,7 +184,7 @@ def time_fbgemm(inp: dict, device: str, iters: int, fwd_bytes: int, fbgemm) -> l
     flat = i.reshape(-1)
     offsets = torch.arange(0, tokens * bag + 1, bag)
     flat_w = w.reshape(-1).clone().requires_grad_(True)
-    fwd = time_samples_ms(functools.partial(tbe, flat, offsets, per_sample_weights=flat_w.detach()), device, iters=iters)
+    fwd = paired(functools.partial(tbe, flat, offsets, per_sample_weights=flat_w.detach()), device, iters, probe)
 
     def step():  # the table is the module's own parameter
         tbe.weights.grad = None
@@ -172,7 +192,7 @@ def time_fbgemm(inp: dict, device: str, iters: int, fwd_bytes: int, fbgemm) -> l
         tbe(flat, offsets, per_sample_weights=flat_w).backward(g)
 
     both = time_samples_ms(step, device, warmup=1, iters=max(5, iters // 2))
-    return [("fbgemm", "forward", fwd, fwd_bytes), ("fbgemm", "fwd+bwd dense", both, None)]
+    return [("fbgemm", "forward", fwd[0], fwd_bytes, fwd[1]), ("fbgemm", "fwd+bwd dense", both, None, None)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,13 +200,18 @@ def time_fbgemm(inp: dict, device: str, iters: int, fwd_bytes: int, fbgemm) -> l
 
 
 def case_rows(timings: list[tuple], case: dict, copy_gbs: float) -> list[dict]:
+    """Result rows: pct_copy against the run's copy bandwidth (copy_gbs); pct_paired, the
+    median over the paired calls of each one's bandwidth against the copy measured just
+    before it, and paired_copy_gbs, the median of those copies."""
     rows = []
-    for impl, op, samples, nbytes in timings:
+    for impl, op, samples, nbytes, pairs in timings:
         spread = spread_ms(samples)
         ms = spread["median_ms"]
         gbs = nbytes / (ms * 1e-3) / 1e9 if nbytes else None
         rows.append(dict(impl=impl, op=op, **case, min_ms=spread["min_ms"], ms=ms, max_ms=spread["max_ms"], gbs=gbs,
-                         pct_copy=100 * gbs / copy_gbs if gbs else None))
+                         pct_copy=100 * gbs / copy_gbs if gbs else None,
+                         pct_paired=paired_pct_copy(nbytes, *pairs) if pairs else None,
+                         paired_copy_gbs=statistics.median(pairs[1]) if pairs else None))
     return rows
 
 
@@ -212,8 +237,10 @@ def bench_case(inp: dict, device: str, iters: int, fbgemm, copy_gbs: float) -> l
     tokens, bag = inp["indices"].shape
     rows, dim = inp["values"].shape
     fwd_bytes, bwd_bytes = traffic_bytes(inp)
-    timings = (time_memory_ext(inp, device, iters, fwd_bytes, bwd_bytes) + time_torch(inp, device, iters, fwd_bytes)
-               + time_fbgemm(inp, device, iters, fwd_bytes, fbgemm))
+    probe = CopyProbe(device)
+    timings = (time_memory_ext(inp, device, iters, fwd_bytes, bwd_bytes, probe)
+               + time_torch(inp, device, iters, fwd_bytes, probe) + time_fbgemm(inp, device, iters, fwd_bytes, fbgemm, probe))
+    del probe
     case = dict(dtype=str(inp["values"].dtype).replace("torch.", ""), tokens=tokens, bag=bag, rows=rows, dim=dim)
     out = case_rows(timings, case, copy_gbs)
     add_speedups(out)

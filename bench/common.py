@@ -23,14 +23,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_samples_ms(fn: Callable[[], object], device: str, *, warmup: int = 2, iters: int = 7) -> list[float]:
+def time_samples_ms(fn: Callable[[], object], device: str, *, warmup: int = 2, iters: int = 7,
+                    before_each: Callable[[], object] | None = None) -> list[float]:
     """Wall time of each of iters calls of fn in ms, after warmup calls (CUDA: events around
-    each call on the current stream)."""
+    each call on the current stream). before_each, when given, runs untimed just before each
+    timed call (a CopyProbe, to pair every call with a copy measured the moment before)."""
     for _ in range(warmup):
         fn()
     sync(device)
     samples = []
     for _ in range(iters):
+        if before_each is not None:
+            before_each()
+            sync(device)
         if device.startswith("cuda"):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -73,6 +78,39 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
     dst = table_storage(nbytes // 4, torch.float32, device)
     ms = time_ms(functools.partial(dst.copy_, src), device, warmup=2, iters=9)
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+class CopyProbe:
+    """A copy of nbytes (on huge pages, as the tables are) timed each time it is called, its
+    bandwidth (bytes read + written per second, GB/s) kept in order. Run before each timed
+    call of a case (time_samples_ms's before_each), it pairs every call with the copy
+    bandwidth of that moment: on a machine whose bandwidth drifts within a run, the ratio of
+    each pair moves far less than the call's time or the copy's alone."""
+
+    def __init__(self, device: str, nbytes: int = 1 << 28):
+        self.device = device
+        self.nbytes = nbytes
+        self.src = table_storage(nbytes // 4, torch.float32, device).uniform_()
+        self.dst = table_storage(nbytes // 4, torch.float32, device)
+        self.dst.copy_(self.src)  # the pages touched before the first timed copy
+        self.gbs: list[float] = []
+
+    def __call__(self) -> None:
+        ms = time_samples_ms(functools.partial(self.dst.copy_, self.src), self.device, warmup=0, iters=1)[0]
+        self.gbs.append(2 * self.nbytes / (ms * 1e-3) / 1e9)
+
+    def take(self) -> list[float]:
+        """The bandwidths measured since the last take, and a fresh start."""
+        taken, self.gbs = self.gbs, []
+        return taken
+
+
+def paired_pct_copy(nbytes: int, samples_ms: list[float], copy_gbs: list[float]) -> float:
+    """Median over the pairs of (nbytes / call time) as % of the copy bandwidth measured just
+    before that call."""
+    assert len(samples_ms) == len(copy_gbs), (len(samples_ms), len(copy_gbs))
+    return statistics.median(100 * nbytes / (ms * 1e-3) / 1e9 / gbs
+                             for ms, gbs in zip(samples_ms, copy_gbs, strict=True))
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

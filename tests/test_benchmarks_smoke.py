@@ -63,3 +63,21 @@ def test_scaling_quick_run_measures_every_installed_peer(tmp_path):
             assert r["configuration"], r
     checks = report["target_checks"]
     assert len(checks) == 6 and all(c["met"] in (True, False, None) for c in checks), checks
+
+
+def test_embedding_bag_pairs_each_counted_case_with_copies(tmp_path):
+    report = quick_run("embedding_bag", tmp_path / "paired.json", "--dtypes", "float32")
+    for r in report["results"]:
+        counted = r["gbs"] is not None
+        assert (r["pct_paired"] is not None) == counted and (r["paired_copy_gbs"] is not None) == counted, r
+        if counted:
+            assert r["pct_paired"] > 0 and r["paired_copy_gbs"] > 0, r
+
+
+def test_paired_pct_copy_is_the_median_of_each_calls_share():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from common import paired_pct_copy
+
+    # 1 GB in 100, 50 and 25 ms: 10, 20 and 40 GB/s, against copies of 20, 20 and 40 GB/s
+    assert paired_pct_copy(10**9, [100.0, 50.0, 25.0], [20.0, 20.0, 40.0]) == 100.0
+    assert paired_pct_copy(10**9, [100.0, 100.0, 100.0], [40.0, 20.0, 10.0]) == 50.0
