@@ -6,7 +6,10 @@ table gradient and AdamW over every row) against its sparse path (MemoryValues w
 sparse_grad=True: a gradient of the rows read, and SparseRowAdam, lazy AdamW over those
 rows only in one fused pass), and torch's F.embedding_bag with AdamW or SparseAdam. Reported as tokens/s and as the
 bytes the step must move at least (rows read twice, their gradient and Adam state read
-and written once) per second, next to the copy bandwidth measured in the same run.
+and written once) per second, next to the copy bandwidth measured in the same run
+(pct_copy) and, step by step, against a copy timed just before each of as many more steps
+(pct_paired: the median of those steps' shares; paired_copy_gbs: the median copy), which
+follows the machine's bandwidth where it drifts within a run.
 
     python bench/bench_value_update.py [--device cpu|cuda] [--quick] [--rows 1048576] [--dim 256]
         [--out bench/out/value_update.json]
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -26,8 +30,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
+    CopyProbe,
     copy_bandwidth_gbs,
     machine_info,
+    paired_pct_copy,
     print_table,
     recorded_options,
     save_json,
@@ -89,6 +95,7 @@ def main():
         return table, lambda t, i, w: F.embedding_bag(i, t, mode="sum", per_sample_weights=w, sparse=sparse)
 
     rows = []
+    probe = CopyProbe(dev, nbytes=(1 << 24) if args.quick else (1 << 28))
     payload = dict(benchmark="value_update", machine=info, copy_gbs=copy, config=recorded_options(args), touched_rows=touched,
                    complete=False, results=rows)
     for impl, make in (("memory_ext", ours), ("torch", torch_bag)):
@@ -101,13 +108,19 @@ def main():
                 opt = torch.optim.SparseAdam([table], lr=1e-3, betas=(0.9, 0.95))
             else:
                 opt = torch.optim.AdamW([table], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
-            spread = spread_ms(time_samples_ms(step_fn(lookup, table, opt, indices, weights, grad_out), dev, warmup=2,
-                                               iters=args.iters))
+            step = step_fn(lookup, table, opt, indices, weights, grad_out)
+            spread = spread_ms(time_samples_ms(step, dev, warmup=2, iters=args.iters))
+            # as many steps again, each after a copy timed just before it (their times not kept:
+            # the copy evicts the caches)
+            after_copies = time_samples_ms(step, dev, warmup=0, iters=args.iters, before_each=probe)
             ms = spread["median_ms"]
+            copies = probe.take()
             rows.append(dict(impl=impl, update="sparse" if sparse else "dense", min_ms=spread["min_ms"], ms=ms,
                              max_ms=spread["max_ms"],
                              tokens_per_s=args.tokens / (ms * 1e-3), gbs=least_bytes / (ms * 1e-3) / 1e9,
-                             pct_copy=100 * least_bytes / (ms * 1e-3) / 1e9 / copy))
+                             pct_copy=100 * least_bytes / (ms * 1e-3) / 1e9 / copy,
+                             pct_paired=paired_pct_copy(least_bytes, after_copies, copies),
+                             paired_copy_gbs=statistics.median(copies)))
             del owner, table, opt
             save_json(args.out, payload, quiet=True)
     ref = {(r["impl"], r["update"]): r["ms"] for r in rows}
@@ -115,7 +128,8 @@ def main():
         if r["impl"] == "memory_ext":
             r["x_torch_same_update"] = ref[("torch", r["update"])] / r["ms"]
             r["x_torch_dense"] = ref[("torch", "dense")] / r["ms"]
-    print_table(rows, ["impl", "update", "min_ms", "ms", "max_ms", "tokens_per_s", "gbs", "pct_copy", "x_torch_same_update", "x_torch_dense"])
+    print_table(rows, ["impl", "update", "min_ms", "ms", "max_ms", "tokens_per_s", "gbs", "pct_copy", "pct_paired",
+                       "x_torch_same_update", "x_torch_dense"])
     payload["complete"] = True
     save_json(args.out, payload)
 

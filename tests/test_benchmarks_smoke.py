@@ -29,7 +29,9 @@ def quick_run(name: str, out, *options: str) -> dict:
 
 @pytest.mark.parametrize("name", ["embedding_bag", "pk_topk", "value_update"])
 def test_benchmark_quick_run_writes_complete_json(name, tmp_path):
-    quick_run(name, tmp_path / f"{name}.json")
+    report = quick_run(name, tmp_path / f"{name}.json")
+    if name == "value_update":  # every step's share of copy also paired with a copy
+        assert all(r["pct_paired"] > 0 and r["paired_copy_gbs"] > 0 for r in report["results"]), report["results"]
 
 
 def test_embedding_bag_fresh_process_runs_each_case_apart(tmp_path):
