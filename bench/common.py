@@ -73,11 +73,14 @@ def on_table_storage(t: torch.Tensor) -> torch.Tensor:
 
 def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
     """Large tensor copy, counted as bytes read + bytes written per second (GB/s), on huge
-    pages as the tables are."""
-    src = table_storage(nbytes // 4, torch.float32, device).uniform_()
-    dst = table_storage(nbytes // 4, torch.float32, device)
-    ms = time_ms(functools.partial(dst.copy_, src), device, warmup=2, iters=9)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    pages as the tables are: the median of 9 timed copies after 2 untimed ones."""
+    probe = CopyProbe(device, nbytes)
+    for _ in range(2):
+        probe()
+    probe.take()
+    for _ in range(9):
+        probe()
+    return statistics.median(probe.take())
 
 
 class CopyProbe:
@@ -108,7 +111,6 @@ class CopyProbe:
 def paired_pct_copy(nbytes: int, samples_ms: list[float], copy_gbs: list[float]) -> float:
     """Median over the pairs of (nbytes / call time) as % of the copy bandwidth measured just
     before that call."""
-    assert len(samples_ms) == len(copy_gbs), (len(samples_ms), len(copy_gbs))
     return statistics.median(100 * nbytes / (ms * 1e-3) / 1e9 / gbs
                              for ms, gbs in zip(samples_ms, copy_gbs, strict=True))
 
