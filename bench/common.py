@@ -87,8 +87,10 @@ class CopyProbe:
     """A copy of nbytes (on huge pages, as the tables are) timed each time it is called, its
     bandwidth (bytes read + written per second, GB/s) kept in order. Run before each timed
     call of a case (time_samples_ms's before_each), it pairs every call with the copy
-    bandwidth of that moment: on a machine whose bandwidth drifts within a run, the ratio of
-    each pair moves far less than the call's time or the copy's alone."""
+    bandwidth of that moment, so that a share of copy compares a call with the machine's
+    state when it ran, not with a copy measured minutes before. (Where a kernel is bound by
+    latency rather than bandwidth, its share still falls when the machine's copy is fast:
+    the pairing removes the drift of the reference, not the kernel's own.)"""
 
     def __init__(self, device: str, nbytes: int = 1 << 28):
         self.device = device
