@@ -267,6 +267,13 @@ struct BackwardData {
     return grad_out + key_position(sorted[sorted_pos]) / bag * dim;
   }
   const scalar_t* value_row(int64_t run) const { return values + run_rows[run] * dim; }
+  // Writes a whole run's summed gradient to its row.
+  void store_run(int64_t run, const acc_t<scalar_t>* acc) const {
+    if (stream_rows_grad)
+      cpu::row_store_streaming(out_row(run), acc, dim);
+    else
+      cpu::row_store(out_row(run), acc, dim);
+  }
   // Prefetches the weight of the lookup at sorted position p, and its weight gradient's
   // line for the write: both are read at random positions of tokens x bag arrays (2 MiB
   // each at 2^19 lookups), and without this the weight's load was a third of the pass's
@@ -343,7 +350,7 @@ class ShortRuns {
  public:
   static_assert(M < kGradRowsInFlight, "sum_segment adds such runs one row at a time");
 
-  explicit ShortRuns(const BackwardData<scalar_t, weight_t>& d) : d_(d) {}
+  ShortRuns(const BackwardData<scalar_t, weight_t>& d, acc_t<scalar_t>* acc) : d_(d), acc_(acc) {}
 
   // Whether the batched kernel takes this call's rows: float accumulation, whole 64-byte
   // lines of output per row, and a 16-byte aligned gradient for the streaming stores.
@@ -415,18 +422,14 @@ class ShortRuns {
 
   // One run as sum_segments does it.
   void finish_one(const Segment& seg) {
-    acc_.resize(static_cast<size_t>(d_.dim));
-    sum_segment(d_, seg, seg.end, acc_.data());
-    if (d_.stream_rows_grad)
-      cpu::row_store_streaming(d_.out_row(seg.run), acc_.data(), d_.dim);
-    else
-      cpu::row_store(d_.out_row(seg.run), acc_.data(), d_.dim);
+    sum_segment(d_, seg, seg.end, acc_);
+    d_.store_run(seg.run, acc_);
   }
 
   const BackwardData<scalar_t, weight_t>& d_;
+  acc_t<scalar_t>* acc_;  // the task's row of sums (dim), for runs finished one at a time
   int count_ = 0;
   Segment queued_[kRunsInFlight];
-  std::vector<acc_t<scalar_t>> acc_;
 };
 
 // One pass over all segments: runs of one segment are written to rows_grad, longer runs
@@ -440,8 +443,8 @@ void sum_segments(const BackwardData<scalar_t, weight_t>& d, const SegmentPlan& 
   const bool batch_short_runs = ShortRuns<1, scalar_t, weight_t>::usable(d);
   at::parallel_for(0, static_cast<int64_t>(segs.size()), 8, [&](int64_t s0, int64_t s1) {
     std::vector<A> acc(std::max<int64_t>(dim, 1));
-    ShortRuns<1, scalar_t, weight_t> singles(d);
-    ShortRuns<2, scalar_t, weight_t> pairs(d);
+    ShortRuns<1, scalar_t, weight_t> singles(d, acc.data());
+    ShortRuns<2, scalar_t, weight_t> pairs(d, acc.data());
     const int64_t prefetch_end = segs[s1 - 1].end;
     for (int64_t p = segs[s0].begin;
          p < std::min(prefetch_end, segs[s0].begin + kGradPrefetchDistance); ++p)
@@ -463,12 +466,7 @@ void sum_segments(const BackwardData<scalar_t, weight_t>& d, const SegmentPlan& 
         continue;
       }
       sum_segment(d, seg, prefetch_end, whole_run ? acc.data() : partial + seg.partial_slot * dim);
-      if (whole_run) {
-        if (d.stream_rows_grad)
-          cpu::row_store_streaming(d.out_row(seg.run), acc.data(), dim);
-        else
-          cpu::row_store(d.out_row(seg.run), acc.data(), dim);
-      }
+      if (whole_run) d.store_run(seg.run, acc.data());
     }
     singles.finish();
     pairs.finish();

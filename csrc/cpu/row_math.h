@@ -330,12 +330,27 @@ MEMORY_EXT_CLONES void row_store(scalar_t* __restrict out, const A* __restrict a
 // elements at a time into a local block that the stores then copy. The caller fences with
 // stream_fence() before another thread reads out. Only where out is 16-byte aligned and
 // the CPU is x86-64; otherwise plain row_store.
+template <typename scalar_t>
+constexpr int64_t kLineElements = 64 / sizeof(scalar_t);
+
+#if defined(__x86_64__) && !defined(__CUDACC__)
+// out[0 .. kLineElements) = line, by 16-byte streaming stores; out 16-byte aligned.
+template <typename scalar_t>
+MEMORY_EXT_ALWAYS_INLINE void stream_line(scalar_t* __restrict out,
+                                          const scalar_t* __restrict line) {
+  for (int64_t l = 0; l < kLineElements<scalar_t>; l += 16 / int64_t(sizeof(scalar_t))) {
+    __m128i bits;
+    std::memcpy(&bits, line + l, 16);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(out + l), bits);
+  }
+}
+#endif
+
 template <typename scalar_t, typename A>
 MEMORY_EXT_CLONES void row_store_streaming(scalar_t* __restrict out, const A* __restrict acc,
                                            int64_t n) {
 #if defined(__x86_64__) && !defined(__CUDACC__)
-  constexpr int64_t kPer = 16 / sizeof(scalar_t);          // elements per 16-byte store
-  constexpr int64_t kStreamChunk = 64 / sizeof(scalar_t);  // 64 bytes a block
+  constexpr int64_t kStreamChunk = kLineElements<scalar_t>;  // 64 bytes a block
   if (reinterpret_cast<uintptr_t>(out) % 16 == 0) {
     int64_t i = 0;
     for (; i + kStreamChunk <= n; i += kStreamChunk) {
@@ -345,11 +360,7 @@ MEMORY_EXT_CLONES void row_store_streaming(scalar_t* __restrict out, const A* __
         from = acc + i;
       else
         round_into(block, acc + i, kStreamChunk);
-      for (int64_t l = 0; l < kStreamChunk; l += kPer) {
-        __m128i v;
-        std::memcpy(&v, from + l, 16);
-        _mm_stream_si128(reinterpret_cast<__m128i*>(out + i + l), v);
-      }
+      stream_line(out + i, from);
     }
     round_into(out + i, acc + i, n - i);
     return;
@@ -369,9 +380,6 @@ MEMORY_EXT_CLONES void row_store_streaming(scalar_t* __restrict out, const A* __
 // for its misses and each dot for its own adds). With kStream, out is written with
 // streaming stores (row_store_streaming; the caller fences). n: a multiple of
 // kLineElements<scalar_t>; out: 16-byte aligned.
-template <typename scalar_t>
-constexpr int64_t kLineElements = 64 / sizeof(scalar_t);
-
 //
 // Lanes says how rows are widened to float lanes (Lanes::load) and how a line of sums is
 // rounded to the output dtype (Lanes::round): PortableLanes in the clones below, an AVX-512
@@ -426,11 +434,7 @@ MEMORY_EXT_ALWAYS_INLINE void sum_rows_and_dot_n_body(scalar_t* const* out, cons
           from = summed;
         else
           Lanes::round(block, summed);
-        for (int64_t l = 0; l < kLine; l += 16 / int64_t(sizeof(scalar_t))) {
-          __m128i bits;
-          std::memcpy(&bits, from + l, 16);
-          _mm_stream_si128(reinterpret_cast<__m128i*>(out[q] + i + l), bits);
-        }
+        stream_line(out[q] + i, from);
         continue;
       }
 #endif
