@@ -126,6 +126,29 @@ def cases_embedding_bag_backward_dense(device: str) -> int:
     return n + _bad_index_paths(device, lambda s: ops.embedding_bag_backward_dense(*op_args(s)))
 
 
+def cases_embedding_bag_backward_padded(device: str) -> int:
+    n = 0
+    for dtype, dim in BAG_SHAPES:
+        for hot in (0.0, 0.95):
+            s = sample_inputs("embedding_bag_backward_padded", device, dtype, seed=n, tokens=24, bag=100, rows=40,
+                              dim=dim, hot=hot)
+            s["indices"][::3, ::7] = -1  # padding
+            _finite(*ops.embedding_bag_backward_padded(**s))
+            n += 1
+    # A row count below the capacity (every row read) and one above (most rows unread).
+    for rows in (8, 5000):
+        s = sample_inputs("embedding_bag_backward_padded", device, seed=n, tokens=24, bag=100, rows=rows, dim=32)
+        _finite(*ops.embedding_bag_backward_padded(**s))
+        n += 1
+    s = sample_inputs("embedding_bag_backward_padded", device, tokens=4, bag=6, rows=20, dim=32)
+    s["indices"][1, 2] = 20
+    if device == "cpu":  # the CUDA kernel skips it (reporting would wait for the device)
+        _expect_error(lambda: ops.embedding_bag_backward_padded(**s), "index out of range", "a bad index (CPU)")
+    else:
+        _finite(*ops.embedding_bag_backward_padded(**s))
+    return n + 1
+
+
 def _bad_index_paths(device: str, call: Callable[[dict], object]) -> int:
     s = sample_inputs("embedding_bag_backward", device, tokens=4, bag=6, rows=20, dim=32)
     s["indices"][1, 2] = 20
@@ -274,6 +297,7 @@ CASES: dict[str, Callable[[str], int]] = {
     "embedding_bag": cases_embedding_bag,
     "embedding_bag_backward": cases_embedding_bag_backward,
     "embedding_bag_backward_dense": cases_embedding_bag_backward_dense,
+    "embedding_bag_backward_padded": cases_embedding_bag_backward_padded,
     "rows_to_dense": cases_rows_to_dense,
     "pk_topk": cases_pk_topk,
     "pk_topk_by_sorting": cases_pk_topk_by_sorting,

@@ -32,6 +32,21 @@ TORCH_LIBRARY(memory, m) {
       "Tensor weights, bool need_weights_grad) -> (Tensor rows, Tensor rows_grad, "
       "Tensor weights_grad)");
 
+  // embedding_bag_backward with outputs of a size known before the call (a fixed-size
+  // step: CUDA-graph capture, torch.compile without data-dependent shapes). With
+  // capacity = min(tokens * bag, rows): rows (capacity,) int64 holds embedding_bag_backward's
+  // rows, then -1 (padding); rows_grad (capacity, dim) its rows_grad, then zero rows;
+  // weights_grad as there; count a 0-d int64 tensor on the inputs' device, the number of
+  // rows before the padding. An index of -1 is padding too: it adds nothing and gets a
+  // zero weight gradient, so the padded outputs of several calls, concatenated, can be
+  // merged by one more call (bags of one, weight one). Other indices must be in range:
+  // the CPU kernel raises for them; the CUDA kernel cannot without waiting, so it skips
+  // them like -1 (the forward's index check is the one that reports them).
+  m.def(
+      "embedding_bag_backward_padded(Tensor grad_out, Tensor values, Tensor indices, "
+      "Tensor weights, bool need_weights_grad) -> (Tensor rows, Tensor rows_grad, "
+      "Tensor weights_grad, Tensor count)");
+
   // embedding_bag_backward with the row gradient in dense form: grad_values (rows, dim)
   // holds rows_to_dense(rows, rows_grad, rows) of embedding_bag_backward's result, bit for
   // bit, and weights_grad is the same. On CUDA nothing waits for the device (the output's
@@ -81,8 +96,9 @@ TORCH_LIBRARY(memory, m) {
 
   // Lazy Adam(W) on the rows of a sparse gradient, in place (torch.optim.AdamW's update,
   // applied only to rows[u]): param (n_rows, dim); exp_avg, exp_avg_sq (n_rows, dim)
-  // float32 (float64 for float64 params); rows (U,) int64 strictly ascending; rows_grad
-  // (U, dim) in param's dtype; step >= 1 is the optimizer step count for bias correction.
+  // float32 (float64 for float64 params); rows (U,) int64 strictly ascending,
+  // optionally followed by -1 padding (skipped: embedding_bag_backward_padded's rows);
+  // rows_grad (U, dim) in param's dtype; step >= 1 is the optimizer step count for bias correction.
   m.def(
       "row_adam_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor rows, "
       "Tensor rows_grad, float lr, float beta1, float beta2, float eps, float weight_decay, "
@@ -90,7 +106,8 @@ TORCH_LIBRARY(memory, m) {
 
   // Row-wise Adagrad on the rows of a sparse gradient, in place; its state is one value
   // per row: param (n_rows, dim); sum_sq (n_rows,) float32 (float64 for float64 params);
-  // rows (U,) int64 strictly ascending; rows_grad (U, dim) in param's dtype. For each u:
+  // rows (U,) int64 strictly ascending, optionally followed by -1 padding (skipped);
+  // rows_grad (U, dim) in param's dtype. For each u:
   // sum_sq[r] += mean_j g_j^2, then p = p * (1 - lr * weight_decay) - lr * g /
   // (sqrt(sum_sq[r]) + eps), with r = rows[u], g = rows_grad[u].
   m.def(

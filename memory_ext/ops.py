@@ -22,6 +22,7 @@ __all__ = [
     "embedding_bag",
     "embedding_bag_backward",
     "embedding_bag_backward_dense",
+    "embedding_bag_backward_padded",
     "rows_to_dense",
     "pk_topk",
     "pk_topk_by_sorting",
@@ -116,6 +117,28 @@ def embedding_bag_backward_dense(
     return _ops.embedding_bag_backward_dense(grad_out, values, indices, weights, need_weights_grad, check_indices)
 
 
+def embedding_bag_backward_padded(
+    grad_out: Tensor, values: Tensor, indices: Tensor, weights: Tensor, need_weights_grad: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """embedding_bag_backward with outputs of a size known before the call, for a step of
+    fixed shapes (CUDA-graph capture; torch.compile without data-dependent sizes).
+
+    -> rows: (capacity,) int64, capacity = min(tokens * bag, values.shape[0]): the rows of
+    embedding_bag_backward, then -1; rows_grad: (capacity, dim) its rows_grad, bit for bit,
+    then zero rows; weights_grad as there; count: 0-d int64 on the inputs' device, the
+    rows before the padding. On CUDA nothing waits for the device. row_adam_ and
+    row_adagrad_ take the padded rows as they are (they skip the -1s).
+
+    An index of -1 is padding: it adds nothing and gets a zero weight gradient. So the
+    padded outputs of several calls on one table are merged, rows summed, by one more call:
+    ``embedding_bag_backward_padded(torch.cat(grads), table, torch.cat(rows)[:, None],
+    ones, False)``. Any other index must be in range: the CPU kernel raises for it; the
+    CUDA kernel cannot without waiting, and skips it like -1 (the forward's check is the
+    one that reports bad indices).
+    """
+    return _ops.embedding_bag_backward_padded(grad_out, values, indices, weights, need_weights_grad)
+
+
 def rows_to_dense(rows: Tensor, rows_grad: Tensor, n_rows: int, *, check_rows: bool = True) -> Tensor:
     """Dense (n_rows, dim) tensor with rows_grad[u] at row rows[u] and zeros elsewhere.
 
@@ -193,7 +216,8 @@ def row_adam_(
     ``rows`` and their moments change.
 
     param: (n_rows, dim); exp_avg, exp_avg_sq: (n_rows, dim) float32 (float64 for float64
-    params); rows: (U,) int64, strictly ascending; rows_grad: (U, dim) in param's dtype;
+    params); rows: (U,) int64, strictly ascending, optionally followed by -1 padding
+    (skipped: the rows of embedding_bag_backward_padded); rows_grad: (U, dim) in param's dtype;
     step >= 1 is the optimizer's step count (bias correction). torch.optim.AdamW's
     per-element formula; no reductions, so results do not depend on threads. Bumps the
     version counters of the updated tensors (calling ``torch.ops.memory.row_adam_``
@@ -221,7 +245,8 @@ def row_adagrad_(
 
     param: (n_rows, dim); sum_sq: (n_rows,) float32 (float64 for float64 params), one value
     per row (FBGEMM's row-wise Adagrad: a table's optimizer state is 1/dim of Adam's);
-    rows: (U,) int64, strictly ascending; rows_grad: (U, dim) in param's dtype; lr >= 0,
+    rows: (U,) int64, strictly ascending, optionally followed by -1 padding (skipped: the
+    rows of embedding_bag_backward_padded); rows_grad: (U, dim) in param's dtype; lr >= 0,
     eps > 0, weight_decay >= 0. For each u, with r = rows[u] and g = rows_grad[u]:
     ``sum_sq[r] += mean(g ** 2)``, then ``param[r] = param[r] * (1 - lr * weight_decay) -
     lr * g / (sqrt(sum_sq[r]) + eps)``, in float32 (float64 for float64) and rounded once to
@@ -350,6 +375,16 @@ def _embedding_bag_backward_dense_fake(grad_out, values, indices, weights, need_
     _checks.check_embedding_bag_backward(grad_out, values, indices, weights, "embedding_bag_backward_dense")
     weights_grad = weights.new_empty(indices.shape if need_weights_grad else (0,))
     return values.new_empty(values.shape), weights_grad
+
+
+@torch.library.register_fake("memory::embedding_bag_backward_padded")
+def _embedding_bag_backward_padded_fake(grad_out, values, indices, weights, need_weights_grad):
+    _checks.check_embedding_bag_backward(grad_out, values, indices, weights, "embedding_bag_backward_padded")
+    capacity = torch.sym_min(indices.numel(), values.shape[0])
+    rows = indices.new_empty((capacity,), dtype=torch.int64)
+    rows_grad = values.new_empty((capacity, values.shape[1]))
+    weights_grad = weights.new_empty(indices.shape if need_weights_grad else (0,))
+    return rows, rows_grad, weights_grad, indices.new_empty((), dtype=torch.int64)
 
 
 @torch.library.register_fake("memory::rows_to_dense")

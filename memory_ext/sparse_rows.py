@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["coalesced", "sparse_rows_grad"]
+from memory_ext import ops
+
+__all__ = ["coalesced", "merged_padded_rows", "sparse_rows_grad"]
 
 
 def sparse_rows_grad(rows: Tensor, rows_grad: Tensor, shape: torch.Size | tuple[int, int]) -> Tensor:
@@ -31,3 +33,19 @@ def coalesced(grad: Tensor) -> Tensor:
     if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
         return sparse_rows_grad(rows, grad._values(), grad.shape)
     return grad.coalesce()
+
+
+def merged_padded_rows(table: Tensor, parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """The sum of padded row gradients of ``table`` (each (rows, rows_grad) as
+    embedding_bag_backward_padded gives them), padded the same way, in fixed shapes.
+
+    Several parts are concatenated and merged by one more padded backward over them, as
+    bags of one with weight one: each row's parts summed in float32 in the parts' order
+    and rounded once to the table's dtype; the padding (-1) adds nothing."""
+    if len(parts) == 1:
+        return parts[0]
+    rows = torch.cat([r for r, _ in parts])
+    grads = torch.cat([g for _, g in parts])
+    ones = torch.ones((rows.shape[0], 1), dtype=grads.dtype, device=grads.device)
+    merged_rows, merged_grad, _, _ = ops.embedding_bag_backward_padded(grads, table, rows.unsqueeze(1), ones, False)
+    return merged_rows, merged_grad

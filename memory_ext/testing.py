@@ -201,6 +201,7 @@ _SAMPLERS: dict[str, Callable[..., dict[str, Any]]] = {
     "embedding_bag": _embedding_bag,
     "embedding_bag_backward": _embedding_bag_backward,
     "embedding_bag_backward_dense": _embedding_bag_backward,
+    "embedding_bag_backward_padded": _embedding_bag_backward,
     "rows_to_dense": _rows_to_dense,
     "pk_topk": _pk_topk,
     "pk_topk_by_sorting": _pk_topk,
@@ -221,7 +222,8 @@ def sample_inputs(op: str, device: str | torch.device = "cpu", dtype: torch.dtyp
       embedding_bag: tokens, bag, rows, dim, index_dtype, weight_dtype (default float32,
         float64 for float64), pattern ("random", "all_equal", "distinct"), hot (share of
         lookups on rows 0..2), kind ("gaussian", or "dyadic": sums exact in float32).
-      embedding_bag_backward, embedding_bag_backward_dense: those, plus need_weights_grad
+      embedding_bag_backward, embedding_bag_backward_dense, embedding_bag_backward_padded:
+        those, plus need_weights_grad
         and grad_dtype.
       rows_to_dense: n_rows, n_unique, dim (any dtype, integers too).
       pk_topk, pk_topk_by_sorting: tokens, heads, n_keys, half, k, kind ("gaussian",

@@ -346,30 +346,61 @@ struct BackwardOutputs {
   }
 };
 
-// What the static-size launch writes (embedding_bag_backward_dense: counts left on the
-// device, buffers and grids sized by backward_bounds, row gradients at their rows of a
-// dense table). The table starts poisoned: rows no lookup touches must stay as they were
-// (the op zeroes them first); the weight gradient starts zeroed, as the op does.
+// What a fixed-size launch (counts left on the device, buffers and grids sized by
+// backward_bounds) writes besides its row gradients: partial sums, long runs, and the
+// weight gradient, which starts zeroed, as the ops do.
 template <typename T>
-struct StaticOutputs {
-  emu::OffsetBuffer<T> dense;
+struct FixedSizeOutputs {
   std::vector<acc_t<T>> partial;
   std::vector<uint32_t> long_runs;
   emu::OffsetBuffer<float> wg_f;
   emu::OffsetBuffer<T> wg_t;
-  StaticOutputs(int64_t rows, int64_t dim, const BackwardBounds& bound, int64_t n,
-                const Offsets& off)
-      : dense(rows * dim, off.out),
-        partial(bound.long_slots * dim),
+  FixedSizeOutputs(int64_t dim, const BackwardBounds& bound, int64_t n, const Offsets& off)
+      : partial(bound.long_slots * dim),
         long_runs(bound.long_runs, 0xdeadbeefu),
         wg_f(n, off.weights),
         wg_t(n, off.weights) {
-    dense.poison();
     emu::poison(partial);
     for (int64_t p = 0; p < n; ++p) {
       wg_f[p] = 0.0f;
       wg_t[p] = from_double<T>(0);
     }
+  }
+  // a's work buffers and weight gradient pointed at these.
+  void point(BackwardArgs& a, bool need_wg, bool w_f32) {
+    a.partial = partial.empty() ? nullptr : partial.data();
+    a.long_runs = long_runs.empty() ? nullptr : long_runs.data();
+    a.weights_grad = !need_wg ? nullptr
+                     : w_f32  ? static_cast<void*>(wg_f.data())
+                              : static_cast<void*>(wg_t.data());
+  }
+};
+
+// embedding_bag_backward_dense's launch: row gradients at their rows of a dense table,
+// which starts poisoned: rows no lookup touches must stay as they were (the op zeroes them
+// first).
+template <typename T>
+struct StaticOutputs : FixedSizeOutputs<T> {
+  emu::OffsetBuffer<T> dense;
+  StaticOutputs(int64_t rows, int64_t dim, const BackwardBounds& bound, int64_t n,
+                const Offsets& off)
+      : FixedSizeOutputs<T>(dim, bound, n, off), dense(rows * dim, off.out) {
+    dense.poison();
+  }
+};
+
+// embedding_bag_backward_padded's launch: row gradients in the runs' slots of a
+// (bound.runs, dim) buffer. The rows start as the op's padding (-1) and the row gradients
+// poisoned: slots past the exact count must stay as they were (the op zeroes them first).
+template <typename T>
+struct PaddedOutputs : FixedSizeOutputs<T> {
+  std::vector<int64_t> rows_out;
+  emu::OffsetBuffer<T> rows_grad;
+  PaddedOutputs(int64_t dim, const BackwardBounds& bound, int64_t n, const Offsets& off)
+      : FixedSizeOutputs<T>(dim, bound, n, off),
+        rows_out(bound.runs, -1),
+        rows_grad(bound.runs * dim, off.out) {
+    rows_grad.poison();
   }
 };
 
@@ -457,11 +488,14 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
   s.dense_rows = true;
   s.rows_out = nullptr;
   s.rows_grad = static_out.dense.data();
-  s.partial = static_out.partial.empty() ? nullptr : static_out.partial.data();
-  s.long_runs = static_out.long_runs.empty() ? nullptr : static_out.long_runs.data();
-  s.weights_grad = !need_wg ? nullptr
-                   : w_f32  ? static_cast<void*>(static_out.wg_f.data())
-                            : static_cast<void*>(static_out.wg_t.data());
+  static_out.point(s, need_wg, w_f32);
+  // The fixed-size sparse launch: the same as the static one, into run slots.
+  PaddedOutputs<T> padded_out(dim, bound, n, off);
+  BackwardArgs ps = s;
+  ps.dense_rows = false;
+  ps.rows_out = padded_out.rows_out.data();
+  ps.rows_grad = padded_out.rows_grad.data();
+  padded_out.point(ps, need_wg, w_f32);
   point_at(seg_out);
   // The launcher's choice of vector (embedding_bag_backward.cu); both output sets have the
   // same alignment.
@@ -496,8 +530,9 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
         // launch where the bounds allow, so groups past the counts exist and must idle).
         const int64_t static_blocks =
             std::min<int64_t>(max_blocks + 1, ceil_div(s.n_segments, kBlock / G));
-        emu::launch(static_cast<unsigned>(static_blocks), kBlock,
-                    &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, s);
+        for (const BackwardArgs* x : {&s, &ps})
+          emu::launch(static_cast<unsigned>(static_blocks), kBlock,
+                      &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, *x);
         ++g_static_launches;
       });
       if (s.both_schedules)
@@ -505,8 +540,9 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
           const int64_t units = ceil_div(s.n_runs, kShortUnit);
           const int64_t blocks =
               std::min<int64_t>(max_blocks + 1, ceil_div(units, kShortBlock / G));
-          emu::launch(static_cast<unsigned>(blocks), kShortBlock,
-                      &embedding_bag_backward_short_kernel<T, VEC, G, VPT, R>, s);
+          for (const BackwardArgs* x : {&s, &ps})
+            emu::launch(static_cast<unsigned>(blocks), kShortBlock,
+                        &embedding_bag_backward_short_kernel<T, VEC, G, VPT, R>, *x);
         });
       if (!short_runs) return;
       point_at(short_out);
@@ -531,8 +567,9 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
                   &embedding_bag_backward_reduce_kernel<T>, a);
     const int64_t static_items = s.n_long_runs * ceil_div(dim, kReduceBlock);
     if (static_items > 0)
-      emu::launch(static_cast<unsigned>(std::min<int64_t>(3, static_items)), kReduceBlock,
-                  &embedding_bag_backward_reduce_kernel<T>, s);
+      for (const BackwardArgs* x : {&s, &ps})
+        emu::launch(static_cast<unsigned>(std::min<int64_t>(3, static_items)), kReduceBlock,
+                    &embedding_bag_backward_reduce_kernel<T>, *x);
   }
 
   // Reference.
@@ -582,6 +619,11 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
     }
     return bad;
   };
+  // Whether another launch's weight gradient is the segment kernel's, bit for bit.
+  auto same_weights_grad = [&](auto& wg_f, auto& wg_t) {
+    return !need_wg || (w_f32 ? std::memcmp(wg_f.data(), seg_out.wg_f.data(), n * sizeof(float))
+                              : std::memcmp(wg_t.data(), seg_out.wg_t.data(), n * sizeof(T))) == 0;
+  };
   // The static launch against the segment kernel's outputs, bit for bit: each touched
   // row's gradient at its row, every other row untouched (still poison), the same weight
   // gradient; and the exact counts within their bounds.
@@ -602,9 +644,27 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
         return "dense row " + std::to_string(r) + " was written but no lookup touches it";
       }
     }
-    if (need_wg && (w_f32 ? std::memcmp(o.wg_f.data(), seg_out.wg_f.data(), n * sizeof(float))
-                          : std::memcmp(o.wg_t.data(), seg_out.wg_t.data(), n * sizeof(T))) != 0)
-      return "weights_grad differs from the segment kernel's";
+    if (!same_weights_grad(o.wg_f, o.wg_t)) return "weights_grad differs from the segment kernel's";
+    return "";
+  };
+  // The fixed-size sparse launch against the segment kernel's outputs, bit for bit: the
+  // exact count of rows and their gradients in the first slots, the padding after them
+  // untouched (rows -1, gradients still poison), the same weight gradient.
+  auto check_padded = [&](PaddedOutputs<T>& o) -> std::string {
+    if (a.n_segments == 0) return "";
+    for (int64_t u = 0; u < bound.runs; ++u) {
+      const int64_t want = u < n_runs ? seg_out.rows_out[u] : -1;
+      if (o.rows_out[u] != want)
+        return "rows_out[" + std::to_string(u) + "] = " + std::to_string(o.rows_out[u]) +
+               ", want " + std::to_string(want);
+    }
+    if (std::memcmp(o.rows_grad.data(), seg_out.rows_grad.data(), n_runs * dim * sizeof(T)) != 0)
+      return "rows_grad differs from the segment kernel's";
+    std::vector<char> poisoned(dim * sizeof(T), char(0xff));
+    for (int64_t u = n_runs; u < bound.runs; ++u)
+      if (std::memcmp(&o.rows_grad[u * dim], poisoned.data(), dim * sizeof(T)) != 0)
+        return "rows_grad slot " + std::to_string(u) + " past the count was written";
+    if (!same_weights_grad(o.wg_f, o.wg_t)) return "weights_grad differs from the segment kernel's";
     return "";
   };
   char name[300];
@@ -619,15 +679,15 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
   emu::report(check(seg_out).empty(), name, check(seg_out));
   emu::report(check_static(static_out).empty(), std::string(name) + " static",
               check_static(static_out));
+  emu::report(check_padded(padded_out).empty(), std::string(name) + " padded",
+              check_padded(padded_out));
   if (!short_runs) return;
   std::string bad = check(short_out);
   // Bit for bit the segment kernel's outputs (rough inputs make the order visible).
   if (bad.empty() && std::memcmp(short_out.rows_grad.data(), seg_out.rows_grad.data(),
                                  n_runs * dim * sizeof(T)) != 0)
     bad = "rows_grad differs from the segment kernel's";
-  if (bad.empty() && need_wg &&
-      (w_f32 ? std::memcmp(short_out.wg_f.data(), seg_out.wg_f.data(), n * sizeof(float))
-             : std::memcmp(short_out.wg_t.data(), seg_out.wg_t.data(), n * sizeof(T))) != 0)
+  if (bad.empty() && !same_weights_grad(short_out.wg_f, short_out.wg_t))
     bad = "weights_grad differs from the segment kernel's";
   emu::report(bad.empty(), std::string(name) + short_shape, bad);
 }

@@ -7,12 +7,12 @@ its sparse outputs (the number of rows read is data). A layer vouches for the in
 made itself, and its dense gradients (the sub-keys', and the values' on the dense path)
 come from embedding_bag_backward_dense, whose size is known: a step waits only where the
 sparse or fused value path sizes the values' row gradient, once per lookup, and never on
-the dense path. The CPU tests record every memory op that a step dispatches, with its
-arguments, and count the calls that would wait on CUDA; the CUDA tests count the waits
+the dense path or on the fused path in fixed shapes (embedding_bag_backward_padded). The
+CPU tests record every memory op that a step dispatches, with its arguments, and count
+the calls that would wait on CUDA; the CUDA tests count the waits
 themselves (torch.cuda.set_sync_debug_mode) and capture a forward, and a whole training
-step on the dense path, in a CUDA graph.
+step on the dense path and on the fused path in fixed shapes, in a CUDA graph.
 """
-import copy
 import warnings
 
 import pytest
@@ -35,6 +35,7 @@ _CHECK_ARGUMENT = {
 }
 _DENSE = "memory::embedding_bag_backward_dense"
 _SIZING = "memory::embedding_bag_backward"
+_PADDED = "memory::embedding_bag_backward_padded"  # fixed size: never waits
 
 
 class MemoryOpLog(TorchDispatchMode):
@@ -80,23 +81,26 @@ def train_step(model, x, optimizer=None):
         optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("path", ["dense", "sparse", "fused"])
+@pytest.mark.parametrize("path", ["dense", "sparse", "fused", "fused-fixed"])
 def test_a_layer_step_waits_only_where_the_sparse_values_are_sized(path):
     """Forward and backward of a layer (values and sub-keys trained): on the dense path no
     call would wait on CUDA (both gradients dense, of known size); on the sparse and fused
-    paths only the values' row gradient is sized. Every lookup and dense gradient runs on
-    indices the library made, unchecked."""
+    paths only the values' row gradient is sized, and on the fused path in fixed shapes
+    (the default on CUDA) nothing is. Every lookup and dense gradient runs on indices the
+    library made, unchecked."""
     model = layer()
     optimizer = None
     if path != "dense":
-        optimizer = value_optimizer(model, 1e-2, fused=path == "fused")
+        optimizer = value_optimizer(model, 1e-2, fused=path != "sparse",
+                                    static_shapes=True if path == "fused-fixed" else None)
     x = torch.randn(6, 16)
     with MemoryOpLog() as log:
         train_step(model, x, optimizer)
     assert log.count("memory::pk_topk") == 1
-    want_sizing = 0 if path == "dense" else 1
+    want_sizing = 1 if path in ("sparse", "fused") else 0
     assert log.count(_SIZING) == want_sizing, log.calls
-    assert log.count(_DENSE) == 2 - want_sizing, log.calls  # the sub-keys' (and the values')
+    assert log.count(_PADDED) == (1 if path == "fused-fixed" else 0), log.calls
+    assert log.count(_DENSE) == (2 if path == "dense" else 1), log.calls  # the sub-keys' (and the values')
     assert log.waits_on_cuda() == [_SIZING] * want_sizing, log.calls
 
 
@@ -160,12 +164,17 @@ def test_unchecked_calls_compute_the_same():
 
 
 @requires_cuda
-@pytest.mark.parametrize("path", ["dense", "sparse", "fused"])
+@pytest.mark.parametrize("path", ["dense", "sparse", "fused", "fused-sized"])
 def test_cuda_layer_step_synchronises_only_to_size_the_sparse_backward(path):
     """The waits counted by torch itself: one per embedding_bag_backward (the sparse value
-    gradient's size), none in the forward, none at all on the dense path."""
+    gradient's size), none in the forward, none at all on the dense path and on the fused
+    path in fixed shapes (the default on CUDA)."""
     model = layer("cuda")
-    optimizer = value_optimizer(model, 1e-2, fused=path == "fused") if path != "dense" else None
+    optimizer = None
+    if path == "sparse":
+        optimizer = value_optimizer(model, 1e-2)
+    elif path.startswith("fused"):
+        optimizer = value_optimizer(model, 1e-2, fused=True, static_shapes=False if path == "fused-sized" else None)
     x = torch.randn(64, 16, device="cuda")
     train_step(model, x, optimizer)  # warm-up: lazy initialisation may synchronise
     torch.cuda.synchronize()
@@ -180,7 +189,7 @@ def test_cuda_layer_step_synchronises_only_to_size_the_sparse_backward(path):
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert forward_waits == 0, syncs
-    assert len(syncs) == log.count(_SIZING) == (0 if path == "dense" else 1), syncs
+    assert len(syncs) == log.count(_SIZING) == (1 if path in ("sparse", "fused-sized") else 0), syncs
 
 
 @requires_cuda
@@ -205,25 +214,21 @@ def test_cuda_graph_captures_a_layer_forward():
         assert torch.equal(static_out, model(fresh))
 
 
-@requires_cuda
-def test_cuda_graph_captures_a_whole_training_step_on_the_dense_path():
-    """Forward, backward (dense value and sub-key gradients, no host synchronisation) and a
-    capturable AdamW step are captured as one CUDA graph; each replay computes what the
-    same step computes eagerly on a twin model."""
-    model = layer("cuda")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, capturable=True)
+def check_captured_step(make):
+    """Captures one training step of a model from make() -> (model, optimizer) as a CUDA
+    graph; each replay must compute what the same step computes eagerly on a twin from
+    make(), warmed up alike (lazy state, launch caches) outside the capture."""
+    (model, optimizer), (twin, twin_optimizer) = make(), make()
     static_x = torch.randn(32, 16, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture: lazy state, launch caches
-        for _ in range(3):
-            optimizer.zero_grad(set_to_none=True)
-            model(static_x).square().mean().backward()
-            optimizer.step()
+    with torch.cuda.stream(side):
+        for m, o in ((model, optimizer), (twin, twin_optimizer)):
+            for _ in range(3):
+                o.zero_grad(set_to_none=True)
+                m(static_x).square().mean().backward()
+                o.step()
     torch.cuda.current_stream().wait_stream(side)
-    twin = copy.deepcopy(model)
-    twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-2, capturable=True)
-    twin_optimizer.load_state_dict(optimizer.state_dict())
 
     graph = torch.cuda.CUDAGraph()
     optimizer.zero_grad(set_to_none=True)
@@ -242,3 +247,30 @@ def test_cuda_graph_captures_a_whole_training_step_on_the_dense_path():
         torch.testing.assert_close(static_loss, loss)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q)
+
+
+@requires_cuda
+def test_cuda_graph_captures_a_whole_training_step_on_the_dense_path():
+    """Forward, backward (dense value and sub-key gradients, no host synchronisation) and a
+    capturable AdamW step are captured as one CUDA graph."""
+
+    def make():
+        model = layer("cuda")
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, capturable=True)
+
+    check_captured_step(make)
+
+
+@requires_cuda
+def test_cuda_graph_captures_a_whole_training_step_on_the_fused_path():
+    """The values' fused row-wise Adagrad in fixed shapes (padded row gradients, no host
+    synchronisation) and a capturable AdamW for the rest, captured as one CUDA graph (the
+    fused update runs inside the backward; the AdamW's step() is the graph's last call)."""
+
+    def make():
+        model = layer("cuda")
+        value_optimizer(model, 1e-2, rule="adagrad", fused=True, max_norm=1.0)
+        others = [p for n, p in model.named_parameters() if "values" not in n]
+        return model, torch.optim.AdamW(others, lr=1e-2, capturable=True)
+
+    check_captured_step(make)

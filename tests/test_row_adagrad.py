@@ -199,9 +199,10 @@ def test_cuda_skips_rows_out_of_range(device):
         ([1, 4, 4], "rows must be strictly ascending (a coalesced gradient), but rows[1] = 4 and rows[2] = 4"),
         ([4, 1, 7], "rows must be strictly ascending (a coalesced gradient), but rows[0] = 4 and rows[1] = 1"),
         ([1, 4, 10], "rows[2] = 10 is out of range for a table of 10 rows"),
-        ([-1, 4, 7], "rows[0] = -1 is out of range for a table of 10 rows"),
+        ([-2, 4, 7], "rows[0] = -2 is out of range for a table of 10 rows"),
+        ([-1, 4, 7], "rows[1] = 4 follows the padding (-1) that starts at rows[0]; only -1 may follow padding"),
     ],
-    ids=["duplicate", "descending", "past_the_end", "negative"],
+    ids=["duplicate", "descending", "past_the_end", "negative", "row_after_padding"],
 )
 def test_cpu_rejects_bad_rows(rows, message):
     """Data-dependent, so checked by the CPU kernel only, before anything is written."""

@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "embedding_bag_cpu.h"
 #include "large_buffers.h"
 #include "memory_ext/checks.h"
 #include "memory_ext/prologues.h"
@@ -634,6 +635,12 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_dense_cpu(
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu::sparse_backward(
+    const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& weights, bool need_weights_grad, const char* op) {
+  return backward(grad_out, values, indices, weights, need_weights_grad, op, false);
+}
 
 TORCH_LIBRARY_IMPL(memory, CPU, m) {
   m.impl("embedding_bag", &embedding_bag_cpu);

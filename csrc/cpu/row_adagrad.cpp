@@ -40,9 +40,10 @@ void row_adagrad_cpu(at::Tensor& param, at::Tensor& sum_sq, const at::Tensor& ro
   check_row_adagrad_args(param, sum_sq, rows_, rows_grad_, lr, eps, weight_decay);
   const auto rows = rows_.contiguous();
   const auto rows_grad = rows_grad_.contiguous();
-  const int64_t U = rows.size(0), n_rows = param.size(0), dim = param.size(1);
+  const int64_t n_rows = param.size(0), dim = param.size(1);
   const auto* R = rows.const_data_ptr<int64_t>();
-  check_sparse_rows(kRowAdagradRows, R, U, n_rows);
+  // -1 padding after the rows (a fixed-size gradient) is skipped.
+  const int64_t U = check_padded_sparse_rows(kRowAdagradRows, R, rows.size(0), n_rows);
   // A row of width 0 has no mean square: nothing to update.
   if (U == 0 || dim == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(

@@ -39,9 +39,10 @@ void row_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq
   check_row_adam_args(param, exp_avg, exp_avg_sq, rows_, rows_grad_, beta1, beta2, step);
   const auto rows = rows_.contiguous();
   const auto rows_grad = rows_grad_.contiguous();
-  const int64_t U = rows.size(0), n_rows = param.size(0), dim = param.size(1);
+  const int64_t n_rows = param.size(0), dim = param.size(1);
   const auto* R = rows.const_data_ptr<int64_t>();
-  check_sparse_rows(kRowAdamRows, R, U, n_rows);
+  // -1 padding after the rows (a fixed-size gradient) is skipped.
+  const int64_t U = check_padded_sparse_rows(kRowAdamRows, R, rows.size(0), n_rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, param.scalar_type(), "row_adam_cpu", [&] {
         using state_t = acc_t<scalar_t>;

@@ -7,7 +7,8 @@
 // the kernels also record the lowest bad position on the device; in the default "sync"
 // mode the op then raises the same error as the CPU kernel, at the cost of one host
 // synchronisation in the forward (the sparse backward synchronises anyway to size its
-// outputs; the dense backward, whose output size is known, only when it checks),
+// outputs; the dense backward, whose output size is known, only when it checks; the
+// padded backward never: it does not report),
 // and in "async" mode the position goes to the device's record (async_index_errors.h) for
 // memory_ext.ops.check_errors() to raise later.
 // A caller that vouches for its indices (check_indices / check_rows false: indices the
@@ -162,6 +163,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_cuda(
   return {rows, rows_grad, in.weights_grad};
 }
 
+// The sparse gradient in outputs of a fixed size, without a host synchronisation: the
+// grouping's counts stay on the device (the grid and the outputs are sized by
+// backward_bounds, whose run bound is the capacity min(lookups, rows)); the kernels write
+// the first `count` rows and the padding is what was put there before them. Index -1 (the
+// padding of merged calls) and any other out-of-range index form the run of bad lookups,
+// which the kernels skip; reporting them would need the host to wait, so the op does not.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_bag_backward_padded_cuda(
+    const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+    const at::Tensor& weights, bool need_weights_grad) {
+  check_embedding_bag_backward_args(grad_out, values, indices, weights,
+                                    "embedding_bag_backward_padded");
+  const c10::cuda::CUDAGuard guard(values.device());
+  const EmbeddingBagBackwardInputs in =
+      embedding_bag_backward_inputs(grad_out, values, indices, weights, need_weights_grad);
+  const int64_t n_rows = in.values.size(0), dim = in.values.size(1);
+  const int64_t capacity = std::min<int64_t>(in.indices.numel(), n_rows);
+  const auto long_options = in.indices.options().dtype(at::kLong);
+  at::Tensor rows = at::full({capacity}, -1, long_options);
+  // Zeroed whole, rather than past the count only (which would take a kernel of its own
+  // reading the count): a second write of the rows the backward writes.
+  at::Tensor rows_grad = at::zeros({capacity, dim}, in.values.options());
+  if (need_weights_grad) in.weights_grad.zero_();  // bad lookups are never written
+  if (in.no_lookups()) return {rows, rows_grad, in.weights_grad, at::zeros({}, long_options)};
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cuda::RowGroups g = cuda::group_by_row(in.indices, n_rows, stream, /*read_counts=*/false);
+  // The runs of valid rows: the grouping's runs less the run of bad lookups, if any.
+  const at::Tensor count = g.info.narrow(0, cuda::kRunsWithBad, 1)
+                               .sub(g.info.narrow(0, cuda::kFirstBad, 1).ge(0).to(at::kLong))
+                               .reshape({});
+  BackwardLaunch launch(in, g);
+  launch.args.rows_out = rows.mutable_data_ptr<int64_t>();
+  launch.args.rows_grad = rows_grad.mutable_data_ptr();
+  cuda::launch_embedding_bag_backward(in.values.scalar_type(), launch.args, stream);
+  return {rows, rows_grad, in.weights_grad, count};
+}
+
 // The dense gradient without a host synchronisation: the grouping's counts stay on the
 // device, the kernels write each touched row's gradient into a zeroed (rows, dim) table.
 // Index errors: "sync" reads the lowest bad position back (a synchronisation, only with
@@ -266,6 +304,7 @@ TORCH_LIBRARY_IMPL(memory, CUDA, m) {
   m.impl("embedding_bag", &embedding_bag_cuda);
   m.impl("embedding_bag_backward", &embedding_bag_backward_cuda);
   m.impl("embedding_bag_backward_dense", &embedding_bag_backward_dense_cuda);
+  m.impl("embedding_bag_backward_padded", &embedding_bag_backward_padded_cuda);
   m.impl("rows_to_dense", &rows_to_dense_cuda);
 }
 

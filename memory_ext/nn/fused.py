@@ -8,6 +8,18 @@ backward pass. The callback adds the gradients of every read of the table in tha
 optionally clips them, and calls the optimizer's ``update_rows``. So an update happens
 after every backward pass, with the same rows and the same formula as "sparse gradient,
 then optimizer.step()"; only the gradient tensor between the two is never kept.
+
+With fixed shapes (``static_shapes``, the default on CUDA) every tensor of that update
+has a size known before the step: the lookups' row gradients come padded from
+``embedding_bag_backward_padded``, several reads of a pool are merged by one more call of
+it, and the row optimizer skips the padding. Nothing then waits for the device, so a
+whole training step can be captured in a CUDA graph (with a row optimizer whose update
+takes no host-side count: SparseRowAdagrad; SparseRowAdam's bias correction reads its
+step count on the host, so a captured Adam step would replay one count). The same rows
+get the same update as without; the sums of a pool read several times are taken in
+float32 and rounded once (torch's sparse addition rounds each sum to the table's dtype:
+the same bits for float32 tables, possibly not for 16-bit ones), and a clipping norm is
+summed over the padded rows (zeros, so the same value up to the order of the sum).
 """
 from __future__ import annotations
 
@@ -17,7 +29,7 @@ from torch import Tensor
 from memory_ext import ops
 from memory_ext.nn.clipping import clip_coefficient, square_norm
 from memory_ext.nn.row_optimizer import RowOptimizer, check_row_optimizer
-from memory_ext.sparse_rows import coalesced, sparse_rows_grad
+from memory_ext.sparse_rows import coalesced, merged_padded_rows, sparse_rows_grad
 
 __all__ = ["FusedRowUpdate", "fused_lookup"]
 
@@ -29,16 +41,29 @@ class FusedRowUpdate:
     update (the paper's separate clipping of the values; per table). ``last_norm`` is
     that gradient's norm before clipping (a 0-d float32 tensor, set when clipping), for
     logging. Gradient accumulation over several backward passes is not possible: each
-    pass updates the table.
+    pass updates the table. static_shapes: every tensor of the update of a size known
+    before the step (see the module's docstring); None: on CUDA tables.
     """
 
-    def __init__(self, optimizer: RowOptimizer, weight: Tensor, max_norm: float | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: RowOptimizer,
+        weight: Tensor,
+        max_norm: float | None = None,
+        static_shapes: bool | None = None,
+    ) -> None:
         check_row_optimizer("fused value update", optimizer, max_norm)
         optimizer.group_of(weight)  # the optimizer must hold the table
         self.optimizer, self.weight, self.max_norm = optimizer, weight, max_norm
+        self._static_shapes = None if static_shapes is None else bool(static_shapes)
         self.last_norm: Tensor | None = None
-        self._pending: list[Tensor] = []
+        self._pending: list[Tensor | tuple[Tensor, Tensor]] = []
         self._task: int | None = None
+
+    @property
+    def static_shapes(self) -> bool:
+        """Whether the update runs in fixed shapes; unset, where the table is now (CUDA)."""
+        return self.weight.is_cuda if self._static_shapes is None else self._static_shapes
 
     def arrive(self, rows: Tensor, rows_grad: Tensor) -> None:
         """Called by each lookup's backward: keep its rows' gradient until the pass ends."""
@@ -48,16 +73,23 @@ class FusedRowUpdate:
             # before its end: it never reached its callback and must not leak into this one.
             self._pending, self._task = [], task
             torch.autograd.Variable._execution_engine.queue_callback(self._flush)
-        self._pending.append(sparse_rows_grad(rows, rows_grad, self.weight.shape))
+        if self.static_shapes:
+            self._pending.append((rows, rows_grad))  # padded (-1 rows, zero gradients)
+        else:
+            self._pending.append(sparse_rows_grad(rows, rows_grad, self.weight.shape))
 
     @torch.no_grad()
     def _flush(self) -> None:
         pending, self._pending, self._task = self._pending, [], None
-        grad = pending[0]
-        for g in pending[1:]:
-            grad = grad + g  # concatenation, as autograd accumulates sparse gradients
-        grad = coalesced(grad)
-        rows, rows_grad = grad.indices()[0], grad.values()
+        if self.static_shapes:
+            rows, rows_grad = merged_padded_rows(self.weight, pending)
+            grad = rows_grad
+        else:
+            grad = pending[0]
+            for g in pending[1:]:
+                grad = grad + g  # concatenation, as autograd accumulates sparse gradients
+            grad = coalesced(grad)
+            rows, rows_grad = grad.indices()[0], grad.values()
         if self.max_norm is not None:
             self.last_norm = square_norm([grad]).sqrt()  # as clip_grad_norms computes it
             rows_grad = rows_grad * clip_coefficient(self.last_norm, self.max_norm)
@@ -79,9 +111,8 @@ class _FusedBag(torch.autograd.Function):
         table, indices, weights = ctx.saved_tensors
         need_weights = ctx.needs_input_grad[2]
         # The weights' gradient reads the table: computed here, before any update of the pass.
-        rows, rows_grad, weights_grad = ops.embedding_bag_backward(
-            grad_out.contiguous(), table, indices, weights, need_weights
-        )
+        backward = ops.embedding_bag_backward_padded if ctx.link.static_shapes else ops.embedding_bag_backward
+        rows, rows_grad, weights_grad = backward(grad_out.contiguous(), table, indices, weights, need_weights)[:3]
         ctx.link.arrive(rows, rows_grad)
         return None, None, weights_grad if need_weights else None, None, None
 

@@ -49,6 +49,7 @@ def value_optimizer(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     max_norm: float | None = None,
+    static_shapes: bool | None = None,
 ) -> RowOptimizer:
     """The optimizer of every value table in model, on a path whose cost follows the rows read.
 
@@ -65,6 +66,9 @@ def value_optimizer(
     costs nothing). Gradient clipping of the values then happens there: ``max_norm``
     clips each table's gradient of each backward pass (clip_grad_norms no longer sees
     them). Not for sharded tables. Without fused, clip with clip_grad_norms as usual.
+    static_shapes (fused only; default: on CUDA tables): the fused update in tensors of
+    sizes known before the step, so that a step can be captured in a CUDA graph (see
+    MemoryValues.fuse).
     """
     if rule not in _RULES:
         raise ValueError(f"value_optimizer: unknown rule {rule!r}; expected one of {sorted(_RULES)}")
@@ -73,6 +77,9 @@ def value_optimizer(
             "value_optimizer: max_norm applies to the fused path only, got fused=False "
             "(clip stored gradients with clip_grad_norms(model, max_norm, values_max_norm))"
         )
+    if static_shapes is not None and not fused:
+        raise ValueError(f"value_optimizer: static_shapes applies to the fused path only, got fused=False "
+                         f"and static_shapes={static_shapes}")
     tables = value_tables(model)
     if not tables:
         raise ValueError("value_optimizer: the model has no MemoryValues")
@@ -89,7 +96,7 @@ def value_optimizer(
     for t in tables:
         t.sparse_grad = True
         if fused:
-            t.fuse(opt, max_norm=max_norm)
+            t.fuse(opt, max_norm=max_norm, static_shapes=static_shapes)
     return opt
 
 

@@ -98,20 +98,25 @@ class MemoryValues(nn.Module):
             return _lookup_off_dense(self, indices, weights, check_indices)
         return ops.embedding_bag(self.weight, indices, weights, check_indices=check_indices)
 
-    def fuse(self, optimizer: RowOptimizer, *, max_norm: float | None = None) -> None:
+    def fuse(
+        self, optimizer: RowOptimizer, *, max_norm: float | None = None, static_shapes: bool | None = None
+    ) -> None:
         """Update this table in its backward with ``optimizer`` (which must hold ``weight``).
 
         From now on no gradient is stored: at the end of each backward pass that read the
         table, the rows read get ``optimizer``'s update (see memory_ext.nn.fused), their
         gradient clipped to ``max_norm`` first if given. ``optimizer.step()`` then has
         nothing to do for it; its lr, state and state_dict work as usual. Undo with unfuse().
+        static_shapes (default: on CUDA tables): the update's tensors have sizes known before
+        the step, so nothing waits for the device and a step can be captured in a CUDA graph
+        (memory_ext.nn.fused says what that changes).
         """
         if self.sharded:
             raise ValueError(
                 f"{type(self).__name__}.fuse: the fused update is not supported for a table sharded over a "
                 "process group; use sparse_grad=True with a SparseRowAdam instead"
             )
-        self.fused = FusedRowUpdate(optimizer, self.weight, max_norm)
+        self.fused = FusedRowUpdate(optimizer, self.weight, max_norm, static_shapes)
         optimizer_guard.watch(self)
 
     def unfuse(self) -> None:

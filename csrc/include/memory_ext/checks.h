@@ -158,6 +158,21 @@ inline void check_sparse_rows(const SparseRowsRule& rule, const int64_t* rows, i
   }
 }
 
+// The rows of a padded sparse gradient (embedding_bag_backward_padded): rows[0..n) checked
+// as by check_sparse_rows up to the first -1, which must be followed by -1 only. Returns
+// the number of rows before the padding.
+inline int64_t check_padded_sparse_rows(const SparseRowsRule& rule, const int64_t* rows, int64_t n,
+                                        int64_t n_rows) {
+  int64_t real = 0;
+  while (real < n && rows[real] != -1) ++real;
+  check_sparse_rows(rule, rows, real, n_rows);
+  for (int64_t u = real + 1; u < n; ++u)
+    TORCH_CHECK(rows[u] == -1, "memory.", rule.op, ": rows[", u, "] = ", rows[u],
+                " follows the padding (-1) that starts at rows[", real,
+                "]; only -1 may follow padding");
+  return real;
+}
+
 inline void check_rows_to_dense_args(const at::Tensor& rows, const at::Tensor& rows_grad,
                                      int64_t n_rows) {
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong,
