@@ -39,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     CopyProbe,
+    after_copies,
     copy_bandwidth_gbs,
     machine_info,
     on_table_storage,
@@ -141,9 +142,7 @@ def paired(fn: Callable, device: str, iters: int, probe: CopyProbe) -> tuple[lis
     """Timing samples of fn; then (samples, copies' GB/s) of as many calls each after a copy
     measured by probe. The copy evicts the caches, so the plain samples give the times and
     the paired ones only the shares of copy."""
-    samples = time_samples_ms(fn, device, iters=iters)
-    after_copies = time_samples_ms(fn, device, warmup=0, iters=iters, before_each=probe)
-    return samples, (after_copies, probe.take())
+    return time_samples_ms(fn, device, iters=iters), after_copies(fn, device, iters, probe)
 
 
 def time_memory_ext(inp: dict, device: str, iters: int, fwd_bytes: int, bwd_bytes: int, probe: CopyProbe) -> list[tuple]:

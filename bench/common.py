@@ -110,6 +110,13 @@ class CopyProbe:
         return taken
 
 
+def after_copies(fn, device: str, iters: int, probe: CopyProbe) -> tuple[list[float], list[float]]:
+    """(ms, copy GB/s) of iters calls of fn, each right after a copy measured by probe. The
+    copy evicts the caches: these calls give shares of copy (paired_pct_copy), not times."""
+    probe.take()  # the pairs start here
+    return time_samples_ms(fn, device, warmup=0, iters=iters, before_each=probe), probe.take()
+
+
 def paired_pct_copy(nbytes: int, samples_ms: list[float], copy_gbs: list[float]) -> float:
     """Median over the pairs of (nbytes / call time) as % of the copy bandwidth measured just
     before that call."""

@@ -27,10 +27,10 @@ def quick_run(name: str, out, *options: str) -> dict:
     return report
 
 
-@pytest.mark.parametrize("name", ["embedding_bag", "pk_topk", "value_update"])
+@pytest.mark.parametrize("name", ["embedding_bag", "pk_topk", "value_update", "quantized"])
 def test_benchmark_quick_run_writes_complete_json(name, tmp_path):
     report = quick_run(name, tmp_path / f"{name}.json")
-    if name == "value_update":  # every step's share of copy also paired with a copy
+    if name in ("value_update", "quantized"):  # every step's or case's share of copy also paired with copies
         assert all(r["pct_paired"] > 0 and r["paired_copy_gbs"] > 0 for r in report["results"]), report["results"]
 
 
