@@ -837,6 +837,27 @@ void check_rows_case(std::vector<int64_t> rows, int64_t n_rows, int64_t want) {
   emu::report(got == want, "check_rows want " + std::to_string(want), "got " + std::to_string(got));
 }
 
+// embedding_bag_backward_padded's padding: rows [count, capacity) zeroed, the rows below
+// the count (the backward's) untouched.
+template <typename W>
+void zero_padding_case(int64_t units, int64_t capacity, int64_t count, unsigned grid) {
+  std::vector<W> dst(std::max<int64_t>(capacity * units, 1));
+  emu::poison(dst);
+  const std::vector<int64_t> count_on_device{count};
+  emu::launch(grid, kDenseBlock, &zero_rows_from_count_kernel<W>, count_on_device.data(),
+              dst.data(), capacity, units);
+  std::vector<unsigned char> poisoned(units * sizeof(W), 0xff), zero(units * sizeof(W), 0);
+  std::string bad;
+  for (int64_t r = 0; r < capacity && bad.empty(); ++r)
+    if (std::memcmp(&dst[r * units], r < count ? poisoned.data() : zero.data(),
+                    units * sizeof(W)) != 0)
+      bad = "row " + std::to_string(r) + (r < count ? " below the count was written" : " not zero");
+  char name[160];
+  std::snprintf(name, sizeof name, "zero padding %zu-byte units x %lld, rows %lld of %lld, grid %u",
+                sizeof(W), (long long)units, (long long)count, (long long)capacity, grid);
+  emu::report(bad.empty(), name, bad);
+}
+
 template <typename W>
 void dense_cases() {
   std::vector<int64_t> sparse;
@@ -846,6 +867,11 @@ void dense_cases() {
   dense_case<W>(2, 70, {}, "none");
   dense_case<W>(2, 70, {-3, 1, 5, 5, 69, 70, 400}, "unchecked: out of range and duplicates");
   dense_case<W>(2, 70, {40, 3, 9, 2}, "unchecked: unsorted");
+  // Counts at, inside and past a block's rows (kDenseRows), none and all; one block
+  // striding over several ranges and as many blocks as ranges.
+  for (int64_t count : {0, 5, kDenseRows, kDenseRows + 7, 100})
+    for (unsigned grid : {1u, 4u}) zero_padding_case<W>(3, 100, count, grid);
+  zero_padding_case<W>(40, 33, 1, 2);
 }
 
 int main(int argc, char** argv) {

@@ -51,6 +51,25 @@ using cuda::rows_to_dense_kernel;
                           rows);
 }
 
+// Calls f.template operator()<W>() with W the widest unit (16, 8, 4, 2 or 1 bytes) that
+// rows of row_bytes at src's and dst's addresses allow (cuda::dense_copy_unit): the kernels
+// that move or zero whole rows of any dtype.
+template <typename F>
+void with_copy_unit(int64_t row_bytes, const at::Tensor& src, const at::Tensor& dst, F&& f) {
+  switch (cuda::dense_copy_unit(row_bytes, src.const_data_ptr(), dst.const_data_ptr())) {
+    case 16:
+      return f.template operator()<uint4>();
+    case 8:
+      return f.template operator()<unsigned long long>();
+    case 4:
+      return f.template operator()<unsigned int>();
+    case 2:
+      return f.template operator()<unsigned short>();
+    default:
+      return f.template operator()<unsigned char>();
+  }
+}
+
 // uint32 data kept in int32 tensors.
 const uint32_t* as_u32(const at::Tensor& t) {
   return reinterpret_cast<const uint32_t*>(t.const_data_ptr<int32_t>());
@@ -181,9 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_bag_backwar
   const int64_t capacity = std::min<int64_t>(in.indices.numel(), n_rows);
   const auto long_options = in.indices.options().dtype(at::kLong);
   at::Tensor rows = at::full({capacity}, -1, long_options);
-  // Zeroed whole, rather than past the count only (which would take a kernel of its own
-  // reading the count): a second write of the rows the backward writes.
-  at::Tensor rows_grad = at::zeros({capacity, dim}, in.values.options());
+  at::Tensor rows_grad = at::empty({capacity, dim}, in.values.options());
   if (need_weights_grad) in.weights_grad.zero_();  // bad lookups are never written
   if (in.no_lookups()) return {rows, rows_grad, in.weights_grad, at::zeros({}, long_options)};
 
@@ -193,6 +210,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_bag_backwar
   const at::Tensor count = g.info.narrow(0, cuda::kRunsWithBad, 1)
                                .sub(g.info.narrow(0, cuda::kFirstBad, 1).ge(0).to(at::kLong))
                                .reshape({});
+  // The slots past the count are zeroed, the others written by the backward: each once.
+  if (rows_grad.numel() > 0)
+    with_copy_unit(dim * rows_grad.element_size(), rows_grad, rows_grad, [&]<typename W>() {
+      cuda::zero_rows_from_count_kernel<W>
+          <<<grid_for(capacity, kDenseRows), kDenseBlock, 0, stream>>>(
+              count.const_data_ptr<int64_t>(), static_cast<W*>(rows_grad.mutable_data_ptr()),
+              capacity, dim * rows_grad.element_size() / int64_t(sizeof(W)));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   BackwardLaunch launch(in, g);
   launch.args.rows_out = rows.mutable_data_ptr<int64_t>();
   launch.args.rows_grad = rows_grad.mutable_data_ptr();
@@ -238,18 +264,6 @@ std::tuple<at::Tensor, at::Tensor> embedding_bag_backward_dense_cuda(
   return {grad_values, in.weights_grad};
 }
 
-template <typename W>
-void launch_dense(const at::Tensor& rows, const at::Tensor& rows_grad, at::Tensor& out,
-                  cudaStream_t stream) {
-  const int64_t n_rows = out.size(0);
-  const int64_t units = out.size(1) * out.element_size() / int64_t(sizeof(W));
-  rows_to_dense_kernel<W><<<grid_for(n_rows, kDenseRows), kDenseBlock, 0, stream>>>(
-      rows.const_data_ptr<int64_t>(), rows.size(0),
-      static_cast<const W*>(rows_grad.const_data_ptr()), static_cast<W*>(out.mutable_data_ptr()),
-      n_rows, units);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_grad_, int64_t n_rows,
                               bool check_rows) {
   check_rows_to_dense_args(rows_, rows_grad_, n_rows);
@@ -278,23 +292,14 @@ at::Tensor rows_to_dense_cuda(const at::Tensor& rows_, const at::Tensor& rows_gr
   auto out = at::empty({n_rows, rows_grad.size(1)}, rows_grad.options());
   if (out.numel() == 0) return out;
   // Any dtype works: rows_to_dense moves bytes, in the widest unit that fits.
-  switch (cuda::dense_copy_unit(out.size(1) * out.element_size(), rows_grad.const_data_ptr(),
-                                out.const_data_ptr())) {
-    case 16:
-      launch_dense<uint4>(rows, rows_grad, out, stream);
-      break;
-    case 8:
-      launch_dense<unsigned long long>(rows, rows_grad, out, stream);
-      break;
-    case 4:
-      launch_dense<unsigned int>(rows, rows_grad, out, stream);
-      break;
-    case 2:
-      launch_dense<unsigned short>(rows, rows_grad, out, stream);
-      break;
-    default:
-      launch_dense<unsigned char>(rows, rows_grad, out, stream);
-  }
+  const int64_t n_rows_out = out.size(0), row_bytes = out.size(1) * out.element_size();
+  with_copy_unit(row_bytes, rows_grad, out, [&]<typename W>() {
+    rows_to_dense_kernel<W><<<grid_for(n_rows_out, kDenseRows), kDenseBlock, 0, stream>>>(
+        rows.const_data_ptr<int64_t>(), rows.size(0),
+        static_cast<const W*>(rows_grad.const_data_ptr()), static_cast<W*>(out.mutable_data_ptr()),
+        n_rows_out, row_bytes / int64_t(sizeof(W)));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return out;
 }
 

@@ -1,4 +1,5 @@
-// Kernels of the CUDA rows_to_dense and its row checks.
+// Kernels of the CUDA rows_to_dense and its row checks, and the zeroing of the padding of
+// embedding_bag_backward_padded's row gradient.
 //
 // Torch-free: compiled by embedding_bag.cu and, as host C++, by the CPU emulation.
 #pragma once
@@ -72,6 +73,29 @@ __global__ void __launch_bounds__(kDenseBlock)
       }
     }
     __syncthreads();  // slot[] and range[] are rewritten by the next iteration
+  }
+}
+
+// Zeroes rows [*count, capacity) of a (capacity, units) buffer, the count read on the
+// device: the slots of embedding_bag_backward_padded's row gradient past its rows (the
+// backward writes the others), so that no row is written twice. Each block owns
+// kDenseRows consecutive rows, as in rows_to_dense; blocks below the count do nothing.
+template <typename W>
+__global__ void __launch_bounds__(kDenseBlock)
+    zero_rows_from_count_kernel(const int64_t* __restrict__ count, W* __restrict__ dst,
+                                int64_t capacity, int64_t units) {
+  const int64_t first = *count;
+  constexpr int kWarps = kDenseBlock / kWarpSize;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  for (int64_t r0 = int64_t(blockIdx.x) * kDenseRows; r0 < capacity;
+       r0 += int64_t(gridDim.x) * kDenseRows) {
+    for (int i = warp; i < kDenseRows && r0 + i < capacity; i += kWarps) {
+      if (r0 + i < first) continue;
+      W* d = dst + (r0 + i) * units;
+      const W zero{};
+#pragma unroll 4
+      for (int64_t x = lane; x < units; x += kWarpSize) d[x] = zero;
+    }
   }
 }
 
