@@ -115,26 +115,29 @@ def cases_embedding_bag_backward(device: str) -> int:
     return n + _bad_index_paths(device, lambda s: ops.embedding_bag_backward(*op_args(s)))
 
 
-def cases_embedding_bag_backward_dense(device: str) -> int:
+def _over_bag_shapes(device: str, op: str, call: Callable[[dict], object]) -> int:
+    """call(sample inputs of op) for each of BAG_SHAPES, with and without a hot row (runs
+    longer than a segment); returns the number of cases."""
     n = 0
     for dtype, dim in BAG_SHAPES:
         for hot in (0.0, 0.95):
-            s = sample_inputs("embedding_bag_backward_dense", device, dtype, seed=n, tokens=24, bag=100, rows=40,
-                              dim=dim, hot=hot)
-            _finite(*ops.embedding_bag_backward_dense(**s, check_indices=False))
+            call(sample_inputs(op, device, dtype, seed=n, tokens=24, bag=100, rows=40, dim=dim, hot=hot))
             n += 1
+    return n
+
+
+def cases_embedding_bag_backward_dense(device: str) -> int:
+    n = _over_bag_shapes(device, "embedding_bag_backward_dense",
+                         lambda s: _finite(*ops.embedding_bag_backward_dense(**s, check_indices=False)))
     return n + _bad_index_paths(device, lambda s: ops.embedding_bag_backward_dense(*op_args(s)))
 
 
 def cases_embedding_bag_backward_padded(device: str) -> int:
-    n = 0
-    for dtype, dim in BAG_SHAPES:
-        for hot in (0.0, 0.95):
-            s = sample_inputs("embedding_bag_backward_padded", device, dtype, seed=n, tokens=24, bag=100, rows=40,
-                              dim=dim, hot=hot)
-            s["indices"][::3, ::7] = -1  # padding
-            _finite(*ops.embedding_bag_backward_padded(**s))
-            n += 1
+    def padded(s: dict) -> None:
+        s["indices"][::3, ::7] = -1  # padding
+        _finite(*ops.embedding_bag_backward_padded(**s))
+
+    n = _over_bag_shapes(device, "embedding_bag_backward_padded", padded)
     # A row count below the capacity (every row read) and one above (most rows unread).
     for rows in (8, 5000):
         s = sample_inputs("embedding_bag_backward_padded", device, seed=n, tokens=24, bag=100, rows=rows, dim=32)
