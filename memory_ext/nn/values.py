@@ -35,6 +35,8 @@ class MemoryValues(nn.Module):
       (SparseRowAdam, SparseRowAdagrad) steps just those rows.
     - fused (``fuse(optimizer)``, or ``value_optimizer(model, lr, fused=True)``): the
       backward applies the RowOptimizer to the rows read and stores no gradient at all.
+      On CUDA tables it runs in fixed shapes (``static_shapes``: padded row gradients, no
+      host synchronisation), so a whole step can be captured in a CUDA graph.
 
     ``sparse_grad`` may be changed between steps. The sparse and fused lookups run eagerly
     under ``torch.compile`` (a graph break around the lookup; the rest of the model compiles).
