@@ -253,6 +253,18 @@ def cases_row_adam_(device: str) -> int:
     return n
 
 
+def cases_row_adam_capturable_(device: str) -> int:
+    n = 0
+    for dtype, dim in [(torch.float32, 16), (torch.bfloat16, 96), (torch.float64, 33)]:
+        s = sample_inputs("row_adam_capturable_", device, dtype, seed=n, n_rows=200, dim=dim, n_unique=70)
+        ops.row_adam_capturable_(**s)
+        _finite(s["param"], s["exp_avg"], s["exp_avg_sq"])
+        if int(s["step"]) != 3:
+            raise AssertionError(f"row_adam_capturable_: step count {int(s['step'])} after one call from 2")
+        n += 1
+    return n
+
+
 def cases_row_adagrad_(device: str) -> int:
     # Widths below, at and past a warp (the CUDA kernel's lanes stride a row by 32), and no rows.
     n = 0
@@ -306,6 +318,7 @@ CASES: dict[str, Callable[[str], int]] = {
     "pk_topk_by_sorting": cases_pk_topk_by_sorting,
     "quantized_embedding_bag": cases_quantized_embedding_bag,
     "row_adam_": cases_row_adam_,
+    "row_adam_capturable_": cases_row_adam_capturable_,
     "row_adagrad_": cases_row_adagrad_,
 }
 

@@ -104,6 +104,15 @@ TORCH_LIBRARY(memory, m) {
       "Tensor rows_grad, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "int step) -> ()");
 
+  // row_adam_ with the step count in a 0-d int64 tensor on param's device, which the call
+  // advances by one before the update (whose bias correction uses the new count): nothing
+  // is read on the host, so on CUDA the call can be captured in a CUDA graph and replayed
+  // (torch.optim.Adam's capturable=True). step must be >= 0 before the call.
+  m.def(
+      "row_adam_capturable_(Tensor(a!) param, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!) step, Tensor rows, Tensor rows_grad, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay) -> ()");
+
   // Row-wise Adagrad on the rows of a sparse gradient, in place; its state is one value
   // per row: param (n_rows, dim); sum_sq (n_rows,) float32 (float64 for float64 params);
   // rows (U,) int64 strictly ascending, optionally followed by -1 padding (skipped);

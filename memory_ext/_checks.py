@@ -29,6 +29,7 @@ __all__ = [
     "check_embedding_bag_backward",
     "check_rows_to_dense",
     "check_row_adam",
+    "check_row_adam_step_tensor",
     "check_row_adagrad",
     "check_pk_topk",
     "check_quantized_embedding_bag",
@@ -258,12 +259,12 @@ def _check_row_update(op: str, param: Tensor, rows: Tensor, rows_grad: Tensor) -
 
 def check_row_adam(
     param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, rows_grad: Tensor,
-    beta1: float, beta2: float, step: int,
+    beta1: float, beta2: float, step: int, op: str = "row_adam_",
 ) -> None:
     """check_row_adam_args of checks.h: param (n_rows, dim) contiguous floating; moments
     contiguous, param's shape, in accumulation_dtype(param.dtype); rows (U,) int64;
-    rows_grad (U, dim) in param's dtype; one device; betas in [0, 1); step >= 1."""
-    op = "row_adam_"
+    rows_grad (U, dim) in param's dtype; one device; betas in [0, 1); step >= 1. op names
+    the caller in errors."""
     _require(
         param.dim() == 2 and param.is_contiguous(), op,
         lambda: f"param must be a contiguous 2-D tensor, got shape {_shape(param.shape)}",
@@ -285,6 +286,18 @@ def check_row_adam(
         lambda: f"betas must be in [0, 1), got {_float(beta1)} and {_float(beta2)}",
     )
     _require(step >= 1, op, lambda: f"step must be >= 1, got {_int(step)}")
+
+
+def check_row_adam_step_tensor(param: Tensor, step: Tensor) -> None:
+    """check_row_adam_step_tensor of checks.h: row_adam_capturable_'s step count, a 0-d
+    int64 tensor on param's device (its value is checked where it is read)."""
+    op = "row_adam_capturable_"
+    _require(
+        step.dim() == 0 and step.dtype == torch.int64, op,
+        lambda: f"step must be a 0-d int64 tensor (the step count), got a {step.dim()}-D "
+        f"{dtype_name(step.dtype)} tensor",
+    )
+    _same_device(op, param, "param", step, "step")
 
 
 def check_row_adagrad(

@@ -28,6 +28,7 @@ __all__ = [
     "pk_topk_by_sorting",
     "quantized_embedding_bag",
     "row_adam_",
+    "row_adam_capturable_",
     "row_adagrad_",
     "set_index_checks",
     "index_checks_enabled",
@@ -230,6 +231,34 @@ def row_adam_(
     torch.autograd.graph.increment_version((param, exp_avg, exp_avg_sq))
 
 
+def row_adam_capturable_(
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    rows: Tensor,
+    rows_grad: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """row_adam_ with the step count in a tensor: ``step`` (0-d int64 on param's device,
+    the number of steps taken, >= 0) is advanced by one and the update uses the new count.
+
+    Nothing is read on the host, so on CUDA the call can be captured in a CUDA graph and
+    each replay takes the next count (torch.optim.Adam's ``capturable=True``;
+    SparseRowAdam(capturable=True) uses it). The same update as row_adam_ with that count:
+    bit for bit on the CPU; on CUDA the count's coefficients are computed by the device
+    (its double-precision pow may round a coefficient's last bit differently from the
+    host's). The CPU kernel checks the count and the rows; the CUDA kernel trusts both.
+    """
+    _ops.row_adam_capturable_(param, exp_avg, exp_avg_sq, step, rows, rows_grad, lr, beta1, beta2, eps, weight_decay)
+    torch.autograd.graph.increment_version((param, exp_avg, exp_avg_sq, step))
+
+
 def row_adagrad_(
     param: Tensor,
     sum_sq: Tensor,
@@ -396,6 +425,13 @@ def _rows_to_dense_fake(rows, rows_grad, n_rows, check_rows=True):
 @torch.library.register_fake("memory::row_adam_")
 def _row_adam_fake(param, exp_avg, exp_avg_sq, rows, rows_grad, lr, beta1, beta2, eps, weight_decay, step):
     _checks.check_row_adam(param, exp_avg, exp_avg_sq, rows, rows_grad, beta1, beta2, step)
+    return None
+
+
+@torch.library.register_fake("memory::row_adam_capturable_")
+def _row_adam_capturable_fake(param, exp_avg, exp_avg_sq, step, rows, rows_grad, lr, beta1, beta2, eps, weight_decay):
+    _checks.check_row_adam(param, exp_avg, exp_avg_sq, rows, rows_grad, beta1, beta2, 1, op="row_adam_capturable_")
+    _checks.check_row_adam_step_tensor(param, step)
     return None
 
 

@@ -179,6 +179,15 @@ def _row_adam_(device, dtype, gen, *, n_rows=64, dim=16, n_unique=None, step=3, 
                 lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
 
 
+def _row_adam_capturable_(device, dtype, gen, *, step=2, **options):
+    """row_adam_'s inputs with the step count as a 0-d int64 tensor (the steps taken before
+    the call, so the update uses step + 1), in the op's argument order."""
+    s = _row_adam_(device, dtype, gen, **options)
+    count = torch.tensor(step, dtype=torch.int64, device=device)
+    del s["step"]
+    return dict(param=s.pop("param"), exp_avg=s.pop("exp_avg"), exp_avg_sq=s.pop("exp_avg_sq"), step=count, **s)
+
+
 def _row_adagrad_(device, dtype, gen, *, n_rows=64, dim=16, n_unique=None, lr=0.05, eps=1e-10, weight_decay=0.01):
     sample = _rows_to_dense(device, dtype, gen, n_rows=n_rows, n_unique=n_unique, dim=dim)
     param = _draw("gaussian", (n_rows, dim), gen, device, dtype)
@@ -206,6 +215,7 @@ _SAMPLERS: dict[str, Callable[..., dict[str, Any]]] = {
     "pk_topk": _pk_topk,
     "pk_topk_by_sorting": _pk_topk,
     "row_adam_": _row_adam_,
+    "row_adam_capturable_": _row_adam_capturable_,
     "row_adagrad_": _row_adagrad_,
     "quantized_embedding_bag": _quantized_embedding_bag,
 }
@@ -229,6 +239,8 @@ def sample_inputs(op: str, device: str | torch.device = "cpu", dtype: torch.dtyp
       pk_topk, pk_topk_by_sorting: tokens, heads, n_keys, half, k, kind ("gaussian",
         "dyadic", "ties").
       row_adam_: n_rows, dim, n_unique, step and the hyperparameters.
+      row_adam_capturable_: the same, step (default 2: the steps taken before the call)
+        drawn as a 0-d int64 tensor.
       row_adagrad_: n_rows, dim, n_unique, lr, eps, weight_decay (sum_sq starts in [0, 0.1)).
       quantized_embedding_bag: tokens, bag, rows, dim, index_dtype, codes ("uint8",
         "float8_e4m3fn"), pattern, hot; dtype is the output dtype.

@@ -3,7 +3,8 @@
 // tests/cuda_emulate.h and launched on grids of one to three blocks, so the grid-stride
 // loop runs several rounds. Dims and views with a storage offset take every vector width
 // (16, 8, 4 bytes, one element), rows of 1030 and 2056 take several passes of a block.
-// Each case checks, bit for bit: every element of a touched row
+// The count kernel of row_adam_capturable_ is launched before it in some cases. Each case
+// checks, bit for bit: every element of a touched row
 // equals torch.optim.AdamW's update written out here in the state's precision; every
 // untouched row (and its moments) is unchanged; rows out of range are skipped.
 //
@@ -72,9 +73,12 @@ struct Offsets {
 // dtype reached every width of the step-down.
 std::vector<int> g_widths;
 
+// counted: the coefficients come from row_adam_count_kernel (row_adam_capturable_), which
+// must advance the count from 6 to 7 and write step 7's coefficients; the kernel is then
+// given zero coefficients by value, which it must ignore.
 template <typename T>
 void row_adam_case(int64_t n_rows, int64_t dim, std::vector<int64_t> rows, unsigned blocks,
-                   const char* what, Offsets off = {}) {
+                   const char* what, Offsets off = {}, bool counted = false) {
   using S = acc_t<T>;
   const int64_t n_unique = static_cast<int64_t>(rows.size());
   emu::OffsetBuffer<T> param(n_rows * dim, off.param), grad(n_unique * dim, off.grad);
@@ -103,24 +107,33 @@ void row_adam_case(int64_t n_rows, int64_t dim, std::vector<int64_t> rows, unsig
                                  {grad.data(), sizeof(T)}});
   g_widths.push_back(vec);
   int lanes = 0;
+  int64_t step = 6;
+  RowAdamCoefficients<S> on_device{};
+  if (counted)
+    emu::launch(1u, kRowAdamCountThreads, &row_adam_count_kernel<S>, &step, &on_device, 1e-2, 0.9,
+                0.999, 1e-8, 0.01);
   with_vector<kMax>(vec, [&]<int VEC>() {
     const int lanes_log2 = row_adam_lanes_log2(dim, VEC);
     lanes = 1 << lanes_log2;
     emu::launch(blocks, kRowAdamBlock, &row_adam_kernel<T, S, VEC>, param.data(), m.data(),
                 v.data(), static_cast<const int64_t*>(rows.data()),
-                static_cast<const T*>(grad.data()), n_unique, dim, n_rows, lanes_log2, c);
+                static_cast<const T*>(grad.data()), n_unique, dim, n_rows, lanes_log2,
+                counted ? RowAdamCoefficients<S>{} : c,
+                counted ? static_cast<const RowAdamCoefficients<S>*>(&on_device) : nullptr);
   });
   std::string bad;
+  if (counted && step != 7) bad = "the count went from 6 to " + std::to_string(step);
   for (int64_t at = 0; at < n_rows * dim && bad.empty(); ++at)
     if (!same_bits(param[at], want_p[at]) || !same_bits(m[at], want_m[at]) ||
         !same_bits(v[at], want_v[at]))
       bad = "element " + std::to_string(at) + " (row " + std::to_string(at / dim) + ")";
-  char name[220];
+  char name[260];
   std::snprintf(name, sizeof name,
-                "row_adam %s vec%d, %d lanes per row, dim %lld, %lld of %lld rows, %u blocks, %s%s",
-                emu::type_name<T>(), vec, lanes, static_cast<long long>(dim),
-                static_cast<long long>(n_unique), static_cast<long long>(n_rows), blocks, what,
-                off.name().c_str());
+                "row_adam%s %s vec%d, %d lanes per row, dim %lld, %lld of %lld rows, %u blocks, "
+                "%s%s",
+                counted ? " (count on the device)" : "", emu::type_name<T>(), vec, lanes,
+                static_cast<long long>(dim), static_cast<long long>(n_unique),
+                static_cast<long long>(n_rows), blocks, what, off.name().c_str());
   emu::report(bad.empty(), name, bad);
 }
 
@@ -137,6 +150,8 @@ void row_adam_cases() {
   std::vector<int64_t> few = {0, 7, 8, 19};
   for (int64_t dim : {1030, 2056}) row_adam_case<T>(20, dim, few, 2, "long rows");
   row_adam_case<T>(60, 5, {}, 1, "no rows");
+  // row_adam_capturable_: the count and coefficients on the device, at two widths.
+  for (int64_t dim : {3, 36}) row_adam_case<T>(60, dim, sparse, 3, "ascending", {}, true);
   row_adam_case<T>(60, 5, {-4, 2, 9, 60, 400}, 2, "unchecked: rows out of range are skipped");
   // Views with a storage offset: each base in turn.
   for (int o : {2, 4, 8})

@@ -11,7 +11,8 @@ the dense path or on the fused path in fixed shapes (embedding_bag_backward_padd
 CPU tests record every memory op that a step dispatches, with its arguments, and count
 the calls that would wait on CUDA; the CUDA tests count the waits
 themselves (torch.cuda.set_sync_debug_mode) and capture a forward, and a whole training
-step on the dense path and on the fused path in fixed shapes, in a CUDA graph.
+step on the dense path and on the fused path in fixed shapes (row-wise Adagrad, and Adam
+with its step count on the device), in a CUDA graph.
 """
 import warnings
 
@@ -262,14 +263,17 @@ def test_cuda_graph_captures_a_whole_training_step_on_the_dense_path():
 
 
 @requires_cuda
-def test_cuda_graph_captures_a_whole_training_step_on_the_fused_path():
-    """The values' fused row-wise Adagrad in fixed shapes (padded row gradients, no host
-    synchronisation) and a capturable AdamW for the rest, captured as one CUDA graph (the
-    fused update runs inside the backward; the AdamW's step() is the graph's last call)."""
+@pytest.mark.parametrize("rule", ["adagrad", "adam"])
+def test_cuda_graph_captures_a_whole_training_step_on_the_fused_path(rule):
+    """The values' fused row-wise Adagrad or Adam in fixed shapes (padded row gradients, no
+    host synchronisation; Adam's step count on the device, SparseRowAdam's capturable
+    default on CUDA, so each replay takes the next count) and a capturable AdamW for the
+    rest, captured as one CUDA graph (the fused update runs inside the backward; the
+    AdamW's step() is the graph's last call)."""
 
     def make():
         model = layer("cuda")
-        value_optimizer(model, 1e-2, rule="adagrad", fused=True, max_norm=1.0)
+        value_optimizer(model, 1e-2, rule=rule, fused=True, max_norm=1.0)
         others = [p for n, p in model.named_parameters() if "values" not in n]
         return model, torch.optim.AdamW(others, lr=1e-2, capturable=True)
 

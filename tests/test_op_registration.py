@@ -67,6 +67,13 @@ def test_opcheck_row_adam_(device, dtype):
     torch.library.opcheck(torch.ops.memory.row_adam_.default, op_args(s))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_unique", [0, 3])
+def test_opcheck_row_adam_capturable_(device, dtype, n_unique):
+    s = sample_inputs("row_adam_capturable_", device, dtype, n_rows=10, dim=4, n_unique=n_unique)
+    torch.library.opcheck(torch.ops.memory.row_adam_capturable_.default, op_args(s))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("n_unique", [0, 3])
 def test_opcheck_row_adagrad_(device, dtype, n_unique):

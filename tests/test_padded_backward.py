@@ -60,6 +60,25 @@ def test_padded_equals_the_sparse_backward(device, dtype, index_dtype, tokens, b
         check_padded(*args, need)
 
 
+def test_zero_width_rows_and_non_contiguous_inputs(device):
+    check_padded(*case(device, torch.float32, torch.int64, 6, 3, 20, 0), True)
+    grad_out, values, indices, weights = case(device, torch.float32, torch.int64, 12, 5, 30, 8, seed=4)
+    # Views with strides: every other token of grad_out, indices and weights, and values'
+    # columns read out of a wider table.
+    wide = torch.randn(30, 16, generator=torch.Generator().manual_seed(5)).to(device)
+    strided = (grad_out[::2], wide[:, ::2], indices[::2], weights[::2])
+    assert not any(t.is_contiguous() for t in strided)
+    check_padded(*strided, True)
+    if device == "cpu":  # the bags-of-one path of -1 lookups, on views too
+        padded = indices.clone()
+        padded[::3, 2] = -1
+        got = ops.embedding_bag_backward_padded(grad_out[::2], wide[:, ::2], padded[::2], weights[::2], True)
+        want = ops.embedding_bag_backward_padded(
+            *(t.contiguous() for t in (grad_out[::2], wide[:, ::2], padded[::2], weights[::2])), True
+        )
+        assert all(bits_equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_padded_with_float32_weights_of_16_bit_tables(device):
     args = case(device, torch.bfloat16, torch.int64, 33, 7, 100, 24, weight_dtype=torch.float32)
     check_padded(*args, True)
@@ -257,3 +276,32 @@ def test_static_shapes_default_and_errors():
     assert table.fused.static_shapes is True
     with pytest.raises(ValueError, match="static_shapes applies to the fused path only"):
         value_optimizer(model, 1e-2, static_shapes=True)
+
+
+def test_a_row_optimizer_of_ones_own_gets_padding_only_if_it_says_it_skips_it():
+    """A RowOptimizer subclass that does not set takes_padded_rows never sees -1 rows: the
+    fixed shapes are not its default (on CUDA either) and asking for them is an error."""
+    from memory_ext.nn import RowOptimizer
+
+    class PlainSGD(RowOptimizer):
+        def __init__(self, params, lr):
+            super().__init__(params, dict(lr=lr))
+
+        def update_rows(self, p, group, rows, rows_grad):
+            assert bool((rows >= 0).all())
+            p.index_add_(0, rows, rows_grad, alpha=-group["lr"])
+
+    table = MemoryValues(16, 4)
+    opt = PlainSGD([table.weight], lr=0.1)
+    with pytest.raises(ValueError, match="static_shapes=True needs a row optimizer that skips -1 padding"):
+        table.fuse(opt, static_shapes=True)
+    table.fuse(opt)
+    assert table.fused.static_shapes is False
+    if torch.cuda.is_available():
+        table.cuda()
+        assert table.fused.static_shapes is False
+        table.cpu()
+    table.sparse_grad = True
+    before = table.weight.detach().clone()
+    table(torch.tensor([[1, 3]]), torch.ones(1, 2)).sum().backward()
+    assert not torch.equal(table.weight.detach(), before)

@@ -1,6 +1,7 @@
-// CPU row_adam_: lazy AdamW over the rows of a sparse gradient. Each touched row is
-// updated by one thread, element by element, with no reduction anywhere, so the result
-// does not depend on the thread count. Rows must be unique (a coalesced gradient).
+// CPU row_adam_ and row_adam_capturable_: lazy AdamW over the rows of a sparse gradient.
+// Each touched row is updated by one thread, element by element, with no reduction
+// anywhere, so the result does not depend on the thread count. Rows must be unique (a coalesced
+// gradient).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -33,16 +34,18 @@ MEMORY_EXT_CLONES MEMORY_EXT_NO_FP_CONTRACT void update_row(
   }
 }
 
-void row_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
-                  const at::Tensor& rows_, const at::Tensor& rows_grad_, double lr, double beta1,
-                  double beta2, double eps, double weight_decay, int64_t step) {
-  check_row_adam_args(param, exp_avg, exp_avg_sq, rows_, rows_grad_, beta1, beta2, step);
+// The update of the (checked) rows with the coefficients of step count `step`; rule names
+// the op in errors about the rows.
+void update_rows(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                 const at::Tensor& rows_, const at::Tensor& rows_grad_, double lr, double beta1,
+                 double beta2, double eps, double weight_decay, int64_t step,
+                 const SparseRowsRule& rule) {
   const auto rows = rows_.contiguous();
   const auto rows_grad = rows_grad_.contiguous();
   const int64_t n_rows = param.size(0), dim = param.size(1);
   const auto* R = rows.const_data_ptr<int64_t>();
   // -1 padding after the rows (a fixed-size gradient) is skipped.
-  const int64_t U = check_padded_sparse_rows(kRowAdamRows, R, rows.size(0), n_rows);
+  const int64_t U = check_padded_sparse_rows(rule, R, rows.size(0), n_rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, param.scalar_type(), "row_adam_cpu", [&] {
         using state_t = acc_t<scalar_t>;
@@ -68,8 +71,37 @@ void row_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq
       });
 }
 
+void row_adam_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                  const at::Tensor& rows, const at::Tensor& rows_grad, double lr, double beta1,
+                  double beta2, double eps, double weight_decay, int64_t step) {
+  check_row_adam_args(param, exp_avg, exp_avg_sq, rows, rows_grad, beta1, beta2, step);
+  update_rows(param, exp_avg, exp_avg_sq, rows, rows_grad, lr, beta1, beta2, eps, weight_decay,
+              step, kRowAdamRows);
+}
+
+// As row_adam_, with the step count kept in a tensor that the call advances by one (the
+// count after it is the one the bias correction uses). Checked before anything changes:
+// on a bad argument neither the count nor the rows move.
+void row_adam_capturable_cpu(at::Tensor& param, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                             at::Tensor& step, const at::Tensor& rows, const at::Tensor& rows_grad,
+                             double lr, double beta1, double beta2, double eps,
+                             double weight_decay) {
+  check_row_adam_args(param, exp_avg, exp_avg_sq, rows, rows_grad, beta1, beta2, 1,
+                      "row_adam_capturable_");
+  check_row_adam_step_tensor(param, step);
+  int64_t& count = *step.mutable_data_ptr<int64_t>();
+  TORCH_CHECK(count >= 0, "memory.row_adam_capturable_: step (the count of steps taken) must be ",
+              ">= 0 before the call, got ", count);
+  update_rows(param, exp_avg, exp_avg_sq, rows, rows_grad, lr, beta1, beta2, eps, weight_decay,
+              count + 1, kRowAdamCapturableRows);
+  ++count;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(memory, CPU, m) { m.impl("row_adam_", &row_adam_cpu); }
+TORCH_LIBRARY_IMPL(memory, CPU, m) {
+  m.impl("row_adam_", &row_adam_cpu);
+  m.impl("row_adam_capturable_", &row_adam_capturable_cpu);
+}
 
 }  // namespace memory_ext

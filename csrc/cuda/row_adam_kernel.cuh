@@ -32,14 +32,35 @@ inline int row_adam_lanes_log2(int64_t dim, int vec) {
   return lg;
 }
 
+// row_adam_count_kernel runs as one warp (the smallest launch the CPU emulation takes), of
+// which lane 0 does the work.
+constexpr int kRowAdamCountThreads = 32;
+
+// row_adam_capturable_'s count: one thread adds one to the step count in device memory
+// and writes the coefficients of the new count for row_adam_kernel to read, so that no
+// value crosses to the host and the pair of launches can be captured in a CUDA graph.
+template <typename S>
+__global__ void row_adam_count_kernel(int64_t* __restrict__ step,
+                                      RowAdamCoefficients<S>* __restrict__ coefficients, double lr,
+                                      double beta1, double beta2, double eps, double weight_decay) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  const int64_t count = *step + 1;
+  *step = count;
+  *coefficients = RowAdamCoefficients<S>::make(lr, beta1, beta2, eps, weight_decay, count);
+}
+
 // T the parameter type, S = acc_t<T> the optimizer state's, VEC elements per access;
-// (1 << lanes_log2) lanes per row.
+// (1 << lanes_log2) lanes per row. The coefficients are c, or, where coefficients_on_device
+// is not null, the ones row_adam_count_kernel wrote there (row_adam_capturable_).
 template <typename T, typename S, int VEC>
 __global__ void __launch_bounds__(kRowAdamBlock)
     row_adam_kernel(T* __restrict__ param, S* __restrict__ exp_avg, S* __restrict__ exp_avg_sq,
                     const int64_t* __restrict__ rows, const T* __restrict__ rows_grad,
                     int64_t n_unique, int64_t dim, int64_t n_rows, int lanes_log2,
-                    RowAdamCoefficients<S> c) {
+                    RowAdamCoefficients<S> given,
+                    const RowAdamCoefficients<S>* __restrict__ coefficients_on_device) {
+  const RowAdamCoefficients<S> c =
+      coefficients_on_device != nullptr ? *coefficients_on_device : given;
   const int lanes = 1 << lanes_log2;
   const int groups = kRowAdamBlock >> lanes_log2;
   const int64_t first_col = int64_t(threadIdx.x & (lanes - 1)) * VEC;

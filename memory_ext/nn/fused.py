@@ -13,9 +13,13 @@ With fixed shapes (``static_shapes``, the default on CUDA) every tensor of that 
 has a size known before the step: the lookups' row gradients come padded from
 ``embedding_bag_backward_padded``, several reads of a pool are merged by one more call of
 it, and the row optimizer skips the padding. Nothing then waits for the device, so a
-whole training step can be captured in a CUDA graph (with a row optimizer whose update
-takes no host-side count: SparseRowAdagrad; SparseRowAdam's bias correction reads its
-step count on the host, so a captured Adam step would replay one count). The same rows
+whole training step can be captured in a CUDA graph (SparseRowAdagrad takes no step
+count; SparseRowAdam keeps its count on the device for CUDA tables, its ``capturable``
+default, so each replay takes the next count). The price of fixed shapes is room for
+the worst case: each read's row gradient has min(lookups, n_rows) rows, not the rows
+read (with hot rows far fewer), and the merge, the clipping norm and the optimizer's
+grid cover that room; ``static_shapes=False`` takes the sized path instead (one host
+synchronisation per read, outputs of the rows read). The same rows
 get the same update as without; the sums of a pool read several times are taken in
 float32 and rounded once (torch's sparse addition rounds each sum to the table's dtype:
 the same bits for float32 tables, possibly not for 16-bit ones), and a clipping norm is
@@ -42,7 +46,9 @@ class FusedRowUpdate:
     that gradient's norm before clipping (a 0-d float32 tensor, set when clipping), for
     logging. Gradient accumulation over several backward passes is not possible: each
     pass updates the table. static_shapes: every tensor of the update of a size known
-    before the step (see the module's docstring); None: on CUDA tables.
+    before the step (see the module's docstring); None: on CUDA tables, where the
+    optimizer takes padded rows (SparseRowAdam and SparseRowAdagrad do; a RowOptimizer of
+    your own runs sized unless it sets ``takes_padded_rows``).
     """
 
     def __init__(
@@ -54,6 +60,11 @@ class FusedRowUpdate:
     ) -> None:
         check_row_optimizer("fused value update", optimizer, max_norm)
         optimizer.group_of(weight)  # the optimizer must hold the table
+        if static_shapes and not optimizer.takes_padded_rows:
+            raise ValueError(
+                f"fused value update: static_shapes=True needs a row optimizer that skips -1 padding "
+                f"(takes_padded_rows), and {type(optimizer).__name__} does not say it does"
+            )
         self.optimizer, self.weight, self.max_norm = optimizer, weight, max_norm
         self._static_shapes = None if static_shapes is None else bool(static_shapes)
         self.last_norm: Tensor | None = None
@@ -62,8 +73,11 @@ class FusedRowUpdate:
 
     @property
     def static_shapes(self) -> bool:
-        """Whether the update runs in fixed shapes; unset, where the table is now (CUDA)."""
-        return self.weight.is_cuda if self._static_shapes is None else self._static_shapes
+        """Whether the update runs in fixed shapes; unset, where the table is now (CUDA) and
+        the optimizer takes padded rows (RowOptimizer.takes_padded_rows)."""
+        if self._static_shapes is None:
+            return self.weight.is_cuda and self.optimizer.takes_padded_rows
+        return self._static_shapes
 
     def arrive(self, rows: Tensor, rows_grad: Tensor) -> None:
         """Called by each lookup's backward: keep its rows' gradient until the pass ends."""

@@ -37,6 +37,7 @@ class SparseRowAdagrad(RowOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
 
     accumulated_state = ("sum_sq",)
+    takes_padded_rows = True  # the row op skips -1 padding
 
     def update_rows(self, p: Tensor, group: dict, rows: Tensor, rows_grad: Tensor) -> None:
         state = self.state[p]

@@ -95,9 +95,14 @@ class RowOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but the state tensors named in ``accumulated_state`` stay float32
         (float64 for float64 tables): torch's loader casts every state tensor to its
-        parameter's dtype, which would round a bf16 table's moments to bf16 and stall it."""
+        parameter's dtype, which would round a bf16 table's moments to bf16 and stall it.
+        A step count saved as a tensor (SparseRowAdam's capturable count) keeps its int64
+        dtype too (torch's loader would make it float32 where the group is capturable)."""
+        kept = (*self.accumulated_state, "step")
         saved = {
-            key: {name: value for name, value in state.items() if name in self.accumulated_state}
+            key: {
+                name: value for name, value in state.items() if name in kept and isinstance(value, torch.Tensor)
+            }
             for key, state in state_dict["state"].items()
         }
         # Saved keys (indices, or names when torch.distributed.checkpoint loads) follow the
@@ -109,7 +114,8 @@ class RowOptimizer(torch.optim.Optimizer):
         for key, tensors in saved.items():
             p = by_key[key]
             for name, value in tensors.items():
-                self.state[p][name] = value.to(device=p.device, dtype=ops.accumulation_dtype(p.dtype), copy=True)
+                dtype = value.dtype if name == "step" else ops.accumulation_dtype(p.dtype)
+                self.state[p][name] = value.to(device=p.device, dtype=dtype, copy=True)
 
     @staticmethod
     def zeros_like_table(p: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -127,8 +133,16 @@ class RowOptimizer(torch.optim.Optimizer):
             f"{type(self).__name__}: the table of shape {tuple(p.shape)} is not one of this optimizer's parameters"
         )
 
+    # Whether update_rows takes padded rows: the rows, then -1 entries to be skipped, with
+    # zero gradients (the fused update in fixed shapes, memory_ext.nn.fused). A subclass
+    # that sets it True must skip them (the library's row ops do); left False, a fused
+    # table updated by it runs on the sized path.
+    takes_padded_rows: bool = False
+
     def update_rows(self, p: Tensor, group: dict, rows: Tensor, rows_grad: Tensor) -> None:
-        """Update rows ``rows`` (int64, unique, ascending) of p with their gradient rows_grad (U, dim)."""
+        """Update rows ``rows`` (int64, unique, ascending) of p with their gradient rows_grad
+        (U, dim); where the class sets ``takes_padded_rows``, rows may be followed by -1
+        entries (zero gradients) to be skipped."""
         raise NotImplementedError
 
     @torch.no_grad()

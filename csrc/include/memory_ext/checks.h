@@ -135,6 +135,8 @@ constexpr SparseRowsRule kRowsToDenseRows{"rows_to_dense", " is out of range for
                                           ""};
 constexpr SparseRowsRule kRowAdamRows{"row_adam_", " is out of range for a table of ", " rows",
                                       " (a coalesced gradient)"};
+constexpr SparseRowsRule kRowAdamCapturableRows{
+    "row_adam_capturable_", " is out of range for a table of ", " rows", " (a coalesced gradient)"};
 constexpr SparseRowsRule kRowAdagradRows{"row_adagrad_", " is out of range for a table of ",
                                          " rows", " (a coalesced gradient)"};
 
@@ -186,38 +188,48 @@ inline void check_rows_to_dense_args(const at::Tensor& rows, const at::Tensor& r
 }
 
 // param (n_rows, dim) contiguous; moments like param in float32 (float64 for float64);
-// rows (U,) int64; rows_grad (U, dim) in param's dtype; all on one device.
+// rows (U,) int64; rows_grad (U, dim) in param's dtype; all on one device. op names the
+// caller in errors (row_adam_ or row_adam_capturable_).
 inline void check_row_adam_args(const at::Tensor& param, const at::Tensor& exp_avg,
                                 const at::Tensor& exp_avg_sq, const at::Tensor& rows,
                                 const at::Tensor& rows_grad, double beta1, double beta2,
-                                int64_t step) {
-  TORCH_CHECK(param.dim() == 2 && param.is_contiguous(),
-              "memory.row_adam_: param must be a contiguous 2-D tensor, got shape ", param.sizes());
-  TORCH_CHECK(at::isFloatingType(param.scalar_type()),
-              "memory.row_adam_: param must be floating point, got ", param.scalar_type());
+                                int64_t step, const char* op = "row_adam_") {
+  TORCH_CHECK(param.dim() == 2 && param.is_contiguous(), "memory.", op,
+              ": param must be a contiguous 2-D tensor, got shape ", param.sizes());
+  TORCH_CHECK(at::isFloatingType(param.scalar_type()), "memory.", op,
+              ": param must be floating point, got ", param.scalar_type());
   const auto state_type = acc_dtype(param.scalar_type());
   for (const at::Tensor* t : {&exp_avg, &exp_avg_sq}) {
     TORCH_CHECK(t->sizes() == param.sizes() && t->is_contiguous() && t->scalar_type() == state_type,
-                "memory.row_adam_: exp_avg and exp_avg_sq must be contiguous ", state_type,
+                "memory.", op, ": exp_avg and exp_avg_sq must be contiguous ", state_type,
                 " tensors of param's shape ", param.sizes(), ", got ", t->scalar_type(), " ",
                 t->sizes());
-    check_same_device("row_adam_", param, "param", *t, "optimizer state");
+    check_same_device(op, param, "param", *t, "optimizer state");
   }
-  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong,
-              "memory.row_adam_: rows must be a 1-D int64 tensor, got ", rows.dim(), "-D ",
-              rows.scalar_type());
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "memory.", op,
+              ": rows must be a 1-D int64 tensor, got ", rows.dim(), "-D ", rows.scalar_type());
   TORCH_CHECK(rows_grad.dim() == 2 && rows_grad.size(0) == rows.size(0) &&
                   rows_grad.size(1) == param.size(1),
-              "memory.row_adam_: rows_grad must have shape (", rows.size(0), ", ", param.size(1),
+              "memory.", op, ": rows_grad must have shape (", rows.size(0), ", ", param.size(1),
               "), got ", rows_grad.sizes());
-  TORCH_CHECK(rows_grad.scalar_type() == param.scalar_type(),
-              "memory.row_adam_: rows_grad must have param's dtype ", param.scalar_type(), ", got ",
+  TORCH_CHECK(rows_grad.scalar_type() == param.scalar_type(), "memory.", op,
+              ": rows_grad must have param's dtype ", param.scalar_type(), ", got ",
               rows_grad.scalar_type());
-  check_same_device("row_adam_", param, "param", rows, "rows");
-  check_same_device("row_adam_", param, "param", rows_grad, "rows_grad");
-  TORCH_CHECK(0.0 <= beta1 && beta1 < 1.0 && 0.0 <= beta2 && beta2 < 1.0,
-              "memory.row_adam_: betas must be in [0, 1), got ", beta1, " and ", beta2);
-  TORCH_CHECK(step >= 1, "memory.row_adam_: step must be >= 1, got ", step);
+  check_same_device(op, param, "param", rows, "rows");
+  check_same_device(op, param, "param", rows_grad, "rows_grad");
+  TORCH_CHECK(0.0 <= beta1 && beta1 < 1.0 && 0.0 <= beta2 && beta2 < 1.0, "memory.", op,
+              ": betas must be in [0, 1), got ", beta1, " and ", beta2);
+  TORCH_CHECK(step >= 1, "memory.", op, ": step must be >= 1, got ", step);
+}
+
+// row_adam_capturable_'s step count: a 0-d int64 tensor on param's device (its value is
+// checked by the CPU kernel, which reads it; see row_adam.cu for CUDA).
+inline void check_row_adam_step_tensor(const at::Tensor& param, const at::Tensor& step) {
+  TORCH_CHECK(step.dim() == 0 && step.scalar_type() == at::kLong,
+              "memory.row_adam_capturable_: step must be a 0-d int64 tensor (the step count), "
+              "got a ",
+              step.dim(), "-D ", step.scalar_type(), " tensor");
+  check_same_device("row_adam_capturable_", param, "param", step, "step");
 }
 
 // param (n_rows, dim) contiguous float; sum_sq (n_rows,) contiguous in float32 (float64 for

@@ -10,7 +10,11 @@
 
 namespace memory_ext {
 
-// Per-step constants, computed once on the host in the state's precision.
+// Per-step constants, computed once per call in double and rounded to the state's
+// precision: on the host from the step count row_adam_ is given, or, for
+// row_adam_capturable_ on CUDA, by one device thread from the count in device memory (the
+// device's pow may differ from the host's in the last bit of a double, so a coefficient
+// can, rarely, differ in the last bit of a float).
 template <typename S>
 struct RowAdamCoefficients {
   S beta1, beta2, eps;
@@ -18,11 +22,19 @@ struct RowAdamCoefficients {
   S step_size;  // lr / (1 - beta1^step)
   S bc2_sqrt;   // sqrt(1 - beta2^step)
 
-  static RowAdamCoefficients make(double lr, double beta1, double beta2, double eps,
-                                  double weight_decay, long long step) {
+  MEMORY_EXT_HD static RowAdamCoefficients make(double lr, double beta1, double beta2, double eps,
+                                                double weight_decay, long long step) {
+#if defined(__CUDA_ARCH__)
+    const double bc1 = 1.0 - pow(beta1, double(step)), bc2 = 1.0 - pow(beta2, double(step));
+    const double bc2_sqrt = sqrt(bc2);
+#else
     const double bc1 = 1.0 - std::pow(beta1, double(step)),
                  bc2 = 1.0 - std::pow(beta2, double(step));
-    return {S(beta1), S(beta2), S(eps), S(1.0 - lr * weight_decay), S(lr / bc1), S(std::sqrt(bc2))};
+    const double bc2_sqrt = std::sqrt(bc2);
+#endif
+    // mul_rn: nvcc would fuse lr * weight_decay into the subtraction on the device only.
+    const double decay = 1.0 - mul_rn(lr, weight_decay);
+    return {S(beta1), S(beta2), S(eps), S(decay), S(lr / bc1), S(bc2_sqrt)};
   }
 };
 
