@@ -29,7 +29,7 @@ __all__ = [
     "check_embedding_bag_backward",
     "check_rows_to_dense",
     "check_row_adam",
-    "check_row_adam_step_tensor",
+    "check_row_adam_capturable",
     "check_row_adagrad",
     "check_pk_topk",
     "check_quantized_embedding_bag",
@@ -288,10 +288,14 @@ def check_row_adam(
     _require(step >= 1, op, lambda: f"step must be >= 1, got {_int(step)}")
 
 
-def check_row_adam_step_tensor(param: Tensor, step: Tensor) -> None:
-    """check_row_adam_step_tensor of checks.h: row_adam_capturable_'s step count, a 0-d
-    int64 tensor on param's device (its value is checked where it is read)."""
+def check_row_adam_capturable(
+    param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, rows: Tensor, rows_grad: Tensor,
+    beta1: float, beta2: float,
+) -> None:
+    """check_row_adam_capturable_args of checks.h: row_adam_'s checks, and the step count a
+    0-d int64 tensor on param's device (its value is checked where it is read)."""
     op = "row_adam_capturable_"
+    check_row_adam(param, exp_avg, exp_avg_sq, rows, rows_grad, beta1, beta2, 1, op=op)
     _require(
         step.dim() == 0 and step.dtype == torch.int64, op,
         lambda: f"step must be a 0-d int64 tensor (the step count), got a {step.dim()}-D "

@@ -28,7 +28,6 @@ __all__ = [
     "pk_topk_by_sorting",
     "quantized_embedding_bag",
     "row_adam_",
-    "row_adam_capturable_",
     "row_adagrad_",
     "set_index_checks",
     "index_checks_enabled",
@@ -211,52 +210,38 @@ def row_adam_(
     beta2: float,
     eps: float,
     weight_decay: float,
-    step: int,
+    step: int | Tensor,
 ) -> None:
     """In-place AdamW update of the rows of a sparse gradient (lazy Adam): only param rows
     ``rows`` and their moments change.
 
     param: (n_rows, dim); exp_avg, exp_avg_sq: (n_rows, dim) float32 (float64 for float64
     params); rows: (U,) int64, strictly ascending, optionally followed by -1 padding
-    (skipped: the rows of embedding_bag_backward_padded); rows_grad: (U, dim) in param's dtype;
-    step >= 1 is the optimizer's step count (bias correction). torch.optim.AdamW's
+    (skipped: the rows of embedding_bag_backward_padded); rows_grad: (U, dim) in param's dtype.
+    step, the optimizer's step count for the bias correction: an int >= 1, the count this
+    update uses (``torch.ops.memory.row_adam_``); or a 0-d int64 tensor on param's device
+    holding the steps taken (>= 0), which the call advances by one and whose new count the
+    update uses (``torch.ops.memory.row_adam_capturable_``): nothing is then read on the
+    host, so on CUDA the call can be captured in a CUDA graph and each replay takes the next
+    count (torch.optim.Adam's ``capturable=True``; SparseRowAdam uses it for CUDA tables).
+    Both give the same update for the same count: bit for bit on the CPU; on CUDA the
+    tensor count's coefficients are computed by the device, whose double-precision pow may
+    round a coefficient's last bit differently from the host's. torch.optim.AdamW's
     per-element formula; no reductions, so results do not depend on threads. Bumps the
-    version counters of the updated tensors (calling ``torch.ops.memory.row_adam_``
-    directly does not). The CPU kernel checks ``rows``; the CUDA kernel trusts them to be
-    unique (duplicates would race) and skips rows out of range.
+    version counters of the updated tensors (calling the torch.ops directly does not). The
+    CPU kernel checks ``rows`` and the count; the CUDA kernel trusts them (duplicate rows
+    would race) and skips rows out of range.
     """
-    _ops.row_adam_(param, exp_avg, exp_avg_sq, rows, rows_grad, lr, beta1, beta2, eps, weight_decay, step)
+    hyper = (lr, beta1, beta2, eps, weight_decay)
+    if isinstance(step, Tensor):
+        _ops.row_adam_capturable_(param, exp_avg, exp_avg_sq, step, rows, rows_grad, *hyper)
+        updated = (param, exp_avg, exp_avg_sq, step)
+    else:
+        _ops.row_adam_(param, exp_avg, exp_avg_sq, rows, rows_grad, *hyper, step)
+        updated = (param, exp_avg, exp_avg_sq)
     # Tell autograd the tensors changed, so that a graph which saved the table (a forward
     # not yet backpropagated) raises instead of using the updated rows.
-    torch.autograd.graph.increment_version((param, exp_avg, exp_avg_sq))
-
-
-def row_adam_capturable_(
-    param: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: Tensor,
-    rows: Tensor,
-    rows_grad: Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """row_adam_ with the step count in a tensor: ``step`` (0-d int64 on param's device,
-    the number of steps taken, >= 0) is advanced by one and the update uses the new count.
-
-    Nothing is read on the host, so on CUDA the call can be captured in a CUDA graph and
-    each replay takes the next count (torch.optim.Adam's ``capturable=True``;
-    SparseRowAdam(capturable=True) uses it). The same update as row_adam_ with that count:
-    bit for bit on the CPU; on CUDA the count's coefficients are computed by the device
-    (its double-precision pow may round a coefficient's last bit differently from the
-    host's). The CPU kernel checks the count and the rows; the CUDA kernel trusts both.
-    """
-    _ops.row_adam_capturable_(param, exp_avg, exp_avg_sq, step, rows, rows_grad, lr, beta1, beta2, eps, weight_decay)
-    torch.autograd.graph.increment_version((param, exp_avg, exp_avg_sq, step))
+    torch.autograd.graph.increment_version(updated)
 
 
 def row_adagrad_(
@@ -430,8 +415,7 @@ def _row_adam_fake(param, exp_avg, exp_avg_sq, rows, rows_grad, lr, beta1, beta2
 
 @torch.library.register_fake("memory::row_adam_capturable_")
 def _row_adam_capturable_fake(param, exp_avg, exp_avg_sq, step, rows, rows_grad, lr, beta1, beta2, eps, weight_decay):
-    _checks.check_row_adam(param, exp_avg, exp_avg_sq, rows, rows_grad, beta1, beta2, 1, op="row_adam_capturable_")
-    _checks.check_row_adam_step_tensor(param, step)
+    _checks.check_row_adam_capturable(param, exp_avg, exp_avg_sq, step, rows, rows_grad, beta1, beta2)
     return None
 
 

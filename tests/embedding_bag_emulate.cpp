@@ -125,6 +125,10 @@ struct Lookups {
   }
 };
 
+// n_bad: that many lookups made bad (out of range either side) at random positions, or
+// kEveryLookupBad.
+constexpr int kEveryLookupBad = -1;
+
 Lookups make_lookups(int64_t tokens, int64_t bag, int64_t rows, double hot, int n_bad) {
   Lookups L{tokens, bag, rows, std::vector<int64_t>(tokens * bag),
             std::vector<double>(tokens * bag)};
@@ -133,6 +137,8 @@ Lookups make_lookups(int64_t tokens, int64_t bag, int64_t rows, double hot, int 
     L.idx[p] = u(rng) < hot ? 2 % rows : static_cast<int64_t>(rng() % rows);
     L.w[p] = small_value();
   }
+  if (n_bad == kEveryLookupBad)
+    for (int64_t p = 0; p < tokens * bag; ++p) L.idx[p] = (p % 2) ? -1 : rows;
   for (int i = 0; i < n_bad && tokens * bag > 0; ++i) {
     const int64_t p = static_cast<int64_t>(rng() % (tokens * bag));
     L.idx[p] =
@@ -507,7 +513,8 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
                                  {a.partial, sizeof(A)}});
   // The short-run schedule runs wherever it fits, so every grid reaches it; the launcher
   // takes it only where use_short_run_backward says (counted for the section's check).
-  const bool short_runs = short_run_backward_fits(a.n_runs, a.n_segments, a.n_long_runs, dim / vec);
+  const bool short_runs =
+      a.n_segments > 0 && short_run_backward_fits(a.n_runs, a.n_segments, a.n_long_runs, dim / vec);
   if (use_short_run_backward(a.n_runs, a.n_segments, a.n_long_runs, a.lookups, dim / vec))
     ++g_short_picked;
   // The static launch runs both schedules where the short-run one fits the row, as the
@@ -517,15 +524,19 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
       use_short_run_backward(a.n_runs, a.n_segments, a.n_long_runs, a.lookups, dim / vec))
     ++g_static_short_picked;
   std::string shape = "none", short_shape;
-  if (a.n_segments > 0) {
+  // The exact launches run where some lookup is valid (the launcher skips them otherwise);
+  // the fixed-size ones wherever the bounds allow a segment, as the ops launch them before
+  // anything is counted, so with every lookup bad their groups must all idle.
+  if (s.n_segments > 0) {
     g_widths.push_back(vec);
     with_vector<kV>(vec, [&]<int VEC>() {
       with_backward_shape<VEC>(dim / VEC, [&]<int G, int VPT, int R, bool TILED>() {
         shape = "G" + std::to_string(G) + "xVPT" + std::to_string(VPT) + (TILED ? "T" : "");
         constexpr int kBlock = backward_block(G);
         const int64_t blocks = std::min<int64_t>(max_blocks, ceil_div(a.n_segments, kBlock / G));
-        emu::launch(static_cast<unsigned>(blocks), kBlock,
-                    &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, a);
+        if (a.n_segments > 0)
+          emu::launch(static_cast<unsigned>(blocks), kBlock,
+                      &embedding_bag_backward_kernel<T, VEC, G, VPT, R, TILED>, a);
         // The static launch's grid covers the bounds (one block more than the exact
         // launch where the bounds allow, so groups past the counts exist and must idle).
         const int64_t static_blocks =
@@ -631,7 +642,6 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
     if (n_runs > bound.runs || g.info[kSegments] > bound.segments ||
         g.info[kLongSlots] > bound.long_slots || g.info[kLongRuns] > bound.long_runs)
       return "counts exceed backward_bounds";
-    if (a.n_segments == 0) return "";
     std::vector<char> poisoned(dim * sizeof(T), char(0xff));
     int64_t u = 0;
     for (int64_t r = 0; r < rows; ++r) {
@@ -651,7 +661,6 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
   // exact count of rows and their gradients in the first slots, the padding after them
   // untouched (rows -1, gradients still poison), the same weight gradient.
   auto check_padded = [&](PaddedOutputs<T>& o) -> std::string {
-    if (a.n_segments == 0) return "";
     for (int64_t u = 0; u < bound.runs; ++u) {
       const int64_t want = u < n_runs ? seg_out.rows_out[u] : -1;
       if (o.rows_out[u] != want)
@@ -675,7 +684,8 @@ void backward_case(int64_t dim, int64_t tokens, int64_t bag, int64_t rows, doubl
                 emu::type_name<T>(), vec, shape.c_str(), (long long)dim, (long long)n,
                 (long long)rows, (long long)max_run, (long long)a.n_segments,
                 (long long)a.n_long_runs, idx64 ? "64" : "32", w_f32 ? "f32" : emu::type_name<T>(),
-                need_wg ? " wg" : "", n_bad, off.name().c_str(), exact ? "" : " rough");
+                need_wg ? " wg" : "", n_bad == kEveryLookupBad ? int(n) : n_bad, off.name().c_str(),
+                exact ? "" : " rough");
   emu::report(check(seg_out).empty(), name, check(seg_out));
   emu::report(check_static(static_out).empty(), std::string(name) + " static",
               check_static(static_out));
@@ -720,6 +730,10 @@ void backward_cases() {
     ++k;
   }
   for (int64_t dim : {5, 6, 12}) backward_case<T>(dim, 6, 100, 6, 0.95, false, true, true, 0);
+  // Every lookup bad (index -1, the padding of merged calls, and past the end): only the
+  // fixed-size launches run, over their bounds, and must write nothing.
+  for (int64_t n : {1, 8})
+    backward_case<T>(n * V, 5, 4, 30, 0.0, (k++ % 2) == 0, true, true, kEveryLookupBad);
   if constexpr (std::is_same_v<T, float>)
     backward_case<T>(131, 6, 90, 4, 1.0, true, true, true, 0);  // tiled, one element
   if constexpr (std::is_same_v<T, __half>)

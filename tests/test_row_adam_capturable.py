@@ -1,4 +1,5 @@
-"""row_adam_capturable_ (the step count in a device tensor) and SparseRowAdam(capturable=...).
+"""row_adam_capturable_ (the step count in a device tensor; memory_ext.ops.row_adam_ given a
+tensor step) and SparseRowAdam(capturable=...).
 
 The op must be row_adam_ with the count advanced by one (bit for bit on the CPU, and
 within the coefficients' last bit on CUDA), refuse bad counts before anything changes,
@@ -27,7 +28,7 @@ def test_equals_row_adam_with_the_next_count_and_advances_it(device, dtype, n_un
     twin = {name: t.clone() for name, t in s.items()}
     count = torch.tensor(0, dtype=torch.int64, device=device)
     for taken in range(3):
-        ops.row_adam_capturable_(s["param"], s["exp_avg"], s["exp_avg_sq"], count, s["rows"], s["rows_grad"], **HYPER)
+        ops.row_adam_(**s, **HYPER, step=count)
         ops.row_adam_(**twin, **HYPER, step=taken + 1)
         assert count.item() == taken + 1  # advanced even when no row is read
         for name in ("param", "exp_avg", "exp_avg_sq"):
@@ -44,9 +45,8 @@ def test_padding_after_the_rows_is_skipped():
                   rows_grad=torch.cat([s["rows_grad"], torch.zeros(3, 12)]))
     padded = {name: t.clone() for name, t in padded.items()}
     count, twin_count = torch.tensor(4), torch.tensor(4)
-    ops.row_adam_capturable_(s["param"], s["exp_avg"], s["exp_avg_sq"], count, s["rows"], s["rows_grad"], **HYPER)
-    ops.row_adam_capturable_(padded["param"], padded["exp_avg"], padded["exp_avg_sq"], twin_count, padded["rows"],
-                             padded["rows_grad"], **HYPER)
+    ops.row_adam_(**s, **HYPER, step=count)
+    ops.row_adam_(**padded, **HYPER, step=twin_count)
     for name in ("param", "exp_avg", "exp_avg_sq"):
         assert torch.equal(s[name], padded[name])
 
@@ -79,7 +79,7 @@ def test_bad_input_names_the_op_and_changes_nothing(count, rows, match, path):
                 torch.ops.memory.row_adam_capturable_(*fakes, *HYPER.values())
         return
     with pytest.raises(RuntimeError, match=match):
-        ops.row_adam_capturable_(*args, **HYPER)
+        ops.row_adam_(*args[:3], *args[4:], **HYPER, step=count)
     for name, t in s.items():
         assert torch.equal(t, before[name]), name
     assert torch.equal(count, before["count"])

@@ -85,9 +85,7 @@ void row_adam_capturable_cuda(at::Tensor& param, at::Tensor& exp_avg, at::Tensor
                               at::Tensor& step, const at::Tensor& rows, const at::Tensor& rows_grad,
                               double lr, double beta1, double beta2, double eps,
                               double weight_decay) {
-  check_row_adam_args(param, exp_avg, exp_avg_sq, rows, rows_grad, beta1, beta2, 1,
-                      "row_adam_capturable_");
-  check_row_adam_step_tensor(param, step);
+  check_row_adam_capturable_args(param, exp_avg, exp_avg_sq, step, rows, rows_grad, beta1, beta2);
   launch_row_adam(param, exp_avg, exp_avg_sq, rows, rows_grad, lr, beta1, beta2, eps, weight_decay,
                   0, &step);
 }

@@ -28,7 +28,7 @@ class SparseRowAdam(RowOptimizer):
     SparseRowAdagrad for one float per row).
 
     capturable: keep each table's step count in a 0-d int64 tensor on the table's device
-    and advance it there (``torch.ops.memory.row_adam_capturable_``), so that a step reads
+    and advance it there (``row_adam_`` given the tensor), so that a step reads
     nothing on the host and can be captured in a CUDA graph, each replay taking the next
     count (as torch.optim.Adam's ``capturable=True``); None (the default): for tables on
     CUDA. Off, the count is a Python int (a captured step would replay the count it was
@@ -63,12 +63,10 @@ class SparseRowAdam(RowOptimizer):
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
         capturable = group.get("capturable")  # absent in groups saved before it existed
         if p.is_cuda if capturable is None else capturable:
-            ops.row_adam_capturable_(
-                p, state["exp_avg"], state["exp_avg_sq"], _count_tensor(state, p), rows, rows_grad, **hyper
-            )
+            step = _count_tensor(state, p)  # advanced by the call, on the device
         else:
-            state["step"] = _count_int(state) + 1
-            ops.row_adam_(p, state["exp_avg"], state["exp_avg_sq"], rows, rows_grad, step=state["step"], **hyper)
+            step = state["step"] = _count_int(state) + 1
+        ops.row_adam_(p, state["exp_avg"], state["exp_avg_sq"], rows, rows_grad, step=step, **hyper)
 
 
 def _count_tensor(state: dict, p: Tensor) -> Tensor:

@@ -222,9 +222,15 @@ inline void check_row_adam_args(const at::Tensor& param, const at::Tensor& exp_a
   TORCH_CHECK(step >= 1, "memory.", op, ": step must be >= 1, got ", step);
 }
 
-// row_adam_capturable_'s step count: a 0-d int64 tensor on param's device (its value is
-// checked by the CPU kernel, which reads it; see row_adam.cu for CUDA).
-inline void check_row_adam_step_tensor(const at::Tensor& param, const at::Tensor& step) {
+// row_adam_capturable_'s arguments: row_adam_'s, and the step count, a 0-d int64 tensor
+// on param's device (its value is checked by the CPU kernel, which reads it; see
+// row_adam.cu for CUDA).
+inline void check_row_adam_capturable_args(const at::Tensor& param, const at::Tensor& exp_avg,
+                                           const at::Tensor& exp_avg_sq, const at::Tensor& step,
+                                           const at::Tensor& rows, const at::Tensor& rows_grad,
+                                           double beta1, double beta2) {
+  check_row_adam_args(param, exp_avg, exp_avg_sq, rows, rows_grad, beta1, beta2, 1,
+                      "row_adam_capturable_");
   TORCH_CHECK(step.dim() == 0 && step.scalar_type() == at::kLong,
               "memory.row_adam_capturable_: step must be a 0-d int64 tensor (the step count), "
               "got a ",
