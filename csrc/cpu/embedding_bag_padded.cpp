@@ -3,6 +3,7 @@
 // size (sizing an output costs it no synchronisation); the op is here so that a fixed-size
 // step runs, and is tested, on every device.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
@@ -28,11 +29,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_without_padding(const at
                                                                         const at::Tensor& weights,
                                                                         bool need_weights_grad) {
   const at::Tensor flat = indices.reshape({-1});
-  const at::Tensor kept = flat.ne(-1).nonzero().squeeze(1);
+  const at::Tensor present = flat.ne(-1);
+  const at::Tensor kept = present.nonzero().squeeze(1);
   if (kept.size(0) == flat.size(0))
     return cpu::sparse_backward(grad_out, values, indices, weights, need_weights_grad, kOp);
   // Bad indices reported at their place in the caller's indices, not the bags of one.
-  const at::Tensor bad = flat.ne(-1).logical_and(flat.lt(0).logical_or(flat.ge(values.size(0))));
+  const at::Tensor bad = present.logical_and(flat.lt(0).logical_or(flat.ge(values.size(0))));
   if (bad.any().item<bool>()) {
     const int64_t pos = bad.nonzero()[0][0].item<int64_t>();
     fail_index_out_of_range(kOp, pos, indices.size(1), flat[pos].item<int64_t>(), values.size(0));
@@ -57,8 +59,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> embedding_bag_backwar
   const int64_t count = rows.size(0);
   at::Tensor padded_rows = at::full({capacity}, -1, rows.options());
   padded_rows.narrow(0, 0, count).copy_(rows);
-  at::Tensor padded_grad = at::zeros({capacity, rows_grad.size(1)}, rows_grad.options());
+  // The rows' gradients, then zeros: each slot written once.
+  at::Tensor padded_grad = at::empty({capacity, rows_grad.size(1)}, rows_grad.options());
   padded_grad.narrow(0, 0, count).copy_(rows_grad);
+  padded_grad.narrow(0, count, capacity - count).zero_();
   return {padded_rows, padded_grad, weights_grad,
           at::scalar_tensor(count, rows.options().dtype(at::kLong))};
 }
